@@ -1,0 +1,77 @@
+"""Choose a reader by checkpoint layout: HF folders, single files, torch files, DCP folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ckptmerge.errors import CheckpointFormatError
+from ckptmerge.io.tensor_info import CheckpointReader
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+
+
+def detect_layout(path: Path) -> tuple[str, list[Path]] | None:
+    """Return (layout, weight files) when ``path`` is a checkpoint, else None.
+
+    Folder rules, first match wins: ``model.safetensors.index.json``, ``model.safetensors``,
+    ``pytorch_model.bin.index.json``, ``pytorch_model.bin``, DCP ``.metadata``, then a folder
+    holding exactly one ``*.safetensors`` file.
+    """
+    path = Path(path)
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return "safetensors", [path]
+        if path.suffix in TORCH_SUFFIXES:
+            return "torch", [path]
+        return None
+    if not path.is_dir():
+        return None
+    if (path / SAFETENSORS_INDEX).is_file():
+        return "safetensors", _shards_from_index(path / SAFETENSORS_INDEX)
+    if (path / "model.safetensors").is_file():
+        return "safetensors", [path / "model.safetensors"]
+    if (path / TORCH_INDEX).is_file():
+        return "torch", _shards_from_index(path / TORCH_INDEX)
+    if (path / "pytorch_model.bin").is_file():
+        return "torch", [path / "pytorch_model.bin"]
+    if (path / ".metadata").is_file():
+        return "dcp", [path]
+    singles = sorted(path.glob("*.safetensors"))
+    if len(singles) == 1:
+        return "safetensors", singles
+    return None
+
+
+def _shards_from_index(index_path: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointFormatError(f"{index_path}: not a valid shard index (needs a 'weight_map'): {exc}") from exc
+    files = [index_path.parent / name for name in sorted(set(weight_map.values()))]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointFormatError(f"{index_path}: shard files listed in the index are missing: {missing}")
+    return files
+
+
+def open_checkpoint(path: str | Path) -> CheckpointReader:
+    """Open any supported checkpoint for reading. Raises CheckpointFormatError naming the fix."""
+    path = Path(path)
+    found = detect_layout(path)
+    if found is None:
+        raise CheckpointFormatError(
+            f"{path}: not a checkpoint ckptmerge can read. Expected an HF folder (model.safetensors[.index.json] "
+            f"or pytorch_model.bin[.index.json]), a .safetensors file, a torch file ({', '.join(TORCH_SUFFIXES)}), "
+            f"or a torch.distributed.checkpoint folder with a .metadata file.")
+    layout, files = found
+    if layout == "safetensors":
+        from ckptmerge.io.safetensors_reader import SafetensorsReader
+        return SafetensorsReader(files, display_path=path)
+    if layout == "torch":
+        from ckptmerge.io.torch_reader import TorchFileReader
+        return TorchFileReader(files, display_path=path)
+    from ckptmerge.io.dcp_reader import DcpReader
+    return DcpReader(path)

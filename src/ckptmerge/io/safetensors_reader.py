@@ -1,0 +1,153 @@
+"""Zero-copy safetensors reader over one file or a sharded set, backed by private read-only mmaps.
+
+Tensors come back as views of the page cache: a row slice costs no copy and no anonymous
+memory, and ``prefetch`` asks the kernel to read the next range ahead (``MADV_WILLNEED``)
+while the caller is still accumulating the current one. Files are mapped copy-on-write
+(``ACCESS_COPY``), so even a caller that writes into a returned view cannot modify an input.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ckptmerge.errors import CheckpointFormatError
+from ckptmerge.io.tensor_info import TensorInfo
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+SAFETENSORS_DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in _DTYPES.items()}
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file_index: int
+    info: TensorInfo
+    begin: int  # absolute byte offset of the tensor in its file
+
+    @property
+    def row_bytes(self) -> int:
+        shape = self.info.shape
+        return self.info.nbytes // shape[0] if shape and shape[0] else self.info.nbytes
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """Return (header dict, absolute offset of the data section) of a safetensors file."""
+    try:
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) != 8:
+                raise CheckpointFormatError(f"{path}: too short to be a safetensors file (truncated write?)")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > _MAX_HEADER_BYTES:
+                raise CheckpointFormatError(f"{path}: header length {header_len} is implausible; not safetensors")
+            header = json.loads(f.read(header_len))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointFormatError(f"{path}: safetensors header is not valid JSON ({exc})") from exc
+    return header, 8 + header_len
+
+
+class SafetensorsReader:
+    """Reads tensors from one or more safetensors files as if they were one checkpoint."""
+
+    layout = "safetensors"
+
+    def __init__(self, files: list[Path], display_path: Path | None = None):
+        self.path = display_path or files[0]
+        self.files = list(files)
+        self._maps: list[mmap.mmap | None] = [None] * len(files)
+        self._entries: dict[str, _Entry] = {}
+        self._metadata: dict[str, str] = {}
+        for index, file in enumerate(self.files):
+            self._index_file(index, file)
+
+    def _index_file(self, index: int, file: Path) -> None:
+        header, data_start = read_header(file)
+        self._metadata.update(header.pop("__metadata__", None) or {})
+        size = file.stat().st_size
+        for name, spec in header.items():
+            if name in self._entries:
+                raise CheckpointFormatError(f"{file}: tensor {name!r} also appears in {self.files[self._entries[name].file_index]}")
+            dtype = _DTYPES.get(spec.get("dtype"))
+            if dtype is None:
+                raise CheckpointFormatError(f"{file}: tensor {name!r} has unsupported dtype {spec.get('dtype')!r}")
+            begin, end = spec["data_offsets"]
+            info = TensorInfo(dtype=dtype, shape=tuple(spec["shape"]))
+            if end - begin != info.nbytes or data_start + end > size:
+                raise CheckpointFormatError(
+                    f"{file}: tensor {name!r} byte range [{begin}, {end}) does not match its shape "
+                    f"{info.shape} / dtype or runs past the end of the file (truncated copy?)")
+            self._entries[name] = _Entry(index, info, data_start + begin)
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._entries[name].info
+
+    def aliases(self) -> dict[str, str]:
+        return {}  # the format cannot store shared tensors
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._metadata)
+
+    def get(self, name: str) -> torch.Tensor:
+        entry = self._entries[name]
+        rows = entry.info.shape[0] if entry.info.shape else 1
+        return self.get_rows(name, 0, rows)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` along dim 0, as a zero-copy view (a 0-d tensor ignores the range)."""
+        entry = self._entries[name]
+        info = entry.info
+        if not info.shape:
+            count, offset, shape = 1, entry.begin, ()
+        else:
+            count = (stop - start) * (info.numel // info.shape[0] if info.shape[0] else 0)
+            offset, shape = entry.begin + start * entry.row_bytes, (stop - start, *info.shape[1:])
+        if count == 0:
+            return torch.empty(shape, dtype=info.dtype)
+        flat = torch.frombuffer(self._map(entry.file_index), dtype=info.dtype, count=count, offset=offset)
+        return flat.view(shape)
+
+    def prefetch(self, name: str, start: int, stop: int) -> None:
+        """Hint the kernel to start reading rows ``[start, stop)`` of ``name`` now."""
+        entry = self._entries[name]
+        begin = entry.begin + start * entry.row_bytes
+        length = max(stop - start, 1) * entry.row_bytes
+        page = mmap.PAGESIZE
+        aligned = begin - begin % page
+        try:
+            self._map(entry.file_index).madvise(mmap.MADV_WILLNEED, aligned, length + begin - aligned)
+        except (AttributeError, OSError, ValueError):
+            pass  # a hint only; platforms without madvise simply read on demand
+
+    def _map(self, index: int) -> mmap.mmap:
+        if self._maps[index] is None:
+            with open(self.files[index], "rb") as f:
+                self._maps[index] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._maps[index]
+
+    def close(self) -> None:
+        for i, mm in enumerate(self._maps):
+            if mm is not None:
+                try:
+                    mm.close()
+                except BufferError:
+                    pass  # views still alive; the map is released when they are collected
+                self._maps[i] = None
+
+    def __enter__(self) -> "SafetensorsReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

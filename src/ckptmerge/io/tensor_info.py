@@ -1,0 +1,59 @@
+"""TensorInfo and the CheckpointReader protocol that every reader implements."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """dtype and shape of one stored tensor, known without reading its data."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+class CheckpointReader(Protocol):
+    """What the merge engine needs from a checkpoint, whatever its format.
+
+    Tensors returned by ``get`` / ``get_rows`` may be views of shared or mapped memory:
+    callers must treat them as read-only.
+    """
+
+    path: Path
+    layout: str
+
+    def keys(self) -> list[str]: ...
+
+    def info(self, name: str) -> TensorInfo: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor: ...
+
+    def prefetch(self, name: str, start: int, stop: int) -> None: ...
+
+    def aliases(self) -> dict[str, str]:
+        """Tied tensors: alias name -> the canonical name it shares storage with."""
+        ...
+
+    def metadata(self) -> dict[str, str]: ...
+
+    def close(self) -> None: ...

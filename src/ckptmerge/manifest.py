@@ -1,0 +1,48 @@
+"""``merge.json``: the full recipe and provenance of a merged folder, enough to redo the merge."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from ckptmerge.plan import MergePlan
+
+MANIFEST_NAME = "merge.json"
+
+
+def build_manifest(plan: MergePlan, *, fingerprints: list[str | None], recipe: dict, stats: dict,
+                   tied: dict[str, str], differing_buffers: list[str]) -> dict:
+    """Assemble the manifest. ``recipe`` is the user-level description (schedule, params, selection)."""
+    from ckptmerge import __version__
+
+    inputs = [{"path": str(ref.path.resolve()), "step": ref.step, "tokens_seen": ref.tokens_seen, "lr": ref.lr,
+               "layout": ref.layout, "coefficient": coeff, "content_hash": fp}
+              for ref, coeff, fp in zip(plan.refs, plan.coeffs, fingerprints)]
+    merged = [t for t in plan.tasks if t.merged]
+    return {
+        "ckptmerge_version": __version__,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "recipe": recipe,
+        "inputs": inputs,
+        "dtype_policy": {
+            "accumulate": str(plan.accum_dtype).removeprefix("torch."),
+            "output": sorted({str(t.out_dtype).removeprefix("torch.") for t in merged}),
+            "non_float_tensors": "copied from the newest input",
+        },
+        "tensors": {"merged": len(merged), "copied": [t.name for t in plan.tasks if not t.merged],
+                    "copied_but_differing": differing_buffers, "tied": tied},
+        "stats": stats,
+    }
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def read_manifest(folder: Path) -> dict | None:
+    path = Path(folder) / MANIFEST_NAME
+    return json.loads(path.read_text()) if path.is_file() else None

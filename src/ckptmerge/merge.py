@@ -1,0 +1,116 @@
+"""merge(): validate, stream, and publish one merged checkpoint folder atomically."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ckptmerge.checkpoint import CheckpointRef
+from ckptmerge.discover import META_FILE, describe_path
+from ckptmerge.engine import DEFAULT_CHUNK_BYTES, run_engine
+from ckptmerge.errors import CkptMergeError, OutputExistsError
+from ckptmerge.io.fingerprint import checkpoint_files, fingerprint_files
+from ckptmerge.io.layout import open_checkpoint
+from ckptmerge.io.publish import atomic_folder, check_destination
+from ckptmerge.io.safetensors_writer import StreamingSafetensorsWriter
+from ckptmerge.io.sidecars import copy_sidecars
+from ckptmerge.manifest import build_manifest, write_manifest
+from ckptmerge.plan import MergePlan, build_plan
+from ckptmerge.progress import ByteProgress
+from ckptmerge.schedules import check_coeffs
+
+DEFAULT_SHARD_BYTES = 5 * 1000**3
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    plan: MergePlan
+    manifest: dict
+
+
+def merge(checkpoints: Sequence[CheckpointRef | str | Path], coeffs: Sequence[float], output: str | Path, *,
+          dtype: torch.dtype | None = None, accum_dtype: torch.dtype = torch.float32,
+          max_shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+          force: bool = False, allow_nonfinite: bool = False, allow_unnormalized: bool = False,
+          allow_negative: bool = False, hash_mode: str = "sampled", progress: bool = True,
+          recipe: dict | None = None) -> MergeResult:
+    """Merge ``checkpoints`` (oldest first) with ``coeffs`` into an HF-style folder at ``output``.
+
+    Args:
+        checkpoints: CheckpointRefs (from ``discover`` / ``select_*``) or paths.
+        coeffs: one coefficient per checkpoint (see ``ckptmerge.schedules``).
+        output: destination folder; written atomically.
+        dtype: output dtype for float tensors; default: the inputs' dtype.
+        accum_dtype: float32 (default) or float64.
+
+    Raises:
+        CkptMergeError subclasses, always before anything appears at ``output``.
+
+    Example:
+        >>> refs = select_last(discover("runs/demo").checkpoints, 5, every_steps=200)
+        >>> merge(refs, compute_coeffs("ema", refs, alpha=0.2), "out/ema")
+    """
+    started = time.monotonic()
+    refs = [c if isinstance(c, CheckpointRef) else describe_path(c) for c in checkpoints]
+    coeffs = check_coeffs(coeffs, allow_unnormalized=allow_unnormalized, allow_negative=allow_negative)
+    if len(coeffs) != len(refs):
+        raise CkptMergeError(f"{len(coeffs)} coefficients for {len(refs)} checkpoints")
+    if accum_dtype not in (torch.float32, torch.float64):
+        raise CkptMergeError(f"accumulation dtype must be float32 or float64, got {accum_dtype}")
+    output = Path(output)
+    _check_not_an_input(output, refs)
+    check_destination(output, force)
+    with ExitStack() as stack:
+        readers = [open_checkpoint(r.path) for r in refs]
+        for reader in readers:
+            stack.callback(reader.close)
+        plan = build_plan(readers, refs, coeffs, out_dtype=dtype, accum_dtype=accum_dtype)
+        planned_s = time.monotonic() - started
+        with atomic_folder(output, force=force) as tmp:
+            manifest = _merge_into(tmp, plan, readers, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                                   chunk_bytes=chunk_bytes, allow_nonfinite=allow_nonfinite, hash_mode=hash_mode,
+                                   progress=progress, recipe=recipe or {}, started=started, planned_s=planned_s)
+    return MergeResult(output, plan, manifest)
+
+
+def _merge_into(tmp: Path, plan: MergePlan, readers, *, dtype, max_shard_bytes, chunk_bytes, allow_nonfinite,
+                hash_mode, progress, recipe, started, planned_s) -> dict:
+    entries = [(t.name, t.info) for t in plan.tasks]
+    writer = StreamingSafetensorsWriter(tmp, entries, max_shard_bytes=max_shard_bytes)
+    total = sum(t.info.numel * r.info(t.name).dtype.itemsize for t in plan.tasks for r in
+                ([readers[i] for i in plan.active] if t.merged else readers))
+    bar = ByteProgress(total, "merge", enabled=progress)
+    stats = run_engine(plan, readers, writer, chunk_bytes=chunk_bytes, allow_nonfinite=allow_nonfinite,
+                       on_bytes=bar.update)
+    bar.close()
+    writer.close()
+    merged_s = time.monotonic() - started - planned_s
+    sidecars = copy_sidecars(plan.refs[-1].path, tmp, dtype)
+    fingerprints = [fingerprint_files(checkpoint_files(r.path), hash_mode) for r in plan.refs]
+    newest = plan.refs[-1]
+    (tmp / META_FILE).write_text(json.dumps({"step": newest.step, "tokens_seen": newest.tokens_seen,
+                                             "lr": newest.lr, "merged": True}, indent=2) + "\n")
+    manifest = build_manifest(plan, fingerprints=fingerprints, recipe=recipe, tied=plan.aliases,
+                              differing_buffers=stats.differing_buffers,
+                              stats={"bytes_read": stats.bytes_read, "bytes_written": writer.bytes_written,
+                                     "plan_seconds": round(planned_s, 4), "merge_seconds": round(merged_s, 4),
+                                     "total_seconds": round(time.monotonic() - started, 4),
+                                     "sidecars_copied": sidecars, "shards": len(writer.files)})
+    write_manifest(tmp, manifest)
+    return manifest
+
+
+def _check_not_an_input(output: Path, refs: Sequence[CheckpointRef]) -> None:
+    out = output.resolve()
+    for ref in refs:
+        src = ref.path.resolve()
+        if out == src or src.is_relative_to(out) or out.is_relative_to(src):
+            raise OutputExistsError(f"{output}: overlaps input checkpoint {ref.path}; inputs are never modified. "
+                                    f"Choose an output folder outside the inputs.")

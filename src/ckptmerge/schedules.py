@@ -1,0 +1,200 @@
+"""Merge coefficients from checkpoint metadata. Pure functions: no file is ever opened here.
+
+Every schedule takes the selected checkpoints oldest first (theta_1 ... theta_N) and returns one
+coefficient per checkpoint. The merged model is sum_i c_i * theta_i. See docs/methods.md for
+the table of formulas and sources.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+
+from ckptmerge.checkpoint import CheckpointRef
+from ckptmerge.errors import ScheduleError, UnknownNameError
+
+Schedule = Callable[..., list[float]]
+SCHEDULES: dict[str, Schedule] = {}
+SUM_TOLERANCE = 1e-6
+
+
+def register(fn: Schedule) -> Schedule:
+    """Register a schedule under its function name (``linear_decay`` is also ``linear-decay``)."""
+    key = fn.__name__.replace("_", "-")
+    if key in SCHEDULES:
+        raise ValueError(f"schedule {key!r} registered twice")
+    SCHEDULES[key] = fn
+    return fn
+
+
+@register
+def sma(refs: Sequence[CheckpointRef]) -> list[float]:
+    """Simple moving average (LAWA's latest-k average, PMA's SMA): c_i = 1/N."""
+    return [1.0 / len(refs)] * len(refs)
+
+
+@register
+def wma(refs: Sequence[CheckpointRef]) -> list[float]:
+    """Weighted moving average (PMA): c_i = i / sum_j j, newest largest."""
+    total = len(refs) * (len(refs) + 1) / 2
+    return [i / total for i in range(1, len(refs) + 1)]
+
+
+@register
+def ema(refs: Sequence[CheckpointRef], alpha: float | None = None, half_life_steps: float | None = None,
+        half_life_tokens: float | None = None) -> list[float]:
+    """Exponential moving average over checkpoints, seeded with the first (PMA's recursion).
+
+    With ``alpha``: M_1 = theta_1, M_i = alpha * theta_i + (1 - alpha) * M_{i-1}, so
+    c_1 = (1-alpha)^(N-1) and c_i = alpha (1-alpha)^(N-i) for i >= 2; the coefficients sum to 1.
+    With a half-life H in steps (or tokens), each gap of length d between neighbours decays the
+    older mass by beta = 0.5^(d / H): exact for irregular spacing, and equal to the alpha form
+    with alpha = 1 - 0.5^(V/H) when every gap is V.
+    """
+    given = [p for p in (alpha, half_life_steps, half_life_tokens) if p is not None]
+    if len(given) != 1:
+        raise ScheduleError("ema needs exactly one of --alpha, --half-life (steps) or --half-life-tokens")
+    if alpha is not None:
+        if not 0.0 < alpha <= 1.0:
+            raise ScheduleError(f"ema alpha must be in (0, 1], got {alpha}")
+        betas = [1.0 - alpha] * (len(refs) - 1)
+    else:
+        half_life = half_life_steps if half_life_steps is not None else half_life_tokens
+        if half_life <= 0:
+            raise ScheduleError(f"ema half-life must be positive, got {half_life}")
+        positions = _positions(refs, "steps" if half_life_steps is not None else "tokens")
+        betas = [0.5 ** ((b - a) / half_life) for a, b in zip(positions, positions[1:])]
+    coeffs = [1.0]
+    for beta in betas:
+        coeffs = [c * beta for c in coeffs] + [1.0 - beta]
+    return coeffs
+
+
+@register
+def swa(refs: Sequence[CheckpointRef], start_step: int | None = None,
+        start_fraction: float | None = None) -> list[float]:
+    """Stochastic weight averaging: uniform over checkpoints with step >= start.
+
+    ``start_fraction`` f sets start = f * (newest step), e.g. 0.75 for "SWA late" (LAWA paper).
+    With neither, every checkpoint counts (equal to sma).
+    """
+    if start_step is not None and start_fraction is not None:
+        raise ScheduleError("swa takes --start-step or --start-fraction, not both")
+    steps = _positions(refs, "steps") if (start_step is not None or start_fraction is not None) else None
+    if steps is None:
+        return sma(refs)
+    if start_fraction is not None:
+        if not 0.0 <= start_fraction <= 1.0:
+            raise ScheduleError(f"swa start fraction must be in [0, 1], got {start_fraction}")
+        start_step = start_fraction * steps[-1]
+    mask = [s >= start_step for s in steps]
+    if not any(mask):
+        raise ScheduleError(f"swa start {start_step} is after the newest checkpoint (step {steps[-1]})")
+    return [m / sum(mask) for m in mask]
+
+
+@register
+def linear_decay(refs: Sequence[CheckpointRef]) -> list[float]:
+    """Weights that emulate a linear LR decay over the window (WSM): f(x) = 1 - x.
+
+    Coefficients are the drops of f at the checkpoint positions, c_k = f(k/N) - f((k+1)/N) with
+    f(1) := 0, so the tail sum over checkpoints k..N is the LR multiplier the merge emulates for
+    the updates between checkpoints k-1 and k. For linear decay every drop is 1/N (equal to sma).
+    """
+    return _decay_weights(lambda x: 1.0 - x, len(refs))
+
+
+@register
+def minus_sqrt(refs: Sequence[CheckpointRef]) -> list[float]:
+    """Weights that emulate a 1 - sqrt(x) LR decay (WSM, Megatron's weighted merge); oldest largest."""
+    return _decay_weights(lambda x: 1.0 - math.sqrt(x), len(refs))
+
+
+@register
+def cosine_decay(refs: Sequence[CheckpointRef]) -> list[float]:
+    """Weights that emulate a cosine LR decay, f(x) = (1 + cos(pi x)) / 2 (WSM family)."""
+    return _decay_weights(lambda x: 0.5 * (1.0 + math.cos(math.pi * x)), len(refs))
+
+
+@register
+def pair(refs: Sequence[CheckpointRef], lam: float = 0.5) -> list[float]:
+    """BO merging's pair: lambda on the newer of two checkpoints, 1 - lambda on the older."""
+    if len(refs) != 2:
+        raise ScheduleError(f"pair merges exactly two checkpoints, got {len(refs)} (use --last 2)")
+    return [1.0 - lam, lam]
+
+
+@register
+def custom(refs: Sequence[CheckpointRef], weights: Sequence[float] | None = None) -> list[float]:
+    """User-given weights, oldest first."""
+    if weights is None:
+        raise ScheduleError("custom needs --weights w1,w2,... (oldest first)")
+    if len(weights) != len(refs):
+        raise ScheduleError(f"custom: {len(weights)} weights for {len(refs)} checkpoints")
+    return [float(w) for w in weights]
+
+
+def _decay_weights(f: Callable[[float], float], n: int) -> list[float]:
+    levels = [f(k / n) for k in range(n)] + [0.0]
+    return [levels[k] - levels[k + 1] for k in range(n)]
+
+
+def _positions(refs: Sequence[CheckpointRef], unit: str) -> list[float]:
+    values = [r.step if unit == "steps" else r.tokens_seen for r in refs]
+    if any(v is None for v in values):
+        unknown = [r.name for r, v in zip(refs, values) if v is None]
+        raise ScheduleError(f"this schedule needs the {unit} of every checkpoint; unknown for {unknown}. "
+                            f"Name checkpoints by step or pass --tokens-per-step.")
+    return values
+
+
+def get_schedule(name: str) -> Schedule:
+    key = name.replace("_", "-")
+    if key not in SCHEDULES:
+        raise UnknownNameError(f"unknown schedule {name!r}; choose one of: {', '.join(SCHEDULES)}")
+    return SCHEDULES[key]
+
+
+def schedule_params(name: str) -> list[str]:
+    """Parameter names a schedule accepts (besides the checkpoints)."""
+    return list(inspect.signature(get_schedule(name)).parameters)[1:]
+
+
+def compute_coeffs(name: str, refs: Sequence[CheckpointRef], *, normalize: bool = False,
+                   allow_unnormalized: bool = False, allow_negative: bool = False, **params: object) -> list[float]:
+    """Run schedule ``name`` and enforce the coefficient policy.
+
+    Coefficients must sum to 1 and be non-negative unless the caller opts in:
+    ``normalize`` rescales them to sum 1, ``allow_unnormalized`` accepts any sum,
+    ``allow_negative`` accepts negative (extrapolating) coefficients.
+    """
+    if not refs:
+        raise ScheduleError("no checkpoints selected")
+    accepted = schedule_params(name)
+    unknown = sorted(k for k, v in params.items() if v is not None and k not in accepted)
+    if unknown:
+        raise ScheduleError(f"schedule {name!r} does not take {unknown}; it takes {accepted or 'no parameters'}")
+    coeffs = get_schedule(name)(refs, **{k: v for k, v in params.items() if v is not None and k in accepted})
+    return check_coeffs(coeffs, normalize=normalize, allow_unnormalized=allow_unnormalized,
+                        allow_negative=allow_negative)
+
+
+def check_coeffs(coeffs: Sequence[float], *, normalize: bool = False, allow_unnormalized: bool = False,
+                 allow_negative: bool = False) -> list[float]:
+    """Validate (and optionally rescale) coefficients against the sum-to-1, non-negative policy."""
+    coeffs = [float(c) for c in coeffs]
+    if any(not math.isfinite(c) for c in coeffs):
+        raise ScheduleError(f"coefficients must be finite, got {coeffs}")
+    if any(c < 0 for c in coeffs) and not allow_negative:
+        raise ScheduleError(f"negative coefficients {coeffs} extrapolate beyond the checkpoints; "
+                            f"pass --extrapolate to allow it")
+    total = sum(coeffs)
+    if normalize:
+        if abs(total) < 1e-12:
+            raise ScheduleError(f"cannot normalize coefficients that sum to {total}")
+        return [c / total for c in coeffs]
+    if abs(total - 1.0) > SUM_TOLERANCE and not allow_unnormalized:
+        raise ScheduleError(f"coefficients sum to {total:.8g}, not 1: {coeffs}. Pass --normalize to rescale "
+                            f"them, or --unnormalized to merge with this sum on purpose")
+    return coeffs
