@@ -1,0 +1,3 @@
+from ckptmerge.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,41 @@
+"""``ckptmerge inspect RUN_DIR``: the checkpoints of a run as a table."""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+from ckptmerge.discover import discover
+from ckptmerge.io.fingerprint import checkpoint_files
+from ckptmerge.io.layout import open_checkpoint
+from ckptmerge.progress import format_bytes
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="list the checkpoints of a run (step, tokens, lr, format, dtype, size)")
+    p.add_argument("run_dir")
+    p.add_argument("--tokens-per-step", type=int, help="tokens per optimizer step, when no metadata gives tokens")
+    p.add_argument("--skip-unparsable", action="store_true", help="leave out checkpoints whose step is unknown")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    found = discover(args.run_dir, tokens_per_step=args.tokens_per_step, skip_unparsable=args.skip_unparsable)
+    print(f"{'checkpoint':<28} {'step':>9} {'tokens':>14} {'lr':>10} {'format':<12} {'dtype':<16} {'size':>10}")
+    for ref in found.checkpoints:
+        reader = open_checkpoint(ref.path)
+        try:
+            dtypes = Counter(str(reader.info(k).dtype).removeprefix("torch.") for k in reader.keys())
+        finally:
+            reader.close()
+        size = sum(f.stat().st_size for f in checkpoint_files(ref.path))
+        print(f"{ref.name:<28} {ref.step:>9} {_or_dash(ref.tokens_seen):>14} {_or_dash(ref.lr, '.3g'):>10} "
+              f"{ref.layout:<12} {'/'.join(d for d, _ in dtypes.most_common()):<16} {format_bytes(size):>10}")
+    for path, why in found.skipped:
+        print(f"skipped {path.name}: {why}")
+    print(f"{len(found.checkpoints)} checkpoints")
+    return 0
+
+
+def _or_dash(value: object, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)

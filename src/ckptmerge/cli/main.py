@@ -1,0 +1,36 @@
+"""``ckptmerge`` command line: one subcommand module each, every body one library call."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from ckptmerge.cli import inspect_cmd, merge_cmd
+from ckptmerge.errors import CkptMergeError
+
+COMMANDS = (inspect_cmd, merge_cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ckptmerge import __version__
+
+    parser = argparse.ArgumentParser(prog="ckptmerge", description="Checkpoint merging for LLM pre-training.")
+    parser.add_argument("--version", action="version", version=f"ckptmerge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"ckptmerge: warning: {message}\n"
+    try:
+        return args.run(args) or 0
+    except CkptMergeError as exc:
+        print(f"ckptmerge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ckptmerge {args.command}: interrupted; nothing was published", file=sys.stderr)
+        return 130

@@ -1,0 +1,89 @@
+"""``ckptmerge merge RUN_DIR|CKPT... -o OUT --schedule NAME ...``."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from ckptmerge.progress import format_bytes
+from ckptmerge.recipe import DTYPE_NAMES, MergeRecipe, recipe_from_dict, recipe_from_yaml
+from ckptmerge.schedules import SCHEDULES
+from ckptmerge.window import resolve_window, run_recipe
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.replace(":", ",").split(",") if x.strip()]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge a window of checkpoints into one HF folder",
+                       description="Merge checkpoints. Flags override the keys of --config recipe.yaml.")
+    p.add_argument("inputs", nargs="*", help="a run directory, or checkpoint folders/files (oldest first)")
+    p.add_argument("-o", "--output", help="destination folder (written atomically)")
+    p.add_argument("--config", help="YAML recipe with the same options (snake_case keys)")
+    p.add_argument("--schedule", choices=list(SCHEDULES), help="coefficient schedule (default sma)")
+    w = p.add_argument_group("window")
+    w.add_argument("--last", type=int, help="merge the last N checkpoints")
+    w.add_argument("--every", type=int, help="spacing between merged checkpoints, in steps")
+    w.add_argument("--every-tokens", type=int, help="spacing between merged checkpoints, in tokens")
+    w.add_argument("--end-step", type=int, help="window ends at this step (default: newest)")
+    w.add_argument("--steps", type=_ints, help="explicit steps, e.g. 1000,2000,3000")
+    w.add_argument("--step-range", type=_ints, help="all checkpoints with START <= step <= STOP, as START:STOP")
+    w.add_argument("--tokens-per-step", type=int, help="tokens per step when no metadata gives tokens")
+    w.add_argument("--skip-unparsable", action="store_true", default=None, help="skip checkpoints with no step")
+    s = p.add_argument_group("schedule parameters")
+    s.add_argument("--alpha", type=float, help="ema: weight of each newer checkpoint")
+    s.add_argument("--half-life", type=float, help="ema: half-life in steps")
+    s.add_argument("--half-life-tokens", type=float, help="ema: half-life in tokens")
+    s.add_argument("--lambda", dest="lam", type=float, help="pair: weight on the newer checkpoint")
+    s.add_argument("--weights", type=_floats, help="custom: w1,w2,... oldest first")
+    s.add_argument("--start-step", type=int, help="swa: first step averaged")
+    s.add_argument("--start-fraction", type=float, help="swa: first step as a fraction of the newest step")
+    s.add_argument("--normalize", action="store_true", default=None, help="rescale coefficients to sum to 1")
+    s.add_argument("--unnormalized", action="store_true", default=None, help="allow coefficients not summing to 1")
+    s.add_argument("--extrapolate", action="store_true", default=None, help="allow negative coefficients")
+    o = p.add_argument_group("output")
+    o.add_argument("--dtype", choices=DTYPE_NAMES, help="output dtype of float tensors (default: the inputs')")
+    o.add_argument("--accum-dtype", choices=("float32", "float64"), help="accumulation dtype (default float32)")
+    o.add_argument("--max-shard-size", help="shard size cap, e.g. 5GB (default)")
+    o.add_argument("--chunk-size", help="merge tensors larger than this in row slices (default 256MB)")
+    o.add_argument("--allow-nonfinite", action="store_true", default=None, help="merge inputs with NaN/Inf")
+    o.add_argument("--hash", choices=("sampled", "full", "none"), help="input fingerprint for merge.json")
+    o.add_argument("--force", action="store_true", default=None, help="replace an existing output")
+    o.add_argument("--dry-run", action="store_true", default=None, help="print the plan; read no tensors")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def recipe_from_args(args: argparse.Namespace) -> MergeRecipe:
+    """YAML recipe (if any) overridden by every flag given on the command line."""
+    base = recipe_from_yaml(args.config) if args.config else MergeRecipe()
+    data = {f.name: getattr(base, f.name) for f in fields(MergeRecipe)}
+    if args.inputs:
+        data["inputs"] = args.inputs
+    for f in fields(MergeRecipe):
+        value = getattr(args, f.name, None)
+        if f.name != "inputs" and value is not None:
+            data[f.name] = value
+    return recipe_from_dict(data, source=args.config or "command line")
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = recipe_from_args(args)
+    if recipe.dry_run:
+        window = resolve_window(recipe)
+        print(f"plan: {recipe.schedule} over {len(window.refs)} checkpoints -> {recipe.output or '(no output)'}")
+        for ref, coeff in zip(window.refs, window.coeffs):
+            print(f"  {coeff:10.6f}  step {ref.step!s:>9}  tokens {ref.tokens_seen!s:>14}  {ref.path}")
+        for path, why in window.skipped:
+            print(f"  skipped {path}: {why}")
+        return 0
+    result = run_recipe(recipe, progress=not args.quiet)
+    stats = result.manifest["stats"]
+    print(f"wrote {result.output} ({len(result.plan.refs)} checkpoints, {format_bytes(stats['bytes_read'])} read, "
+          f"{format_bytes(stats['bytes_written'])} written, {stats['total_seconds']:.1f} s)")
+    return 0

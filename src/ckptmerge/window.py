@@ -1,0 +1,78 @@
+"""From a MergeRecipe to the checkpoints and coefficients to merge, and the merge itself."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ckptmerge.checkpoint import CheckpointRef
+from ckptmerge.discover import describe_path, discover
+from ckptmerge.errors import ConfigError
+from ckptmerge.io.layout import detect_layout
+from ckptmerge.merge import MergeResult, merge
+from ckptmerge.recipe import MergeRecipe, parse_size, validate
+from ckptmerge.schedules import compute_coeffs
+from ckptmerge.select import select_last, select_range, select_steps
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass
+class Window:
+    """The selected checkpoints (oldest first), their coefficients, and what discovery skipped."""
+
+    refs: list[CheckpointRef]
+    coeffs: list[float]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def resolve_window(recipe: MergeRecipe) -> Window:
+    """Discover (or take the listed checkpoints), select the window, compute the coefficients."""
+    problems = validate(recipe)
+    if problems:
+        raise ConfigError("invalid merge options:\n  " + "\n  ".join(problems))
+    refs, skipped = _candidates(recipe)
+    if recipe.last is not None:
+        refs = select_last(refs, recipe.last, every_steps=recipe.every, every_tokens=recipe.every_tokens,
+                           end_step=recipe.end_step)
+    elif recipe.steps is not None:
+        refs = select_steps(refs, recipe.steps)
+    elif recipe.step_range is not None:
+        refs = select_range(refs, *recipe.step_range)
+    coeffs = compute_coeffs(recipe.schedule, refs, normalize=recipe.normalize,
+                            allow_unnormalized=recipe.unnormalized, allow_negative=recipe.extrapolate,
+                            **recipe.schedule_params())
+    return Window(refs, coeffs, skipped)
+
+
+def _candidates(recipe: MergeRecipe) -> tuple[list[CheckpointRef], list[tuple[Path, str]]]:
+    paths = [Path(p) for p in recipe.inputs]
+    if len(paths) == 1 and paths[0].is_dir() and detect_layout(paths[0]) is None:
+        found = discover(paths[0], tokens_per_step=recipe.tokens_per_step, skip_unparsable=recipe.skip_unparsable)
+        return found.checkpoints, found.skipped
+    refs = [describe_path(p, tokens_per_step=recipe.tokens_per_step) for p in paths]
+    if all(r.step is not None for r in refs):
+        refs.sort(key=lambda r: r.step)  # explicit paths with known steps are ordered oldest first
+    return refs, []
+
+
+def run_recipe(recipe: MergeRecipe, *, progress: bool = True) -> MergeResult:
+    """Resolve the window and merge it into ``recipe.output``."""
+    if not recipe.output:
+        raise ConfigError("output: give -o OUT (the merged folder to write)")
+    window = resolve_window(recipe)
+    return merge(window.refs, window.coeffs, recipe.output,
+                 dtype=_DTYPES[recipe.dtype] if recipe.dtype else None, accum_dtype=_DTYPES[recipe.accum_dtype],
+                 max_shard_bytes=parse_size(recipe.max_shard_size), chunk_bytes=parse_size(recipe.chunk_size),
+                 force=recipe.force, allow_nonfinite=recipe.allow_nonfinite,
+                 allow_unnormalized=recipe.unnormalized, allow_negative=recipe.extrapolate,
+                 hash_mode=recipe.hash, progress=progress, recipe=_recipe_record(recipe, window))
+
+
+def _recipe_record(recipe: MergeRecipe, window: Window) -> dict:
+    record = {k: v for k, v in asdict(recipe).items() if v not in (None, False, [])}
+    record.pop("dry_run", None)
+    record["skipped"] = [{"path": str(p), "why": why} for p, why in window.skipped]
+    return record
