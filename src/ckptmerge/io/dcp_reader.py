@@ -29,7 +29,9 @@ _ALLOWED_GLOBALS = {
         "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo", "_StoragePrefix"},
     "torch": {"Size", "strided", "contiguous_format", "channels_last", "preserve_format"},
+    "torch.serialization": {"_get_layout"},  # looks a torch.layout up by name
     "collections": {"OrderedDict"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},  # StorageMeta.checkpoint_id
 }
 
 

@@ -1,0 +1,107 @@
+"""Every schedule against coefficients computed by hand."""
+
+from pathlib import Path
+
+import pytest
+
+from ckptmerge.checkpoint import CheckpointRef
+from ckptmerge.errors import ScheduleError, UnknownNameError
+from ckptmerge.schedules import SCHEDULES, check_coeffs, compute_coeffs
+
+
+def refs(steps, tokens_per_step=1000):
+    return [CheckpointRef(Path(f"step-{s}"), step=s, tokens_seen=s * tokens_per_step) for s in steps]
+
+
+FIVE = refs([100, 200, 300, 400, 500])
+
+
+def close(a, b):
+    assert a == pytest.approx(b, abs=1e-12)
+
+
+def test_sma_is_uniform():
+    close(compute_coeffs("sma", FIVE), [0.2] * 5)
+
+
+def test_wma_is_proportional_to_position():
+    close(compute_coeffs("wma", FIVE), [1 / 15, 2 / 15, 3 / 15, 4 / 15, 5 / 15])
+
+
+def test_ema_alpha_follows_pma_recursion_seeded_with_first():
+    # M1 = t1; M2 = .5 t2 + .5 t1; M3 = .5 t3 + .25 t2 + .25 t1
+    close(compute_coeffs("ema", refs([1, 2, 3]), alpha=0.5), [0.25, 0.25, 0.5])
+    a = 0.2
+    close(compute_coeffs("ema", FIVE, alpha=a), [0.8**4, a * 0.8**3, a * 0.8**2, a * 0.8, a])
+
+
+def test_ema_half_life_handles_irregular_spacing():
+    # gaps 100 and 300 steps, half-life 100: beta = 0.5 then 0.125
+    # M2 = .5 t2 + .5 t1 ; M3 = .875 t3 + .125 M2
+    close(compute_coeffs("ema", refs([100, 200, 500]), half_life_steps=100), [0.0625, 0.0625, 0.875])
+
+
+def test_ema_half_life_in_tokens_equals_alpha_form_when_regular():
+    by_tokens = compute_coeffs("ema", FIVE, half_life_tokens=100_000)  # gap 100k tokens = one half-life
+    close(by_tokens, compute_coeffs("ema", FIVE, alpha=0.5))
+
+
+def test_swa_from_start_step_and_fraction():
+    close(compute_coeffs("swa", FIVE, start_step=300), [0, 0, 1 / 3, 1 / 3, 1 / 3])
+    close(compute_coeffs("swa", FIVE, start_fraction=0.75), [0, 0, 0, 0.5, 0.5])  # start = 375
+    close(compute_coeffs("swa", FIVE), [0.2] * 5)
+
+
+def test_linear_decay_is_uniform_and_minus_sqrt_favours_oldest():
+    close(compute_coeffs("linear-decay", FIVE), [0.2] * 5)
+    s = [(k / 4) ** 0.5 for k in range(4)]  # f(k/4) = 1 - sqrt(k/4)
+    expected = [s[1] - s[0], s[2] - s[1], s[3] - s[2], 1 - s[3]]
+    close(compute_coeffs("minus-sqrt", refs([1, 2, 3, 4])), expected)
+    assert expected[0] == max(expected)
+
+
+def test_cosine_decay_drops():
+    import math
+    f = [0.5 * (1 + math.cos(math.pi * k / 2)) for k in range(2)] + [0.0]
+    close(compute_coeffs("cosine-decay", refs([1, 2])), [f[0] - f[1], f[1] - f[2]])
+
+
+def test_pair_and_custom():
+    close(compute_coeffs("pair", refs([1, 2]), lam=0.7), [0.3, 0.7])
+    close(compute_coeffs("custom", refs([1, 2, 3]), weights=[0.5, 0.25, 0.25]), [0.5, 0.25, 0.25])
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_every_schedule_sums_to_one_and_is_non_negative(name):
+    params = {"ema": {"alpha": 0.3}, "pair": {"lam": 0.6}, "custom": {"weights": [0.1, 0.2, 0.3, 0.4]}}
+    window = FIVE[:2] if name == "pair" else FIVE[:4]
+    coeffs = compute_coeffs(name, window, **params.get(name, {}))
+    assert sum(coeffs) == pytest.approx(1.0, abs=1e-12)
+    assert all(c >= 0 for c in coeffs)
+
+
+def test_policy_rejects_unnormalized_and_negative_unless_opted_in():
+    with pytest.raises(ScheduleError, match="--normalize"):
+        compute_coeffs("custom", FIVE[:3], weights=[1, 2, 3])
+    close(compute_coeffs("custom", FIVE[:3], weights=[1, 2, 3], normalize=True), [1 / 6, 2 / 6, 3 / 6])
+    close(compute_coeffs("custom", FIVE[:3], weights=[1, 2, 3], allow_unnormalized=True), [1, 2, 3])
+    with pytest.raises(ScheduleError, match="--extrapolate"):
+        compute_coeffs("pair", FIVE[:2], lam=1.5)
+    close(compute_coeffs("pair", FIVE[:2], lam=1.5, allow_negative=True), [-0.5, 1.5])
+    with pytest.raises(ScheduleError):
+        check_coeffs([float("nan"), 1.0])
+
+
+def test_bad_parameters_are_named():
+    with pytest.raises(ScheduleError, match="does not take"):
+        compute_coeffs("sma", FIVE, alpha=0.3)
+    with pytest.raises(ScheduleError, match="exactly one"):
+        compute_coeffs("ema", FIVE)
+    with pytest.raises(ScheduleError, match="alpha"):
+        compute_coeffs("ema", FIVE, alpha=1.5)
+    with pytest.raises(ScheduleError, match="exactly two"):
+        compute_coeffs("pair", FIVE, lam=0.5)
+    with pytest.raises(ScheduleError, match="tokens"):
+        compute_coeffs("ema", [CheckpointRef(Path("a"), step=1), CheckpointRef(Path("b"), step=2)], half_life_tokens=5)
+    with pytest.raises(UnknownNameError, match="choose one of: sma"):
+        compute_coeffs("lawa", FIVE)
