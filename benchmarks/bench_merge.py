@@ -113,6 +113,13 @@ def drop_caches() -> bool:
         return False
 
 
+def clear_outputs(out: Path) -> None:
+    """Remove every method's previous output (untimed), so no method pays for deleting or overwriting."""
+    for path in out.iterdir():
+        if path.name != "mergekit.yml":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def timed(cmd: list[str], cold: bool) -> tuple[float, int]:
     if cold and not drop_caches():
         raise SystemExit("cold runs need root (writing /proc/sys/vm/drop_caches); pass --warm-only")
@@ -156,7 +163,7 @@ def commands(paths: list[Path], out: Path, mergekit_python: str | None) -> dict[
     cmds = {
         "read+write floor": [sys.executable, "-c", FLOOR, *files, str(out / "floor.safetensors")],
         "ckptmerge": [sys.executable, "-m", "ckptmerge", "merge", *map(str, paths), "-o", str(out / "ckptmerge"),
-                      "--schedule", "sma", "--force", "--quiet", "--hash", "none"],
+                      "--schedule", "sma", "--quiet", "--hash", "none"],
         "naive load-all": [sys.executable, "-c", NAIVE, *files, str(out / "naive.safetensors")],
     }
     if mergekit_python:
@@ -216,7 +223,9 @@ def main() -> None:
             results = {}
             for name, cmd in cmds.items():
                 if cache == "warm":
+                    clear_outputs(out)
                     timed(cmd, cold=False)  # prime the page cache and the filesystem
+                clear_outputs(out)
                 results[name] = timed(cmd, cold=(cache == "cold"))
             floor, ours = results["read+write floor"][0], results["ckptmerge"][0]
             for name, (seconds, peak) in results.items():

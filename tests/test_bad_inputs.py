@@ -184,3 +184,12 @@ def test_dcp_reader_skips_optimizer_entries(tmp_path):
     reader = open_checkpoint(path)
     assert "embed.weight" in reader.keys() and not any("optimizer" in k for k in reader.keys())
     assert any(k.startswith("optimizer") for k in reader.skipped_keys)
+
+
+def test_dcp_with_a_missing_shard_file_is_a_format_error(tmp_path):
+    path = write_checkpoint(tmp_path / "dcp", make_state(0), "dcp")
+    for data_file in path.glob("*.distcp"):
+        data_file.unlink()
+    reader = open_checkpoint(path)  # metadata alone still opens
+    with pytest.raises(CheckpointFormatError, match="embed.weight"):
+        reader.get("embed.weight")

@@ -22,7 +22,7 @@ from ckptmerge.io.safetensors_writer import StreamingSafetensorsWriter
 from ckptmerge.io.sidecars import copy_sidecars
 from ckptmerge.manifest import build_manifest, write_manifest
 from ckptmerge.plan import MergePlan, build_plan
-from ckptmerge.progress import ByteProgress
+from ckptmerge.progress import Progress
 from ckptmerge.schedules import check_coeffs
 
 DEFAULT_SHARD_BYTES = 5 * 1000**3
@@ -86,7 +86,7 @@ def _merge_into(tmp: Path, plan: MergePlan, readers, *, dtype, max_shard_bytes, 
     writer = StreamingSafetensorsWriter(tmp, entries, max_shard_bytes=max_shard_bytes)
     total = sum(t.info.numel * r.info(t.name).dtype.itemsize for t in plan.tasks for r in
                 ([readers[i] for i in plan.active] if t.merged else readers))
-    bar = ByteProgress(total, "merge", enabled=progress)
+    bar = Progress(total, "merge", enabled=progress)
     stats = run_engine(plan, readers, writer, chunk_bytes=chunk_bytes, allow_nonfinite=allow_nonfinite,
                        on_bytes=bar.update)
     bar.close()

@@ -1,4 +1,4 @@
-"""A dependency-free progress line for long work: bytes done, bytes/s and ETA, on stderr."""
+"""A dependency-free progress line for long work: amount done, rate and ETA, on stderr."""
 
 from __future__ import annotations
 
@@ -14,11 +14,22 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-class ByteProgress:
-    """Redraws in place on a terminal; elsewhere prints a line every ``log_every_s`` seconds."""
+def format_count(n: float) -> str:
+    return f"{n:.0f}" if abs(n) < 1000 else f"{n / 1000:.1f}k"
 
-    def __init__(self, total_bytes: int, label: str, *, stream=None, log_every_s: float = 10.0, enabled: bool = True):
-        self.total = max(total_bytes, 1)
+
+class Progress:
+    """Redraws in place on a terminal; elsewhere prints a line every ``log_every_s`` seconds.
+
+    ``fmt`` formats amounts (bytes by default); ``postfix`` is free text shown after the ETA.
+    """
+
+    def __init__(self, total: int, label: str, *, fmt=format_bytes, unit: str = "", stream=None,
+                 log_every_s: float = 10.0, enabled: bool = True):
+        self.total = max(total, 1)
+        self.fmt = fmt
+        self.unit = unit
+        self.postfix = ""
         self.label = label
         self.stream = stream or sys.stderr
         self.enabled = enabled
@@ -40,8 +51,8 @@ class ByteProgress:
         rate = self.done / elapsed
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         frac = min(self.done / self.total, 1.0)
-        line = (f"{self.label} {frac:6.1%} {format_bytes(self.done)}/{format_bytes(self.total)} "
-                f"{format_bytes(rate)}/s ETA {eta:5.0f}s")
+        line = (f"{self.label} {frac:6.1%} {self.fmt(self.done)}/{self.fmt(self.total)}{self.unit} "
+                f"{self.fmt(rate)}{self.unit}/s ETA {eta:5.0f}s {self.postfix}")
         self.stream.write(("\r" + line) if self._tty else line + "\n")
         self.stream.flush()
 

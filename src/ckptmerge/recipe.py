@@ -14,14 +14,10 @@ keys are rejected and every problem is reported in one ConfigError. Example ``re
 from __future__ import annotations
 
 import re
-import types
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from ckptmerge.errors import ConfigError
+from ckptmerge.configfile import dataclass_from_dict, read_yaml
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -84,34 +80,11 @@ def parse_size(text: str | int) -> int:
 
 def recipe_from_yaml(path: str | Path) -> MergeRecipe:
     """Load a recipe file; raise ConfigError listing every unknown key and bad value."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read recipe: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe is a mapping of option: value, got {type(data).__name__}")
-    return recipe_from_dict(data, source=str(path))
+    return recipe_from_dict(read_yaml(path), source=str(path))
 
 
 def recipe_from_dict(data: dict, *, source: str = "recipe") -> MergeRecipe:
-    known = {f.name: f for f in fields(MergeRecipe)}
-    hints = typing.get_type_hints(MergeRecipe)
-    problems = [f"unknown key {k!r}" for k in data if k not in known]
-    values = {}
-    for key, value in data.items():
-        if key in known:
-            problem = _type_problem(value, hints[key])
-            if problem:
-                problems.append(f"{key}: {problem}")
-            else:
-                values[key] = value
-    recipe = MergeRecipe(**values)
-    problems += validate(recipe)
-    if problems:
-        raise ConfigError(f"{source}: invalid recipe:\n  " + "\n  ".join(problems) +
-                          f"\nValid keys: {', '.join(known)}")
-    return recipe
+    return dataclass_from_dict(MergeRecipe, data, source=source, validate=validate)
 
 
 def validate(recipe: MergeRecipe) -> list[str]:
@@ -139,30 +112,3 @@ def validate(recipe: MergeRecipe) -> list[str]:
         except ValueError as exc:
             problems.append(f"{key}: {exc}")
     return problems
-
-
-def _type_problem(value: object, hint: object) -> str | None:
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    for option in options:
-        if option is type(None) and value is None:
-            return None
-        origin = typing.get_origin(option)
-        if origin is list and isinstance(value, list):
-            (item,) = typing.get_args(option)
-            if all(_scalar_ok(v, item) for v in value):
-                return None
-        elif origin is None and option is not type(None) and _scalar_ok(value, option):
-            return None
-    return f"expected {_hint_name(hint)}, got {value!r}"
-
-
-def _scalar_ok(value: object, kind: type) -> bool:
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
-
-
-def _hint_name(hint: object) -> str:
-    return str(hint).replace("typing.", "").replace("NoneType", "null")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ckptmerge.errors import CheckpointFormatError, UnsafeCheckpointError
-from ckptmerge.io.state_dict_reader import StateDictReader
+from ckptmerge.io.tensor_info import TensorInfo
 
 METADATA_FILE = ".metadata"
 NON_MODEL_PREFIXES = ("optimizer", "optim", "lr_scheduler", "scheduler", "dataloader", "train_state",
@@ -64,39 +64,84 @@ def _is_model_key(fqn: str) -> bool:
     return not any(head == p or head.startswith(p + "_") for p in NON_MODEL_PREFIXES)
 
 
-class DcpReader(StateDictReader):
-    """Loads the model tensors of a DCP folder (all chunks of every rank) into memory."""
+class DcpReader:
+    """Model tensors of a DCP folder (all chunks of every rank), assembled lazily one tensor at a time.
+
+    Keys, dtypes and shapes come from the metadata alone; ``get`` reads a tensor's chunks and keeps
+    only the most recent tensor, so row-sliced reads of a large tensor do not re-read it and memory
+    stays at one tensor whatever the model size. DCP cannot express tied storage: no aliases.
+    """
+
+    layout = "dcp"
 
     def __init__(self, folder: Path):
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+        self.path = folder
         meta = load_dcp_metadata(folder)
         entries = {fqn: md for fqn, md in meta.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)}
         self.skipped_keys = sorted(fqn for fqn in meta.state_dict_metadata if fqn not in entries or not _is_model_key(fqn))
         model = {fqn: md for fqn, md in entries.items() if _is_model_key(fqn)}
         if not model:
             raise CheckpointFormatError(f"{folder}: DCP checkpoint has no model tensors (skipped: {self.skipped_keys[:8]})")
-        strip = all(fqn.startswith("model.") for fqn in model)
-        storage = meta.storage_data or {}
-        tensors = {(fqn[len("model."):] if strip else fqn): self._assemble(folder, fqn, md, storage)
-                   for fqn, md in model.items()}
-        super().__init__(tensors, folder, layout="dcp")
+        prefix = "model." if all(fqn.startswith("model.") for fqn in model) else ""
+        self._fqn = {fqn[len(prefix):]: fqn for fqn in model}
+        self._meta = {name: model[fqn] for name, fqn in self._fqn.items()}
+        self._chunks: dict[str, list] = {}
+        for index, sinfo in (meta.storage_data or {}).items():
+            self._chunks.setdefault(index.fqn, []).append((index, sinfo))
+        self._cached: tuple[str, torch.Tensor] | None = None
 
-    @staticmethod
-    def _assemble(folder: Path, fqn: str, md: object, storage: dict) -> torch.Tensor:
-        full = torch.empty(tuple(md.size), dtype=md.properties.dtype)
-        for index, sinfo in storage.items():
-            if index.fqn != fqn:
-                continue
+    def keys(self) -> list[str]:
+        return list(self._meta)
+
+    def info(self, name: str) -> TensorInfo:
+        md = self._meta[name]
+        return TensorInfo(dtype=md.properties.dtype, shape=tuple(md.size))
+
+    def get(self, name: str) -> torch.Tensor:
+        if self._cached is None or self._cached[0] != name:
+            self._cached = None  # free the previous tensor before reading the next
+            self._cached = (name, self._assemble(name))
+        return self._cached[1]
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        t = self.get(name)
+        return t if t.dim() == 0 else t[start:stop]
+
+    def prefetch(self, name: str, start: int, stop: int) -> None:
+        pass
+
+    def aliases(self) -> dict[str, str]:
+        return {}
+
+    def metadata(self) -> dict[str, str]:
+        return {}
+
+    def close(self) -> None:
+        self._cached = None
+
+    def _assemble(self, name: str) -> torch.Tensor:
+        fqn, info = self._fqn[name], self.info(name)
+        full = torch.empty(info.shape, dtype=info.dtype)
+        covered = 0
+        for index, sinfo in self._chunks.get(fqn, []):
             if getattr(sinfo, "transform_descriptors", None):
-                raise CheckpointFormatError(f"{folder}: tensor {fqn!r} is stored with transforms "
+                raise CheckpointFormatError(f"{self.path}: tensor {fqn!r} is stored with transforms "
                                             f"{sinfo.transform_descriptors} (compression?), which ckptmerge cannot read yet")
-            with open(folder / sinfo.relative_path, "rb") as f:
-                f.seek(sinfo.offset)
-                chunk = torch.load(io.BytesIO(f.read(sinfo.length)), map_location="cpu", weights_only=True)
-            offsets = tuple(index.offset) if index.offset is not None else (0,) * full.dim()
+            try:
+                with open(self.path / sinfo.relative_path, "rb") as f:
+                    f.seek(sinfo.offset)
+                    chunk = torch.load(io.BytesIO(f.read(sinfo.length)), map_location="cpu", weights_only=True)
+            except (OSError, RuntimeError, EOFError) as exc:
+                raise CheckpointFormatError(f"{self.path / sinfo.relative_path}: cannot read tensor {fqn!r} ({exc})") from exc
             view = full
-            for dim, (start, length) in enumerate(zip(offsets, chunk.shape)):
-                view = view.narrow(dim, start, length)
+            offsets = tuple(index.offset) if index.offset is not None else (0,) * full.dim()
+            for dim, (begin, length) in enumerate(zip(offsets, chunk.shape)):
+                view = view.narrow(dim, begin, length)
             view.copy_(chunk)
+            covered += chunk.numel()
+        if covered != info.numel:
+            raise CheckpointFormatError(f"{self.path}: tensor {fqn!r} chunks cover {covered} of {info.numel} elements; "
+                                        f"the checkpoint is incomplete (a rank's .distcp file missing?)")
         return full

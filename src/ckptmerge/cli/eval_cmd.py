@@ -1,0 +1,38 @@
+"""``ckptmerge eval PATH... --data D...``: held-out loss of HF causal-LM folders on fixed windows."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ckptmerge.data.corpora import HELD_OUT
+from ckptmerge.eval_runner import evaluate_paths
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="held-out loss / perplexity of model folders, with standard errors")
+    p.add_argument("paths", nargs="+", help="HF causal-LM folders (raw checkpoints, merges, your own)")
+    p.add_argument("--data", action="append", help=f"domain or file, repeatable (default: {', '.join(HELD_OUT)})")
+    p.add_argument("--tokens", type=int, default=32768, help="tokens scored per data set (default 32768)")
+    p.add_argument("--context", type=int, help="window length (default: the model's max positions, at most 1024)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (default fp32)")
+    p.add_argument("--json", help="write results to this JSON file")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    data = args.data or list(HELD_OUT)
+    results = evaluate_paths([Path(p) for p in args.paths], data, n_tokens=args.tokens, context=args.context,
+                             batch_size=args.batch_size, bf16=args.bf16)
+    width = max(len(p) for p in args.paths)
+    print(f"{'model':<{width}}  " + "  ".join(f"{d:>22}" for d in data))
+    for path, by_data in results.items():
+        cells = [f"{r.loss:.4f} ± {r.stderr:.4f}" for r in by_data.values()]
+        print(f"{path:<{width}}  " + "  ".join(f"{c:>22}" for c in cells))
+    print("loss in nats per token (± standard error over windows)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({p: {d: r.to_dict() for d, r in v.items()} for p, v in results.items()},
+                                              indent=2) + "\n")
+    return 0

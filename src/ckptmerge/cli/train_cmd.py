@@ -1,0 +1,58 @@
+"""``ckptmerge train``: train, resume, or fork a tiny-LM run that writes an HF checkpoint series."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, fields
+
+from ckptmerge.configfile import read_yaml
+from ckptmerge.errors import ConfigError
+from ckptmerge.train.trainer import TrainConfig, config_from_dict, train
+
+_HELP = {
+    "preset": "model preset: tiny (~0.8M), small (~3M), base (~10M), pythia-tiny",
+    "steps": "total optimizer steps (a fork counts from its parent's step)",
+    "lr": "peak learning rate", "schedule": "constant | cosine | wsd",
+    "warmup_steps": "linear warm-up steps", "decay_steps": "wsd: length of the decay (overrides --decay-fraction)",
+    "decay_fraction": "wsd: decay over this fraction of --steps", "decay_shape": "wsd decay: linear | cosine | 1-sqrt",
+    "min_lr_ratio": "final LR as a fraction of the peak", "batch_size": "sequences per micro-batch",
+    "context": "tokens per sequence (default: the preset's)", "grad_accum": "micro-batches per optimizer step",
+    "save_every": "checkpoint every K steps", "seed": "seed for initialization and batches",
+    "data": "training data: a domain name, a text file or a token .bin", "eval_every": "held-out eval every K steps (0: off)",
+    "eval_data": "held-out data for --eval-every", "eval_tokens": "tokens per held-out eval",
+    "log_every": "metrics line every K steps", "optimizer_state": "fork: keep | reset the parent's optimizer state",
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a tiny LM and save a checkpoint series (HF folders)")
+    p.add_argument("-o", "--output", help="run directory")
+    p.add_argument("--config", help="YAML file with the options below (snake_case keys)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its newest checkpoint")
+    p.add_argument("--fork-from", metavar="CKPT", help="start a new branch from this checkpoint (weights + optimizer)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    for f in fields(TrainConfig):
+        if f.name == "fork_from":
+            continue
+        kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, help=_HELP.get(f.name))
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.resume:
+        train(TrainConfig(), args.resume, resume=True, progress=not args.quiet)
+        print(f"resumed and finished {args.resume}")
+        return 0
+    if not args.output:
+        raise ConfigError("give -o RUN_DIR (or --resume RUN_DIR)")
+    data = read_yaml(args.config) if args.config else {}
+    data = {**asdict(TrainConfig()), **data}
+    for f in fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            data[f.name] = value
+    config = config_from_dict(data, args.config or "command line")
+    train(config, args.output, progress=not args.quiet)
+    print(f"trained {args.output}: {config.steps} steps, checkpoints every {config.save_every}")
+    return 0

@@ -1,0 +1,1 @@
+"""Corpora, tokenization and deterministic batches for training and held-out evaluation."""

@@ -1,0 +1,86 @@
+"""Held-out loss of causal LMs on fixed token windows, with standard errors.
+
+Every model compared sees the same windows (``ckptmerge.data.batches.eval_windows``). The loss
+is the token-level mean cross-entropy in nats per token (per byte with the byte tokenizer); its
+standard error is taken over windows. ``paired_difference`` gives the SE of a difference between
+two models on the same windows, which is much smaller than either SE alone: use it to tell a
+merge's gain from noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class EvalResult:
+    """Loss of one model on one data set."""
+
+    data: str
+    loss: float
+    stderr: float
+    tokens: int
+    window_losses: list[float] = field(repr=False, default_factory=list)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    def to_dict(self) -> dict:
+        return {"data": self.data, "loss": self.loss, "stderr": self.stderr, "perplexity": self.perplexity,
+                "tokens": self.tokens, "windows": len(self.window_losses)}
+
+
+def evaluate_model(model: torch.nn.Module, windows: torch.Tensor, *, data: str = "", batch_size: int = 16,
+                   bf16: bool = False) -> EvalResult:
+    """Mean next-token loss of ``model`` over ``windows`` (n, context + 1), without touching disk."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    per_window = []
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for batch in windows.split(batch_size):
+            batch = batch.to(device, non_blocking=True)
+            logits = model(input_ids=batch[:, :-1]).logits.float()
+            losses = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+            per_window.append(losses.mean(dim=1).cpu())
+    model.train(was_training)
+    window_losses = torch.cat(per_window).double().numpy()
+    return _summarize(data, window_losses, tokens=windows.shape[0] * (windows.shape[1] - 1))
+
+
+def _summarize(data: str, window_losses: np.ndarray, tokens: int) -> EvalResult:
+    n = len(window_losses)
+    stderr = float(window_losses.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    return EvalResult(data, float(window_losses.mean()), stderr, tokens, window_losses.tolist())
+
+
+def paired_difference(a: EvalResult, b: EvalResult) -> tuple[float, float]:
+    """(mean of a - b, its standard error), window by window. Both must use the same windows."""
+    if len(a.window_losses) != len(b.window_losses):
+        raise ValueError("paired_difference needs results on the same windows")
+    diff = np.asarray(a.window_losses) - np.asarray(b.window_losses)
+    se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    return float(diff.mean()), se
+
+
+def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` into ``model`` in place (strict; tied weights may be given once)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        raise KeyError(f"state does not fit the model: missing {sorted(set(missing) - tied)[:8]}, "
+                       f"unexpected {sorted(unexpected)[:8]}")
+
+
+def load_model(path, *, device: str | None = None) -> torch.nn.Module:
+    """An HF causal LM from a folder (raw, merged, or any user checkpoint), in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.to(device) if device else model

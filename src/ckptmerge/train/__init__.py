@@ -1,0 +1,1 @@
+"""A small, deterministic pre-training loop that writes real HF checkpoint series on CPU."""

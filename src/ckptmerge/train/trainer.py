@@ -1,0 +1,245 @@
+"""The training loop: AdamW, gradient clipping and accumulation, fixed seeds, checkpoints every K steps.
+
+    ckptmerge train --preset tiny --steps 2000 --lr 3e-3 --schedule constant --save-every 100 -o runs/a
+    ckptmerge train --resume runs/a                     # continue the identical trajectory
+    ckptmerge train --fork-from runs/a/step-001600 --schedule wsd --steps 2000 --decay-steps 400 -o runs/a-anneal
+
+Batches are a pure function of (seed, step), so resuming reproduces the same losses.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ckptmerge.configfile import dataclass_from_dict
+from ckptmerge.data.batches import eval_windows, train_batch
+from ckptmerge.data.tokens import load_tokens
+from ckptmerge.errors import ConfigError
+from ckptmerge.evaluate import evaluate_model, load_state_into
+from ckptmerge.progress import Progress, format_count
+from ckptmerge.train.checkpointing import (checkpoint_name, latest_resumable, load_trainer_state, read_meta,
+                                           save_checkpoint)
+from ckptmerge.train.lr_schedules import DECAY_SHAPES, SCHEDULE_NAMES, LrSchedule
+from ckptmerge.train.presets import PRESETS, build_model, preset_context
+
+RUN_CONFIG = "run.json"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run (saved as ``run.json``; YAML keys are these names)."""
+
+    preset: str = "tiny"
+    steps: int = 1000
+    lr: float = 3e-3
+    schedule: str = "constant"
+    warmup_steps: int = 100
+    decay_steps: int | None = None
+    decay_fraction: float = 0.2
+    decay_shape: str = "linear"
+    min_lr_ratio: float = 0.0
+    batch_size: int = 16
+    context: int | None = None
+    grad_accum: int = 1
+    save_every: int = 100
+    seed: int = 0
+    data: str = "shakespeare"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 0
+    eval_data: str = "shakespeare-val"
+    eval_tokens: int = 16384
+    log_every: int = 10
+    fork_from: str | None = None
+    optimizer_state: str = "keep"
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+    @property
+    def seq_len(self) -> int:
+        return self.context or preset_context(self.preset)
+
+    def lr_schedule(self) -> LrSchedule:
+        decay = self.decay_steps if self.decay_steps is not None else round(self.decay_fraction * self.steps)
+        return LrSchedule(self.schedule, self.lr, self.warmup_steps, self.steps,
+                          decay_steps=decay if self.schedule == "wsd" else 0,
+                          decay_shape=self.decay_shape, min_lr_ratio=self.min_lr_ratio)
+
+
+def validate_config(c: TrainConfig) -> list[str]:
+    problems = []
+    if c.preset not in PRESETS:
+        problems.append(f"preset: {c.preset!r} is not one of {list(PRESETS)}")
+    if c.schedule not in SCHEDULE_NAMES:
+        problems.append(f"schedule: {c.schedule!r} is not one of {SCHEDULE_NAMES}")
+    if c.decay_shape not in DECAY_SHAPES:
+        problems.append(f"decay_shape: {c.decay_shape!r} is not one of {list(DECAY_SHAPES)}")
+    if c.optimizer_state not in ("keep", "reset"):
+        problems.append("optimizer_state: keep or reset")
+    for key in ("steps", "batch_size", "grad_accum", "save_every", "log_every"):
+        if getattr(c, key) < 1:
+            problems.append(f"{key}: must be at least 1")
+    if c.lr <= 0:
+        problems.append("lr: must be positive")
+    if not problems:
+        try:
+            c.lr_schedule()
+        except ValueError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def config_from_dict(data: dict, source: str) -> TrainConfig:
+    return dataclass_from_dict(TrainConfig, data, source=source, validate=validate_config)
+
+
+@dataclass
+class _State:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    step: int
+    parent: str | None
+
+
+def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
+    """Train (or resume) a run in ``run_dir``; returns the run directory."""
+    run_dir = Path(run_dir)
+    if resume:
+        config = config_from_dict(json.loads((run_dir / RUN_CONFIG).read_text()), str(run_dir / RUN_CONFIG))
+    elif (run_dir / RUN_CONFIG).exists():
+        raise ConfigError(f"{run_dir}: already holds a run; use --resume to continue it or choose a new -o")
+    torch.set_num_threads(torch.get_num_threads())
+    tokens = load_tokens(config.data)
+    state = _resume_state(config, run_dir) if resume else _fresh_state(config, run_dir)
+    tokenizer_dir = _tokenizer_dir(run_dir)
+    _loop(config, run_dir, state, tokens, tokenizer_dir, progress)
+    return run_dir
+
+
+def _fresh_state(config: TrainConfig, run_dir: Path) -> _State:
+    model = build_model(config.preset, config.seed)
+    optimizer = _optimizer(model, config)
+    step, parent = 0, None
+    if config.fork_from:
+        parent_dir = Path(config.fork_from)
+        from ckptmerge.io.layout import open_checkpoint
+
+        reader = open_checkpoint(parent_dir)
+        load_state_into(model, {k: reader.get(k).clone() for k in reader.keys()})
+        reader.close()
+        trainer_state = load_trainer_state(parent_dir)
+        if config.optimizer_state == "keep" and trainer_state is not None:
+            optimizer.load_state_dict(trainer_state["optimizer"])
+        step, parent = read_meta(parent_dir)["step"] if (parent_dir / "ckptmerge.json").exists() else 0, str(parent_dir.resolve())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_CONFIG).write_text(json.dumps(asdict(config), indent=2) + "\n")
+    (run_dir / METRICS).write_text("")
+    return _State(model, optimizer, step, parent)
+
+
+def _resume_state(config: TrainConfig, run_dir: Path) -> _State:
+    model = build_model(config.preset, config.seed)
+    optimizer = _optimizer(model, config)
+    latest = latest_resumable(run_dir)
+    if latest is None:  # killed before the first checkpoint: start over
+        return _State(model, optimizer, _fork_step(config), config.fork_from)
+    from ckptmerge.io.layout import open_checkpoint
+
+    reader = open_checkpoint(latest)
+    load_state_into(model, {k: reader.get(k).clone() for k in reader.keys()})
+    reader.close()
+    trainer_state = load_trainer_state(latest)
+    optimizer.load_state_dict(trainer_state["optimizer"])
+    torch.set_rng_state(trainer_state["torch_rng"])
+    meta = read_meta(latest)
+    _truncate_metrics(run_dir / METRICS, meta["step"])
+    return _State(model, optimizer, meta["step"], meta.get("parent"))
+
+
+def _fork_step(config: TrainConfig) -> int:
+    return read_meta(Path(config.fork_from))["step"] if config.fork_from else 0
+
+
+def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and embeddings; not norms or biases
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+
+
+def _tokenizer_dir(run_dir: Path) -> Path:
+    folder = run_dir / ".tokenizer"
+    if not (folder / "tokenizer.json").is_file():
+        from ckptmerge.data.tokenizer import save_hf_tokenizer
+
+        save_hf_tokenizer(folder)
+    return folder
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _train_step(config: TrainConfig, state: _State, tokens, step: int) -> tuple[float, float]:
+    state.model.train()
+    loss_sum = 0.0
+    for micro in range(config.grad_accum):
+        x, y = train_batch(tokens, seed=config.seed, step=step, micro=micro, batch_size=config.batch_size,
+                           context=config.seq_len)
+        logits = state.model(input_ids=x).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten()) / config.grad_accum
+        loss.backward()
+        loss_sum += loss.item()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(state.model.parameters(), config.grad_clip))
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
+def _loop(config: TrainConfig, run_dir: Path, state: _State, tokens, tokenizer_dir: Path, progress: bool) -> None:
+    schedule = config.lr_schedule()
+    windows = (eval_windows(load_tokens(config.eval_data), n_tokens=config.eval_tokens, context=config.seq_len)
+               if config.eval_every else None)
+    bar = Progress(config.steps - state.step, "train", fmt=format_count, unit=" steps", enabled=progress)
+    started, start_step = time.monotonic(), state.step
+    with open(run_dir / METRICS, "a") as metrics:
+        while state.step < config.steps:
+            lr = schedule(state.step)
+            for group in state.optimizer.param_groups:
+                group["lr"] = lr
+            loss, grad_norm = _train_step(config, state, tokens, state.step)
+            state.step += 1
+            record = {"step": state.step, "tokens_seen": state.step * config.tokens_per_step, "lr": lr,
+                      "loss": loss, "grad_norm": grad_norm}
+            if windows is not None and state.step % config.eval_every == 0:
+                record["val_loss"] = evaluate_model(state.model, windows).loss
+            if state.step % config.log_every == 0 or "val_loss" in record or state.step == config.steps:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            if state.step % config.save_every == 0 or state.step == config.steps:
+                _save(run_dir, config, state, record, tokenizer_dir)
+            tokens_per_s = (state.step - start_step) * config.tokens_per_step / (time.monotonic() - started)
+            bar.postfix = f"loss {loss:.3f} lr {lr:.2e} {tokens_per_s / 1000:.1f}k tok/s"
+            bar.update(1)
+    bar.close()
+
+
+def _save(run_dir: Path, config: TrainConfig, state: _State, record: dict, tokenizer_dir: Path) -> None:
+    meta = {"step": state.step, "tokens_seen": record["tokens_seen"], "lr": record["lr"], "train_loss": record["loss"],
+            "grad_norm": record["grad_norm"], "seed": config.seed, "data": config.data,
+            "data_position": {"step": state.step, "micro_batches": state.step * config.grad_accum},
+            "schedule": config.schedule, "parent": state.parent}
+    save_checkpoint(run_dir / checkpoint_name(state.step), state.model, state.optimizer, meta, tokenizer_dir)
