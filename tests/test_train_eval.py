@@ -142,3 +142,25 @@ def test_eval_equals_hand_computed_cross_entropy(tmp_path, corpus):
     same = evaluate_model(model, windows, batch_size=3)
     diff, se = paired_difference(result, same)
     assert abs(diff) < 1e-6 and se < 1e-6
+
+
+def test_fork_killed_before_its_first_checkpoint_resumes_from_the_parent(tmp_path, corpus, monkeypatch):
+    train(tiny_config(corpus), tmp_path / "stable", progress=False)
+    fork = tiny_config(corpus, schedule="wsd", decay_steps=4, fork_from=str(tmp_path / "stable" / "step-000008"))
+    train(fork, tmp_path / "clean", progress=False)
+
+    real_step = trainer_mod._train_step
+
+    def dying_step(cfg, state, tokens, step):
+        if step == 9:
+            raise KeyboardInterrupt
+        return real_step(cfg, state, tokens, step)
+
+    monkeypatch.setattr(trainer_mod, "_train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(fork, tmp_path / "killed", progress=False)
+    monkeypatch.setattr(trainer_mod, "_train_step", real_step)
+    train(fork, tmp_path / "killed", resume=True, progress=False)
+    clean, resumed = read_metrics(tmp_path / "clean"), read_metrics(tmp_path / "killed")
+    assert [m["step"] for m in resumed] == [9, 10, 11, 12]
+    np.testing.assert_allclose([m["loss"] for m in resumed], [m["loss"] for m in clean], rtol=1e-6)

@@ -119,7 +119,9 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
         config = config_from_dict(json.loads((run_dir / RUN_CONFIG).read_text()), str(run_dir / RUN_CONFIG))
     elif (run_dir / RUN_CONFIG).exists():
         raise ConfigError(f"{run_dir}: already holds a run; use --resume to continue it or choose a new -o")
-    torch.set_num_threads(torch.get_num_threads())
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress line covers the run
     tokens = load_tokens(config.data)
     state = _resume_state(config, run_dir) if resume else _fresh_state(config, run_dir)
     tokenizer_dir = _tokenizer_dir(run_dir)
@@ -127,48 +129,51 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     return run_dir
 
 
-def _fresh_state(config: TrainConfig, run_dir: Path) -> _State:
+def _initial_state(config: TrainConfig) -> _State:
+    """A new model (seeded), or the fork parent's weights and (policy permitting) optimizer state."""
     model = build_model(config.preset, config.seed)
     optimizer = _optimizer(model, config)
-    step, parent = 0, None
-    if config.fork_from:
-        parent_dir = Path(config.fork_from)
-        from ckptmerge.io.layout import open_checkpoint
+    if not config.fork_from:
+        return _State(model, optimizer, 0, None)
+    parent = Path(config.fork_from)
+    _load_weights(model, parent)
+    trainer_state = load_trainer_state(parent)
+    if config.optimizer_state == "keep" and trainer_state is not None:
+        optimizer.load_state_dict(trainer_state["optimizer"])
+    return _State(model, optimizer, read_meta(parent)["step"], str(parent.resolve()))
 
-        reader = open_checkpoint(parent_dir)
-        load_state_into(model, {k: reader.get(k).clone() for k in reader.keys()})
-        reader.close()
-        trainer_state = load_trainer_state(parent_dir)
-        if config.optimizer_state == "keep" and trainer_state is not None:
-            optimizer.load_state_dict(trainer_state["optimizer"])
-        step, parent = read_meta(parent_dir)["step"] if (parent_dir / "ckptmerge.json").exists() else 0, str(parent_dir.resolve())
+
+def _fresh_state(config: TrainConfig, run_dir: Path) -> _State:
+    state = _initial_state(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_CONFIG).write_text(json.dumps(asdict(config), indent=2) + "\n")
     (run_dir / METRICS).write_text("")
-    return _State(model, optimizer, step, parent)
+    return state
 
 
 def _resume_state(config: TrainConfig, run_dir: Path) -> _State:
-    model = build_model(config.preset, config.seed)
-    optimizer = _optimizer(model, config)
     latest = latest_resumable(run_dir)
-    if latest is None:  # killed before the first checkpoint: start over
-        return _State(model, optimizer, _fork_step(config), config.fork_from)
-    from ckptmerge.io.layout import open_checkpoint
-
-    reader = open_checkpoint(latest)
-    load_state_into(model, {k: reader.get(k).clone() for k in reader.keys()})
-    reader.close()
+    if latest is None:  # killed before the first checkpoint: start over, from the parent for a fork
+        (run_dir / METRICS).write_text("")
+        return _initial_state(config)
+    state = _initial_state(config)
+    _load_weights(state.model, latest)
     trainer_state = load_trainer_state(latest)
-    optimizer.load_state_dict(trainer_state["optimizer"])
+    state.optimizer.load_state_dict(trainer_state["optimizer"])
     torch.set_rng_state(trainer_state["torch_rng"])
     meta = read_meta(latest)
     _truncate_metrics(run_dir / METRICS, meta["step"])
-    return _State(model, optimizer, meta["step"], meta.get("parent"))
+    return _State(state.model, state.optimizer, meta["step"], meta.get("parent"))
 
 
-def _fork_step(config: TrainConfig) -> int:
-    return read_meta(Path(config.fork_from))["step"] if config.fork_from else 0
+def _load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    from ckptmerge.io.layout import open_checkpoint
+
+    reader = open_checkpoint(checkpoint)
+    try:
+        load_state_into(model, {k: reader.get(k).clone() for k in reader.keys()})
+    finally:
+        reader.close()
 
 
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -215,6 +220,7 @@ def _loop(config: TrainConfig, run_dir: Path, state: _State, tokens, tokenizer_d
                if config.eval_every else None)
     bar = Progress(config.steps - state.step, "train", fmt=format_count, unit=" steps", enabled=progress)
     started, start_step = time.monotonic(), state.step
+    board = _tensorboard(run_dir)
     with open(run_dir / METRICS, "a") as metrics:
         while state.step < config.steps:
             lr = schedule(state.step)
@@ -229,12 +235,27 @@ def _loop(config: TrainConfig, run_dir: Path, state: _State, tokens, tokenizer_d
             if state.step % config.log_every == 0 or "val_loss" in record or state.step == config.steps:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+                if board is not None:
+                    for key in ("loss", "lr", "grad_norm", "val_loss"):
+                        if key in record:
+                            board.add_scalar(key, record[key], state.step)
             if state.step % config.save_every == 0 or state.step == config.steps:
                 _save(run_dir, config, state, record, tokenizer_dir)
             tokens_per_s = (state.step - start_step) * config.tokens_per_step / (time.monotonic() - started)
             bar.postfix = f"loss {loss:.3f} lr {lr:.2e} {tokens_per_s / 1000:.1f}k tok/s"
             bar.update(1)
     bar.close()
+    if board is not None:
+        board.close()
+
+
+def _tensorboard(run_dir: Path):
+    """A TensorBoard writer when the ``tensorboard`` package is installed, else None (JSONL only)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 def _save(run_dir: Path, config: TrainConfig, state: _State, record: dict, tokenizer_dir: Path) -> None:

@@ -1,0 +1,32 @@
+"""``ckptmerge demo``: train, fork, merge, evaluate and report (see ckptmerge.demo)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ckptmerge.demo import DemoConfig, run_demo
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="what merging gives a real tiny pre-training run (table + plot)")
+    p.add_argument("--out", default="runs/demo", help="folder for runs, merges and the report (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a short smoke version (about a minute)")
+    p.add_argument("--data", help="training data (default: shakespeare)")
+    p.add_argument("--eval-data", action="append", help="held-out data, repeatable (first is in-domain)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {"out": args.out}
+    if args.data:
+        overrides["data"] = args.data
+    if args.eval_data:
+        overrides["eval_data"] = args.eval_data
+    cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
+    run_demo(cfg, progress=not args.quiet)
+    report = Path(cfg.out) / "report.md"
+    print(report.read_text())
+    print(f"report: {report}\nplot:   {Path(cfg.out) / 'loss_vs_step.png'}")
+    return 0
