@@ -10,9 +10,12 @@ python_bin="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$python_bin" -m venv .venv
 stamp=.venv/.ckptmerge-installed
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+pip_quiet() {  # pip, minus the warnings about this machine's unused local index paths
+  .venv/bin/python -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[test]"
+  echo "setting up .venv (first run: a minute or two)" >&2
+  .venv/bin/python -c "import torch" 2>/dev/null || pip_quiet install -q "torch==2.13.0"
+  pip_quiet install -q -e ".[test]"
   echo "$want" > "$stamp"
 fi

@@ -35,6 +35,22 @@ def tiny_config(corpus, **kw):
     return TrainConfig(**{**base, **kw})
 
 
+def kill_then_resume(config, run_dir, kill_at_step, monkeypatch):
+    """Run ``config`` until the update of ``kill_at_step`` raises (like Ctrl-C), then ``--resume`` it."""
+    real_step = trainer_mod._train_step
+
+    def dying_step(cfg, state, tokens, step):
+        if step == kill_at_step:
+            raise KeyboardInterrupt
+        return real_step(cfg, state, tokens, step)
+
+    monkeypatch.setattr(trainer_mod, "_train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, run_dir, progress=False)
+    monkeypatch.setattr(trainer_mod, "_train_step", real_step)
+    train(config, run_dir, resume=True, progress=False)
+
+
 def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -81,19 +97,7 @@ def test_checkpoints_are_real_hf_folders_with_metadata(tmp_path, corpus):
 def test_killed_run_resumes_on_the_identical_trajectory(tmp_path, corpus, monkeypatch):
     config = tiny_config(corpus)
     train(config, tmp_path / "full", progress=False)
-
-    real_step = trainer_mod._train_step
-
-    def dying_step(cfg, state, tokens, step):
-        if step == 6:  # after the step-4 checkpoint, before step 8's
-            raise KeyboardInterrupt
-        return real_step(cfg, state, tokens, step)
-
-    monkeypatch.setattr(trainer_mod, "_train_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path / "killed", progress=False)
-    monkeypatch.setattr(trainer_mod, "_train_step", real_step)
-    train(config, tmp_path / "killed", resume=True, progress=False)
+    kill_then_resume(config, tmp_path / "killed", 6, monkeypatch)  # after the step-4 checkpoint, before step 8's
 
     full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "killed")
     assert [m["step"] for m in resumed] == list(range(1, 13))
@@ -148,19 +152,7 @@ def test_fork_killed_before_its_first_checkpoint_resumes_from_the_parent(tmp_pat
     train(tiny_config(corpus), tmp_path / "stable", progress=False)
     fork = tiny_config(corpus, schedule="wsd", decay_steps=4, fork_from=str(tmp_path / "stable" / "step-000008"))
     train(fork, tmp_path / "clean", progress=False)
-
-    real_step = trainer_mod._train_step
-
-    def dying_step(cfg, state, tokens, step):
-        if step == 9:
-            raise KeyboardInterrupt
-        return real_step(cfg, state, tokens, step)
-
-    monkeypatch.setattr(trainer_mod, "_train_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(fork, tmp_path / "killed", progress=False)
-    monkeypatch.setattr(trainer_mod, "_train_step", real_step)
-    train(fork, tmp_path / "killed", resume=True, progress=False)
+    kill_then_resume(fork, tmp_path / "killed", 9, monkeypatch)  # before the fork's first checkpoint
     clean, resumed = read_metrics(tmp_path / "clean"), read_metrics(tmp_path / "killed")
     assert [m["step"] for m in resumed] == [9, 10, 11, 12]
     np.testing.assert_allclose([m["loss"] for m in resumed], [m["loss"] for m in clean], rtol=1e-6)
