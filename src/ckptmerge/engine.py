@@ -45,15 +45,15 @@ class _Buffers:
     """Grow-only scratch buffers, reused across tensors so pages are faulted in once."""
 
     def __init__(self) -> None:
-        self._flat: dict[torch.dtype, torch.Tensor] = {}
+        self._flat: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
-    def get(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    def get(self, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         numel = 1
         for d in shape:
             numel *= d
-        flat = self._flat.get(dtype)
+        flat = self._flat.get((dtype, device))
         if flat is None or flat.numel() < numel:
-            flat = self._flat[dtype] = torch.empty(numel, dtype=dtype)
+            flat = self._flat[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
         return flat[:numel].view(shape)
 
 
@@ -111,7 +111,9 @@ def _chunk_shape(chunk: _Chunk) -> tuple[int, ...]:
 def _merge_chunk(plan: MergePlan, readers: Sequence[CheckpointReader], chunk: _Chunk, buffers: _Buffers,
                  reads: list, position: int, allow_nonfinite: bool) -> torch.Tensor:
     name = chunk.task.name
-    acc = buffers.get(plan.accum_dtype, _chunk_shape(chunk))
+    first = readers[plan.active[0]] if plan.active else readers[plan.newest]
+    device = first.get_rows(name, chunk.start, chunk.stop).device  # a view: free to get twice
+    acc = buffers.get(plan.accum_dtype, _chunk_shape(chunk), device)
     acc.zero_()
     for offset, i in enumerate(plan.active):
         _prefetch(readers, reads, position + offset + 1)
@@ -120,7 +122,7 @@ def _merge_chunk(plan: MergePlan, readers: Sequence[CheckpointReader], chunk: _C
         _raise_nonfinite(plan, readers, chunk)
     if chunk.task.out_dtype == plan.accum_dtype:
         return acc
-    out = buffers.get(chunk.task.out_dtype, acc.shape)
+    out = buffers.get(chunk.task.out_dtype, acc.shape, acc.device)
     out.copy_(acc)
     return out
 

@@ -1,0 +1,135 @@
+"""The Averager surface shared by every online rule (EMA, SWA, LAWA, PMA).
+
+    avg = EMA(half_life_steps=500)
+    for step in range(1, steps + 1):
+        ...; optimizer.step()
+        avg.update(model, step)                  # after the optimizer step; repeated calls per step are ignored
+        with avg.swapped(model):                 # averaged weights in, training weights back after
+            evaluate(model)
+    avg.save("runs/a/avg-ema", model)            # an HF folder that `ckptmerge eval` / `merge` read
+    torch.save(avg.state_dict(), "avg.pt")       # resume: avg.load_state_dict(torch.load(..., weights_only=True))
+
+Averages are kept in fp32 (whatever the model dtype), on the model's device or, with
+``offload=True``, on the CPU (pinned staging and non-blocking copies from a GPU).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ckptmerge.io.publish import atomic_folder
+from ckptmerge.online.tensors import float_tensors, other_buffers
+
+
+class Averager:
+    """Base class: bookkeeping, swapping, saving and state; subclasses define ``_fold`` and ``_averaged``."""
+
+    kind = "averager"
+
+    def __init__(self, *, every: int = 1, offload: bool = False):
+        if every < 1:
+            raise ValueError(f"every must be at least 1, got {every}")
+        self.every = every
+        self.offload = offload
+        self.n_averaged = 0
+        self.last_step: int | None = None
+        self.last_tokens: int | None = None
+        self._other: dict[str, torch.Tensor] = {}
+
+    # --- the rule -----------------------------------------------------------------------------
+    def params(self) -> dict:
+        """The rule's parameters (recorded in saved metadata)."""
+        return {"every": self.every}
+
+    def should_update(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def _fold(self, current: dict[str, torch.Tensor], step: int, tokens_seen: int | None) -> None:
+        raise NotImplementedError
+
+    def _averaged(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # --- the surface ----------------------------------------------------------------------------
+    def update(self, model: torch.nn.Module, step: int, tokens_seen: int | None = None) -> bool:
+        """Fold the model's current weights in, if ``step`` is new and due; returns whether it did."""
+        if step == self.last_step or not self.should_update(step):
+            return False
+        with torch.no_grad():
+            self._fold(self._stage(float_tensors(model)), step, tokens_seen)
+            self._other = {k: v.clone() for k, v in other_buffers(model).items()}
+        self.n_averaged += 1
+        self.last_step, self.last_tokens = step, tokens_seen
+        return True
+
+    def averaged_state_dict(self) -> dict[str, torch.Tensor]:
+        """Averaged float tensors (fp32) plus the newest non-float buffers, keyed by name."""
+        if self.n_averaged == 0:
+            raise RuntimeError(f"{self.kind}: no update yet; call update(model, step) after an optimizer step")
+        return {**self._averaged(), **self._other}
+
+    @contextmanager
+    def swapped(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """Put the averaged weights into ``model`` for the block; restore the training weights after."""
+        live = float_tensors(model)
+        averaged = self.averaged_state_dict()
+        backup = {k: v.clone() for k, v in live.items()}
+        with torch.no_grad():
+            for name, tensor in live.items():
+                tensor.copy_(averaged[name])
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, tensor in live.items():
+                    tensor.copy_(backup[name])
+
+    def save(self, path: str | Path, model: torch.nn.Module, *, extra_meta: dict | None = None) -> Path:
+        """Write the averaged model as an HF folder (or model.safetensors for plain modules), atomically."""
+        path = Path(path)
+        with atomic_folder(path, force=True) as tmp, self.swapped(model):
+            if hasattr(model, "save_pretrained"):
+                model.save_pretrained(tmp)
+            else:
+                from safetensors.torch import save_model
+
+                save_model(model, str(tmp / "model.safetensors"))
+            meta = {"step": self.last_step, "tokens_seen": self.last_tokens, "merged": True,
+                    "averaged": {"kind": self.kind, **self.params(), "n_averaged": self.n_averaged}, **(extra_meta or {})}
+            (tmp / "ckptmerge.json").write_text(json.dumps(meta, indent=2) + "\n")
+        return path
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue the same average after a restart (tensors and plain values)."""
+        return {"kind": self.kind, "params": self.params(), "n_averaged": self.n_averaged,
+                "last_step": self.last_step, "last_tokens": self.last_tokens, "other": dict(self._other),
+                **self._extra_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["kind"] != self.kind or state["params"] != self.params():
+            raise ValueError(f"state is for {state['kind']} {state['params']}, not {self.kind} {self.params()}")
+        self.n_averaged, self.last_step, self.last_tokens = state["n_averaged"], state["last_step"], state["last_tokens"]
+        self._other = dict(state["other"])
+        self._load_extra_state(state)
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        pass
+
+    def _stage(self, live: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Live tensors as the rule will read them: on CPU when offloading (non-blocking from a GPU)."""
+        if not self.offload or not any(v.is_cuda for v in live.values()):
+            return live
+        if not hasattr(self, "_pinned"):
+            self._pinned = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for k, v in live.items()}
+        for name, tensor in live.items():
+            self._pinned[name].copy_(tensor, non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+        return self._pinned

@@ -1,0 +1,54 @@
+"""An HF ``transformers.TrainerCallback`` that keeps an online average while ``Trainer`` trains.
+
+    from ckptmerge.online import EMA
+    from ckptmerge.online.hf_callback import AveragingCallback
+    trainer = Trainer(..., callbacks=[AveragingCallback(EMA(half_life_steps=500))])
+
+- after every optimizer step (``on_step_end``, once per step under gradient accumulation) the
+  averager folds in the model's weights;
+- at every save, ``checkpoint-N/averaged/`` holds the averaged model (an HF folder that
+  ``ckptmerge eval`` and ``merge`` read) and ``checkpoint-N/averager_state.pt`` its state;
+- on resume (``trainer.train(resume_from_checkpoint=...)``) the averager reloads that state, so the
+  average continues exactly;
+- the live model always keeps its training weights; evaluate the average with
+  ``with callback.averager.swapped(trainer.model): trainer.evaluate()``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from ckptmerge.online.averager import Averager
+
+STATE_FILE = "averager_state.pt"
+
+
+class AveragingCallback(TrainerCallback):
+    def __init__(self, averager: Averager, *, save_averaged: bool = True):
+        self.averager = averager
+        self.save_averaged = save_averaged
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:  # a fresh run; on resume, Trainer has restored the step already
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        resume = getattr(args, "resume_from_checkpoint", None)
+        for candidate in (Path(resume) if resume else None, folder):
+            if candidate is not None and (candidate / STATE_FILE).is_file():
+                self.averager.load_state_dict(torch.load(candidate / STATE_FILE, weights_only=True))
+                return
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.averager.update(model, state.global_step, tokens_seen=getattr(state, "num_input_tokens_seen", None) or None)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if self.averager.n_averaged == 0:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(self.averager.state_dict(), folder / STATE_FILE)
+        if self.save_averaged:
+            self.averager.save(folder / "averaged", model)

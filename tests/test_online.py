@@ -1,0 +1,247 @@
+"""Online averagers against torch.optim.swa_utils.AveragedModel, offline merges, and uninterrupted runs."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from ckptmerge import compute_coeffs, discover, merge, open_checkpoint, select_last
+from ckptmerge.online import EMA, LAWA, PMA, SWA, parse_average_spec
+
+
+class Net(torch.nn.Module):
+    """Small model with a tied weight, a float buffer and an integer buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(11, 6)
+        self.hidden = torch.nn.Linear(6, 6)
+        self.head = torch.nn.Linear(6, 11, bias=False)
+        self.head.weight = self.embed.weight  # tied
+        self.register_buffer("scale", torch.ones(6))
+        self.register_buffer("counter", torch.zeros(1, dtype=torch.int64))
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.hidden(self.embed(x)) * self.scale))
+
+
+def trajectory(steps: int, seed: int = 0):
+    """Yield (step, model) after each SGD step of a deterministic little run."""
+    torch.manual_seed(seed)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    for step in range(1, steps + 1):
+        x = torch.randint(0, 11, (8, 5))
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.roll(1, dims=1).flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.scale.mul_(0.99)
+            model.counter += 1
+        yield step, model
+
+
+def assert_params_equal(ours: dict, model: torch.nn.Module, atol=1e-6):
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ours[name], p.detach().float(), rtol=1e-6, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.5])
+def test_ema_equals_averaged_model(decay):
+    ema = EMA(decay)
+    reference = None
+    for step, model in trajectory(15):
+        if reference is None:
+            reference = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+        reference.update_parameters(model)
+        ema.update(model, step)
+    assert_params_equal(ema.averaged_state_dict(), reference.module)
+
+
+def test_swa_equals_averaged_model_from_start_step():
+    swa = SWA(start_step=6)
+    reference = None
+    for step, model in trajectory(15):
+        if step >= 6:
+            reference = reference or AveragedModel(model)
+            reference.update_parameters(model)
+        swa.update(model, step)
+    assert swa.n_averaged == 10
+    assert_params_equal(swa.averaged_state_dict(), reference.module)
+
+
+def test_ema_half_life_equals_per_gap_decay_and_is_exact_for_irregular_spacing():
+    by_half_life, by_decay = EMA(half_life_steps=3.0), EMA(0.5 ** (1 / 3))
+    irregular = EMA(half_life_steps=3.0)
+    expected = None
+    last = None
+    for step, model in trajectory(12):
+        by_half_life.update(model, step)
+        by_decay.update(model, step)
+        if step in (1, 2, 6, 7, 12):  # gaps 1, 4, 1, 5
+            irregular.update(model, step)
+            current = {k: v.detach().double().clone() for k, v in model.named_parameters()}
+            if expected is None:
+                expected = current
+            else:
+                beta = 0.5 ** ((step - last) / 3.0)
+                expected = {k: beta * expected[k] + (1 - beta) * current[k] for k in expected}
+            last = step
+    a, b = by_half_life.averaged_state_dict(), by_decay.averaged_state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+    got = irregular.averaged_state_dict()
+    for k in expected:
+        torch.testing.assert_close(got[k].double(), expected[k], rtol=1e-6, atol=1e-7)
+
+
+def test_tied_weights_once_float_buffers_averaged_int_buffers_copied():
+    ema = EMA(0.5)
+    for step, model in trajectory(3):
+        ema.update(model, step)
+    state = ema.averaged_state_dict()
+    assert "embed.weight" in state and "head.weight" not in state
+    assert torch.equal(state["counter"], torch.tensor([3]))
+    assert state["scale"].dtype == torch.float32 and not torch.equal(state["scale"], model.scale)
+
+
+def test_repeated_updates_in_one_step_are_ignored():
+    a, b = EMA(0.7), EMA(0.7)
+    for step, model in trajectory(6):
+        for _ in range(3):  # e.g. called once per micro-batch under gradient accumulation
+            a.update(model, step)
+        b.update(model, step)
+    assert a.n_averaged == b.n_averaged == 6
+    for k, v in a.averaged_state_dict().items():
+        assert torch.equal(v, b.averaged_state_dict()[k])
+
+
+def test_swapped_puts_average_in_and_restores_training_weights():
+    ema = EMA(0.5)
+    for step, model in trajectory(5):
+        ema.update(model, step)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with ema.swapped(model) as swapped:
+        assert torch.equal(swapped.embed.weight, ema.averaged_state_dict()["embed.weight"])
+        assert swapped.head.weight.data_ptr() == swapped.embed.weight.data_ptr()  # still tied
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("rule,schedule,params", [("lawa", "sma", {}), ("pma", "wma", {}), ("pma", "ema", {"alpha": 0.3})])
+def test_snapshot_averagers_equal_offline_merge_of_saved_checkpoints(tmp_path, rule, schedule, params):
+    every, n = 3, 4
+    online = LAWA(k=n, every=every) if rule == "lawa" else PMA(schedule, n, every=every, **params)
+    for step, model in trajectory(20):
+        online.update(model, step)
+        if step % every == 0:
+            folder = tmp_path / "run" / f"step-{step:06d}"
+            folder.mkdir(parents=True)
+            state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if k != "head.weight"}
+            save_file(state, folder / "model.safetensors")
+    refs = select_last(discover(tmp_path / "run").checkpoints, n, every_steps=every)
+    assert [r.step for r in refs] == [9, 12, 15, 18]
+    merge(refs, compute_coeffs(schedule, refs, **params), tmp_path / "offline", progress=False)
+    reader = open_checkpoint(tmp_path / "offline")
+    averaged = online.averaged_state_dict()
+    assert set(averaged) == set(reader.keys())
+    for name in reader.keys():
+        assert torch.equal(averaged[name], reader.get(name)), name  # bit-identical: one merge path
+
+
+@pytest.mark.parametrize("make", [lambda: EMA(half_life_steps=4), lambda: SWA(start_step=3), lambda: LAWA(k=3, every=2),
+                                  lambda: PMA("ema", 3, every=2, alpha=0.4)])
+def test_interrupted_and_resumed_average_equals_uninterrupted(tmp_path, make):
+    full = make()
+    for step, model in trajectory(14):
+        full.update(model, step)
+    first = make()
+    for step, model in trajectory(7):  # killed mid-window (LAWA: between snapshots 6 and 8)
+        first.update(model, step)
+    torch.save(first.state_dict(), tmp_path / "avg.pt")
+    resumed = make()
+    resumed.load_state_dict(torch.load(tmp_path / "avg.pt", weights_only=True))
+    for step, model in trajectory(14):  # the training run resumes on the same trajectory
+        if step > 7:
+            resumed.update(model, step)
+    for k, v in full.averaged_state_dict().items():
+        assert torch.equal(v, resumed.averaged_state_dict()[k]), k
+
+
+def test_save_writes_a_folder_that_eval_and_merge_read(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from ckptmerge.evaluate import load_model
+
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    ema = EMA(0.5)
+    for step in range(1, 4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * step)
+        ema.update(model, step, tokens_seen=step * 100)
+    ema.save(tmp_path / "avg", model)
+    meta = json.loads((tmp_path / "avg" / "ckptmerge.json").read_text())
+    assert meta["step"] == 3 and meta["averaged"]["kind"] == "ema"
+    loaded = load_model(tmp_path / "avg")
+    torch.testing.assert_close(loaded.model.embed_tokens.weight, ema.averaged_state_dict()["model.embed_tokens.weight"])
+    assert open_checkpoint(tmp_path / "avg").keys()
+
+
+def test_spec_parsing():
+    assert isinstance(parse_average_spec("ema:half_life=500"), EMA)
+    lawa = parse_average_spec("lawa:k=5,every=200")
+    assert (lawa.n, lawa.every) == (5, 200)
+    from ckptmerge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="takes"):
+        parse_average_spec("lawa:alpha=1")
+    with pytest.raises(ConfigError, match="unknown kind"):
+        parse_average_spec("polyak")
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = DistributedDataParallel(Net())
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    ema, lawa = EMA(0.8), LAWA(k=2, every=2)
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
+    for step in range(1, 7):
+        x = torch.randint(0, 11, (4, 5), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update(model.module, step)
+        lawa.update(model.module, step)
+    torch.save({"ema": ema.averaged_state_dict(), "lawa": lawa.averaged_state_dict()}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_ranks_hold_identical_averages(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for kind in ("ema", "lawa"):
+        for k in a[kind]:
+            assert torch.equal(a[kind][k], b[kind][k]), (kind, k)
+    assert not math.isclose(float(a["ema"]["hidden.weight"].sum()), 0.0)
+    assert np.isfinite(a["lawa"]["embed.weight"].numpy()).all()
