@@ -156,3 +156,41 @@ def test_fork_killed_before_its_first_checkpoint_resumes_from_the_parent(tmp_pat
     clean, resumed = read_metrics(tmp_path / "clean"), read_metrics(tmp_path / "killed")
     assert [m["step"] for m in resumed] == [9, 10, 11, 12]
     np.testing.assert_allclose([m["loss"] for m in resumed], [m["loss"] for m in clean], rtol=1e-6)
+
+
+def test_trainer_averages_match_offline_merge_and_survive_resume(tmp_path, corpus, monkeypatch):
+    from ckptmerge import compute_coeffs, merge, open_checkpoint, select_last
+
+    config = tiny_config(corpus, average=["lawa:k=2,every=4", "ema:decay=0.8"], eval_every=4, eval_tokens=256)
+    train(config, tmp_path / "full", progress=False)
+    final = tmp_path / "full" / "step-000012"
+    refs = select_last(discover(tmp_path / "full").checkpoints, 2, every_steps=4)
+    merge(refs, compute_coeffs("sma", refs), tmp_path / "offline", progress=False)
+    online, offline = open_checkpoint(final / "avg-lawa"), open_checkpoint(tmp_path / "offline")
+    for name in offline.keys():
+        assert torch.equal(online.get(name), offline.get(name)), name
+    assert "val_loss_avg-ema" in read_metrics(tmp_path / "full")[-1]
+
+    kill_then_resume(config, tmp_path / "killed", 6, monkeypatch)  # mid-window: LAWA holds one snapshot
+    for avg in ("avg-lawa", "avg-ema"):
+        a, b = open_checkpoint(final / avg), open_checkpoint(tmp_path / "killed" / "step-000012" / avg)
+        for name in a.keys():
+            torch.testing.assert_close(a.get(name), b.get(name), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("policy", ["keep", "reset"])
+def test_pma_init_starts_from_merged_weights_with_the_optimizer_policy(tmp_path, corpus, policy):
+    from ckptmerge import compute_coeffs, merge, open_checkpoint, select_last
+
+    train(tiny_config(corpus), tmp_path / "run", progress=False)
+    refs = select_last(discover(tmp_path / "run").checkpoints, 2, end_step=8)
+    merge(refs, compute_coeffs("sma", refs), tmp_path / "merged", progress=False)
+    config = tiny_config(corpus, fork_from=str(tmp_path / "run" / "step-000008"), init_from=str(tmp_path / "merged"),
+                         optimizer_state=policy)
+    state = trainer_mod._initial_state(config)
+    merged = open_checkpoint(tmp_path / "merged")
+    params = dict(state.model.named_parameters())
+    for name in merged.keys():
+        assert torch.equal(params[name].detach(), merged.get(name)), name
+    assert state.step == 8
+    assert (len(state.optimizer.state) > 0) == (policy == "keep")

@@ -20,7 +20,11 @@ _HELP = {
     "save_every": "checkpoint every K steps", "seed": "seed for initialization and batches",
     "data": "training data: a domain name, a text file or a token .bin", "eval_every": "held-out eval every K steps (0: off)",
     "eval_data": "held-out data for --eval-every", "eval_tokens": "tokens per held-out eval",
-    "log_every": "metrics line every K steps", "optimizer_state": "fork: keep | reset the parent's optimizer state",
+    "log_every": "metrics line every K steps",
+    "optimizer_state": "fork / init-from: keep | reset the optimizer state of the --fork-from checkpoint",
+    "init_from": "PMA-init: start from these merged weights (with --fork-from: its step and optimizer state)",
+    "average": "online average kept during training, repeatable: ema:half_life=500, swa:start_step=1000, "
+               "lawa:k=5,every=200, pma:schedule=wma,n=8,every=100",
 }
 
 
@@ -34,8 +38,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     for f in fields(TrainConfig):
         if f.name == "fork_from":
             continue
+        flag = "--" + f.name.replace("_", "-")
+        if str(f.type).startswith("list"):
+            p.add_argument(flag, action="append", help=_HELP.get(f.name))
+            continue
         kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, help=_HELP.get(f.name))
+        p.add_argument(flag, type=kind, help=_HELP.get(f.name))
     p.set_defaults(run=run)
 
 

@@ -25,14 +25,22 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict,
-                    tokenizer_dir: Path | None) -> None:
+                    tokenizer_dir: Path | None, averagers: dict | None = None) -> None:
+    """Publish one checkpoint; each online averager's model goes to ``folder/<name>/`` (an HF folder)."""
+    averagers = {k: a for k, a in (averagers or {}).items() if a.n_averaged}
     with atomic_folder(folder, force=True) as tmp:
         model.save_pretrained(tmp)
         if tokenizer_dir is not None:
             for file in tokenizer_dir.iterdir():
                 shutil.copyfile(file, tmp / file.name)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / TRAINER_STATE)
+        for name, averager in averagers.items():
+            averager.save(tmp / name, model, extra_meta={"parent": meta.get("parent")})
+            if tokenizer_dir is not None:
+                for file in tokenizer_dir.iterdir():
+                    shutil.copyfile(file, tmp / name / file.name)
+        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "averagers": {k: a.state_dict() for k, a in averagers.items()}}, tmp / TRAINER_STATE)
 
 
 def read_meta(folder: Path) -> dict:

@@ -3,6 +3,8 @@
     ckptmerge train --preset tiny --steps 2000 --lr 3e-3 --schedule constant --save-every 100 -o runs/a
     ckptmerge train --resume runs/a                     # continue the identical trajectory
     ckptmerge train --fork-from runs/a/step-001600 --schedule wsd --steps 2000 --decay-steps 400 -o runs/a-anneal
+    ckptmerge train --average ema:half_life=200 --average lawa:k=5,every=100 ...   # online averages
+    ckptmerge train --fork-from runs/a/step-001600 --init-from out/sma --optimizer-state reset -o runs/a-pma-init
 
 Batches are a pure function of (seed, step), so resuming reproduces the same losses.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +24,8 @@ from ckptmerge.data.batches import eval_windows, train_batch
 from ckptmerge.data.tokens import load_tokens
 from ckptmerge.errors import ConfigError
 from ckptmerge.evaluate import evaluate_model, load_state_into
+from ckptmerge.online.spec import parse_average_spec
+from ckptmerge.pma_init import init_from_merged
 from ckptmerge.progress import Progress, format_count
 from ckptmerge.train.checkpointing import (checkpoint_name, latest_resumable, load_trainer_state, read_meta,
                                            save_checkpoint)
@@ -60,7 +64,9 @@ class TrainConfig:
     eval_tokens: int = 16384
     log_every: int = 10
     fork_from: str | None = None
+    init_from: str | None = None
     optimizer_state: str = "keep"
+    average: list[str] = field(default_factory=list)
 
     @property
     def tokens_per_step(self) -> int:
@@ -92,6 +98,11 @@ def validate_config(c: TrainConfig) -> list[str]:
             problems.append(f"{key}: must be at least 1")
     if c.lr <= 0:
         problems.append("lr: must be positive")
+    for spec in c.average:
+        try:
+            parse_average_spec(spec)
+        except ConfigError as exc:
+            problems.append(str(exc))
     if not problems:
         try:
             c.lr_schedule()
@@ -110,6 +121,17 @@ class _State:
     optimizer: torch.optim.Optimizer
     step: int
     parent: str | None
+    averagers: dict = field(default_factory=dict)
+
+
+def averager_names(specs: list[str]) -> list[str]:
+    """``avg-ema``, ``avg-lawa``, ``avg-ema-2``, ...: one folder name per --average spec."""
+    names, seen = [], {}
+    for spec in specs:
+        kind = spec.partition(":")[0]
+        seen[kind] = seen.get(kind, 0) + 1
+        names.append(f"avg-{kind}" + (f"-{seen[kind]}" if seen[kind] > 1 else ""))
+    return names
 
 
 def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
@@ -133,14 +155,28 @@ def _initial_state(config: TrainConfig) -> _State:
     """A new model (seeded), or the fork parent's weights and (policy permitting) optimizer state."""
     model = build_model(config.preset, config.seed)
     optimizer = _optimizer(model, config)
-    if not config.fork_from:
-        return _State(model, optimizer, 0, None)
-    parent = Path(config.fork_from)
-    _load_weights(model, parent)
-    trainer_state = load_trainer_state(parent)
-    if config.optimizer_state == "keep" and trainer_state is not None:
-        optimizer.load_state_dict(trainer_state["optimizer"])
-    return _State(model, optimizer, read_meta(parent)["step"], str(parent.resolve()))
+    averagers = dict(zip(averager_names(config.average), map(parse_average_spec, config.average)))
+    step, parent = 0, None
+    if config.fork_from:
+        parent_dir = Path(config.fork_from)
+        _load_weights(model, parent_dir)
+        trainer_state = load_trainer_state(parent_dir)
+        if trainer_state is not None:
+            optimizer.load_state_dict(trainer_state["optimizer"])
+        step, parent = read_meta(parent_dir)["step"], str(parent_dir.resolve())
+    if config.init_from:  # PMA-init: merged weights, optimizer state of the fork parent kept or reset
+        init_from_merged(model, config.init_from, optimizer, config.optimizer_state)
+        if not config.fork_from:
+            step = _meta_step(Path(config.init_from))
+    elif config.optimizer_state == "reset":
+        optimizer.state.clear()
+    return _State(model, optimizer, step, parent, averagers)
+
+
+def _meta_step(folder: Path) -> int:
+    if not (folder / "ckptmerge.json").is_file():
+        return 0
+    return read_meta(folder).get("step") or 0
 
 
 def _fresh_state(config: TrainConfig, run_dir: Path) -> _State:
@@ -161,9 +197,12 @@ def _resume_state(config: TrainConfig, run_dir: Path) -> _State:
     trainer_state = load_trainer_state(latest)
     state.optimizer.load_state_dict(trainer_state["optimizer"])
     torch.set_rng_state(trainer_state["torch_rng"])
+    for name, averager in state.averagers.items():
+        if name in trainer_state.get("averagers", {}):  # absent when it had not updated yet
+            averager.load_state_dict(trainer_state["averagers"][name])
     meta = read_meta(latest)
     _truncate_metrics(run_dir / METRICS, meta["step"])
-    return _State(state.model, state.optimizer, meta["step"], meta.get("parent"))
+    return _State(state.model, state.optimizer, meta["step"], meta.get("parent"), state.averagers)
 
 
 def _load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
@@ -230,15 +269,17 @@ def _loop(config: TrainConfig, run_dir: Path, state: _State, tokens, tokenizer_d
             state.step += 1
             record = {"step": state.step, "tokens_seen": state.step * config.tokens_per_step, "lr": lr,
                       "loss": loss, "grad_norm": grad_norm}
+            for averager in state.averagers.values():
+                averager.update(state.model, state.step, tokens_seen=record["tokens_seen"])
             if windows is not None and state.step % config.eval_every == 0:
-                record["val_loss"] = evaluate_model(state.model, windows).loss
+                record.update(_held_out(state, windows))
             if state.step % config.log_every == 0 or "val_loss" in record or state.step == config.steps:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 if board is not None:
-                    for key in ("loss", "lr", "grad_norm", "val_loss"):
-                        if key in record:
-                            board.add_scalar(key, record[key], state.step)
+                    for key, value in record.items():
+                        if key in ("loss", "lr", "grad_norm") or key.startswith("val_loss"):
+                            board.add_scalar(key, value, state.step)
             if state.step % config.save_every == 0 or state.step == config.steps:
                 _save(run_dir, config, state, record, tokenizer_dir)
             tokens_per_s = (state.step - start_step) * config.tokens_per_step / (time.monotonic() - started)
@@ -247,6 +288,16 @@ def _loop(config: TrainConfig, run_dir: Path, state: _State, tokens, tokenizer_d
     bar.close()
     if board is not None:
         board.close()
+
+
+def _held_out(state: _State, windows) -> dict[str, float]:
+    """Held-out loss of the training weights and of each average (swapped in, then swapped back)."""
+    losses = {"val_loss": evaluate_model(state.model, windows).loss}
+    for name, averager in state.averagers.items():
+        if averager.n_averaged:
+            with averager.swapped(state.model):
+                losses[f"val_loss_{name}"] = evaluate_model(state.model, windows).loss
+    return losses
 
 
 def _tensorboard(run_dir: Path):
@@ -262,5 +313,6 @@ def _save(run_dir: Path, config: TrainConfig, state: _State, record: dict, token
     meta = {"step": state.step, "tokens_seen": record["tokens_seen"], "lr": record["lr"], "train_loss": record["loss"],
             "grad_norm": record["grad_norm"], "seed": config.seed, "data": config.data,
             "data_position": {"step": state.step, "micro_batches": state.step * config.grad_accum},
-            "schedule": config.schedule, "parent": state.parent}
-    save_checkpoint(run_dir / checkpoint_name(state.step), state.model, state.optimizer, meta, tokenizer_dir)
+            "schedule": config.schedule, "parent": state.parent, "init_from": config.init_from}
+    save_checkpoint(run_dir / checkpoint_name(state.step), state.model, state.optimizer, meta, tokenizer_dir,
+                    averagers=state.averagers)
