@@ -30,7 +30,7 @@ def read_yaml(path: str | Path) -> dict:
 def dataclass_from_dict(cls: type[T], data: dict, *, source: str,
                         validate: Callable[[T], list[str]] | None = None) -> T:
     """Build ``cls(**data)`` after checking keys and types; raise one ConfigError listing all problems."""
-    known = {f.name for f in fields(cls)}
+    known = [f.name for f in fields(cls)]
     hints = typing.get_type_hints(cls)
     problems = [f"unknown key {k!r}" for k in data if k not in known]
     values = {}

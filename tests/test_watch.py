@@ -1,0 +1,87 @@
+"""``watch`` keeps a merge equal to the offline merge of the same window, across its own restarts."""
+
+import os
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ckptmerge import compute_coeffs, discover, merge, open_checkpoint, select_last
+from ckptmerge.cli.main import main
+from ckptmerge.watch import WatchConfig, Watcher
+from conftest import make_state
+
+
+def add_checkpoint(run, step, seed, age_s=60.0):
+    folder = run / f"step-{step:06d}"
+    folder.mkdir(parents=True)
+    save_file(make_state(seed, step=step), folder / "model.safetensors")
+    old = time.time() - age_s  # settled long ago
+    os.utime(folder / "model.safetensors", (old, old))
+    return folder
+
+
+def assert_same_as_offline(tmp_path, run, out, schedule, n=None, **params):
+    refs = discover(run).checkpoints
+    refs = select_last(refs, n) if n else refs
+    merge(refs, compute_coeffs(schedule, refs, **params), tmp_path / "offline", progress=False, force=True)
+    offline, watched = open_checkpoint(tmp_path / "offline"), open_checkpoint(out / "current")
+    assert set(offline.keys()) == set(watched.keys())
+    for name in offline.keys():
+        torch.testing.assert_close(watched.get(name), offline.get(name), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_sliding_sma_survives_restart_and_equals_offline_window(tmp_path):
+    run, out = tmp_path / "run", tmp_path / "watch"
+    for i in range(4):
+        add_checkpoint(run, 100 * (i + 1), seed=i)
+    cfg = WatchConfig(str(run), str(out), schedule="sma", last=3, recompute_every=3, settle_s=1.0)
+    assert Watcher(cfg).poll() == [100, 200, 300, 400]
+    assert_same_as_offline(tmp_path, run, out, "sma", n=3)
+    for i in range(4, 9):  # the run goes on; a new watch process picks up where the old one stopped
+        add_checkpoint(run, 100 * (i + 1), seed=i)
+    assert Watcher(cfg).poll() == [500, 600, 700, 800, 900]
+    assert_same_as_offline(tmp_path, run, out, "sma", n=3)
+    lines = (out / "watch.jsonl").read_text().splitlines()
+    assert len(lines) == 9 and '"window": [700, 800, 900]' in lines[-1]
+
+
+def test_ema_equals_offline_ema_over_every_checkpoint(tmp_path):
+    run, out = tmp_path / "run", tmp_path / "watch"
+    for i in range(5):
+        add_checkpoint(run, 10 * (i + 1), seed=i)
+    Watcher(WatchConfig(str(run), str(out), schedule="ema", alpha=0.3, settle_s=1.0)).poll()
+    assert_same_as_offline(tmp_path, run, out, "ema", alpha=0.3)
+
+
+def test_checkpoint_still_being_written_is_not_read(tmp_path):
+    run, out = tmp_path / "run", tmp_path / "watch"
+    add_checkpoint(run, 100, seed=0)
+    add_checkpoint(run, 200, seed=1, age_s=0.0)  # just written: not settled yet
+    partial = run / "step-000300"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"\x10\x00")  # a truncated file, old enough but unreadable
+    old = time.time() - 60
+    os.utime(partial / "model.safetensors", (old, old))
+    watcher = Watcher(WatchConfig(str(run), str(out), settle_s=30.0))
+    assert watcher.poll() == [100]
+
+
+def test_changed_settings_on_restart_are_refused(tmp_path):
+    run, out = tmp_path / "run", tmp_path / "watch"
+    add_checkpoint(run, 100, seed=0)
+    Watcher(WatchConfig(str(run), str(out), last=3, settle_s=1.0)).poll()
+    from ckptmerge.errors import CkptMergeError
+
+    with pytest.raises(CkptMergeError, match="last=3"):
+        Watcher(WatchConfig(str(run), str(out), last=4, settle_s=1.0))
+
+
+def test_watch_cli_once(tmp_path):
+    run = tmp_path / "run"
+    for i in range(3):
+        add_checkpoint(run, 100 * (i + 1), seed=i)
+    assert main(["watch", str(run), "-o", str(tmp_path / "w"), "--last", "2", "--every", "100", "--once",
+                 "--settle-s", "1"]) == 0
+    assert_same_as_offline(tmp_path, run, tmp_path / "w", "sma", n=2)
