@@ -1,0 +1,48 @@
+"""A Lightning callback that keeps an online average (the optional ``lightning`` extra).
+
+    from ckptmerge.online import EMA
+    from ckptmerge.online.lightning_callback import AveragingCallback
+    trainer = L.Trainer(callbacks=[AveragingCallback(EMA(half_life_steps=500))])
+
+Follows Lightning's ``WeightAveraging`` contract: the average is updated after every optimizer step,
+swapped into the module for validation and swapped back after, stored in Lightning checkpoints (so a
+resumed fit continues the same average), and left separate at the end of training (the module keeps
+its training weights; ``callback.averager.save(path, module)`` writes the averaged model).
+"""
+
+from __future__ import annotations
+
+try:
+    import lightning.pytorch as pl
+except ImportError:  # the older package name
+    import pytorch_lightning as pl
+
+from ckptmerge.online.averager import Averager
+
+CHECKPOINT_KEY = "ckptmerge_averager"
+
+
+class AveragingCallback(pl.Callback):
+    def __init__(self, averager: Averager):
+        self.averager = averager
+        self._swap = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.averager.update(pl_module, trainer.global_step)  # repeated steps (accumulation) are ignored
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if self.averager.n_averaged and not trainer.sanity_checking:
+            self._swap = self.averager.swapped(pl_module)
+            self._swap.__enter__()
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if self._swap is not None:
+            self._swap.__exit__(None, None, None)
+            self._swap = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint[CHECKPOINT_KEY] = self.averager.state_dict()
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        if CHECKPOINT_KEY in checkpoint:
+            self.averager.load_state_dict(checkpoint[CHECKPOINT_KEY])
