@@ -47,8 +47,9 @@ def evaluate_model(model: torch.nn.Module, windows: torch.Tensor, *, data: str =
         for batch in windows.split(batch_size):
             batch = batch.to(device, non_blocking=True)
             logits = model(input_ids=batch[:, :-1]).logits.float()
-            losses = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
-            per_window.append(losses.mean(dim=1).cpu())
+            targets = batch[:, 1:]
+            losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+            per_window.append(losses.view(targets.shape).mean(dim=1).cpu())
     model.train(was_training)
     window_losses = torch.cat(per_window).double().numpy()
     return _summarize(data, window_losses, tokens=windows.shape[0] * (windows.shape[1] - 1))

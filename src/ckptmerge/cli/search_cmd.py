@@ -1,0 +1,49 @@
+"""``ckptmerge search``: choose merge weights by Bayesian optimization of held-out loss."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ckptmerge.recipe import MergeRecipe
+from ckptmerge.search.run import search, write_results
+from ckptmerge.search.study import SearchConfig
+from ckptmerge.window import resolve_window
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="tune merge weights on held-out loss (Optuna GP by default)")
+    p.add_argument("inputs", nargs="+", help="a run directory, or checkpoint folders")
+    p.add_argument("--last", type=int, help="window: the last N checkpoints (pair uses the two newest)")
+    p.add_argument("--every", type=int, help="window spacing in steps")
+    p.add_argument("--space", choices=("pair", "simplex", "schedule"), default="pair")
+    p.add_argument("--alpha", type=float, default=0.0, help="pair: lower bound of lambda (default 0)")
+    p.add_argument("--data", default="shakespeare-val", help="tuning data: domain or file")
+    p.add_argument("--report-data", action="append", default=[], help="other domains to report, repeatable")
+    p.add_argument("--tokens", type=int, default=16384, help="held-out tokens per evaluation")
+    p.add_argument("--trials", type=int, default=20, help="total trials in the study, baselines included")
+    p.add_argument("--sampler", choices=("gp", "tpe", "random"), default="gp")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--storage", help="Optuna storage URL (e.g. sqlite:///study.db): resumable, shareable")
+    p.add_argument("--study", default="ckptmerge-search", help="study name in the storage")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes on one study")
+    p.add_argument("-o", "--output", help="write the best merge here (atomic merge path, merge.json records the search)")
+    p.add_argument("--json", help="write all trials and the generalization table here")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    window = resolve_window(MergeRecipe(inputs=args.inputs, last=args.last, every=args.every))
+    cfg = SearchConfig(space=args.space, data=args.data, trials=args.trials, sampler=args.sampler, seed=args.seed,
+                       storage=args.storage, study_name=args.study, alpha=args.alpha)
+    result = search(window.refs, cfg, n_tokens=args.tokens, workers=args.workers, output=args.output,
+                    report_data=args.report_data, log=print)
+    print(f"best: loss {result.best_loss:.5f} with weights {[round(w, 4) for w in result.best_weights]} "
+          f"(oldest first) after {len(result.trials)} trials")
+    print(f"{'data':<18} {'candidate':<12} {'loss':>9} {'Δ vs searched':>16}")
+    for data, rows in result.generalization.items():
+        for name, r in rows.items():
+            print(f"{data:<18} {name:<12} {r['loss']:>9.5f} {r['diff_vs_searched']:>+9.5f} ± {r['se']:.5f}")
+    if args.json:
+        write_results(Path(args.json), result)
+    return 0

@@ -1,0 +1,1 @@
+"""Merge weights chosen by Bayesian optimization of held-out loss (BO merging, Liu et al. 2024)."""

@@ -1,0 +1,95 @@
+"""``search``: tune merge weights on one domain, write the best merge, report every other domain.
+
+    ckptmerge search runs/demo/stable --last 2 --space pair --data shakespeare-val --trials 12 -o out/best
+    ckptmerge search runs/demo/stable --last 6 --every 50 --space simplex --trials 30 \\
+        --storage sqlite:///study.db --study demo-simplex --workers 2 --json results.json
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ckptmerge.checkpoint import CheckpointRef
+from ckptmerge.discover import describe_path
+from ckptmerge.evaluate import paired_difference
+from ckptmerge.merge import merge
+from ckptmerge.search.objective import MergeObjective
+from ckptmerge.search.spaces import make_space
+from ckptmerge.search.study import SearchConfig, open_study, run_trials, trial_rows
+
+
+@dataclass
+class SearchResult:
+    best_weights: list[float]
+    best_loss: float
+    trials: list[dict]
+    generalization: dict
+
+
+def search(refs: list[CheckpointRef], cfg: SearchConfig, *, n_tokens: int = 16384, workers: int = 1,
+           output: str | Path | None = None, report_data: list[str] | None = None, log=None) -> SearchResult:
+    """Run (or resume) the study, then write the best merge and the cross-domain comparison."""
+    space = make_space(cfg.space, len(refs), alpha=cfg.alpha)
+    if cfg.space == "pair":
+        refs = refs[-2:]
+    if workers > 1 and cfg.storage is None:
+        cfg.storage = f"sqlite:///{Path(tempfile.mkdtemp(prefix='ckptmerge-study-')) / 'study.db'}"
+    study = open_study(cfg, space)
+    if workers > 1:
+        _run_workers(refs, cfg, n_tokens, workers)
+        objective = MergeObjective(refs, n_tokens=n_tokens)
+    else:
+        objective = MergeObjective(refs, n_tokens=n_tokens)
+        run_trials(study, space, objective, cfg, log=log)
+    rows = trial_rows(study)
+    best = min(rows, key=lambda r: r["loss"])
+    result = SearchResult(best["weights"], best["loss"], rows,
+                          _generalization(objective, best, rows, [cfg.data, *(report_data or [])]))
+    if output:
+        recipe = {"schedule": "custom", "weights": best["weights"], "search": {**asdict(cfg), "best_trial": best["trial"],
+                                                                                 "best_loss": best["loss"]}}
+        merge(refs, best["weights"], output, force=True, progress=False, recipe=recipe, allow_unnormalized=True)
+    return result
+
+
+def _generalization(objective: MergeObjective, best: dict, rows: list[dict], domains: list[str]) -> dict:
+    """Best weights vs each baseline on every domain: losses and paired differences (best - baseline)."""
+    candidates = {"searched": best["weights"], **{r["baseline"]: r["weights"] for r in rows if r["baseline"]}}
+    report = {}
+    for data in dict.fromkeys(domains):
+        scores = {name: objective(w, data) for name, w in candidates.items()}
+        report[data] = {name: {"loss": s.loss, "stderr": s.stderr,
+                               **dict(zip(("diff_vs_searched", "se"), paired_difference(s, scores["searched"])))}
+                        for name, s in scores.items()}
+    return report
+
+
+def _worker(paths: list[str], cfg: SearchConfig, n_tokens: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    refs = [describe_path(p) for p in paths]
+    space = make_space(cfg.space, len(refs), alpha=cfg.alpha)
+    run_trials(open_study(cfg, space), space, MergeObjective(refs, n_tokens=n_tokens), cfg)
+
+
+def _run_workers(refs: list[CheckpointRef], cfg: SearchConfig, n_tokens: int, workers: int) -> None:
+    ctx = mp.get_context("spawn")
+    threads = max(1, torch.get_num_threads() // workers)
+    procs = [ctx.Process(target=_worker, args=([str(r.path) for r in refs], cfg, n_tokens, threads))
+             for _ in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    failed = [p.exitcode for p in procs if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"{len(failed)} search worker(s) failed (exit codes {failed})")
+
+
+def write_results(path: Path, result: SearchResult) -> None:
+    path.write_text(json.dumps(asdict(result), indent=2) + "\n")

@@ -1,0 +1,97 @@
+"""Search spaces: raw parameters (what the sampler sees) <-> merge coefficients over the window.
+
+- ``pair``: lambda in [alpha, 1] on the newer of the two newest checkpoints (the paper's setting).
+- ``simplex``: free weights over N checkpoints by stick-breaking: v_1..v_{N-1} in [0, 1],
+  w_N = v_1, w_{N-1} = (1 - v_1) v_2, ..., w_1 = the rest. Bijective on the open simplex, and the
+  closed cube reaches its vertices, so every baseline (newest, uniform, WMA, EMA) is exactly representable.
+- ``schedule``: EMA over the newest ``last`` checkpoints of the window, ``alpha`` in [0.02, 1] (log scale).
+Coefficients are oldest first, like every schedule in ckptmerge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckptmerge.checkpoint import CheckpointRef
+from ckptmerge.schedules import compute_coeffs
+
+
+def _fake_refs(n: int) -> list[CheckpointRef]:
+    return [CheckpointRef(Path(f"c{i}"), step=i) for i in range(n)]
+
+
+@dataclass
+class PairSpace:
+    alpha: float = 0.0
+    n: int = 2
+    name = "pair"
+
+    def suggest(self, trial) -> dict[str, float]:
+        return {"lam": trial.suggest_float("lam", self.alpha, 1.0)}
+
+    def coeffs(self, params: dict) -> list[float]:
+        return [1.0 - params["lam"], params["lam"]]
+
+    def baselines(self) -> dict[str, dict]:
+        named = {"newest": {"lam": 1.0}, "uniform": {"lam": 0.5}, "wma": {"lam": 2 / 3}}
+        return {k: v for k, v in named.items() if v["lam"] >= self.alpha}
+
+
+@dataclass
+class SimplexSpace:
+    n: int
+    name = "simplex"
+
+    def suggest(self, trial) -> dict[str, float]:
+        return {f"v{i}": trial.suggest_float(f"v{i}", 0.0, 1.0) for i in range(1, self.n)}
+
+    def coeffs(self, params: dict) -> list[float]:
+        rest, newest_first = 1.0, []
+        for i in range(1, self.n):
+            newest_first.append(rest * params[f"v{i}"])
+            rest -= newest_first[-1]
+        newest_first.append(rest)
+        return list(reversed(newest_first))
+
+    def params_for(self, coeffs: list[float]) -> dict[str, float]:
+        """Inverse map: the stick-breaking parameters of given coefficients (oldest first)."""
+        params, rest = {}, 1.0
+        for i, w in enumerate(reversed(coeffs[1:]), start=1):
+            params[f"v{i}"] = min(1.0, max(0.0, w / rest)) if rest > 1e-12 else 0.0
+            rest -= w
+        return params
+
+    def baselines(self) -> dict[str, dict]:
+        refs = _fake_refs(self.n)
+        named = {"newest": [0.0] * (self.n - 1) + [1.0], "uniform": compute_coeffs("sma", refs),
+                 "wma": compute_coeffs("wma", refs), "ema a=0.2": compute_coeffs("ema", refs, alpha=0.2)}
+        return {k: self.params_for(c) for k, c in named.items()}
+
+
+@dataclass
+class ScheduleSpace:
+    n: int
+    name = "schedule"
+
+    def suggest(self, trial) -> dict:
+        return {"alpha": trial.suggest_float("alpha", 0.02, 1.0, log=True),
+                "last": trial.suggest_int("last", 1, self.n)}
+
+    def coeffs(self, params: dict) -> list[float]:
+        last = int(params["last"])
+        tail = compute_coeffs("ema", _fake_refs(last), alpha=params["alpha"]) if last > 1 else [1.0]
+        return [0.0] * (self.n - last) + tail
+
+    def baselines(self) -> dict[str, dict]:
+        return {"newest": {"alpha": 1.0, "last": 1}, "ema a=0.2": {"alpha": 0.2, "last": self.n}}
+
+
+def make_space(name: str, n: int, *, alpha: float = 0.0):
+    if name == "pair":
+        return PairSpace(alpha=alpha)
+    if name == "simplex":
+        return SimplexSpace(n)
+    if name == "schedule":
+        return ScheduleSpace(n)
+    raise ValueError(f"unknown space {name!r}; choose pair, simplex or schedule")

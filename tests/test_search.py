@@ -1,0 +1,92 @@
+"""Weight search on a tiny real series: pair vs a dense grid, never worse than baselines, resumable, parallel."""
+
+import numpy as np
+import pytest
+
+optuna = pytest.importorskip("optuna")
+pytest.importorskip("transformers")
+
+from ckptmerge import discover  # noqa: E402
+from ckptmerge.search.objective import MergeObjective  # noqa: E402
+from ckptmerge.search.run import search  # noqa: E402
+from ckptmerge.search.spaces import SimplexSpace  # noqa: E402
+from ckptmerge.search.study import SearchConfig  # noqa: E402
+from ckptmerge.train.trainer import TrainConfig, train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    import os
+
+    os.environ["CKPTMERGE_CACHE"] = str(root / "cache")
+    rng = np.random.default_rng(0)
+    words = ["the", "king", "doth", "speak", "and", "queen", "answers", "thee", "not", "so"]
+    (root / "train.txt").write_text(" ".join(rng.choice(words, 20000)))
+    (root / "val.txt").write_text(" ".join(rng.choice(words, 4000)))
+    (root / "other.txt").write_text(" ".join(rng.choice(words[:4], 4000)))
+    config = TrainConfig(preset="tiny", steps=40, lr=1e-2, warmup_steps=2, batch_size=8, context=32, save_every=10,
+                         data=str(root / "train.txt"), seed=1)
+    train(config, root / "run", progress=False)
+    return root, discover(root / "run").checkpoints
+
+
+def test_stick_breaking_is_a_bijection_that_reaches_every_baseline():
+    space = SimplexSpace(5)
+    for name, params in space.baselines().items():
+        coeffs = space.coeffs(params)
+        assert sum(coeffs) == pytest.approx(1.0) and min(coeffs) >= 0
+        assert space.coeffs(space.params_for(coeffs)) == pytest.approx(coeffs)
+    assert space.coeffs(space.baselines()["newest"]) == pytest.approx([0, 0, 0, 0, 1])
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        w = rng.dirichlet(np.ones(5)).tolist()
+        assert space.coeffs(space.params_for(w)) == pytest.approx(w)
+
+
+def test_pair_search_lands_within_noise_of_a_dense_grid(series):
+    root, refs = series
+    data = str(root / "val.txt")
+    objective = MergeObjective(refs[-2:], n_tokens=2048)
+    grid = np.linspace(0, 1, 21)
+    grid_losses = [objective([1 - lam, lam], data).loss for lam in grid]
+    cfg = SearchConfig(space="pair", data=data, trials=8, seed=0)
+    result = search(refs, cfg, n_tokens=2048)
+    assert len(result.trials) == 8 < len(grid)
+    assert result.best_loss <= min(grid_losses) * 1.002  # within 0.2% of the grid optimum
+
+
+def test_simplex_search_is_never_worse_than_its_baselines(series, tmp_path):
+    root, refs = series
+    cfg = SearchConfig(space="simplex", data=str(root / "val.txt"), trials=9, seed=0)
+    result = search(refs, cfg, n_tokens=2048, output=tmp_path / "best", report_data=[str(root / "other.txt")])
+    baselines = {r["baseline"]: r["loss"] for r in result.trials if r["baseline"]}
+    assert set(baselines) == {"newest", "uniform", "wma", "ema a=0.2"}
+    assert result.best_loss <= min(baselines.values())
+    assert (tmp_path / "best" / "merge.json").is_file()
+    assert set(result.generalization) == {str(root / "val.txt"), str(root / "other.txt")}
+
+
+def test_sqlite_study_resumes_its_trial_count(series, tmp_path):
+    root, refs = series
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    cfg = SearchConfig(space="pair", data=str(root / "val.txt"), trials=4, storage=storage, study_name="s")
+    search(refs, cfg, n_tokens=1024)
+    cfg.trials = 7
+    result = search(refs, cfg, n_tokens=1024)  # a new process would do the same: load_if_exists
+    assert sorted(r["trial"] for r in result.trials) == list(range(7))
+    assert sum(1 for r in result.trials if r["baseline"]) == 3  # baselines were not enqueued twice
+
+
+def test_two_workers_share_one_sqlite_study_without_lost_or_duplicated_trials(series, tmp_path):
+    root, refs = series
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    cfg = SearchConfig(space="simplex", data=str(root / "val.txt"), trials=8, storage=storage, study_name="p",
+                       sampler="random")
+    result = search(refs, cfg, n_tokens=1024, workers=2)
+    study = optuna.load_study(study_name="p", storage=storage)
+    numbers = [t.number for t in study.trials]
+    assert numbers == list(range(len(numbers))) and 8 <= len(numbers) <= 9
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert len({t.user_attrs["pid"] for t in study.trials}) == 2  # both workers ran trials
+    assert len(result.trials) == len(numbers)
