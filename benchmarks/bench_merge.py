@@ -113,11 +113,17 @@ def drop_caches() -> bool:
         return False
 
 
-def clear_outputs(out: Path) -> None:
-    """Remove every method's previous output (untimed), so no method pays for deleting or overwriting."""
-    for path in out.iterdir():
-        if path.name != "mergekit.yml":
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+OUTPUTS = {"read+write floor": "floor.safetensors", "ckptmerge": "ckptmerge", "naive load-all": "naive.safetensors",
+           "mergekit linear": "mergekit"}
+
+
+def clear_output(out: Path, method: str) -> None:
+    """Remove a method's previous output (untimed), so no run pays for deleting or overwriting files."""
+    path = out / OUTPUTS[method]
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 def timed(cmd: list[str], cold: bool) -> tuple[float, int]:
@@ -223,9 +229,9 @@ def main() -> None:
             results = {}
             for name, cmd in cmds.items():
                 if cache == "warm":
-                    clear_outputs(out)
+                    clear_output(out, name)
                     timed(cmd, cold=False)  # prime the page cache and the filesystem
-                clear_outputs(out)
+                clear_output(out, name)
                 results[name] = timed(cmd, cold=(cache == "cold"))
             floor, ours = results["read+write floor"][0], results["ckptmerge"][0]
             for name, (seconds, peak) in results.items():

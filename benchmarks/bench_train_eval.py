@@ -6,7 +6,8 @@
   vs a minimal nanoGPT-style loop (random batches, forward, backward, clip, AdamW step) on the same
   preset, batch and context. Target: at least 90% of the minimal loop's tokens/s.
 
-Runs alternate (A, B, A, B, ...) and the median of each is reported, since these machines are noisy.
+Runs alternate in ABBA order (so neither side always goes first) and the median of each is reported,
+since these machines are noisy.
 
     .venv/bin/python benchmarks/bench_train_eval.py --presets tiny small --repeats 3
 """
@@ -78,6 +79,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--train-steps", type=int, default=60)
     p.add_argument("--eval-tokens", type=int, default=65536)
+    p.add_argument("--only", choices=("eval", "train"), help="run one half only")
     args = p.parse_args()
     tokens = np.asarray(load_tokens("shakespeare"))
     val = load_tokens("shakespeare-val")
@@ -88,16 +90,26 @@ def main() -> None:
         model = build_model(preset, seed=0).eval()
         windows = eval_windows(val, n_tokens=args.eval_tokens, context=preset_context(preset))
         bare_forward(model, windows[:BATCH])  # warm-up
-        ours, bare = [], []
-        for _ in range(args.repeats):
-            ours.append(ours_eval(model, windows))
-            bare.append(bare_forward(model, windows))
-        _row(preset, count_parameters(model), "eval", ours, bare, 0.95)
-        ours, bare = [], []
-        for _ in range(args.repeats):
-            ours.append(ours_train(preset, args.train_steps))
-            bare.append(minimal_train(preset, args.train_steps, tokens))
-        _row(preset, count_parameters(model), "train", ours, bare, 0.90)
+        if args.only != "train":
+            ours, bare = _abba(lambda: ours_eval(model, windows), lambda: bare_forward(model, windows), args.repeats)
+            _row(preset, count_parameters(model), "eval", ours, bare, 0.95)
+        if args.only != "eval":
+            ours, bare = _abba(lambda: ours_train(preset, args.train_steps),
+                               lambda: minimal_train(preset, args.train_steps, tokens), args.repeats)
+            _row(preset, count_parameters(model), "train", ours, bare, 0.90)
+
+
+def _abba(a, b, repeats: int) -> tuple[list[float], list[float]]:
+    """Run a and b ``repeats`` times each, alternating which goes first."""
+    xs, ys = [], []
+    for i in range(repeats):
+        if i % 2 == 0:
+            xs.append(a())
+            ys.append(b())
+        else:
+            ys.append(b())
+            xs.append(a())
+    return xs, ys
 
 
 def _row(preset, params, what, ours, bare, target) -> None:

@@ -38,3 +38,12 @@ def test_quick_demo_writes_a_consistent_report(tmp_path, monkeypatch):
     assert np.allclose([i["coefficient"] for i in manifest["inputs"]], [0.1, 0.2, 0.3, 0.4])
     assert [s for s, _ in saved["curves"]["anneal"]] == [50, 55, 60]
     assert report["config"]["steps"] == 60
+
+    # a second run reuses the finished runs; other settings in the same folder are refused
+    again = run_demo(cfg, progress=False, log=lambda *_: None)
+    assert again["table"] == report["table"]
+    from ckptmerge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="other settings"):
+        run_demo(DemoConfig.quick(out=cfg.out, data=cfg.data, eval_data=cfg.eval_data, lr=1e-3),
+                 progress=False, log=lambda *_: None)

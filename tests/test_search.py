@@ -90,3 +90,23 @@ def test_two_workers_share_one_sqlite_study_without_lost_or_duplicated_trials(se
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert len({t.user_attrs["pid"] for t in study.trials}) == 2  # both workers ran trials
     assert len(result.trials) == len(numbers)
+
+
+def test_gp_display_fit_interpolates_its_observations_and_widens_between_them():
+    from ckptmerge.search.plots import gp_posterior
+
+    x = np.array([0.0, 0.3, 0.5, 0.9, 1.0])
+    y = np.array([2.0, 1.7, 1.65, 1.8, 1.9])
+    mean, sd = gp_posterior(x, y, x)
+    np.testing.assert_allclose(mean, y, atol=1e-3)
+    assert sd.max() < 1e-2
+    _, sd_between = gp_posterior(x, y, np.array([0.7]))
+    assert sd_between[0] > sd.max()
+
+
+def test_search_writes_plots(series, tmp_path):
+    root, refs = series
+    cfg = SearchConfig(space="pair", data=str(root / "val.txt"), trials=5)
+    search(refs, cfg, n_tokens=1024, plots=tmp_path / "plots")
+    assert (tmp_path / "plots" / "loss_vs_lambda.png").stat().st_size > 5000
+    assert (tmp_path / "plots" / "best_weights.png").stat().st_size > 5000

@@ -10,7 +10,7 @@ from ckptmerge.demo import DemoConfig, run_demo
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="what merging gives a real tiny pre-training run (table + plot)")
-    p.add_argument("--out", default="runs/demo", help="folder for runs, merges and the report (default runs/demo)")
+    p.add_argument("--out", help="folder for runs, merges and the report (default runs/demo, runs/demo-quick)")
     p.add_argument("--quick", action="store_true", help="a short smoke version (about a minute)")
     p.add_argument("--data", help="training data (default: shakespeare)")
     p.add_argument("--eval-data", action="append", help="held-out data, repeatable (first is in-domain)")
@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = {"out": args.out}
+    overrides = {"out": args.out} if args.out else {}
     if args.data:
         overrides["data"] = args.data
     if args.eval_data:

@@ -29,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="local worker processes on one study")
     p.add_argument("-o", "--output", help="write the best merge here (atomic merge path, merge.json records the search)")
     p.add_argument("--json", help="write all trials and the generalization table here")
+    p.add_argument("--plots", help="folder for loss_vs_lambda.png (pair) and best_weights.png")
     p.set_defaults(run=run)
 
 
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = SearchConfig(space=args.space, data=args.data, trials=args.trials, sampler=args.sampler, seed=args.seed,
                        storage=args.storage, study_name=args.study, alpha=args.alpha)
     result = search(window.refs, cfg, n_tokens=args.tokens, workers=args.workers, output=args.output,
-                    report_data=args.report_data, log=print)
+                    report_data=args.report_data, plots=args.plots, log=print)
     print(f"best: loss {result.best_loss:.5f} with weights {[round(w, 4) for w in result.best_weights]} "
           f"(oldest first) after {len(result.trials)} trials")
     print(f"{'data':<18} {'candidate':<12} {'loss':>9} {'Δ vs searched':>16}")

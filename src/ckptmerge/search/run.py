@@ -33,7 +33,8 @@ class SearchResult:
 
 
 def search(refs: list[CheckpointRef], cfg: SearchConfig, *, n_tokens: int = 16384, workers: int = 1,
-           output: str | Path | None = None, report_data: list[str] | None = None, log=None) -> SearchResult:
+           output: str | Path | None = None, report_data: list[str] | None = None, plots: str | Path | None = None,
+           log=None) -> SearchResult:
     """Run (or resume) the study, then write the best merge and the cross-domain comparison."""
     space = make_space(cfg.space, len(refs), alpha=cfg.alpha)
     if cfg.space == "pair":
@@ -51,11 +52,22 @@ def search(refs: list[CheckpointRef], cfg: SearchConfig, *, n_tokens: int = 1638
     best = min(rows, key=lambda r: r["loss"])
     result = SearchResult(best["weights"], best["loss"], rows,
                           _generalization(objective, best, rows, [cfg.data, *(report_data or [])]))
+    if plots:
+        _write_plots(Path(plots), cfg, refs, result)
     if output:
         recipe = {"schedule": "custom", "weights": best["weights"], "search": {**asdict(cfg), "best_trial": best["trial"],
                                                                                  "best_loss": best["loss"]}}
         merge(refs, best["weights"], output, force=True, progress=False, recipe=recipe, allow_unnormalized=True)
     return result
+
+
+def _write_plots(folder: Path, cfg: SearchConfig, refs: list[CheckpointRef], result: SearchResult) -> None:
+    from ckptmerge.search.plots import plot_pair, plot_weights
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if cfg.space == "pair":
+        plot_pair(result.trials, folder / "loss_vs_lambda.png", alpha=cfg.alpha)
+    plot_weights(result.best_weights, [r.name for r in refs], folder / "best_weights.png")
 
 
 def _generalization(objective: MergeObjective, best: dict, rows: list[dict], domains: list[str]) -> dict:
