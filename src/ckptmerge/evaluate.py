@@ -82,6 +82,8 @@ def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> N
 def load_model(path, *, device: str | None = None) -> torch.nn.Module:
     """An HF causal LM from a folder (raw, merged, or any user checkpoint), in fp32."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one bar per model load is noise in sweeps and searches
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model.to(device) if device else model

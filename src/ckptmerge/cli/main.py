@@ -23,11 +23,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"ckptmerge: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.formatwarning = lambda message, category, *rest, **kw: f"ckptmerge: warning: {message}\n"
     try:
-        return args.run(args) or 0
+        with warnings.catch_warnings():  # restores the caller's warning display on exit
+            warnings.showwarning = _show_warning
+            return args.run(args) or 0
     except CkptMergeError as exc:
         print(f"ckptmerge {args.command}: error: {exc}", file=sys.stderr)
         return 2

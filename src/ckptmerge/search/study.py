@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 from ckptmerge.errors import CkptMergeError
@@ -25,7 +26,9 @@ def make_sampler(name: str, seed: int, n_baselines: int):
     import optuna
 
     if name == "gp":  # the objective is deterministic: same windows, same weights -> same loss
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_baselines + 2, deterministic_objective=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_baselines + 2, deterministic_objective=True)
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
     if name == "random":
@@ -36,7 +39,7 @@ def make_sampler(name: str, seed: int, n_baselines: int):
 def open_study(cfg: SearchConfig, space):
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     baselines = space.baselines()
     study = optuna.create_study(study_name=cfg.study_name, storage=cfg.storage, direction="minimize",
                                 sampler=make_sampler(cfg.sampler, cfg.seed, len(baselines)), load_if_exists=True)
