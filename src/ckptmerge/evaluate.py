@@ -10,6 +10,7 @@ merge's gain from noise.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,8 +38,12 @@ class EvalResult:
 
 
 def evaluate_model(model: torch.nn.Module, windows: torch.Tensor, *, data: str = "", batch_size: int = 16,
-                   bf16: bool = False) -> EvalResult:
-    """Mean next-token loss of ``model`` over ``windows`` (n, context + 1), without touching disk."""
+                   bf16: bool = False, stop: Callable[[float, int], bool] | None = None) -> EvalResult:
+    """Mean next-token loss of ``model`` over ``windows`` (n, context + 1), without touching disk.
+
+    ``stop(mean_so_far, batches_done)`` is asked after each batch; when it returns True the evaluation
+    ends early and the result covers only the windows scored so far (used to prune search trials).
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -50,9 +55,11 @@ def evaluate_model(model: torch.nn.Module, windows: torch.Tensor, *, data: str =
             targets = batch[:, 1:]
             losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
             per_window.append(losses.view(targets.shape).mean(dim=1).cpu())
+            if stop is not None and stop(float(torch.cat(per_window).double().mean()), len(per_window)):
+                break
     model.train(was_training)
     window_losses = torch.cat(per_window).double().numpy()
-    return _summarize(data, window_losses, tokens=windows.shape[0] * (windows.shape[1] - 1))
+    return _summarize(data, window_losses, tokens=len(window_losses) * (windows.shape[1] - 1))
 
 
 def _summarize(data: str, window_losses: np.ndarray, tokens: int) -> EvalResult:

@@ -40,8 +40,8 @@ class MergeObjective:
             self._windows[data] = eval_windows(load_tokens(data), n_tokens=self.n_tokens, context=self.context)
         return self._windows[data]
 
-    def __call__(self, coeffs: Sequence[float], data: str) -> EvalResult:
+    def __call__(self, coeffs: Sequence[float], data: str, stop=None) -> EvalResult:
         merged = merge_state_dicts(self.states, coeffs, out_dtype=torch.float32,
                                    labels=[str(r.path) for r in self.refs])
         load_state_into(self.model, merged)
-        return evaluate_model(self.model, self.windows(data), data=data, batch_size=self.batch_size)
+        return evaluate_model(self.model, self.windows(data), data=data, batch_size=self.batch_size, stop=stop)

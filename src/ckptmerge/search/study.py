@@ -20,6 +20,8 @@ class SearchConfig:
     storage: str | None = None
     study_name: str = "ckptmerge-search"
     alpha: float = 0.0
+    prune_after: int = 0          # batches; 0 turns pruning off
+    prune_margin: float = 0.02    # relative: prune when 2% worse than the best trial on the same batches
 
 
 def make_sampler(name: str, seed: int, n_baselines: int):
@@ -29,11 +31,15 @@ def make_sampler(name: str, seed: int, n_baselines: int):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_baselines + 2, deterministic_objective=True)
+    if name == "gp-hedge":  # the paper's EI / PI / UCB portfolio
+        from ckptmerge.search.gp_hedge import GPHedgeSampler
+
+        return GPHedgeSampler(seed=seed, n_startup_trials=n_baselines + 2)
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    raise CkptMergeError(f"unknown sampler {name!r}; choose gp, tpe or random")
+    raise CkptMergeError(f"unknown sampler {name!r}; choose gp, gp-hedge, tpe or random")
 
 
 def open_study(cfg: SearchConfig, space):
@@ -52,16 +58,46 @@ def run_trials(study, space, objective: MergeObjective, cfg: SearchConfig, *, lo
     """Ask / evaluate / tell until the study holds ``cfg.trials`` finished or running trials."""
     from optuna.trial import TrialState
 
-    while len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))) < cfg.trials:
+    counted = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED)
+    while len(study.get_trials(deepcopy=False, states=counted)) < cfg.trials:
         trial = study.ask()
         coeffs = space.coeffs(space.suggest(trial))
-        result = objective(coeffs, cfg.data)
+        stop = _pruning_rule(study, cfg) if trial.user_attrs.get("baseline") is None else None
+        result = objective(coeffs, cfg.data, stop=stop)
         trial.set_user_attr("coeffs", coeffs)
-        trial.set_user_attr("stderr", result.stderr)
         trial.set_user_attr("pid", os.getpid())
+        n_windows = len(result.window_losses)
+        if cfg.prune_after and n_windows:
+            trial.set_user_attr("head_loss", float(sum(result.window_losses[:_head(objective, cfg)]) /
+                                                   min(n_windows, _head(objective, cfg))))
+        if n_windows < len(objective.windows(cfg.data)):
+            study.tell(trial, state=TrialState.PRUNED)
+            if log:
+                log(f"trial {trial.number}: pruned after {n_windows} windows")
+            continue
+        trial.set_user_attr("stderr", result.stderr)
         study.tell(trial, result.loss)
         if log:
             log(f"trial {trial.number}: loss {result.loss:.5f} weights {[round(c, 4) for c in coeffs]}")
+
+
+def _head(objective: MergeObjective, cfg: SearchConfig) -> int:
+    """Windows scored in the first ``prune_after`` batches."""
+    return cfg.prune_after * objective.batch_size
+
+
+def _pruning_rule(study, cfg: SearchConfig):
+    """Stop a trial once, after ``prune_after`` batches, it is clearly worse than the best trial on the same windows."""
+    if not cfg.prune_after:
+        return None
+    from optuna.trial import TrialState
+
+    heads = [t.user_attrs["head_loss"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+             if "head_loss" in t.user_attrs]
+    if not heads:
+        return None
+    best = min(heads)
+    return lambda mean, batches: batches == cfg.prune_after and mean > best * (1 + cfg.prune_margin)
 
 
 def trial_rows(study) -> list[dict]:
