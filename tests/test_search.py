@@ -149,3 +149,17 @@ def test_pruning_stops_clearly_worse_trials_and_keeps_the_best(series):
     assert len(study_rows) < 12  # some trials were pruned (only complete trials are listed)
     baselines = [r["loss"] for r in study_rows if r["baseline"]]
     assert len(baselines) == 3 and result.best_loss <= min(baselines)
+
+
+def test_objective_holds_file_backed_views_and_matches_a_file_merge(series, tmp_path):
+    from ckptmerge import compute_coeffs, merge
+
+    root, refs = series
+    window = refs[-3:]
+    objective = MergeObjective(window, n_tokens=1024)  # holds mmap views of the checkpoints
+    coeffs = compute_coeffs("wma", window)
+    merge(window, coeffs, tmp_path / "m", progress=False)
+    from ckptmerge.evaluate import evaluate_model, load_model
+
+    want = evaluate_model(load_model(tmp_path / "m"), objective.windows(str(root / "val.txt"))).loss
+    assert objective(coeffs, str(root / "val.txt")).loss == pytest.approx(want, rel=1e-6)

@@ -16,24 +16,27 @@ from ckptmerge.memory_merge import merge_state_dicts
 
 
 class MergeObjective:
-    """Holds the window's tensors in memory and scores coefficient vectors on held-out windows."""
+    """Holds the window's tensors and scores coefficient vectors on held-out windows.
+
+    Safetensors and torch-file checkpoints are kept as memory-mapped, file-backed views: windows that
+    fit in RAM stay in the page cache, and larger ones stream from disk on every trial, with no
+    anonymous copy. Checkpoints whose reader assembles tensors in memory (DCP) are copied once.
+    """
 
     def __init__(self, refs: Sequence[CheckpointRef], *, n_tokens: int = 16384, batch_size: int = 16,
                  context: int | None = None):
         self.refs = list(refs)
-        self.states = [self._load(r) for r in self.refs]
+        self._readers = [open_checkpoint(r.path) for r in self.refs]  # kept open: the views need their maps
+        self.states = [self._tensors(reader) for reader in self._readers]
         self.model = load_model(self.refs[-1].path)
         self.context = context or min(self.model.config.max_position_embeddings, MAX_DEFAULT_CONTEXT)
         self.n_tokens, self.batch_size = n_tokens, batch_size
         self._windows: dict[str, torch.Tensor] = {}
 
     @staticmethod
-    def _load(ref: CheckpointRef) -> dict[str, torch.Tensor]:
-        reader = open_checkpoint(ref.path)
-        try:
-            return {k: reader.get(k).clone() for k in reader.keys()}
-        finally:
-            reader.close()
+    def _tensors(reader) -> dict[str, torch.Tensor]:
+        file_backed = reader.layout in ("safetensors", "torch")
+        return {k: reader.get(k) if file_backed else reader.get(k).clone() for k in reader.keys()}
 
     def windows(self, data: str) -> torch.Tensor:
         if data not in self._windows:
