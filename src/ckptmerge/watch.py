@@ -123,6 +123,7 @@ class Watcher:
             else:
                 torch._foreach_add_([s.total[k] for k in new], [v.float() for v in new.values()])
             s.other = {k: reader.get(k).clone() for k in reader.keys() if not reader.info(k).is_float}
+            self._dtypes = {k: reader.info(k).dtype for k in reader.keys()}  # of the newest: the output's dtypes
         finally:
             reader.close()
         s.window.append((ref.step, str(ref.path)))
@@ -163,10 +164,7 @@ class Watcher:
 
     # --- publishing, logging, state -------------------------------------------------------------
     def _publish(self, ref: CheckpointRef) -> None:
-        reader = open_checkpoint(ref.path)
-        dtypes = {k: reader.info(k).dtype for k in reader.keys()}
-        reader.close()
-        tensors = {**{k: v.to(dtypes[k]) for k, v in self.merged().items()}, **self.state.other}
+        tensors = {**{k: v.to(self._dtypes[k]) for k, v in self.merged().items()}, **self.state.other}
         names = sorted(tensors)
         with atomic_folder(self.out / "current", force=True) as tmp:
             writer = StreamingSafetensorsWriter(tmp, [(k, TensorInfo(tensors[k].dtype, tuple(tensors[k].shape)))

@@ -44,9 +44,8 @@ def search(refs: list[CheckpointRef], cfg: SearchConfig, *, n_tokens: int = 1638
     study = open_study(cfg, space)
     if workers > 1:
         _run_workers(refs, cfg, n_tokens, workers)
-        objective = MergeObjective(refs, n_tokens=n_tokens)
-    else:
-        objective = MergeObjective(refs, n_tokens=n_tokens)
+    objective = MergeObjective(refs, n_tokens=n_tokens)  # workers > 1: used for the report only
+    if workers == 1:
         run_trials(study, space, objective, cfg, log=log)
     rows = trial_rows(study)
     best = min(rows, key=lambda r: r["loss"])

@@ -79,7 +79,7 @@ def _initial_state(config: TrainConfig) -> _State:
     step, parent = 0, None
     if config.fork_from:
         parent_dir = Path(config.fork_from)
-        _load_weights(model, parent_dir)
+        init_from_merged(model, parent_dir)  # weights only; the parent's optimizer state follows
         trainer_state = load_trainer_state(parent_dir)
         if trainer_state is not None:
             optimizer.load_state_dict(trainer_state["optimizer"])
@@ -113,7 +113,7 @@ def _resume_state(config: TrainConfig, run_dir: Path) -> _State:
         (run_dir / METRICS).write_text("")
         return _initial_state(config)
     state = _initial_state(config)
-    _load_weights(state.model, latest)
+    init_from_merged(state.model, latest)
     trainer_state = load_trainer_state(latest)
     state.optimizer.load_state_dict(trainer_state["optimizer"])
     torch.set_rng_state(trainer_state["torch_rng"])
@@ -123,16 +123,6 @@ def _resume_state(config: TrainConfig, run_dir: Path) -> _State:
     meta = read_meta(latest)
     _truncate_metrics(run_dir / METRICS, meta["step"])
     return _State(state.model, state.optimizer, meta["step"], meta.get("parent"), state.averagers)
-
-
-def _load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
-    from ckptmerge.io.layout import open_checkpoint
-
-    reader = open_checkpoint(checkpoint)
-    try:
-        load_state_into(model, {k: reader.get(k).clone() for k in reader.keys()})
-    finally:
-        reader.close()
 
 
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
