@@ -20,13 +20,12 @@ from ckptmerge.data.batches import eval_windows
 from ckptmerge.data.corpora import HELD_OUT
 from ckptmerge.data.tokens import load_tokens
 from ckptmerge.discover import discover
-from ckptmerge.errors import ConfigError
 from ckptmerge.evaluate import EvalResult, evaluate_model, load_model, paired_difference
 from ckptmerge.merge import merge
 from ckptmerge.schedules import compute_coeffs
 from ckptmerge.select import select_last
 from ckptmerge.train.checkpointing import checkpoint_name
-from ckptmerge.train.trainer import RUN_CONFIG, TrainConfig, train
+from ckptmerge.train.trainer import TrainConfig, train_or_resume
 
 
 @dataclass
@@ -60,14 +59,12 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict:
     base = TrainConfig(preset=cfg.preset, steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                        save_every=cfg.save_every, data=cfg.data, seed=cfg.seed)
     log(f"== 1/4 stable phase: {cfg.preset}, constant LR {cfg.lr}, {cfg.steps} steps -> {stable}")
-    _check_reusable(stable, base)
-    train(base, stable, resume=(stable / RUN_CONFIG).exists(), progress=progress)
+    train_or_resume(base, stable, progress=progress)
     fork_step = cfg.steps - cfg.anneal_steps
     log(f"== 2/4 anneal branch: fork at step {fork_step}, LR -> 0 over {cfg.anneal_steps} steps -> {anneal}")
     fork = TrainConfig(**{**asdict(base), "schedule": "wsd", "decay_steps": cfg.anneal_steps,
                           "fork_from": str(stable / checkpoint_name(fork_step))})
-    _check_reusable(anneal, fork)
-    train(fork, anneal, resume=(anneal / RUN_CONFIG).exists(), progress=progress)
+    train_or_resume(fork, anneal, progress=progress)
     log(f"== 3/4 merging the last {cfg.merge_last} stable checkpoints (every {cfg.save_every} steps)")
     merged = _merge_final(cfg, stable, out / "merged")
     curve_merges = _merge_along_run(cfg, stable, out / "merged-along-run")
@@ -75,12 +72,6 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict:
     report = _evaluate(cfg, stable, anneal, merged, curve_merges)
     _write_report(out, cfg, report)
     return report
-
-
-def _check_reusable(run_dir: Path, config: TrainConfig) -> None:
-    """A finished or interrupted run in ``run_dir`` is reused only if it was started with this config."""
-    if (run_dir / RUN_CONFIG).exists() and json.loads((run_dir / RUN_CONFIG).read_text()) != asdict(config):
-        raise ConfigError(f"{run_dir} holds a run with other settings; remove it or pass --out to use another folder")
 
 
 def _merge_final(cfg: DemoConfig, stable: Path, folder: Path) -> dict[str, Path]:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ckptmerge.data.batches import eval_windows, train_batch
 from ckptmerge.data.tokens import load_tokens
 from ckptmerge.errors import ConfigError
-from ckptmerge.evaluate import evaluate_model, load_state_into
+from ckptmerge.evaluate import evaluate_model
 from ckptmerge.online.spec import parse_average_spec
 from ckptmerge.pma_init import init_from_merged
 from ckptmerge.progress import Progress, format_count
@@ -69,6 +69,16 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     tokenizer_dir = _tokenizer_dir(run_dir)
     _loop(config, run_dir, state, tokens, tokenizer_dir, progress)
     return run_dir
+
+
+def train_or_resume(config: TrainConfig, run_dir: str | Path, *, progress: bool = True) -> Path:
+    """Train a new run, or continue (or just reuse) the one in ``run_dir`` if it was started with ``config``."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_CONFIG).exists():
+        return train(config, run_dir, progress=progress)
+    if json.loads((run_dir / RUN_CONFIG).read_text()) != asdict(config):
+        raise ConfigError(f"{run_dir} holds a run with other settings; remove it or choose another output folder")
+    return train(config, run_dir, resume=True, progress=progress)
 
 
 def _initial_state(config: TrainConfig) -> _State:

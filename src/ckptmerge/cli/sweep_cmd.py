@@ -1,0 +1,41 @@
+"""``ckptmerge sweep``: raw checkpoints and merges along a run, with an annealing prediction."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ckptmerge.sweep.run import SweepConfig, sweep
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="evaluate raw checkpoints and merges (methods x N x V) along a run")
+    p.add_argument("run_dir", help="a run directory of checkpoints (ckptmerge, HF Trainer, Megatron, ...)")
+    p.add_argument("--data", action="append", help="held-out data: domain, text file or token .bin; repeatable "
+                                                   "(the first is the headline; default shakespeare-val)")
+    p.add_argument("--methods", default="sma,wma,ema:0.2", help="comma list of sma, wma, ema:ALPHA")
+    p.add_argument("--n", type=_ints, default=[3, 5, 10], help="window sizes N, comma list (default 3,5,10)")
+    p.add_argument("--every", type=_ints, default=[], help="spacings V in steps, comma list "
+                                                         "(default: the save interval and twice it)")
+    p.add_argument("--at", type=_ints, default=[], help="evaluation points (steps), comma list")
+    p.add_argument("--points", type=int, default=8, help="without --at: this many points spread evenly (default 8)")
+    p.add_argument("--tokens", type=int, default=16384, help="held-out tokens per evaluation")
+    p.add_argument("--anneal", action="append", default=[],
+                   help="an anneal branch run dir, repeatable (default: sibling runs forked from RUN_DIR)")
+    p.add_argument("-o", "--out", help="report folder (default: RUN_DIR-sweep next to the run)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    cfg = SweepConfig(methods=[m for m in args.methods.split(",") if m], n=args.n, every=args.every, at=args.at,
+                      points=args.points, data=args.data or ["shakespeare-val"], n_tokens=args.tokens,
+                      anneal=args.anneal)
+    out = Path(args.out) if args.out else run_dir.resolve().parent / f"{run_dir.resolve().name}-sweep"
+    sweep(run_dir, cfg, out, progress=not args.quiet)
+    return 0

@@ -1,0 +1,1 @@
+"""``ckptmerge sweep``: what merging gives a run, at points along it, across methods x N x V."""

@@ -1,0 +1,49 @@
+"""A Scorer with a persistent cache: each (checkpoints, coefficients, windows) is scored once, ever."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from ckptmerge.checkpoint import CheckpointRef
+from ckptmerge.evaluate import EvalResult
+from ckptmerge.io.fingerprint import checkpoint_files, fingerprint_files
+from ckptmerge.scoring import Scorer
+from ckptmerge.sweep.cache import EvalCache, eval_key, windows_digest
+
+
+class CachedScorer:
+    """``score(refs, coeffs, data)`` through ``Scorer``, remembered in ``cache_file`` across runs."""
+
+    def __init__(self, cache_file: str | Path, *, n_tokens: int = 16384, batch_size: int = 16,
+                 context: int | None = None):
+        self.scorer = Scorer(n_tokens=n_tokens, batch_size=batch_size, context=context)
+        self.cache = EvalCache(cache_file)
+        self._fingerprints: dict[Path, str] = {}
+        self._window_sha: dict[str, str] = {}
+        self.hits = self.misses = 0
+
+    def fingerprint(self, ref: CheckpointRef) -> str:
+        path = Path(ref.path)
+        if path not in self._fingerprints:
+            self._fingerprints[path] = fingerprint_files(checkpoint_files(path))
+        return self._fingerprints[path]
+
+    def score(self, refs: Sequence[CheckpointRef], coeffs: Sequence[float], data: str) -> EvalResult:
+        if self.scorer.model is None:
+            self.scorer.load(refs[-1:], [1.0])  # the model fixes the context, which fixes the windows
+        if data not in self._window_sha:
+            self._window_sha[data] = windows_digest(self.scorer.windows(data))
+        kept = [(r, c) for r, c in zip(refs, coeffs) if c != 0.0]  # a zero weight adds nothing
+        key = eval_key([self.fingerprint(r) for r, _ in kept], [c for _, c in kept], self._window_sha[data])
+        cached = self.cache.get(key)
+        if cached is not None:
+            self.hits += 1
+            return cached
+        self.misses += 1
+        result = self.scorer.score([r for r, _ in kept], [c for _, c in kept], data)
+        self.cache.put(key, result, {"checkpoints": [str(r.path) for r, _ in kept], "coeffs": [c for _, c in kept]})
+        return result
+
+    def raw(self, ref: CheckpointRef, data: str) -> EvalResult:
+        return self.score([ref], [1.0], data)

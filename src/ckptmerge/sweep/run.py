@@ -1,0 +1,130 @@
+"""Sweep a run: raw checkpoints and merges at points along it, and merged-constant vs annealed.
+
+    ckptmerge sweep runs/demo/stable --data shakespeare-val --data bible
+    ckptmerge sweep path/to/hf-run --methods sma,ema:0.2 --n 3,5,10 --every 500,1000 --at 4000,8000,12000
+
+Every evaluation goes through one cached scorer, so a rerun (more points, another method, a new
+checkpoint) scores only what it has not seen. Outputs go to ``--out`` (never into the run).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ckptmerge.checkpoint import CheckpointRef
+from ckptmerge.discover import discover
+from ckptmerge.errors import ConfigError
+from ckptmerge.evaluate import EvalResult, paired_difference
+from ckptmerge.progress import Progress, format_count
+from ckptmerge.sweep.evaluator import CachedScorer
+from ckptmerge.sweep.grid import MergeSpec, base_spacing, choose_points, make_grid
+
+CACHE_FILE = "evals.jsonl"
+
+
+@dataclass
+class SweepConfig:
+    methods: list[str] = field(default_factory=lambda: ["sma", "wma", "ema:0.2"])
+    n: list[int] = field(default_factory=lambda: [3, 5, 10])
+    every: list[int] = field(default_factory=list)   # V in steps; empty: the save interval and twice it
+    at: list[int] = field(default_factory=list)      # evaluation points; empty: ``points`` spread evenly
+    points: int = 8
+    data: list[str] = field(default_factory=lambda: ["shakespeare-val"])
+    n_tokens: int = 16384
+    anneal: list[str] = field(default_factory=list)  # anneal branches; empty: runs forked from this one
+
+
+def sweep(run_dir: str | Path, cfg: SweepConfig, out: str | Path, *, progress: bool = True, log=print) -> dict:
+    """Score the grid, write ``report.json``, ``report.md`` and PNGs into ``out``; return the report dict."""
+    from ckptmerge.sweep.report import write_report
+
+    run_dir, out = Path(run_dir), Path(out)
+    _check_out(run_dir, out)
+    refs = discover(run_dir).checkpoints
+    every = cfg.every or [base_spacing(refs), 2 * base_spacing(refs)]
+    grid = make_grid(cfg.methods, cfg.n, every)
+    points = choose_points(refs, cfg.at, cfg.points)
+    headline = MergeSpec(cfg.methods[0], sorted(cfg.n)[len(cfg.n) // 2], every[0])
+    branches = {Path(p).name: discover(p).checkpoints for p in (cfg.anneal or find_forks(run_dir))}
+    scorer = CachedScorer(out / CACHE_FILE, n_tokens=cfg.n_tokens)
+    log(f"sweep {run_dir}: {len(refs)} checkpoints, {len(points)} points x {len(grid)} merges x "
+        f"{len(cfg.data)} data sets; anneal branches: {', '.join(branches) or 'none'}")
+    rows = grid_rows(scorer, refs, points, grid, cfg.data, progress=progress)
+    anneal = {name: anneal_rows(scorer, refs, branch, headline, cfg.data) for name, branch in branches.items()}
+    report = {"run": str(run_dir), "config": {**asdict(cfg), "every": every}, "headline": asdict(headline),
+              "points": points, "rows": rows, "anneal": anneal,
+              "cache": {"hits": scorer.hits, "scored": scorer.misses}}
+    write_report(out, report)
+    log(f"{scorer.misses} evaluations scored, {scorer.hits} from the cache; report: {out / 'report.md'}")
+    return report
+
+
+def _check_out(run_dir: Path, out: Path) -> None:
+    run, target = run_dir.resolve(), out.resolve()
+    if target == run or run in target.parents:
+        raise ConfigError(f"--out {out} is inside the run {run_dir}; sweeps never write into a run. "
+                          f"Choose another folder, e.g. --out {run_dir.name}-sweep")
+
+
+def find_forks(run_dir: Path) -> list[Path]:
+    """Sibling runs (ckptmerge's ``run.json``) whose ``fork_from`` checkpoint lies in ``run_dir``."""
+    forks = []
+    for sibling in sorted(run_dir.resolve().parent.iterdir()):
+        config = sibling / "run.json"
+        if sibling == run_dir.resolve() or not config.is_file():
+            continue
+        parent = json.loads(config.read_text()).get("fork_from")
+        if parent and Path(parent).resolve().parent == run_dir.resolve():
+            forks.append(sibling)
+    return forks
+
+
+def _row(label: str, step: int, spec: MergeSpec | None, results: dict[str, EvalResult],
+         raw: dict[str, EvalResult]) -> dict:
+    return {"recipe": label, "step": step, **(asdict(spec) if spec else {"method": "raw", "n": 1, "every_steps": 0}),
+            "loss": {d: r.loss for d, r in results.items()}, "stderr": {d: r.stderr for d, r in results.items()},
+            "vs_raw": {d: list(paired_difference(r, raw[d])) for d, r in results.items()}}
+
+
+def grid_rows(scorer: CachedScorer, refs: Sequence[CheckpointRef], points: Sequence[int], grid: Sequence[MergeSpec],
+              data: Sequence[str], *, progress: bool = True) -> list[dict]:
+    """One row per (point, recipe) whose window exists: losses and paired differences against raw."""
+    by_step = {r.step: r for r in refs}
+    jobs = [(t, spec, [by_step[t]] if spec is None else spec.window(refs, t)) for t in points for spec in [None, *grid]]
+    jobs = [(t, spec, window) for t, spec, window in jobs if window is not None]
+    bar = Progress(len(jobs) * len(data), "sweep", fmt=format_count, unit=" evals", enabled=progress)
+    rows, raw = [], {}
+    for t, spec, window in jobs:
+        scorer.scorer.forget(keep=window)
+        coeffs = [1.0] if spec is None else spec.coeffs(window)
+        results = {d: scorer.score(window, coeffs, d) for d in data}
+        bar.update(len(data))
+        if spec is None:
+            raw[t] = results
+        rows.append(_row("raw" if spec is None else spec.label, t, spec, results, raw[t]))
+    bar.close()
+    return rows
+
+
+def anneal_rows(scorer: CachedScorer, refs: Sequence[CheckpointRef], branch: Sequence[CheckpointRef],
+                spec: MergeSpec, data: Sequence[str]) -> list[dict]:
+    """At each anneal checkpoint: raw constant, merged constant (``spec``) and annealed, with paired gaps."""
+    by_step = {r.step: r for r in refs}
+    rows = []
+    for annealed in branch:
+        window = spec.window(refs, annealed.step) if annealed.step in by_step else None
+        if window is None:
+            continue
+        raw = {d: scorer.raw(by_step[annealed.step], d) for d in data}
+        merged = {d: scorer.score(window, spec.coeffs(window), d) for d in data}
+        ann = {d: scorer.raw(annealed, d) for d in data}
+        rows.append({"step": annealed.step, "lr": annealed.lr,
+                     "raw": {d: r.loss for d, r in raw.items()}, "merged": {d: r.loss for d, r in merged.items()},
+                     "annealed": {d: r.loss for d, r in ann.items()},
+                     "merged_minus_annealed": {d: list(paired_difference(merged[d], ann[d])) for d in data},
+                     "annealed_minus_raw": {d: list(paired_difference(ann[d], raw[d])) for d in data},
+                     "merged_minus_raw": {d: list(paired_difference(merged[d], raw[d])) for d in data}})
+    return rows
