@@ -21,6 +21,7 @@ _HELP = {
     "data": "training data: a domain name, a text file or a token .bin", "eval_every": "held-out eval every K steps (0: off)",
     "eval_data": "held-out data for --eval-every", "eval_tokens": "tokens per held-out eval",
     "log_every": "metrics line every K steps",
+    "keep_trainer_state": "keep optimizer / RNG state only in the newest K checkpoints (0: all; forks need it)",
     "optimizer_state": "fork / init-from: keep | reset the optimizer state of the --fork-from checkpoint",
     "init_from": "PMA-init: start from these merged weights (with --fork-from: its step and optimizer state)",
     "average": "online average kept during training, repeatable: ema:half_life=500, swa:start_step=1000, "

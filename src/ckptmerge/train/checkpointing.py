@@ -56,3 +56,11 @@ def latest_resumable(run_dir: Path) -> Path | None:
     """The newest checkpoint folder of ``run_dir`` that has trainer state."""
     candidates = [p for p in Path(run_dir).glob("step-*") if (p / TRAINER_STATE).is_file() and (p / META_FILE).is_file()]
     return max(candidates, key=lambda p: read_meta(p)["step"], default=None)
+
+
+def prune_trainer_states(run_dir: Path, keep: int) -> None:
+    """Delete ``trainer_state.pt`` from all but the newest ``keep`` checkpoints (weights stay; resume still works)."""
+    with_state = sorted((p for p in Path(run_dir).glob("step-*") if (p / TRAINER_STATE).is_file()),
+                        key=lambda p: read_meta(p)["step"])
+    for folder in with_state[:-keep]:
+        (folder / TRAINER_STATE).unlink()

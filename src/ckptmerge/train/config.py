@@ -38,6 +38,7 @@ class TrainConfig:
     eval_data: str = "shakespeare-val"
     eval_tokens: int = 16384
     log_every: int = 10
+    keep_trainer_state: int = 0  # keep optimizer / RNG state in only the newest K checkpoints (0: in all)
     fork_from: str | None = None
     init_from: str | None = None
     optimizer_state: str = "keep"
@@ -71,6 +72,8 @@ def validate_config(c: TrainConfig) -> list[str]:
     for key in ("steps", "batch_size", "grad_accum", "save_every", "log_every"):
         if getattr(c, key) < 1:
             problems.append(f"{key}: must be at least 1")
+    if c.keep_trainer_state < 0:
+        problems.append("keep_trainer_state: 0 (all) or a positive count")
     if c.lr <= 0:
         problems.append("lr: must be positive")
     for spec in c.average:

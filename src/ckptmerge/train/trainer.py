@@ -26,8 +26,8 @@ from ckptmerge.evaluate import evaluate_model
 from ckptmerge.online.spec import parse_average_spec
 from ckptmerge.pma_init import init_from_merged
 from ckptmerge.progress import Progress, format_count
-from ckptmerge.train.checkpointing import (checkpoint_name, latest_resumable, load_trainer_state, read_meta,
-                                           save_checkpoint)
+from ckptmerge.train.checkpointing import (checkpoint_name, latest_resumable, load_trainer_state,
+                                           prune_trainer_states, read_meta, save_checkpoint)
 from ckptmerge.train.config import TrainConfig, config_from_dict
 from ckptmerge.train.presets import build_model
 
@@ -236,3 +236,5 @@ def _save(run_dir: Path, config: TrainConfig, state: _State, record: dict, token
             "schedule": config.schedule, "parent": state.parent, "init_from": config.init_from}
     save_checkpoint(run_dir / checkpoint_name(state.step), state.model, state.optimizer, meta, tokenizer_dir,
                     averagers=state.averagers)
+    if config.keep_trainer_state:
+        prune_trainer_states(run_dir, keep=config.keep_trainer_state)
