@@ -11,7 +11,6 @@ pytest.importorskip("transformers")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from ckptmerge import discover  # noqa: E402
 from ckptmerge.data.batches import eval_windows  # noqa: E402
 from ckptmerge.data.tokens import load_tokens  # noqa: E402
 from ckptmerge.errors import ConfigError  # noqa: E402

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import replace
 from pathlib import Path
 
 from ckptmerge.errors import SelectionError
 from ckptmerge.merge import merge
-from ckptmerge.recover import RecoverConfig, find_spike, recover
+from ckptmerge.recover import RecoverConfig, recover
 from ckptmerge.reproduce.context import IN_DOMAIN, TOL_NATS, Context
 from ckptmerge.reproduce.report import Experiment, line_plot, markdown_table, publish
 from ckptmerge.reproduce.runs import spike_run, wsd_run
 from ckptmerge.reproduce.verdicts import Claim, combine
-from ckptmerge.spikes import read_log
+from ckptmerge.spikes import detect_spikes, read_log
 from ckptmerge.sweep.grid import MergeSpec, make_grid
 from ckptmerge.sweep.report import plot_gain_grid
 from ckptmerge.sweep.run import anneal_rows, grid_rows
@@ -64,9 +65,9 @@ def e6(ctx: Context, folder: Path) -> Experiment:
               Claim("at the end of the decay the merge is comparable to the annealed model", "close", tol=TOL_NATS,
                     detail=f"SMA(N=10) of the constant branch - annealed, step {end}"),
               Claim("merging early-anneal checkpoints is comparable to the end of the anneal", "close", tol=TOL_NATS,
-                    detail="SMA(N=5) of anneal checkpoints ending at a third of the decay - annealed final"),
+                    detail="SMA(N=3) of the first anneal checkpoints past a third of the decay - annealed final"),
               Claim("merging checkpoints deep in the anneal gives about no gain", "close", tol=TOL_NATS,
-                    detail="SMA(N=5) of the last anneal checkpoints - annealed final")]
+                    detail="SMA(N=3) of the last anneal checkpoints - annealed final")]
     rows, plot = [], {}
     for seed in s.seeds:
         stable, anneal = wsd_run(ctx.work, s, seed, ctx.progress)
@@ -74,13 +75,13 @@ def e6(ctx: Context, folder: Path) -> Experiment:
         by_c, by_a = {r.step: r for r in refs_c}, {r.step: r for r in refs_a}
         spec = _spec(ctx)
         early = min(t for t in by_a if t >= fork + 0.2 * s.anneal_steps)
-        third = min(by_a, key=lambda t: abs(t - (fork + s.anneal_steps / 3)))
+        anneal_spec = _spec(ctx, n=3)
+        third = min(t for t in by_a if t >= fork + s.anneal_steps / 3 and anneal_spec.window(refs_a, t))
         merged_end, raw_end = _merged(ctx, refs_c, spec, end), ctx.raw(by_c[end])
         annealed_end = ctx.raw(by_a[end])
         claims[0].per_seed.append(ctx.diff(merged_end, raw_end))
         claims[1].per_seed.append(ctx.diff(_merged(ctx, refs_c, spec, early), ctx.raw(by_a[early])))
         claims[2].per_seed.append(ctx.diff(merged_end, annealed_end))
-        anneal_spec = _spec(ctx, n=5)
         claims[3].per_seed.append(ctx.diff(_merged(ctx, refs_a, anneal_spec, third), annealed_end))
         claims[4].per_seed.append(ctx.diff(_merged(ctx, refs_a, anneal_spec, end), annealed_end))
         for r in anneal_rows(ctx.scorer, refs_c, refs_a, spec, [IN_DOMAIN]):
@@ -193,11 +194,11 @@ def e9(ctx: Context, folder: Path) -> Experiment:
     for seed in s.seeds:
         run_dir = spike_run(ctx.work, s, seed, ctx.progress)
         base = RecoverConfig(n=3, baseline=True, window=min(50, s.spike_steps // 4))
-        try:
-            spike, spike_step = find_spike(run_dir, base)
-        except SelectionError:
-            spike_step = int(0.7 * s.spike_steps)
-            notes.append(f"seed {seed}: no spike detected; restarted at step {spike_step} instead")
+        found = detect_spikes(read_log(run_dir / METRICS), window=base.window, loss_jump=base.loss_jump,
+                              grad_factor=base.grad_factor, after_step=3 * s.spike_save_every)
+        spike_step = found[0].step if found else int(0.7 * s.spike_steps)
+        notes.append(f"seed {seed}: " + (f"first spike at step {spike_step}: {found[0].reason}" if found else
+                                         f"no spike detected; restarted at step {spike_step} instead"))
         last_before = max(t for t in range(0, spike_step, s.spike_save_every) if t > 0)
         for policy in ("keep", "reset"):
             cfg = replace(base, spike_step=spike_step, optimizer_state=policy, steps=last_before + s.restart_steps)
@@ -262,7 +263,7 @@ def e10(ctx: Context, folder: Path) -> Experiment:
         merged = ctx.work / f"ct-merged-seed{seed}"
         if not (merged / "merge.json").is_file():
             merge(window, spec.coeffs(window), merged, force=True, progress=False, recipe={"schedule": "sma"})
-        original = config_from_dict(__import__("json").loads((stable / RUN_CONFIG).read_text()), str(stable))
+        original = config_from_dict(json.loads((stable / RUN_CONFIG).read_text()), str(stable))
         ct = replace(original, steps=s.wsd_steps + s.ct_steps, lr=s.ct_lr, schedule="wsd", decay_steps=s.ct_steps,
                      log_every=1, save_every=s.ct_steps, fork_from=str(stable / checkpoint_name(s.wsd_steps)))
         runs = {"raw init": train_or_resume(ct, ctx.work / f"ct-raw-seed{seed}", progress=ctx.progress),

@@ -56,7 +56,7 @@ def render(exp: Experiment) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_index(reports: Path, command: str) -> Path:
+def write_index(reports: Path, command: str, seconds: float) -> Path:
     """``reports/README.md``: every experiment found under ``reports`` with its verdicts."""
     rows = []
     for results in sorted(reports.glob("*/results.json")):
@@ -64,7 +64,8 @@ def write_index(reports: Path, command: str) -> Path:
         for c in data["claims"]:
             rows.append(f"| [{data['title']}]({results.parent.name}/report.md) | {c['statement']} | **{c['verdict']}** |")
     text = "\n".join(["# Reproduction of the three papers' claims at small scale", "",
-                      f"Written by `{command}`. Every verdict is computed from the numbers in the linked report "
+                      f"Written by `{command}` ({seconds / 60:.0f} min on this machine, runs reused from earlier "
+                      "invocations not counted). Every verdict is computed from the numbers in the linked report "
                       "(rules in each report); nothing here is hand-written.", "",
                       "| experiment | claim | verdict |", "|---|---|---|", *rows, ""])
     path = reports / "README.md"

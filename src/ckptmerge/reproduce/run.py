@@ -35,6 +35,7 @@ def reproduce(group: str, *, quick: bool = False, work: str | Path | None = None
     ctx = Context.create(work, scale, progress=progress, log=log)
     runners = {"lawa": run_lawa, "bo": run_bo, "pma": run_pma}
     done: list[Experiment] = []
+    begun = time.monotonic()
     for name in GROUPS if group == "all" else (group,):
         started = time.monotonic()
         log(f"== {name}: experiments in {reports}, runs in {work}")
@@ -42,6 +43,6 @@ def reproduce(group: str, *, quick: bool = False, work: str | Path | None = None
             done.append(exp)
             log(f"   {exp.title}: " + "; ".join(f"{c.verdict}" for c in exp.claims))
         log(f"== {name} done in {time.monotonic() - started:.0f} s")
-    index = write_index(reports, f"ckptmerge reproduce {group}{' --quick' if quick else ''}")
+    index = write_index(reports, f"ckptmerge reproduce {group}{' --quick' if quick else ''}", time.monotonic() - begun)
     log(f"index of verdicts: {index}")
     return done

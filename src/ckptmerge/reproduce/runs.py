@@ -43,8 +43,8 @@ class Scale:
 
 
 FULL = Scale()
-QUICK = Scale(eval_tokens=2048, lawa_steps=40, lawa_save_every=10, wsd_steps=80, wsd_save_every=5, anneal_steps=20,
-              early_step=40, spike_steps=40, spike_save_every=5, restart_steps=10, ct_steps=10, warmup_steps=5)
+QUICK = Scale(eval_tokens=2048, lawa_steps=40, lawa_save_every=4, wsd_steps=80, wsd_save_every=5, anneal_steps=20,
+              early_step=50, spike_steps=40, spike_save_every=5, restart_steps=10, ct_steps=10, warmup_steps=5)
 
 
 def lawa_averagers(scale: Scale) -> list[str]:
