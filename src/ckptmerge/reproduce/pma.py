@@ -86,7 +86,7 @@ def e6(ctx: Context, folder: Path) -> Experiment:
         claims[4].per_seed.append(ctx.diff(_merged(ctx, refs_a, anneal_spec, end), annealed_end))
         for r in anneal_rows(ctx.scorer, refs_c, refs_a, spec, [IN_DOMAIN]):
             gap = r["merged_minus_annealed"][IN_DOMAIN]
-            rows.append([seed, r["step"], f"{r['lr']:.1e}", r["raw"][IN_DOMAIN], r["merged"][IN_DOMAIN],
+            rows.append([seed, r["step"], f"{r['lr'] or 0:.1e}", r["raw"][IN_DOMAIN], r["merged"][IN_DOMAIN],
                          r["annealed"][IN_DOMAIN], f"{gap[0]:+.4f} ± {gap[1]:.4f}"])
             if seed == s.seeds[0]:
                 for key, label in (("raw", "raw constant LR"), ("merged", f"SMA N={N_DEFAULT} of constant LR"),

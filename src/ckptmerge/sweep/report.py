@@ -86,7 +86,8 @@ def _anneal_section(name: str, rows: list[dict], d: str, label: str) -> list[str
         diff, se = r["merged_minus_annealed"][d]
         gain = r["raw"][d] - r["annealed"][d]
         recovered = f"{(r['raw'][d] - r['merged'][d]) / gain:.0%}" if gain > 0 else "n/a"
-        lines.append(f"| {r['step']} | {r['lr']:.2e} | {r['raw'][d]:.4f} | {r['merged'][d]:.4f} | {r['annealed'][d]:.4f} | "
+        lr = "?" if r["lr"] is None else f"{r['lr']:.2e}"
+        lines.append(f"| {r['step']} | {lr} | {r['raw'][d]:.4f} | {r['merged'][d]:.4f} | {r['annealed'][d]:.4f} | "
                      f"{diff:+.4f} ± {se:.4f} ({verdict(diff, se, 'merge better', 'anneal better')}) | {recovered} |")
     return lines + ["", "![annealing prediction](anneal_prediction.png)", ""]
 
