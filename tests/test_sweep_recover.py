@@ -45,7 +45,8 @@ def _loss_of_numpy_average(root, steps, data):
     avg = {k: torch.from_numpy(sum(f[k].double().numpy() for f in files) / len(files)).float() for k in files[-1]}
     model = load_model(root / "stable" / checkpoint_name(steps[-1]))
     model.load_state_dict(avg, strict=False)
-    return evaluate_model(model, eval_windows(load_tokens(data), n_tokens=1024, context=32)).loss
+    context = model.config.max_position_embeddings  # the sweep's default context: the model's own
+    return evaluate_model(model, eval_windows(load_tokens(data), n_tokens=1024, context=context)).loss
 
 
 def test_sweep_numbers_match_an_independent_average_and_reruns_hit_the_cache(runs, tmp_path):
