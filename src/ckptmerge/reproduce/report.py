@@ -66,7 +66,7 @@ def write_index(reports: Path, command: str, seconds: float) -> Path:
     text = "\n".join(["# Reproduction of the three papers' claims at small scale", "",
                       f"Written by `{command}` ({seconds / 60:.0f} min on this machine, runs reused from earlier "
                       "invocations not counted). Every verdict is computed from the numbers in the linked report "
-                      "(rules in each report); nothing here is hand-written.", "",
+                      "(rules in each report); no verdict is hand-written.", "",
                       "| experiment | claim | verdict |", "|---|---|---|", *rows, ""])
     path = reports / "README.md"
     tmp = path.with_name(".README.md.tmp")
