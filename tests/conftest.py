@@ -97,3 +97,16 @@ def series(tmp_path):
     states = [make_state(seed, step=100 * (seed + 1)) for seed in range(4)]
     paths = write_series(tmp_path / "run", states)
     return tmp_path / "run", states, paths
+
+
+def write_word_corpus(root: Path) -> None:
+    """``train.txt``, ``val.txt`` and ``other.txt`` (a narrower vocabulary) of random words, seeded, in ``root``;
+    the cache of tokenized text goes to ``root/cache``."""
+    import os
+
+    os.environ["CKPTMERGE_CACHE"] = str(root / "cache")
+    rng = np.random.default_rng(0)
+    words = ["the", "king", "doth", "speak", "and", "queen", "answers", "thee", "not", "so"]
+    (root / "train.txt").write_text(" ".join(rng.choice(words, 20000)))
+    (root / "val.txt").write_text(" ".join(rng.choice(words, 4000)))
+    (root / "other.txt").write_text(" ".join(rng.choice(words[:4], 4000)))

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import write_word_corpus
 
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("transformers")
@@ -17,14 +18,7 @@ from ckptmerge.train.trainer import TrainConfig, train  # noqa: E402
 @pytest.fixture(scope="module")
 def series(tmp_path_factory):
     root = tmp_path_factory.mktemp("search")
-    import os
-
-    os.environ["CKPTMERGE_CACHE"] = str(root / "cache")
-    rng = np.random.default_rng(0)
-    words = ["the", "king", "doth", "speak", "and", "queen", "answers", "thee", "not", "so"]
-    (root / "train.txt").write_text(" ".join(rng.choice(words, 20000)))
-    (root / "val.txt").write_text(" ".join(rng.choice(words, 4000)))
-    (root / "other.txt").write_text(" ".join(rng.choice(words[:4], 4000)))
+    write_word_corpus(root)
     config = TrainConfig(preset="tiny", steps=40, lr=1e-2, warmup_steps=2, batch_size=8, context=32, save_every=10,
                          data=str(root / "train.txt"), seed=1)
     train(config, root / "run", progress=False)

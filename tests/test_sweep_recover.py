@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import write_word_corpus
 
 pytest.importorskip("transformers")
 
@@ -25,11 +26,7 @@ from ckptmerge.train.trainer import TrainConfig, train  # noqa: E402
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    os.environ["CKPTMERGE_CACHE"] = str(root / "cache")
-    rng = np.random.default_rng(0)
-    words = ["the", "king", "doth", "speak", "and", "queen", "answers", "thee", "not", "so"]
-    (root / "train.txt").write_text(" ".join(rng.choice(words, 20000)))
-    (root / "val.txt").write_text(" ".join(rng.choice(words, 4000)))
+    write_word_corpus(root)
     config = TrainConfig(preset="tiny", steps=40, lr=1e-2, warmup_steps=2, batch_size=8, context=32, save_every=5,
                          data=str(root / "train.txt"), seed=3, log_every=1)
     train(config, root / "stable", progress=False)
