@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ckptmerge.checkpoint import CheckpointRef
-from ckptmerge.reproduce.context import TOL_NATS, Context
+from ckptmerge.reproduce.context import IN_DOMAIN, TOL_NATS, Context
 from ckptmerge.reproduce.report import Experiment, line_plot, markdown_table, publish
 from ckptmerge.reproduce.runs import lawa_averagers, lawa_run, spike_run
 from ckptmerge.reproduce.verdicts import Claim, combine
@@ -50,7 +50,7 @@ def _plot_runs(path: Path, ctx: Context, runs: dict[str, dict], labels: list[str
             if label in c:
                 steps = sorted(c[label])
                 series[f"{label}, {run_name}"] = (steps, [c[label][s].loss for s in steps])
-    line_plot(path, series, title=title, xlabel="step", ylabel=f"held-out loss ({'shakespeare-val'}, nats/byte)")
+    line_plot(path, series, title=title, xlabel="step", ylabel=f"held-out loss ({IN_DOMAIN}, nats/byte)")
 
 
 def run_lawa(ctx: Context, reports: Path) -> list[Experiment]:

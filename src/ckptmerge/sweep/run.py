@@ -98,7 +98,8 @@ def grid_rows(scorer: CachedScorer, refs: Sequence[CheckpointRef], points: Seque
     bar = Progress(len(jobs) * len(data), "sweep", fmt=format_count, unit=" evals", enabled=progress)
     rows, raw = [], {}
     for t, spec, window in jobs:
-        scorer.scorer.forget(keep=window)
+        if spec is None:  # a new point: keep only the checkpoints its windows use
+            scorer.scorer.forget(keep=[r for u, _, w in jobs if u == t for r in w])
         coeffs = [1.0] if spec is None else spec.coeffs(window)
         results = {d: scorer.score(window, coeffs, d) for d in data}
         bar.update(len(data))
