@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from ckptmerge import discover, select_last
-from ckptmerge.evaluate import evaluate_model
+from ckptmerge.evaluation.evaluator import evaluate_model
 from ckptmerge.search.objective import MergeObjective
 from ckptmerge.search.spaces import make_space
 from ckptmerge.search.study import SearchConfig, open_study, run_trials, trial_rows

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ckptmerge.data.batches import eval_windows
 from ckptmerge.data.tokens import load_tokens
-from ckptmerge.evaluate import evaluate_model
+from ckptmerge.evaluation.evaluator import evaluate_model
 from ckptmerge.train.presets import build_model, count_parameters, preset_context
 from ckptmerge.train.trainer import TrainConfig, train
 

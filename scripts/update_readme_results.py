@@ -1,5 +1,8 @@
 """Regenerate the README's table of reproduction verdicts from reports/*/results.json (run after `ckptmerge reproduce`)."""
-import json, pathlib, re
+import json
+import pathlib
+import re
+
 root = pathlib.Path(__file__).resolve().parent.parent
 rows = []
 for res in sorted(root.glob("reports/*/results.json"), key=lambda p: int(re.match(r"e(\d+)", p.parent.name).group(1))):

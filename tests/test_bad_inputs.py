@@ -5,13 +5,18 @@ import pickle
 
 import pytest
 import torch
+from conftest import make_state, tree_digest, write_checkpoint, write_series
 from safetensors.torch import save_file
 
 from ckptmerge import compute_coeffs, discover, merge
-from ckptmerge.errors import (CheckpointFormatError, NonFiniteTensorError, OutputExistsError, PlanMismatchError,
-                              UnsafeCheckpointError)
+from ckptmerge.errors import (
+    CheckpointFormatError,
+    NonFiniteTensorError,
+    OutputExistsError,
+    PlanMismatchError,
+    UnsafeCheckpointError,
+)
 from ckptmerge.io.layout import open_checkpoint
-from conftest import make_state, tree_digest, write_checkpoint, write_series
 
 
 def assert_nothing_written(tmp_path, out_name="out"):

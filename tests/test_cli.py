@@ -5,10 +5,10 @@ import subprocess
 import sys
 
 import numpy as np
+from conftest import make_state, reference_merge, to_f64, write_series
 from safetensors.torch import load_file
 
 from ckptmerge.cli.main import main
-from conftest import make_state, reference_merge, to_f64, write_series
 
 
 def test_merge_by_flags_matches_reference_and_records_recipe(tmp_path, series, capsys):

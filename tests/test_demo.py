@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
-from ckptmerge.demo import DemoConfig, run_demo  # noqa: E402
+from ckptmerge.demo.run import DemoConfig, run_demo  # noqa: E402
 
 
 def test_quick_demo_writes_a_consistent_report(tmp_path, monkeypatch):

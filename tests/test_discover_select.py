@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from conftest import make_state, write_checkpoint, write_series
 
 from ckptmerge import discover, parse_step, select_last, select_range, select_steps
 from ckptmerge.errors import DiscoveryError, SelectionError
-from conftest import make_state, write_checkpoint, write_series
 
 
 @pytest.mark.parametrize("name,step", [

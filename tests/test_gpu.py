@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-from ckptmerge.memory_merge import merge_state_dicts
-from ckptmerge.online import EMA
 from conftest import make_state
+
+from ckptmerge.merging.memory import merge_state_dicts
+from ckptmerge.online import EMA
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -5,7 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from ckptmerge.evaluate import load_model  # noqa: E402
+from ckptmerge.evaluation.evaluator import load_model  # noqa: E402
 from ckptmerge.online import EMA  # noqa: E402
 from ckptmerge.online.hf_callback import AveragingCallback  # noqa: E402
 

@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import FLOAT_DTYPES, make_state, reference_merge, to_f64, write_series
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ckptmerge import compute_coeffs, discover, merge, select_last
-from ckptmerge.schedules import SCHEDULES
-from conftest import FLOAT_DTYPES, make_state, reference_merge, to_f64, write_series
+from ckptmerge.merging.schedules import SCHEDULES
 
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float64: 2.0**-53}
 PARAMS = {"ema": {"alpha": 0.3}, "pair": {"lam": 0.65}, "custom": {"weights": [0.1, 0.2, 0.3, 0.4]},

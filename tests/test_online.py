@@ -175,7 +175,7 @@ def test_interrupted_and_resumed_average_equals_uninterrupted(tmp_path, make):
 
 def test_save_writes_a_folder_that_eval_and_merge_read(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from ckptmerge.evaluate import load_model
+    from ckptmerge.evaluation.evaluator import load_model
 
     config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from ckptmerge.checkpoint import CheckpointRef
 from ckptmerge.errors import ScheduleError, UnknownNameError
-from ckptmerge.schedules import SCHEDULES, check_coeffs, compute_coeffs
+from ckptmerge.merging.checkpoint import CheckpointRef
+from ckptmerge.merging.schedules import SCHEDULES, check_coeffs, compute_coeffs
 
 
 def refs(steps, tokens_per_step=1000):

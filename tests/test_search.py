@@ -153,7 +153,7 @@ def test_objective_holds_file_backed_views_and_matches_a_file_merge(series, tmp_
     objective = MergeObjective(window, n_tokens=1024)  # holds mmap views of the checkpoints
     coeffs = compute_coeffs("wma", window)
     merge(window, coeffs, tmp_path / "m", progress=False)
-    from ckptmerge.evaluate import evaluate_model, load_model
+    from ckptmerge.evaluation.evaluator import evaluate_model, load_model
 
     want = evaluate_model(load_model(tmp_path / "m"), objective.windows(str(root / "val.txt"))).loss
     assert objective(coeffs, str(root / "val.txt")).loss == pytest.approx(want, rel=1e-6)

@@ -15,9 +15,9 @@ from safetensors.torch import load_file  # noqa: E402
 from ckptmerge.data.batches import eval_windows  # noqa: E402
 from ckptmerge.data.tokens import load_tokens  # noqa: E402
 from ckptmerge.errors import ConfigError  # noqa: E402
-from ckptmerge.evaluate import evaluate_model, load_model  # noqa: E402
-from ckptmerge.recover import RecoverConfig, recover  # noqa: E402
-from ckptmerge.spikes import detect_spikes  # noqa: E402
+from ckptmerge.evaluation.evaluator import evaluate_model, load_model  # noqa: E402
+from ckptmerge.recovery.recover import RecoverConfig, recover  # noqa: E402
+from ckptmerge.recovery.spikes import detect_spikes  # noqa: E402
 from ckptmerge.sweep.run import SweepConfig, sweep  # noqa: E402
 from ckptmerge.train.checkpointing import checkpoint_name  # noqa: E402
 from ckptmerge.train.trainer import TrainConfig, train  # noqa: E402

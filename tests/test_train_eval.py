@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 from ckptmerge import discover  # noqa: E402
 from ckptmerge.data.batches import eval_windows, train_batch  # noqa: E402
 from ckptmerge.data.tokens import load_tokens  # noqa: E402
-from ckptmerge.evaluate import evaluate_model, load_model, paired_difference  # noqa: E402
+from ckptmerge.evaluation.evaluator import evaluate_model, load_model, paired_difference  # noqa: E402
 from ckptmerge.train import trainer as trainer_mod  # noqa: E402
 from ckptmerge.train.lr_schedules import LrSchedule  # noqa: E402
 from ckptmerge.train.trainer import TrainConfig, train  # noqa: E402

@@ -5,12 +5,12 @@ import time
 
 import pytest
 import torch
+from conftest import make_state
 from safetensors.torch import save_file
 
 from ckptmerge import compute_coeffs, discover, merge, open_checkpoint, select_last
 from ckptmerge.cli.main import main
-from ckptmerge.watch import WatchConfig, Watcher
-from conftest import make_state
+from ckptmerge.online.watch import WatchConfig, Watcher
 
 
 def add_checkpoint(run, step, seed, age_s=60.0):

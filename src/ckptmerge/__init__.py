@@ -9,13 +9,13 @@ Three lines from a run directory to a merged model::
 
 __version__ = "0.1.0"
 
-from ckptmerge.checkpoint import CheckpointRef
-from ckptmerge.discover import Discovery, discover, parse_step
 from ckptmerge.errors import CkptMergeError
 from ckptmerge.io.layout import open_checkpoint
-from ckptmerge.merge import MergeResult, merge
-from ckptmerge.schedules import SCHEDULES, compute_coeffs
-from ckptmerge.select import select_last, select_range, select_steps
+from ckptmerge.merging.checkpoint import CheckpointRef
+from ckptmerge.merging.discover import Discovery, discover, parse_step
+from ckptmerge.merging.offline import MergeResult, merge
+from ckptmerge.merging.schedules import SCHEDULES, compute_coeffs
+from ckptmerge.merging.select import select_last, select_range, select_steps
 
 __all__ = [
     "CheckpointRef", "CkptMergeError", "Discovery", "MergeResult", "SCHEDULES", "compute_coeffs", "discover",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ckptmerge.console import print_table
 from ckptmerge.data.corpora import DOMAINS, cache_dir
 from ckptmerge.data.tokens import prepare
 
@@ -16,7 +17,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name, count in prepare(args.domains or None).items():
-        print(f"{name:<16} {count:>10,} tokens")
+    print_table(["domain", "tokens"], [[name, f"{count:,}"] for name, count in prepare(args.domains or None).items()])
     print(f"cache: {cache_dir()}")
     return 0

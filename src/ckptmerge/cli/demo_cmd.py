@@ -1,11 +1,11 @@
-"""``ckptmerge demo``: train, fork, merge, evaluate and report (see ckptmerge.demo)."""
+"""``ckptmerge demo``: train, fork, merge, evaluate and report (see ckptmerge.demo.run)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from ckptmerge.demo import DemoConfig, run_demo
+from ckptmerge.demo.run import DemoConfig, run_demo
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -6,8 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from ckptmerge.console import print_table
 from ckptmerge.data.corpora import HELD_OUT
-from ckptmerge.eval_runner import evaluate_paths
+from ckptmerge.evaluation.runner import evaluate_paths
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,12 +27,8 @@ def run(args: argparse.Namespace) -> int:
     data = args.data or list(HELD_OUT)
     results = evaluate_paths([Path(p) for p in args.paths], data, n_tokens=args.tokens, context=args.context,
                              batch_size=args.batch_size, bf16=args.bf16)
-    width = max(len(p) for p in args.paths)
-    print(f"{'model':<{width}}  " + "  ".join(f"{d:>22}" for d in data))
-    for path, by_data in results.items():
-        cells = [f"{r.loss:.4f} ± {r.stderr:.4f}" for r in by_data.values()]
-        print(f"{path:<{width}}  " + "  ".join(f"{c:>22}" for c in cells))
-    print("loss in nats per token (± standard error over windows)")
+    rows = [[path] + [f"{r.loss:.4f} ± {r.stderr:.4f}" for r in by_data.values()] for path, by_data in results.items()]
+    print_table(["model", *data], rows, note="loss in nats per token (± standard error over windows)")
     if args.json:
         Path(args.json).write_text(json.dumps({p: {d: r.to_dict() for d, r in v.items()} for p, v in results.items()},
                                               indent=2) + "\n")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from ckptmerge.discover import discover
+from ckptmerge.console import format_bytes, print_table
 from ckptmerge.io.fingerprint import checkpoint_files
 from ckptmerge.io.layout import open_checkpoint
-from ckptmerge.progress import format_bytes
+from ckptmerge.merging.discover import discover
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     found = discover(args.run_dir, tokens_per_step=args.tokens_per_step, skip_unparsable=args.skip_unparsable)
-    print(f"{'checkpoint':<28} {'step':>9} {'tokens':>14} {'lr':>10} {'format':<12} {'dtype':<16} {'size':>10}")
+    rows = []
     for ref in found.checkpoints:
         reader = open_checkpoint(ref.path)
         try:
@@ -29,8 +29,9 @@ def run(args: argparse.Namespace) -> int:
         finally:
             reader.close()
         size = sum(f.stat().st_size for f in checkpoint_files(ref.path))
-        print(f"{ref.name:<28} {ref.step:>9} {_or_dash(ref.tokens_seen):>14} {_or_dash(ref.lr, '.3g'):>10} "
-              f"{ref.layout:<12} {'/'.join(d for d, _ in dtypes.most_common()):<16} {format_bytes(size):>10}")
+        rows.append([ref.name, ref.step, _or_dash(ref.tokens_seen), _or_dash(ref.lr, ".3g"), ref.layout,
+                     "/".join(d for d, _ in dtypes.most_common()), format_bytes(size)])
+    print_table(["checkpoint", "step", "tokens", "lr", "format", "dtype", "size"], rows)
     for path, why in found.skipped:
         print(f"skipped {path.name}: {why}")
     print(f"{len(found.checkpoints)} checkpoints")

@@ -6,8 +6,19 @@ import argparse
 import sys
 import warnings
 
-from ckptmerge.cli import (data_cmd, demo_cmd, eval_cmd, inspect_cmd, merge_cmd, recover_cmd, reproduce_cmd,
-                           search_cmd, sweep_cmd, train_cmd, watch_cmd)
+from ckptmerge.cli import (
+    data_cmd,
+    demo_cmd,
+    eval_cmd,
+    inspect_cmd,
+    merge_cmd,
+    recover_cmd,
+    reproduce_cmd,
+    search_cmd,
+    sweep_cmd,
+    train_cmd,
+    watch_cmd,
+)
 from ckptmerge.errors import CkptMergeError
 
 COMMANDS = (inspect_cmd, merge_cmd, train_cmd, eval_cmd, data_cmd, demo_cmd, watch_cmd, search_cmd, sweep_cmd, recover_cmd,

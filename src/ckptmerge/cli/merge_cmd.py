@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from ckptmerge.progress import format_bytes
-from ckptmerge.recipe import DTYPE_NAMES, MergeRecipe, recipe_from_dict, recipe_from_yaml
-from ckptmerge.schedules import SCHEDULES
-from ckptmerge.window import resolve_window, run_recipe
+from ckptmerge.console import format_bytes, print_table
+from ckptmerge.merging.recipe import DTYPE_NAMES, MergeRecipe, recipe_from_dict, recipe_from_yaml
+from ckptmerge.merging.schedules import SCHEDULES
+from ckptmerge.merging.window import resolve_window, run_recipe
 
 
 def _floats(text: str) -> list[float]:
@@ -77,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
     if recipe.dry_run:
         window = resolve_window(recipe)
         print(f"plan: {recipe.schedule} over {len(window.refs)} checkpoints -> {recipe.output or '(no output)'}")
-        for ref, coeff in zip(window.refs, window.coeffs):
-            print(f"  {coeff:10.6f}  step {ref.step!s:>9}  tokens {ref.tokens_seen!s:>14}  {ref.path}")
+        print_table(["coefficient", "step", "tokens", "path"],
+                    [[f"{c:.6f}", r.step, r.tokens_seen, r.path] for r, c in zip(window.refs, window.coeffs)])
         for path, why in window.skipped:
             print(f"  skipped {path}: {why}")
         return 0

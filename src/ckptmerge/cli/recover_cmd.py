@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ckptmerge.recover import RecoverConfig, recover
+from ckptmerge.recovery.recover import RecoverConfig, recover
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ckptmerge.recipe import MergeRecipe
+from ckptmerge.console import print_table
+from ckptmerge.merging.recipe import MergeRecipe
+from ckptmerge.merging.window import resolve_window
 from ckptmerge.search.run import search, write_results
 from ckptmerge.search.study import SearchConfig
-from ckptmerge.window import resolve_window
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,10 +47,9 @@ def run(args: argparse.Namespace) -> int:
                     report_data=args.report_data, plots=args.plots, log=print)
     print(f"best: loss {result.best_loss:.5f} with weights {[round(w, 4) for w in result.best_weights]} "
           f"(oldest first) after {len(result.trials)} trials")
-    print(f"{'data':<18} {'candidate':<12} {'loss':>9} {'Δ vs searched':>16}")
-    for data, rows in result.generalization.items():
-        for name, r in rows.items():
-            print(f"{data:<18} {name:<12} {r['loss']:>9.5f} {r['diff_vs_searched']:>+9.5f} ± {r['se']:.5f}")
+    rows = [[data, name, f"{r['loss']:.5f}", f"{r['diff_vs_searched']:+.5f} ± {r['se']:.5f}"]
+            for data, by_name in result.generalization.items() for name, r in by_name.items()]
+    print_table(["data", "candidate", "loss", "Δ vs searched"], rows, note="loss in nats per token")
     if args.json:
         write_results(Path(args.json), result)
     return 0

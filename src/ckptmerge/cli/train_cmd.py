@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, fields
 
-from ckptmerge.configfile import read_yaml
 from ckptmerge.errors import ConfigError
+from ckptmerge.io.yaml_config import read_yaml
 from ckptmerge.train.trainer import TrainConfig, config_from_dict, train
 
 _HELP = {

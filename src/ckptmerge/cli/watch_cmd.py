@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ckptmerge.watch import WatchConfig, Watcher
+from ckptmerge.online.watch import WatchConfig, Watcher
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

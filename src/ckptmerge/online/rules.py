@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from ckptmerge.checkpoint import CheckpointRef
-from ckptmerge.memory_merge import merge_state_dicts
+from ckptmerge.merging.checkpoint import CheckpointRef
+from ckptmerge.merging.memory import merge_state_dicts
+from ckptmerge.merging.schedules import compute_coeffs
 from ckptmerge.online.averager import Averager
-from ckptmerge.schedules import compute_coeffs
 
 
 class _Running(Averager):
@@ -102,8 +102,8 @@ class PMA(Averager):
     """A ring buffer of the last ``n`` snapshots taken every ``every`` steps, merged with an offline schedule.
 
     The merged weights are exactly what ``ckptmerge merge --schedule S --last n --every every`` gives for
-    checkpoints saved at the same steps: the same coefficients (``ckptmerge.schedules``) and the same
-    merge path (``ckptmerge.memory_merge``). Until n snapshots exist, the ones present are merged.
+    checkpoints saved at the same steps: the same coefficients (``ckptmerge.merging.schedules``) and the same
+    merge path (``ckptmerge.merging.memory``). Until n snapshots exist, the ones present are merged.
     """
 
     kind = "pma"

@@ -6,9 +6,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ckptmerge.checkpoint import CheckpointRef
-from ckptmerge.discover import discover
-from ckptmerge.evaluate import EvalResult, paired_difference
+from ckptmerge.evaluation.evaluator import EvalResult, paired_difference
+from ckptmerge.merging.checkpoint import CheckpointRef
+from ckptmerge.merging.discover import discover
 from ckptmerge.reproduce.runs import Scale
 from ckptmerge.sweep.evaluator import CachedScorer
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ckptmerge.checkpoint import CheckpointRef
+from ckptmerge.merging.checkpoint import CheckpointRef
+from ckptmerge.merging.select import select_last
 from ckptmerge.reproduce.context import IN_DOMAIN, TOL_NATS, Context
 from ckptmerge.reproduce.report import Experiment, line_plot, markdown_table, publish
 from ckptmerge.reproduce.runs import lawa_averagers, lawa_run, spike_run
 from ckptmerge.reproduce.verdicts import Claim, combine
-from ckptmerge.select import select_last
 from ckptmerge.train.trainer import averager_names
 
 PAPER = "Sanyal et al., *Early Weight Averaging meets High Learning Rates for LLM Pre-training*, COLM 2024"

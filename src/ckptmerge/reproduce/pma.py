@@ -8,13 +8,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from ckptmerge.errors import SelectionError
-from ckptmerge.merge import merge
-from ckptmerge.recover import RecoverConfig, recover
+from ckptmerge.merging.offline import merge
+from ckptmerge.recovery.recover import RecoverConfig, recover
+from ckptmerge.recovery.spikes import detect_spikes, read_log
 from ckptmerge.reproduce.context import IN_DOMAIN, TOL_NATS, Context
 from ckptmerge.reproduce.report import Experiment, line_plot, markdown_table, publish
 from ckptmerge.reproduce.runs import spike_run, wsd_run
 from ckptmerge.reproduce.verdicts import Claim, combine
-from ckptmerge.spikes import detect_spikes, read_log
 from ckptmerge.sweep.grid import MergeSpec, make_grid
 from ckptmerge.sweep.report import plot_gain_grid
 from ckptmerge.sweep.run import anneal_rows, grid_rows

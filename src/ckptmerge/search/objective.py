@@ -6,13 +6,13 @@ from collections.abc import Sequence
 
 import torch
 
-from ckptmerge.checkpoint import CheckpointRef
-from ckptmerge.evaluate import EvalResult
-from ckptmerge.scoring import Scorer
+from ckptmerge.evaluation.evaluator import EvalResult
+from ckptmerge.evaluation.scoring import Scorer
+from ckptmerge.merging.checkpoint import CheckpointRef
 
 
 class MergeObjective:
-    """Scores coefficient vectors over a fixed window of checkpoints (see ``ckptmerge.scoring.Scorer``)."""
+    """Scores coefficient vectors over a fixed window of checkpoints (see ``ckptmerge.evaluation.scoring.Scorer``)."""
 
     def __init__(self, refs: Sequence[CheckpointRef], *, n_tokens: int = 16384, batch_size: int = 16,
                  context: int | None = None, scorer: Scorer | None = None):

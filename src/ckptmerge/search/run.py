@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ckptmerge.checkpoint import CheckpointRef
-from ckptmerge.discover import describe_path
-from ckptmerge.evaluate import paired_difference
-from ckptmerge.merge import merge
+from ckptmerge.evaluation.evaluator import paired_difference
+from ckptmerge.merging.checkpoint import CheckpointRef
+from ckptmerge.merging.discover import describe_path
+from ckptmerge.merging.offline import merge
 from ckptmerge.search.objective import MergeObjective
 from ckptmerge.search.spaces import make_space
 from ckptmerge.search.study import SearchConfig, open_study, run_trials, trial_rows

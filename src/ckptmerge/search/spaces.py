@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ckptmerge.checkpoint import CheckpointRef
-from ckptmerge.schedules import compute_coeffs
+from ckptmerge.merging.checkpoint import CheckpointRef
+from ckptmerge.merging.schedules import compute_coeffs
 
 
 def _fake_refs(n: int) -> list[CheckpointRef]:

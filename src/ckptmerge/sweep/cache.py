@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ckptmerge.evaluate import EvalResult
+from ckptmerge.evaluation.evaluator import EvalResult
 
 
 def windows_digest(windows: torch.Tensor) -> str:

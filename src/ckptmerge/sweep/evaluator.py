@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ckptmerge.checkpoint import CheckpointRef
-from ckptmerge.evaluate import EvalResult
+from ckptmerge.evaluation.evaluator import EvalResult
+from ckptmerge.evaluation.scoring import Scorer
 from ckptmerge.io.fingerprint import checkpoint_files, fingerprint_files
-from ckptmerge.scoring import Scorer
+from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.sweep.cache import EvalCache, eval_key, windows_digest
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ckptmerge.checkpoint import CheckpointRef
 from ckptmerge.errors import ConfigError, SelectionError
-from ckptmerge.schedules import compute_coeffs
-from ckptmerge.select import select_last
+from ckptmerge.merging.checkpoint import CheckpointRef
+from ckptmerge.merging.schedules import compute_coeffs
+from ckptmerge.merging.select import select_last
 
 
 @dataclass(frozen=True)

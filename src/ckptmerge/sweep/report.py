@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ckptmerge.demo_report import verdict
+from ckptmerge.evaluation.evaluator import verdict
 
 
 def write_report(out: Path, report: dict) -> None:

@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ckptmerge.checkpoint import CheckpointRef
-from ckptmerge.discover import discover
+from ckptmerge.console import progress_bar
 from ckptmerge.errors import ConfigError
-from ckptmerge.evaluate import EvalResult, paired_difference
-from ckptmerge.progress import Progress, format_count
+from ckptmerge.evaluation.evaluator import EvalResult, paired_difference
+from ckptmerge.merging.checkpoint import CheckpointRef
+from ckptmerge.merging.discover import discover
 from ckptmerge.sweep.evaluator import CachedScorer
 from ckptmerge.sweep.grid import MergeSpec, base_spacing, choose_points, make_grid
 
@@ -95,7 +95,7 @@ def grid_rows(scorer: CachedScorer, refs: Sequence[CheckpointRef], points: Seque
     by_step = {r.step: r for r in refs}
     jobs = [(t, spec, [by_step[t]] if spec is None else spec.window(refs, t)) for t in points for spec in [None, *grid]]
     jobs = [(t, spec, window) for t, spec, window in jobs if window is not None]
-    bar = Progress(len(jobs) * len(data), "sweep", fmt=format_count, unit=" evals", enabled=progress)
+    bar = progress_bar(len(jobs) * len(data), "sweep", unit="eval", enabled=progress)
     rows, raw = [], {}
     for t, spec, window in jobs:
         if spec is None:  # a new point: keep only the checkpoints its windows use

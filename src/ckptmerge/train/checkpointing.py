@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ckptmerge.discover import META_FILE
 from ckptmerge.io.publish import atomic_folder
+from ckptmerge.merging.discover import META_FILE
 
 TRAINER_STATE = "trainer_state.pt"
 

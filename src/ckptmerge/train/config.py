@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ckptmerge.configfile import dataclass_from_dict
 from ckptmerge.errors import ConfigError
+from ckptmerge.io.yaml_config import dataclass_from_dict
 from ckptmerge.online.spec import parse_average_spec
 from ckptmerge.train.lr_schedules import DECAY_SHAPES, SCHEDULE_NAMES, LrSchedule
 from ckptmerge.train.presets import PRESETS, preset_context

@@ -19,16 +19,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ckptmerge.console import progress_bar
 from ckptmerge.data.batches import eval_windows, train_batch
 from ckptmerge.data.tokens import load_tokens
 from ckptmerge.errors import ConfigError
-from ckptmerge.evaluate import evaluate_model
+from ckptmerge.evaluation.evaluator import evaluate_model
 from ckptmerge.online.spec import parse_average_spec
-from ckptmerge.pma_init import init_from_merged
-from ckptmerge.progress import Progress, format_count
-from ckptmerge.train.checkpointing import (checkpoint_name, latest_resumable, load_trainer_state,
-                                           prune_trainer_states, read_meta, save_checkpoint)
+from ckptmerge.train.checkpointing import (
+    checkpoint_name,
+    latest_resumable,
+    load_trainer_state,
+    prune_trainer_states,
+    read_meta,
+    save_checkpoint,
+)
 from ckptmerge.train.config import TrainConfig, config_from_dict
+from ckptmerge.train.init_from import init_from_merged
 from ckptmerge.train.presets import build_model
 
 RUN_CONFIG = "run.json"
@@ -177,7 +183,7 @@ def _loop(config: TrainConfig, run_dir: Path, state: _State, tokens, tokenizer_d
     schedule = config.lr_schedule()
     windows = (eval_windows(load_tokens(config.eval_data), n_tokens=config.eval_tokens, context=config.seq_len)
                if config.eval_every else None)
-    bar = Progress(config.steps - state.step, "train", fmt=format_count, unit=" steps", enabled=progress)
+    bar = progress_bar(config.steps - state.step, "train", unit="step", enabled=progress)
     started, start_step = time.monotonic(), state.step
     board = _tensorboard(run_dir)
     with open(run_dir / METRICS, "a") as metrics:
@@ -203,7 +209,7 @@ def _loop(config: TrainConfig, run_dir: Path, state: _State, tokens, tokenizer_d
             if state.step % config.save_every == 0 or state.step == config.steps:
                 _save(run_dir, config, state, record, tokenizer_dir)
             tokens_per_s = (state.step - start_step) * config.tokens_per_step / (time.monotonic() - started)
-            bar.postfix = f"loss {loss:.3f} lr {lr:.2e} {tokens_per_s / 1000:.1f}k tok/s"
+            bar.set_postfix_str(f"loss {loss:.3f} lr {lr:.2e} {tokens_per_s / 1000:.1f}k tokens/s", refresh=False)
             bar.update(1)
     bar.close()
     if board is not None:

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import torch
 
-from ckptmerge.checkpoint import CheckpointRef
-from ckptmerge.discover import describe_path, discover
 from ckptmerge.errors import ConfigError
 from ckptmerge.io.layout import detect_layout
-from ckptmerge.merge import MergeResult, merge
-from ckptmerge.recipe import MergeRecipe, parse_size, validate
-from ckptmerge.schedules import compute_coeffs
-from ckptmerge.select import select_last, select_range, select_steps
+from ckptmerge.merging.checkpoint import CheckpointRef
+from ckptmerge.merging.discover import describe_path, discover
+from ckptmerge.merging.offline import MergeResult, merge
+from ckptmerge.merging.recipe import MergeRecipe, parse_size, validate
+from ckptmerge.merging.schedules import compute_coeffs
+from ckptmerge.merging.select import select_last, select_range, select_steps
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 

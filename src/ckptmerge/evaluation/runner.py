@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ckptmerge.data.batches import eval_windows
 from ckptmerge.data.tokens import load_tokens
-from ckptmerge.evaluate import EvalResult, evaluate_model, load_model
+from ckptmerge.evaluation.evaluator import EvalResult, evaluate_model, load_model
 
 MAX_DEFAULT_CONTEXT = 1024
 

@@ -6,7 +6,7 @@
 ``OUT/merged`` is the merge, ``OUT/restart-merged`` the run restarted from it (forked from the last
 pre-spike checkpoint, whose optimizer state is kept or reset), and with ``--baseline`` also
 ``OUT/restart-last``, the same restart from the last pre-spike checkpoint itself, so the two can be
-compared step for step (``ckptmerge.spikes`` is run over both logs).
+compared step for step (``ckptmerge.recovery.spikes`` is run over both logs).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from ckptmerge.discover import discover
 from ckptmerge.errors import ConfigError, SelectionError
-from ckptmerge.merge import merge
-from ckptmerge.schedules import compute_coeffs
-from ckptmerge.spikes import Spike, detect_spikes, read_log
+from ckptmerge.merging.discover import discover
+from ckptmerge.merging.offline import merge
+from ckptmerge.merging.schedules import compute_coeffs
+from ckptmerge.recovery.spikes import Spike, detect_spikes, read_log
 from ckptmerge.train.config import config_from_dict
 from ckptmerge.train.trainer import METRICS, RUN_CONFIG, train_or_resume
 

@@ -11,19 +11,19 @@ from pathlib import Path
 
 import torch
 
-from ckptmerge.checkpoint import CheckpointRef
-from ckptmerge.discover import META_FILE, describe_path
-from ckptmerge.engine import DEFAULT_CHUNK_BYTES, run_engine
+from ckptmerge.console import progress_bar
 from ckptmerge.errors import CkptMergeError, OutputExistsError
 from ckptmerge.io.fingerprint import checkpoint_files, fingerprint_files
 from ckptmerge.io.layout import open_checkpoint
 from ckptmerge.io.publish import atomic_folder, check_destination
 from ckptmerge.io.safetensors_writer import StreamingSafetensorsWriter
 from ckptmerge.io.sidecars import copy_sidecars
-from ckptmerge.manifest import build_manifest, write_manifest
-from ckptmerge.plan import MergePlan, build_plan
-from ckptmerge.progress import Progress
-from ckptmerge.schedules import check_coeffs
+from ckptmerge.merging.checkpoint import CheckpointRef
+from ckptmerge.merging.discover import META_FILE, describe_path
+from ckptmerge.merging.engine import DEFAULT_CHUNK_BYTES, run_engine
+from ckptmerge.merging.manifest import build_manifest, write_manifest
+from ckptmerge.merging.plan import MergePlan, build_plan
+from ckptmerge.merging.schedules import check_coeffs
 
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 
@@ -45,7 +45,7 @@ def merge(checkpoints: Sequence[CheckpointRef | str | Path], coeffs: Sequence[fl
 
     Args:
         checkpoints: CheckpointRefs (from ``discover`` / ``select_*``) or paths.
-        coeffs: one coefficient per checkpoint (see ``ckptmerge.schedules``).
+        coeffs: one coefficient per checkpoint (see ``ckptmerge.merging.schedules``).
         output: destination folder; written atomically.
         dtype: output dtype for float tensors; default: the inputs' dtype.
         accum_dtype: float32 (default) or float64.
@@ -86,7 +86,7 @@ def _merge_into(tmp: Path, plan: MergePlan, readers, *, dtype, max_shard_bytes, 
     writer = StreamingSafetensorsWriter(tmp, entries, max_shard_bytes=max_shard_bytes)
     total = sum(t.info.numel * r.info(t.name).dtype.itemsize for t in plan.tasks for r in
                 ([readers[i] for i in plan.active] if t.merged else readers))
-    bar = Progress(total, "merge", enabled=progress)
+    bar = progress_bar(total, "merge", unit="B", enabled=progress)
     stats = run_engine(plan, readers, writer, chunk_bytes=chunk_bytes, allow_nonfinite=allow_nonfinite,
                        on_bytes=bar.update)
     bar.close()

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ckptmerge.checkpoint import CheckpointRef
 from ckptmerge.errors import PlanMismatchError
 from ckptmerge.io.tensor_info import CheckpointReader, TensorInfo
+from ckptmerge.merging.checkpoint import CheckpointRef
 
 MAX_LISTED = 10
 

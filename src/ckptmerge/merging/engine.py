@@ -19,7 +19,7 @@ import torch
 
 from ckptmerge.errors import NonFiniteTensorError
 from ckptmerge.io.tensor_info import CheckpointReader
-from ckptmerge.plan import MergePlan, TensorTask
+from ckptmerge.merging.plan import MergePlan, TensorTask
 
 DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
 

@@ -19,11 +19,11 @@ from pathlib import Path
 from ckptmerge.data.batches import eval_windows
 from ckptmerge.data.corpora import HELD_OUT
 from ckptmerge.data.tokens import load_tokens
-from ckptmerge.discover import discover
-from ckptmerge.evaluate import EvalResult, evaluate_model, load_model, paired_difference
-from ckptmerge.merge import merge
-from ckptmerge.schedules import compute_coeffs
-from ckptmerge.select import select_last
+from ckptmerge.evaluation.evaluator import EvalResult, evaluate_model, load_model, paired_difference
+from ckptmerge.merging.discover import discover
+from ckptmerge.merging.offline import merge
+from ckptmerge.merging.schedules import compute_coeffs
+from ckptmerge.merging.select import select_last
 from ckptmerge.train.checkpointing import checkpoint_name
 from ckptmerge.train.trainer import TrainConfig, train_or_resume
 
@@ -139,7 +139,7 @@ def _comparisons(table: dict[str, dict[str, EvalResult]], base_label: str) -> di
 
 
 def _write_report(out: Path, cfg: DemoConfig, report: dict) -> None:
-    from ckptmerge.demo_report import render_markdown, plot_curves
+    from ckptmerge.demo.report import plot_curves, render_markdown
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

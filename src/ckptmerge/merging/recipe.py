@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptmerge.configfile import dataclass_from_dict, read_yaml
+from ckptmerge.io.yaml_config import dataclass_from_dict, read_yaml
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -60,7 +60,7 @@ class MergeRecipe:
     dry_run: bool = False
 
     def schedule_params(self) -> dict[str, object]:
-        """Parameters in the names ``ckptmerge.schedules`` uses."""
+        """Parameters in the names ``ckptmerge.merging.schedules`` uses."""
         return {"alpha": self.alpha, "half_life_steps": self.half_life, "half_life_tokens": self.half_life_tokens,
                 "lam": self.lam, "weights": self.weights, "start_step": self.start_step,
                 "start_fraction": self.start_fraction}

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from ckptmerge.checkpoint import CheckpointRef
 from ckptmerge.data.batches import eval_windows
 from ckptmerge.data.tokens import load_tokens
-from ckptmerge.eval_runner import MAX_DEFAULT_CONTEXT
-from ckptmerge.evaluate import EvalResult, evaluate_model, load_model, load_state_into
+from ckptmerge.evaluation.evaluator import EvalResult, evaluate_model, load_model, load_state_into
+from ckptmerge.evaluation.runner import MAX_DEFAULT_CONTEXT
 from ckptmerge.io.layout import open_checkpoint
-from ckptmerge.memory_merge import merge_state_dicts
+from ckptmerge.merging.checkpoint import CheckpointRef
+from ckptmerge.merging.memory import merge_state_dicts
 
 
 class Scorer:

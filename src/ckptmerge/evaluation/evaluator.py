@@ -77,6 +77,16 @@ def paired_difference(a: EvalResult, b: EvalResult) -> tuple[float, float]:
     return float(diff.mean()), se
 
 
+SIGNIFICANT_SE = 2.0  # a difference counts when it exceeds two paired standard errors (~95%)
+
+
+def verdict(diff: float, se: float, better: str, worse: str) -> str:
+    """'better' / 'worse' when |diff| > 2 SE (lower loss is better), else 'within noise of'."""
+    if abs(diff) <= SIGNIFICANT_SE * se:
+        return "within noise of"
+    return better if diff < 0 else worse
+
+
 def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy ``state`` into ``model`` in place (strict; tied weights may be given once)."""
     missing, unexpected = model.load_state_dict(state, strict=False)

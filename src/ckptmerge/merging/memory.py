@@ -1,7 +1,7 @@
 """Merge state dicts held in memory through the same plan and engine as file merges.
 
 Online averagers (ring buffers of snapshots) and the weight search use this: no disk, the same
-validation, fp32 accumulation, non-float copy and tie handling as ``ckptmerge.merge``.
+validation, fp32 accumulation, non-float copy and tie handling as ``ckptmerge.merging.offline``.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from ckptmerge.checkpoint import CheckpointRef
-from ckptmerge.engine import DEFAULT_CHUNK_BYTES, run_engine
 from ckptmerge.io.state_dict_reader import StateDictReader
-from ckptmerge.plan import build_plan
+from ckptmerge.merging.checkpoint import CheckpointRef
+from ckptmerge.merging.engine import DEFAULT_CHUNK_BYTES, run_engine
+from ckptmerge.merging.plan import build_plan
 
 
 class DictSink:

@@ -17,9 +17,9 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ckptmerge.checkpoint import CheckpointRef
 from ckptmerge.errors import DiscoveryError
 from ckptmerge.io.layout import detect_layout
+from ckptmerge.merging.checkpoint import CheckpointRef
 
 META_FILE = "ckptmerge.json"
 _STEP_NAME = re.compile(

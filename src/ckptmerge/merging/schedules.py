@@ -11,8 +11,8 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 
-from ckptmerge.checkpoint import CheckpointRef
 from ckptmerge.errors import ScheduleError, UnknownNameError
+from ckptmerge.merging.checkpoint import CheckpointRef
 
 Schedule = Callable[..., list[float]]
 SCHEDULES: dict[str, Schedule] = {}

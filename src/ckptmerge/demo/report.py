@@ -4,14 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SIGNIFICANT_SE = 2.0  # a difference counts when it exceeds two paired standard errors (~95%)
-
-
-def verdict(diff: float, se: float, better: str, worse: str) -> str:
-    """'better' / 'worse' when |diff| > 2 SE (lower loss is better), else 'within noise of'."""
-    if abs(diff) <= SIGNIFICANT_SE * se:
-        return "within noise of"
-    return better if diff < 0 else worse
+from ckptmerge.evaluation.evaluator import verdict
 
 
 def render_markdown(report: dict) -> str:

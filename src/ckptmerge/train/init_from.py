@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ckptmerge.evaluate import load_state_into
+from ckptmerge.evaluation.evaluator import load_state_into
 from ckptmerge.io.layout import open_checkpoint
 
 OPTIMIZER_POLICIES = ("keep", "reset")

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from math import gcd
 
-from ckptmerge.checkpoint import CheckpointRef
 from ckptmerge.errors import SelectionError
+from ckptmerge.merging.checkpoint import CheckpointRef
 
 
 def select_last(refs: Sequence[CheckpointRef], n: int, *, every_steps: int | None = None,

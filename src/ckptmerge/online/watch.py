@@ -25,8 +25,6 @@ from pathlib import Path
 
 import torch
 
-from ckptmerge.checkpoint import CheckpointRef
-from ckptmerge.discover import META_FILE, discover
 from ckptmerge.errors import CkptMergeError
 from ckptmerge.io.fingerprint import checkpoint_files
 from ckptmerge.io.layout import open_checkpoint
@@ -34,6 +32,8 @@ from ckptmerge.io.publish import atomic_folder
 from ckptmerge.io.safetensors_writer import StreamingSafetensorsWriter
 from ckptmerge.io.sidecars import copy_sidecars
 from ckptmerge.io.tensor_info import TensorInfo
+from ckptmerge.merging.checkpoint import CheckpointRef
+from ckptmerge.merging.discover import META_FILE, discover
 
 STATE_FILE = ".watch-state.pt"
 LOG_FILE = "watch.jsonl"
@@ -182,7 +182,7 @@ class Watcher:
     def _log(self, ref: CheckpointRef) -> None:
         record = {"step": ref.step, "window": [step for step, _ in self.state.window], "time": time.time()}
         if self.cfg.eval_data:
-            from ckptmerge.eval_runner import evaluate_paths
+            from ckptmerge.evaluation.runner import evaluate_paths
 
             results = evaluate_paths([ref.path, self.out / "current"], self.cfg.eval_data, n_tokens=self.cfg.eval_tokens)
             raw, merged = results.values()

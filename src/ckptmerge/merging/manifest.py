@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ckptmerge.plan import MergePlan
+from ckptmerge.merging.plan import MergePlan
 
 MANIFEST_NAME = "merge.json"
 
