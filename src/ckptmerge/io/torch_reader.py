@@ -34,7 +34,19 @@ def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
             f"tensor dict (torch.save(model.state_dict(), ...)).") from exc
     except (RuntimeError, EOFError, OSError) as exc:
         raise CheckpointFormatError(f"{path}: cannot read torch checkpoint ({exc}); is the file complete?") from exc
-    return _strip_prefixes(path, _unwrap(path, obj))
+    except Exception as exc:  # a corrupt pickle stream can fail in many ways (ValueError, KeyError, ...)
+        raise CheckpointFormatError(f"{path}: cannot read torch checkpoint ({type(exc).__name__}: {str(exc)[:200]}); "
+                                    f"the file is corrupt or truncated") from exc
+    return _strip_prefixes(path, _checked_names(path, _unwrap(path, obj)))
+
+
+def _checked_names(path: Path, tensors: dict) -> dict[str, torch.Tensor]:
+    """Tensor names must be strings (a state dict's keys); anything else is not a model checkpoint."""
+    bad = [k for k in tensors if not isinstance(k, str)]
+    if bad:
+        raise CheckpointFormatError(f"{path}: tensor names must be strings, found {type(bad[0]).__name__} key "
+                                    f"{str(bad[0])[:80]!r}; save the model's state_dict() (string keys) instead")
+    return tensors
 
 
 def _safe_load(path: Path) -> object:

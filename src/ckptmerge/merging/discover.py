@@ -109,8 +109,8 @@ def _load_json(path: Path) -> dict | None:
         return None
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DiscoveryError(f"{path}: invalid JSON ({exc}); fix or remove the file") from exc
+    except (ValueError, RecursionError) as exc:  # bad JSON or bad UTF-8
+        raise DiscoveryError(f"{path}: invalid JSON ({str(exc)[:200]}); fix or remove the file") from exc
     return data if isinstance(data, dict) else None
 
 
@@ -118,6 +118,8 @@ def _apply_trainer_state(ref: CheckpointRef, path: Path) -> CheckpointRef:
     state = _load_json(path)
     if state is None:
         return ref
+    _check_types(path, state, {"global_step": _is_count, "num_input_tokens_seen": _is_count})
+    _check_log_history(path, state.get("log_history", []))
     lrs = [e["learning_rate"] for e in state.get("log_history", []) if "learning_rate" in e]
     return replace(ref, step=state.get("global_step", ref.step),
                    tokens_seen=state.get("num_input_tokens_seen") or ref.tokens_seen,
@@ -128,8 +130,34 @@ def _apply_own_metadata(ref: CheckpointRef, path: Path) -> CheckpointRef:
     meta = _load_json(path)
     if meta is None:
         return ref
+    _check_types(path, meta, {"step": _is_count, "tokens_seen": _is_count, "lr": _is_number})
     return replace(ref, step=meta.get("step", ref.step), tokens_seen=meta.get("tokens_seen", ref.tokens_seen),
                    lr=meta.get("lr", ref.lr), meta_source=ref.meta_source + (path.name,))
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_types(path: Path, data: dict, checks: dict) -> None:
+    """Each present, non-null field must pass its check; else a DiscoveryError naming the field."""
+    for key, ok in checks.items():
+        if data.get(key) is not None and not ok(data[key]):
+            raise DiscoveryError(f"{path}: field {key!r} is {str(data[key])[:80]!r} ({type(data[key]).__name__}), "
+                                 f"expected a {'number' if ok is _is_number else 'non-negative integer'}; "
+                                 f"fix or remove the file")
+
+
+def _check_log_history(path: Path, history: object) -> None:
+    if not isinstance(history, list) or not all(isinstance(e, dict) for e in history):
+        raise DiscoveryError(f"{path}: 'log_history' must be a list of objects, got {type(history).__name__}; "
+                             f"fix or remove the file")
+    for entry in history:
+        _check_types(path, entry, {"learning_rate": _is_number})
 
 
 def _check_duplicates(run_dir: Path, refs: list[CheckpointRef]) -> None:

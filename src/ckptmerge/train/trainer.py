@@ -64,7 +64,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     """Train (or resume) a run in ``run_dir``; returns the run directory."""
     run_dir = Path(run_dir)
     if resume:
-        config = config_from_dict(json.loads((run_dir / RUN_CONFIG).read_text()), str(run_dir / RUN_CONFIG))
+        config = config_from_dict(read_run_config(run_dir), str(run_dir / RUN_CONFIG))
     elif (run_dir / RUN_CONFIG).exists():
         raise ConfigError(f"{run_dir}: already holds a run; use --resume to continue it or choose a new -o")
     from transformers.utils import logging as hf_logging
@@ -82,9 +82,24 @@ def train_or_resume(config: TrainConfig, run_dir: str | Path, *, progress: bool 
     run_dir = Path(run_dir)
     if not (run_dir / RUN_CONFIG).exists():
         return train(config, run_dir, progress=progress)
-    if json.loads((run_dir / RUN_CONFIG).read_text()) != asdict(config):
+    if read_run_config(run_dir) != asdict(config):
         raise ConfigError(f"{run_dir} holds a run with other settings; remove it or choose another output folder")
     return train(config, run_dir, resume=True, progress=progress)
+
+
+def read_run_config(run_dir: Path) -> dict:
+    """The settings a run was started with (``RUN/run.json``); ConfigError when absent or unreadable."""
+    path = run_dir / RUN_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no {RUN_CONFIG} here, so it is not a run ckptmerge train started; "
+                          f"check the path, or start a new run with -o {run_dir}")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({str(exc)[:200]}); restore it or start a new run") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected an object of settings; restore it or start a new run")
+    return data
 
 
 def _initial_state(config: TrainConfig) -> _State:
