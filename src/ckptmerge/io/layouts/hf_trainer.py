@@ -1,0 +1,34 @@
+"""HF transformers ``Trainer``: ``checkpoint-N/`` folders with ``trainer_state.json``.
+
+The final model that ``trainer.save_model()`` writes at the run-directory root beside them is
+not a step checkpoint; discovery skips it (merging/discover.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ckptmerge.errors import DiscoveryError
+from ckptmerge.io.layout import detect_layout, open_plain_checkpoint
+from ckptmerge.io.layouts.base import Layout, StepInfo, step_from_name
+
+STATE_FILE = "trainer_state.json"
+
+
+def detect(path: Path) -> bool:
+    return path.is_dir() and (path / STATE_FILE).is_file() and detect_layout(path) is not None
+
+
+def read_step(path: Path) -> StepInfo:
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DiscoveryError(f"{path / STATE_FILE}: invalid JSON ({exc}); fix or remove the file") from exc
+    lrs = [e["learning_rate"] for e in state.get("log_history", []) if "learning_rate" in e]
+    return StepInfo(step=state.get("global_step", step_from_name(path, r"(\d+)$")),
+                    tokens_seen=state.get("num_input_tokens_seen") or None,
+                    lr=lrs[-1] if lrs else None, source=STATE_FILE)
+
+
+LAYOUT = Layout("hf-trainer", detect, read_step, open_plain_checkpoint)
