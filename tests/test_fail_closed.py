@@ -225,7 +225,7 @@ TORCH_CASES = {
     "integer keys": (lambda p, m: torch.save({0: torch.zeros(4), 1: torch.zeros(2)}, p), "must be strings"),
     "payload pickle": (lambda p, m: p.write_bytes(pickle.dumps({"w": Payload(m)})), "Nothing from it was executed"),
     "garbage": (lambda p, m: p.write_bytes(b"PK\x03\x04 not really a zip"), "cannot read torch checkpoint"),
-    "not a dict": (lambda p, m: torch.save([torch.zeros(4)], p), "expected a dict"),
+    "not a dict": (lambda p, m: torch.save([torch.zeros(4)], p), "found no model tensors"),
 }
 
 

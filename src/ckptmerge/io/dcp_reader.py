@@ -18,6 +18,7 @@ import torch
 
 from ckptmerge.errors import CheckpointFormatError, CkptMergeError, UnsafeCheckpointError
 from ckptmerge.io.dcp_checks import checked_metadata, checked_storage, checked_tensor_info, chunk_view
+from ckptmerge.io.safe_pickle import loads_restricted
 from ckptmerge.io.tensor_info import TensorInfo
 
 METADATA_FILE = ".metadata"
@@ -36,23 +37,20 @@ _ALLOWED_GLOBALS = {
 }
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> object:
-        if name in _ALLOWED_GLOBALS.get(module, ()) or (module == "torch" and _is_dtype(name)):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
-
-
-def _is_dtype(name: str) -> bool:
-    return isinstance(getattr(torch, name, None), torch.dtype)
+_EXTRA_GLOBALS = {module: frozenset(names) for module, names in _ALLOWED_GLOBALS.items()}
 
 
 def load_dcp_metadata(folder: Path) -> object:
-    """Parse ``folder/.metadata`` with the restricted unpickler."""
+    """Parse ``folder/.metadata`` with the restricted unpickler (io/safe_pickle.py).
+
+    The DCP metadata classes are real; any other class (Megatron's ``SavePlan`` in
+    ``planner_data``, OLMo-core's storage-info dataclass) is an inert placeholder whose fields
+    stay readable.
+    """
+
     path = folder / METADATA_FILE
     try:
-        with open(path, "rb") as f:
-            return checked_metadata(path, _MetadataUnpickler(f).load())
+        meta = loads_restricted(path.read_bytes(), extra_globals=_EXTRA_GLOBALS)
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(f"{path}: refusing to load DCP metadata: {str(exc)[:300]}. Nothing from it was "
                                     f"executed. Fix: only merge DCP checkpoints written by torch.distributed.checkpoint.") from exc
@@ -61,9 +59,12 @@ def load_dcp_metadata(folder: Path) -> object:
     except Exception as exc:  # a malformed pickle stream fails in many ways (ValueError, TypeError, EOFError, ...)
         raise CheckpointFormatError(f"{path}: unreadable DCP metadata ({type(exc).__name__}: {str(exc)[:200]}); "
                                     f"the file is corrupt or truncated. Re-save the checkpoint.") from exc
+    return checked_metadata(path, meta)
 
 
 def _is_model_key(fqn: str) -> bool:
+    if "_extra_state" in fqn:  # Transformer Engine / Megatron per-module state, not a weight
+        return False
     head = fqn.split(".", 1)[0]
     return not any(head == p or head.startswith(p + "_") for p in NON_MODEL_PREFIXES)
 
@@ -78,10 +79,11 @@ class DcpReader:
 
     layout = "dcp"
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, *, display_path: Path | None = None):
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.path = folder
+        self.display_path = display_path or folder
         meta = load_dcp_metadata(folder)
         entries = {fqn: md for fqn, md in meta.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)}
         self.skipped_keys = sorted(fqn for fqn in meta.state_dict_metadata if fqn not in entries or not _is_model_key(fqn))

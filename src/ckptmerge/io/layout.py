@@ -50,7 +50,18 @@ def _shards_from_index(index_path: Path) -> list[Path]:
 
 
 def open_checkpoint(path: str | Path) -> CheckpointReader:
-    """Open any supported checkpoint for reading. Raises CheckpointFormatError naming the fix."""
+    """Open any supported checkpoint for reading. Raises CheckpointFormatError naming the fix.
+
+    A trainer's own layout (io/layouts/: Lightning, DeepSpeed, Megatron, ...) is tried first.
+    """
+    from ckptmerge.io.layouts import open_framework_checkpoint
+
+    reader = open_framework_checkpoint(Path(path))
+    return reader if reader is not None else open_plain_checkpoint(path)
+
+
+def open_plain_checkpoint(path: str | Path) -> CheckpointReader:
+    """Open an HF folder, a safetensors / torch file or a DCP folder, whatever trainer wrote it."""
     path = Path(path)
     found = detect_layout(path)
     if found is None:
