@@ -62,3 +62,28 @@ def load_state(averager, folder: str | Path, *, stem: str = STEM) -> bool:
                                f"{rank} of {world}. Fix: resume with the world size that saved it; resharding an "
                                f"average is not supported.")
     return False
+
+
+def gathered_state(averager) -> dict:
+    """The state for a checkpoint that rank 0 writes alone (Lightning's): a whole average as is; FSDP2 shards
+    gathered from every rank to rank 0 as ``{"per_rank": [...]}`` (a collective: every rank must call it)."""
+    if not averager.is_sharded:
+        return averager.state_dict()
+    import torch.distributed as dist
+
+    rank, world = process_group()
+    states = [None] * world if rank == 0 else None
+    dist.gather_object(averager.state_dict(), states, dst=0)
+    return {"per_rank": states}
+
+
+def load_gathered_state(averager, state: dict, what: str = "checkpoint") -> None:
+    """Load what ``gathered_state`` wrote: this rank's shards of a sharded average, or the whole average."""
+    if "per_rank" in state:
+        rank, world = process_group()
+        if len(state["per_rank"]) != world:
+            raise ShardLayoutError(f"{what}: the averager state holds the FSDP2 shards of {len(state['per_rank'])} ranks, "
+                                   f"but this run has {world}. Fix: resume with the world size that saved it; "
+                                   f"resharding an average is not supported.")
+        state = state["per_rank"][rank]
+    averager.load_state_dict(state)
