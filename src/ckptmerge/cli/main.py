@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _show_warning
             return args.run(args) or 0
     except CkptMergeError as exc:
-        print(f"ckptmerge {args.command}: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "quiet", False):  # quiet: another rank of a torchrun job printed it
+            print(f"ckptmerge {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ckptmerge {args.command}: interrupted; nothing was published", file=sys.stderr)
