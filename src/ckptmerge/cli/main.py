@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # every failure ends as one line (the traceback only with --debug)
         if args.debug:
             traceback.print_exc()
+        if getattr(exc, "quiet", False):  # another rank of a torchrun job printed it
+            return 2
         print(f"ckptmerge {args.command}: error: {describe_error(exc)}", file=sys.stderr)
         return 2 if isinstance(exc, (CkptMergeError, OSError)) else 1
 
