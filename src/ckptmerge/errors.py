@@ -46,3 +46,15 @@ class OutputExistsError(CkptMergeError):
 
 class ConfigError(CkptMergeError):
     """A recipe (YAML or flags) is invalid; the message lists every problem at once."""
+
+
+class DataError(CkptMergeError):
+    """A ``--data`` source is missing, unreadable, or holds the wrong kind of content."""
+
+
+class TokenizerError(CkptMergeError):
+    """No tokenizer was found for a model, or the one given cannot be loaded from local files."""
+
+
+class ModelLoadError(CkptMergeError):
+    """A model cannot be built for evaluation: missing path, missing config, keys or shapes that do not fit."""

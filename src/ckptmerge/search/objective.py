@@ -8,16 +8,17 @@ import torch
 
 from ckptmerge.evaluation.evaluator import EvalResult
 from ckptmerge.evaluation.scoring import Scorer
+from ckptmerge.evaluation.settings import EvalSettings
 from ckptmerge.merging.checkpoint import CheckpointRef
 
 
 class MergeObjective:
     """Scores coefficient vectors over a fixed window of checkpoints (see ``ckptmerge.evaluation.scoring.Scorer``)."""
 
-    def __init__(self, refs: Sequence[CheckpointRef], *, n_tokens: int = 16384, batch_size: int = 16,
-                 context: int | None = None, scorer: Scorer | None = None):
+    def __init__(self, refs: Sequence[CheckpointRef], *, n_tokens: int = 16384, batch_size: int | None = None,
+                 context: int | None = None, scorer: Scorer | None = None, settings: EvalSettings | None = None):
         self.refs = list(refs)
-        self.scorer = scorer or Scorer(n_tokens=n_tokens, batch_size=batch_size, context=context)
+        self.scorer = scorer or Scorer(n_tokens=n_tokens, batch_size=batch_size, context=context, settings=settings)
         for ref in self.refs:
             self.scorer.state(ref)  # open every checkpoint now, so a bad window fails before any trial
         self.scorer.load(self.refs, [0.0] * (len(self.refs) - 1) + [1.0])
