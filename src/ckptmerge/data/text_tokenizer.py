@@ -39,6 +39,7 @@ class TextTokenizer:
     eos_id: int | None
     byte_lengths: np.ndarray = field(repr=False)  # (vocab_size,) UTF-8 bytes each id stands for; 0 for specials
     _encode: Callable[[str], list[int]] = field(repr=False)
+    hf: object = field(repr=False, default=None)  # the transformers tokenizer, for tools that need one (lm-eval)
 
     @property
     def is_bytes(self) -> bool:
@@ -103,10 +104,12 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
                              f"{str(exc).splitlines()[0] if str(exc) else ''}); pass --tokenizer with a "
                              "folder written by save_pretrained or a tokenizer.json") from None
     if _is_byte_tokenizer(hf):
-        return byte_tokenizer()
+        byte = byte_tokenizer()
+        byte.hf = hf
+        return byte
     eos = hf.eos_token_id if hf.eos_token_id is not None else _guess_eos(hf)
     return TextTokenizer(str(path), _fingerprint(hf, eos), len(hf), eos, _byte_lengths(hf),
-                         lambda text: hf.encode(text, add_special_tokens=False))
+                         lambda text: hf.encode(text, add_special_tokens=False), hf)
 
 
 def _load_hf(path: Path):
