@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ckptmerge.errors import ConfigError
 from ckptmerge.evaluation.evaluator import EvalResult
 from ckptmerge.evaluation.scoring import Scorer
 from ckptmerge.evaluation.settings import EvalSettings
@@ -36,3 +37,18 @@ class MergeObjective:
 
     def __call__(self, coeffs: Sequence[float], data: str, stop=None) -> EvalResult:
         return self.scorer.score(self.refs, coeffs, data, stop=stop)
+
+    def task_score(self, coeffs: Sequence[float], objective: str, *, include: Sequence[str] = (),
+                   limit: int | None = None) -> float:
+        """lm-eval's ``METRIC`` on ``TASK`` (``objective`` = ``lm-eval:TASK:METRIC``) for the merged weights."""
+        from ckptmerge.evaluation.lm_eval_tasks import LmEvalScorer, parse_objective
+
+        task, metric = parse_objective(objective)
+        if self._lm_eval is None:
+            self._lm_eval = LmEvalScorer([task], include=include, limit=limit, batch_size=self.batch_size)
+        scores = self._lm_eval.score(self.scorer.load(self.refs, coeffs), self.scorer.tokenizer)[task]
+        if metric not in scores:
+            raise ConfigError(f"--objective {objective}: task {task} reports {', '.join(sorted(scores))}, not {metric}")
+        return scores[metric]
+
+    _lm_eval = None

@@ -65,6 +65,9 @@ def run_trials(study, space, objective: MergeObjective, cfg: SearchConfig, *, lo
     while len(study.get_trials(deepcopy=False, states=counted)) < cfg.trials:
         trial = study.ask()
         coeffs = space.coeffs(space.suggest(trial))
+        if cfg.objective.startswith("lm-eval:"):
+            _task_trial(study, trial, objective, coeffs, cfg, log)
+            continue
         stop = _pruning_rule(study, cfg) if trial.user_attrs.get("baseline") is None else None
         result = objective(coeffs, cfg.data, stop=stop)
         trial.set_user_attr("coeffs", coeffs)
@@ -86,6 +89,16 @@ def run_trials(study, space, objective: MergeObjective, cfg: SearchConfig, *, lo
         if log:
             log(f"trial {trial.number}: {cfg.objective} {value:.5f} "
                 f"weights {[round(c, 4) for c in coeffs]}")
+
+
+def _task_trial(study, trial, objective: MergeObjective, coeffs: list[float], cfg: SearchConfig, log) -> None:
+    """A downstream-task trial: lm-eval's metric on the merged weights, maximised (the study minimises its negative)."""
+    score = objective.task_score(coeffs, cfg.objective, include=cfg.lm_eval_include, limit=cfg.lm_eval_limit)
+    trial.set_user_attr("coeffs", coeffs)
+    trial.set_user_attr("task_score", score)
+    study.tell(trial, -score)
+    if log:
+        log(f"trial {trial.number}: {cfg.objective} {score:.5f} weights {[round(c, 4) for c in coeffs]}")
 
 
 def objective_value(result, objective: str) -> float:
@@ -121,5 +134,6 @@ def trial_rows(study) -> list[dict]:
 
     return [{"trial": t.number, "params": t.params, "weights": t.user_attrs.get("coeffs"), "loss": t.value,
              "stderr": t.user_attrs.get("stderr"), "baseline": t.user_attrs.get("baseline"),
-             "nats_per_token": t.user_attrs.get("nats_per_token"), "bits_per_byte": t.user_attrs.get("bits_per_byte")}
+             "nats_per_token": t.user_attrs.get("nats_per_token"), "bits_per_byte": t.user_attrs.get("bits_per_byte"),
+             "task_score": t.user_attrs.get("task_score")}
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
