@@ -14,6 +14,7 @@ import torch
 from conftest import make_state, reference_merge, write_series
 from safetensors.torch import load_file
 
+from ckptmerge.data.tokenizer import save_hf_tokenizer
 from ckptmerge.parallel.split import split_by_cost
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -103,6 +104,7 @@ def _tiny_llama(folder: Path, seed: int) -> Path:
     config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
     LlamaForCausalLM(config).save_pretrained(folder)
+    save_hf_tokenizer(folder)  # the project's byte tokenizer: eval reads text the way the model does
     return folder
 
 
@@ -111,9 +113,11 @@ import json, sys
 from ckptmerge.data.batches import eval_windows
 from ckptmerge.data.tokens import load_tokens
 from ckptmerge.evaluation.distributed import evaluate_sharded
-from ckptmerge.evaluation.evaluator import load_model, paired_difference
+from ckptmerge.data.text_tokenizer import byte_tokenizer
+from ckptmerge.evaluation.evaluator import paired_difference
+from ckptmerge.evaluation.loading import load_model
 from ckptmerge.parallel.world import rank
-windows = eval_windows(load_tokens(sys.argv[1]), n_tokens=1600, context=32)
+windows = eval_windows(load_tokens(sys.argv[1], byte_tokenizer()), n_tokens=1600, context=32)
 a, b = (evaluate_sharded(load_model(p), windows, batch_size=7) for p in sys.argv[2:4])
 pruned = evaluate_sharded(load_model(sys.argv[2]), windows, batch_size=7, stop=lambda mean, batches: batches == 3)
 if rank() == 0:
@@ -125,8 +129,10 @@ if rank() == 0:
 def test_torchrun_eval_equals_one_rank_and_transformers_loss(tmp_path):
     pytest.importorskip("transformers")
     from ckptmerge.data.batches import eval_windows
+    from ckptmerge.data.text_tokenizer import byte_tokenizer
     from ckptmerge.data.tokens import load_tokens
-    from ckptmerge.evaluation.evaluator import evaluate_model, load_model, paired_difference
+    from ckptmerge.evaluation.evaluator import evaluate_model, paired_difference
+    from ckptmerge.evaluation.loading import load_model
 
     os.environ["CKPTMERGE_CACHE"] = str(tmp_path / "cache")
     data = tmp_path / "val.txt"
@@ -144,7 +150,7 @@ def test_torchrun_eval_equals_one_rank_and_transformers_loss(tmp_path):
     assert two["windows"] == one["windows"] == 50 and two["tokens"] == one["tokens"]
     assert abs(two["loss"] - one["loss"]) < 1e-6 and abs(two["stderr"] - one["stderr"]) < 1e-6
 
-    windows = eval_windows(load_tokens(str(data)), n_tokens=1600, context=32)
+    windows = eval_windows(load_tokens(str(data), byte_tokenizer()), n_tokens=1600, context=32)
     model = load_model(a)
     with torch.no_grad():  # transformers' own loss, one window at a time, fp64 statistics
         reference = np.array([float(model(input_ids=w[None], labels=w[None].clone()).loss) for w in windows])

@@ -10,6 +10,7 @@ Three lines from a run directory to a merged model::
 __version__ = "0.1.0"
 
 from ckptmerge.errors import CkptMergeError
+from ckptmerge.evaluation.api import evaluate
 from ckptmerge.io.layout import open_checkpoint
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import Discovery, discover, parse_step
@@ -18,6 +19,6 @@ from ckptmerge.merging.schedules import SCHEDULES, compute_coeffs
 from ckptmerge.merging.select import select_last, select_range, select_steps
 
 __all__ = [
-    "CheckpointRef", "CkptMergeError", "Discovery", "MergeResult", "SCHEDULES", "compute_coeffs", "discover",
+    "CheckpointRef", "CkptMergeError", "Discovery", "MergeResult", "SCHEDULES", "compute_coeffs", "discover", "evaluate",
     "merge", "open_checkpoint", "parse_step", "select_last", "select_range", "select_steps", "__version__",
 ]

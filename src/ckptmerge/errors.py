@@ -50,3 +50,15 @@ class ConfigError(CkptMergeError):
 
 class ShardLayoutError(CkptMergeError):
     """Saved per-rank state (FSDP2 shards) does not fit this run's ranks or shards."""
+
+
+class DataError(CkptMergeError):
+    """A ``--data`` source is missing, unreadable, or holds the wrong kind of content."""
+
+
+class TokenizerError(CkptMergeError):
+    """No tokenizer was found for a model, or the one given cannot be loaded from local files."""
+
+
+class ModelLoadError(CkptMergeError):
+    """A model cannot be built for evaluation: missing path, missing config, keys or shapes that do not fit."""

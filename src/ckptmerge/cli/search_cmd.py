@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ckptmerge.cli.eval_flags import add_eval_flags, settings_from_args
 from ckptmerge.console import print_table
 from ckptmerge.merging.recipe import MergeRecipe
 from ckptmerge.merging.window import resolve_window
@@ -35,6 +36,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", help="write the best merge here (atomic merge path, merge.json records the search)")
     p.add_argument("--json", help="write all trials and the generalization table here")
     p.add_argument("--plots", help="folder for loss_vs_lambda.png (pair) and best_weights.png")
+    p.add_argument("--objective", default="loss",
+                   help="what to minimise: loss (nats/token, default), bits_per_byte, or lm-eval:TASK:METRIC "
+                        "(maximised; needs ckptmerge[lm-eval])")
+    p.add_argument("--lm-eval-include", action="append", default=[], help="folder of extra lm-eval task YAMLs")
+    p.add_argument("--lm-eval-limit", type=int, help="lm-eval objective: at most this many documents")
+    add_eval_flags(p)
     p.set_defaults(run=run)
 
 
@@ -42,14 +49,17 @@ def run(args: argparse.Namespace) -> int:
     window = resolve_window(MergeRecipe(inputs=args.inputs, last=args.last, every=args.every))
     cfg = SearchConfig(space=args.space, data=args.data, trials=args.trials, sampler=args.sampler, seed=args.seed,
                        storage=args.storage, study_name=args.study, alpha=args.alpha,
-                       prune_after=args.prune_after, prune_margin=args.prune_margin)
+                       prune_after=args.prune_after, prune_margin=args.prune_margin, objective=args.objective,
+                       lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit)
     result = search(window.refs, cfg, n_tokens=args.tokens, workers=args.workers, output=args.output,
-                    report_data=args.report_data, plots=args.plots, log=print)
-    print(f"best: loss {result.best_loss:.5f} with weights {[round(w, 4) for w in result.best_weights]} "
+                    report_data=args.report_data, plots=args.plots, log=print, settings=settings_from_args(args))
+    unit = {"loss": "nats/token", "bits_per_byte": "bits/byte"}.get(args.objective, f"-({args.objective})")
+    print(f"best: {unit} {result.best_loss:.5f} with weights {[round(w, 4) for w in result.best_weights]} "
           f"(oldest first) after {len(result.trials)} trials")
     rows = [[data, name, f"{r['loss']:.5f}", f"{r['diff_vs_searched']:+.5f} ± {r['se']:.5f}"]
             for data, by_name in result.generalization.items() for name, r in by_name.items()]
-    print_table(["data", "candidate", "loss", "Δ vs searched"], rows, note="loss in nats per token")
+    unit = "bits per byte" if args.objective == "bits_per_byte" else "nats per token"
+    print_table(["data", "candidate", "loss", "Δ vs searched"], rows, note=f"loss in {unit}")
     if args.json:
         write_results(Path(args.json), result)
     return 0

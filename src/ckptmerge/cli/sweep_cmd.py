@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ckptmerge.cli.eval_flags import add_eval_flags, settings_from_args
 from ckptmerge.sweep.run import SweepConfig, sweep
 
 
@@ -27,7 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--anneal", action="append", default=[],
                    help="an anneal branch run dir, repeatable (default: sibling runs forked from RUN_DIR)")
     p.add_argument("-o", "--out", help="report folder (default: RUN_DIR-sweep next to the run)")
+    p.add_argument("--metric", choices=("loss", "bits_per_byte"), default="loss",
+                   help="rank and report merges in nats/token (loss, default) or bits per byte")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_eval_flags(p)
     p.set_defaults(run=run)
 
 
@@ -35,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     cfg = SweepConfig(methods=[m for m in args.methods.split(",") if m], n=args.n, every=args.every, at=args.at,
                       points=args.points, data=args.data or ["shakespeare-val"], n_tokens=args.tokens,
-                      anneal=args.anneal)
+                      anneal=args.anneal, metric=args.metric)
     out = Path(args.out) if args.out else run_dir.resolve().parent / f"{run_dir.resolve().name}-sweep"
-    sweep(run_dir, cfg, out, progress=not args.quiet)
+    sweep(run_dir, cfg, out, progress=not args.quiet, settings=settings_from_args(args, progress=not args.quiet))
     return 0

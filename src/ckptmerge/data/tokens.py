@@ -1,56 +1,78 @@
-"""Token files: ``ckptmerge data prepare`` and on-demand lookup of a domain, a text file or a .bin file.
+"""Tokens of any ``--data`` source with a given tokenizer: tokenized once, cached, memory-mapped.
 
-Tokens are stored as flat uint16 arrays (nanoGPT's ``.bin``) under ``<cache>/tokens/byte/`` and
-read back with ``np.memmap``, so a corpus is never loaded into memory.
+    tokens = load_tokens("heldout.jsonl", tok, text_field="text")   # np.memmap of ids
+    tokens = load_tokens("shakespeare-val")                          # the byte tokenizer by default
+
+Text is tokenized document by document without special tokens, and documents are joined with the
+tokenizer's EOS token (a newline when it has none). The result is cached under
+``<cache>/tokens/<tokenizer fingerprint>/`` keyed by the source's content hash, so a changed file or
+another tokenizer never hits a stale entry. Token files (``.bin``, ``.npy``) are read in place.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from ckptmerge.data.corpora import DOMAINS, cache_dir, domain_text
-from ckptmerge.data.tokenizer import TOKEN_DTYPE, encode_bytes
-from ckptmerge.errors import CkptMergeError
+from ckptmerge.console import progress_bar
+from ckptmerge.data.corpora import DOMAINS, cache_dir
+from ckptmerge.data.sources import data_kind, iter_pieces, source_digest, source_size
+from ckptmerge.data.text_tokenizer import TextTokenizer, byte_tokenizer, load_tokenizer
+from ckptmerge.data.token_files import dtype_for_vocab, read_token_file, write_token_file
 
 
-def _write_tokens(path: Path, tokens: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(tokens.astype(TOKEN_DTYPE).tobytes())
-    os.replace(tmp, path)
+def encode_source(spec: str, tokenizer: TextTokenizer, *, text_field: str = "text",
+                  progress: bool = True) -> Iterator[np.ndarray]:
+    """Token chunks of the text in ``spec``: documents joined by the tokenizer's separator."""
+    bar = progress_bar(source_size(spec), f"tokenize {Path(spec).name}", enabled=progress)
+    separator, first = tokenizer.separator(), True
+    for piece in iter_pieces(spec, text_field):
+        if piece.starts_document and not first:
+            yield separator
+        first = False
+        yield tokenizer.encode(piece.text)
+        bar.update(piece.source_bytes)
+    bar.close()
 
 
-def token_file(spec: str) -> Path:
-    """The .bin of a built-in domain, of a text file (tokenized and cached), or a given .bin."""
-    path = Path(spec)
-    if spec in DOMAINS:
-        out = cache_dir() / "tokens" / "byte" / f"{spec}.bin"
-        if not out.is_file():
-            _write_tokens(out, encode_bytes(domain_text(spec)))
-        return out
-    if path.suffix == ".bin" and path.is_file():
-        return path
-    if path.is_file():
-        data = path.read_bytes()
-        out = cache_dir() / "tokens" / "byte" / f"file-{hashlib.sha256(data).hexdigest()[:16]}.bin"
-        if not out.is_file():
-            _write_tokens(out, encode_bytes(data))
-        return out
-    raise CkptMergeError(f"--data {spec!r}: not a built-in domain ({', '.join(DOMAINS)}), "
-                         f"a text file, or a token .bin file")
+def token_file(spec: str, tokenizer: TextTokenizer | None = None, *, text_field: str = "text",
+               progress: bool = True) -> Path:
+    """The cached token file of text source ``spec`` under ``tokenizer`` (written on first use)."""
+    tokenizer = tokenizer or byte_tokenizer()
+    stem = spec if spec in DOMAINS else Path(spec).name.split(".")[0]
+    out = cache_dir() / "tokens" / tokenizer.fingerprint / f"{stem}-{source_digest(spec, text_field)}.bin"
+    if not out.is_file():
+        write_token_file(out, encode_source(spec, tokenizer, text_field=text_field, progress=progress),
+                         dtype=dtype_for_vocab(tokenizer.vocab_size),
+                         about={"source": str(spec), "tokenizer": tokenizer.fingerprint, "text_field": text_field})
+    return out
 
 
-def load_tokens(spec: str) -> np.ndarray:
-    """Read-only memmap of the tokens of ``spec`` (see ``token_file``)."""
-    return np.memmap(token_file(spec), dtype=TOKEN_DTYPE, mode="r")
+def load_tokens(spec: str, tokenizer: TextTokenizer | None = None, *, text_field: str = "text",
+                token_dtype: str | None = None, progress: bool = True) -> np.ndarray:
+    """Read-only memmap of the tokens of ``spec``: a token file as it is, text through ``tokenizer``."""
+    if data_kind(spec) == "tokens":
+        return read_token_file(spec, token_dtype)
+    return read_token_file(token_file(spec, tokenizer, text_field=text_field, progress=progress))
+
+
+def is_token_file(spec: str) -> bool:
+    return data_kind(spec) == "tokens"
+
+
+def tokenize_file(spec: str, tokenizer_path: str | Path, output: str | Path, *, text_field: str = "text",
+                  progress: bool = True) -> tuple[int, str]:
+    """Write ``spec``'s tokens to ``output`` as a nanoGPT ``.bin`` (+ sidecar); returns (tokens, dtype)."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    dtype = dtype_for_vocab(tokenizer.vocab_size)
+    count = write_token_file(output, encode_source(spec, tokenizer, text_field=text_field, progress=progress),
+                             dtype=dtype, about={"source": str(spec), "tokenizer": tokenizer.fingerprint,
+                                                 "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id})
+    return count, dtype
 
 
 def prepare(domains: list[str] | None = None) -> dict[str, int]:
-    """Build the token files of ``domains`` (default: all built-ins); returns token counts."""
+    """Build the byte-token files of ``domains`` (default: all built-ins); returns token counts."""
     return {name: int(load_tokens(name).shape[0]) for name in (domains or list(DOMAINS))}

@@ -17,28 +17,38 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ckptmerge.evaluation.evaluator import EvalResult, evaluate_model, summarize
+from ckptmerge.evaluation.evaluator import EvalResult, evaluate_model, rows_per_batch, summarize
 from ckptmerge.parallel.world import all_gather, is_distributed, rank, world_size
 
 
 def evaluate_sharded(model: torch.nn.Module, windows: torch.Tensor, *, data: str = "", batch_size: int = 16,
-                     bf16: bool = False, stop: Callable[[float, int], bool] | None = None) -> EvalResult:
-    """``evaluate_model`` over all ranks of the job (a single process: exactly ``evaluate_model``)."""
+                     stop: Callable[[float, int], bool] | None = None, **options) -> EvalResult:
+    """``evaluate_model`` over all ranks of the job (a single process: exactly ``evaluate_model``).
+
+    ``options`` go to ``evaluate_model`` unchanged (bf16, byte_lengths, max_batch_tokens, tokens_requested).
+    """
     if not is_distributed():
-        return evaluate_model(model, windows, data=data, batch_size=batch_size, bf16=bf16, stop=stop)
+        return evaluate_model(model, windows, data=data, batch_size=batch_size, stop=stop, **options)
     block = torch.tensor_split(windows, world_size())[rank()]
-    mine = (evaluate_model(model, block, data=data, batch_size=batch_size, bf16=bf16).window_losses
-            if len(block) else [])
-    losses = np.asarray([x for part in all_gather(mine) for x in part], dtype=np.float64)
+    mine = evaluate_model(model, block, data=data, batch_size=batch_size, **options) if len(block) else None
+    parts = all_gather(None if mine is None else (mine.window_losses, mine.window_tokens, mine.bytes))
+    parts = [part for part in parts if part is not None]
+    losses = np.asarray([x for part in parts for x in part[0]], dtype=np.float64)
+    tokens = np.asarray([x for part in parts for x in part[1]], dtype=np.float64)
+    n_bytes = sum(part[2] for part in parts)
     if stop is not None:
-        losses = _replay_stop(losses, batch_size, stop)
-    return summarize(data, losses, tokens=len(losses) * (windows.shape[1] - 1))
+        rows = rows_per_batch(batch_size, options.get("max_batch_tokens"), windows.shape[1] - 1)
+        kept = _replay_stop(losses, tokens, rows, stop)
+        if kept < len(losses):  # bytes are per window only on one rank: count those of the kept windows
+            losses, tokens = losses[:kept], tokens[:kept]
+            n_bytes = 0
+    return summarize(data, losses, tokens, n_bytes=n_bytes, tokens_requested=options.get("tokens_requested"))
 
 
-def _replay_stop(losses: np.ndarray, batch_size: int, stop: Callable[[float, int], bool]) -> np.ndarray:
-    """The windows one rank would have scored before ``stop`` said so, batch by batch."""
-    for batches in range(1, -(-len(losses) // batch_size) + 1):
-        head = losses[:batches * batch_size]
-        if stop(float(head.mean()), batches):
-            return head
-    return losses
+def _replay_stop(losses: np.ndarray, tokens: np.ndarray, rows: int, stop: Callable[[float, int], bool]) -> int:
+    """How many windows one rank would have scored before ``stop`` said so, batch by batch."""
+    for batches in range(1, -(-len(losses) // rows) + 1):
+        head = slice(0, batches * rows)
+        if stop(float((losses[head] * tokens[head]).sum() / tokens[head].sum()), batches):
+            return min(batches * rows, len(losses))
+    return len(losses)

@@ -1,32 +1,63 @@
-"""Evaluate model folders on data sets: the same windows for every model, one model in memory at a time."""
+"""Evaluate models on data sets: the same windows for every model, one model in memory at a time.
+
+    results = evaluate_paths(["out/sma", "runs/hf/checkpoint-400"], ["heldout.jsonl"],
+                             settings=EvalSettings(device="cuda", dtype="bfloat16"))
+    results["out/sma"]["heldout.jsonl"].bits_per_byte
+
+Each model's data is tokenized with that model's own tokenizer (``EvalSettings.tokenizer_for``);
+models sharing a tokenizer share windows, and ``bits_per_byte`` compares models that do not.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ckptmerge.data.batches import eval_windows
-from ckptmerge.data.tokens import load_tokens
+import torch
+
+from ckptmerge.data.batches import eval_windows, planned_tokens
+from ckptmerge.data.text_tokenizer import TextTokenizer
+from ckptmerge.errors import TokenizerError
 from ckptmerge.evaluation.distributed import evaluate_sharded
-from ckptmerge.evaluation.evaluator import EvalResult, load_model
+from ckptmerge.evaluation.evaluator import EvalResult
+from ckptmerge.evaluation.settings import EvalSettings, byte_lengths, require_tokenizer
 
 MAX_DEFAULT_CONTEXT = 1024
 
 
+def default_context(model: torch.nn.Module) -> int:
+    """The model's max positions (at most 1024); 1024 when the model does not say."""
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    block = getattr(config, "block_size", None) or getattr(model, "block_size", None)
+    return min(positions or block or MAX_DEFAULT_CONTEXT, MAX_DEFAULT_CONTEXT)
+
+
 def evaluate_paths(paths: list[Path], data: list[str], *, n_tokens: int = 32768, context: int | None = None,
-                   batch_size: int = 16, bf16: bool = False,
-                   device_map: str | None = None) -> dict[str, dict[str, EvalResult]]:
-    """``{path: {data: EvalResult}}``. Windows depend only on (data, n_tokens, context)."""
-    window_cache: dict[tuple[str, int], object] = {}
+                   batch_size: int | None = None, bf16: bool = False,
+                   settings: EvalSettings | None = None) -> dict[str, dict[str, EvalResult]]:
+    """``{path: {data: EvalResult}}``. Windows depend only on (data, tokenizer, n_tokens, context)."""
+    settings = settings or EvalSettings()
+    batch_size = batch_size or settings.batch_size
+    window_cache: dict[tuple, torch.Tensor] = {}
     results: dict[str, dict[str, EvalResult]] = {}
     for path in paths:
-        model = load_model(path, device_map=device_map)
-        ctx = context or min(model.config.max_position_embeddings, MAX_DEFAULT_CONTEXT)
+        tokenizer = settings.tokenizer_for(path)
+        require_tokenizer(tokenizer, data)  # before the model is loaded: nothing is scored without one
+        model = settings.load_model(path)
+        ctx = context or default_context(model)
         results[str(path)] = {}
         for name in data:
-            key = (name, ctx)
-            if key not in window_cache:
-                window_cache[key] = eval_windows(load_tokens(name), n_tokens=n_tokens, context=ctx)
-            results[str(path)][name] = evaluate_sharded(model, window_cache[key], data=name, batch_size=batch_size,
-                                                          bf16=bf16)
+            windows = _windows(window_cache, settings, name, tokenizer, n_tokens, ctx)
+            results[str(path)][name] = evaluate_sharded(
+                model, windows, data=name, batch_size=batch_size, bf16=bf16, max_batch_tokens=settings.max_batch_tokens,
+                byte_lengths=byte_lengths(tokenizer), tokens_requested=planned_tokens(n_tokens, ctx))
         del model
     return results
+
+
+def _windows(cache: dict, settings: EvalSettings, data: str, tokenizer: TextTokenizer | TokenizerError,
+             n_tokens: int, context: int) -> torch.Tensor:
+    key = (data, getattr(tokenizer, "fingerprint", None), n_tokens, context)
+    if key not in cache:
+        cache[key] = eval_windows(settings.tokens(data, tokenizer), n_tokens=n_tokens, context=context)
+    return cache[key]

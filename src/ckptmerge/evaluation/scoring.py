@@ -1,11 +1,13 @@
-"""Score checkpoints and in-memory merges of them on held-out windows: one model, no disk writes.
+"""Score checkpoints and in-memory merges of them on held-out windows: one resident model, no disk writes.
 
-    scorer = Scorer(n_tokens=16384)
-    raw = scorer.score([ref], [1.0], "shakespeare-val")
-    sma = scorer.score(window, [1 / len(window)] * len(window), "shakespeare-val")
+    scorer = Scorer(n_tokens=16384, settings=EvalSettings(device="cuda", dtype="bfloat16"))
+    raw = scorer.score([ref], [1.0], "heldout.jsonl")
+    sma = scorer.score(window, [1 / len(window)] * len(window), "heldout.jsonl")
 
 Sweeps, the weight search and the reproduction experiments all evaluate through this class, so a
-merge is always the engine's fp32 weighted sum and every model sees the same windows.
+merge is always the engine's fp32 weighted sum and every model sees the same windows, tokenized
+with the model's own tokenizer. On a GPU the checkpoints' tensors are moved to the device once, so
+each trial's weighted sum is built there and copied into the resident model, never back to the CPU.
 """
 
 from __future__ import annotations
@@ -15,38 +17,49 @@ from pathlib import Path
 
 import torch
 
-from ckptmerge.data.batches import eval_windows
-from ckptmerge.data.tokens import load_tokens
+from ckptmerge.data.batches import eval_windows, planned_tokens
+from ckptmerge.data.text_tokenizer import TextTokenizer
+from ckptmerge.errors import TokenizerError
+from ckptmerge.evaluation.devices import resolve_device
 from ckptmerge.evaluation.distributed import evaluate_sharded
-from ckptmerge.evaluation.evaluator import EvalResult, load_model, load_state_into
-from ckptmerge.evaluation.runner import MAX_DEFAULT_CONTEXT
+from ckptmerge.evaluation.evaluator import EvalResult, load_state_into
+from ckptmerge.evaluation.keymap import fit_state, parse_key_map
+from ckptmerge.evaluation.runner import default_context
+from ckptmerge.evaluation.settings import EvalSettings, byte_lengths
 from ckptmerge.io.layout import open_checkpoint
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.memory import merge_state_dicts
 
 
 class Scorer:
-    """Holds checkpoint tensors as views and scores coefficient vectors over any subset of them.
+    """Holds checkpoint tensors and scores coefficient vectors over any subset of them.
 
-    Safetensors and torch-file checkpoints are kept as memory-mapped, file-backed views: what fits in
-    RAM stays in the page cache, larger sets stream from disk on every score, with no anonymous copy.
-    Checkpoints whose reader assembles tensors in memory (DCP) are copied once.
+    On the CPU, safetensors and torch-file checkpoints are kept as memory-mapped, file-backed views:
+    what fits in RAM stays in the page cache, larger sets stream from disk on every score. Checkpoints
+    whose reader assembles tensors in memory (DCP) are copied once. On an accelerator every tensor is
+    copied to the device once.
     """
 
-    def __init__(self, *, n_tokens: int = 16384, batch_size: int = 16, context: int | None = None):
-        self.n_tokens, self.batch_size, self._context = n_tokens, batch_size, context
+    def __init__(self, *, n_tokens: int = 16384, batch_size: int | None = None, context: int | None = None,
+                 settings: EvalSettings | None = None):
+        self.settings = settings or EvalSettings()
+        self.n_tokens, self._context = n_tokens, context
+        self.batch_size = batch_size or self.settings.batch_size
+        self.device = resolve_device(self.settings.device)
         self._readers: dict[Path, object] = {}  # kept open: the views need their maps
         self._states: dict[Path, dict[str, torch.Tensor]] = {}
         self._windows: dict[str, torch.Tensor] = {}
+        self.tokenizer: TextTokenizer | TokenizerError | None = None
         self.model: torch.nn.Module | None = None
 
     def state(self, ref: CheckpointRef) -> dict[str, torch.Tensor]:
         path = Path(ref.path)
         if path not in self._states:
             reader = open_checkpoint(path)
-            file_backed = reader.layout in ("safetensors", "torch")
+            file_backed = reader.layout in ("safetensors", "torch") and self.device.type == "cpu"
             self._readers[path] = reader
-            self._states[path] = {k: reader.get(k) if file_backed else reader.get(k).clone() for k in reader.keys()}
+            self._states[path] = {k: reader.get(k) if file_backed else reader.get(k).to(self.device, copy=True)
+                                  for k in reader.keys()}
         return self._states[path]
 
     @property
@@ -57,22 +70,37 @@ class Scorer:
 
     def windows(self, data: str) -> torch.Tensor:
         if data not in self._windows:
-            self._windows[data] = eval_windows(load_tokens(data), n_tokens=self.n_tokens, context=self.context)
+            tokens = self.settings.tokens(data, self.tokenizer)
+            self._windows[data] = eval_windows(tokens, n_tokens=self.n_tokens, context=self.context)
         return self._windows[data]
 
     def load(self, refs: Sequence[CheckpointRef], coeffs: Sequence[float]) -> torch.nn.Module:
         """The model holding ``sum_i coeffs[i] * refs[i]`` (the first call builds it from ``refs[-1]``)."""
         if self.model is None:
-            self.model = load_model(refs[-1].path)
-            self._context = self._context or min(self.model.config.max_position_embeddings, MAX_DEFAULT_CONTEXT)
-        merged = merge_state_dicts([self.state(r) for r in refs], coeffs, out_dtype=torch.float32,
-                                   labels=[str(r.path) for r in refs])
-        load_state_into(self.model, merged)
+            self._first_load(refs[-1])
+        states = [self._fitted(r) for r in refs]
+        merged = merge_state_dicts(states, coeffs, out_dtype=torch.float32, labels=[str(r.path) for r in refs])
+        load_state_into(self.model, merged)  # cast to the model's dtype on its device
         return self.model
+
+    def _first_load(self, ref: CheckpointRef) -> None:
+        self.tokenizer = self.settings.tokenizer_for(ref.path)  # an error here is raised for text data only
+        self.model = self.settings.load_model(ref.path)
+        self._context = self._context or default_context(self.model)
+
+    def _fitted(self, ref: CheckpointRef) -> dict[str, torch.Tensor]:
+        """The checkpoint's tensors under the model's names (raw checkpoints of custom architectures)."""
+        state = self.state(ref)
+        if not (self.settings.model_config or self.settings.model_factory):
+            return state
+        return fit_state(state, self.model, key_map=parse_key_map(self.settings.key_map), source=str(ref.path))
 
     def score(self, refs: Sequence[CheckpointRef], coeffs: Sequence[float], data: str, stop=None) -> EvalResult:
         model = self.load(refs, coeffs)
-        return evaluate_sharded(model, self.windows(data), data=data, batch_size=self.batch_size, stop=stop)
+        return evaluate_sharded(model, self.windows(data), data=data, batch_size=self.batch_size, stop=stop,
+                              byte_lengths=byte_lengths(self.tokenizer),
+                              max_batch_tokens=self.settings.max_batch_tokens,
+                              tokens_requested=planned_tokens(self.n_tokens, self.context))
 
     def forget(self, keep: Sequence[CheckpointRef] = ()) -> None:
         """Drop the views of every checkpoint not in ``keep`` (long sweeps over hundreds of checkpoints)."""

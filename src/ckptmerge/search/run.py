@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ckptmerge.evaluation.evaluator import paired_difference
+from ckptmerge.evaluation.settings import EvalSettings
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import describe_path
 from ckptmerge.merging.offline import merge
@@ -34,7 +35,7 @@ class SearchResult:
 
 def search(refs: list[CheckpointRef], cfg: SearchConfig, *, n_tokens: int = 16384, workers: int = 1,
            output: str | Path | None = None, report_data: list[str] | None = None, plots: str | Path | None = None,
-           log=None) -> SearchResult:
+           log=None, settings: EvalSettings | None = None) -> SearchResult:
     """Run (or resume) the study, then write the best merge and the cross-domain comparison."""
     space = make_space(cfg.space, len(refs), alpha=cfg.alpha)
     if cfg.space == "pair":
@@ -43,14 +44,14 @@ def search(refs: list[CheckpointRef], cfg: SearchConfig, *, n_tokens: int = 1638
         cfg.storage = f"sqlite:///{Path(tempfile.mkdtemp(prefix='ckptmerge-study-')) / 'study.db'}"
     study = open_study(cfg, space)
     if workers > 1:
-        _run_workers(refs, cfg, n_tokens, workers)
-    objective = MergeObjective(refs, n_tokens=n_tokens)  # workers > 1: used for the report only
+        _run_workers(refs, cfg, n_tokens, workers, settings)
+    objective = MergeObjective(refs, n_tokens=n_tokens, settings=settings)  # workers > 1: used for the report only
     if workers == 1:
         run_trials(study, space, objective, cfg, log=log)
     rows = trial_rows(study)
     best = min(rows, key=lambda r: r["loss"])
     result = SearchResult(best["weights"], best["loss"], rows,
-                          _generalization(objective, best, rows, [cfg.data, *(report_data or [])]))
+                          _generalization(objective, best, rows, [cfg.data, *(report_data or [])], cfg.objective))
     if plots:
         _write_plots(Path(plots), cfg, refs, result)
     if output:
@@ -69,29 +70,44 @@ def _write_plots(folder: Path, cfg: SearchConfig, refs: list[CheckpointRef], res
     plot_weights(result.best_weights, [r.name for r in refs], folder / "best_weights.png")
 
 
-def _generalization(objective: MergeObjective, best: dict, rows: list[dict], domains: list[str]) -> dict:
-    """Best weights vs each baseline on every domain: losses and paired differences (best - baseline)."""
+def _generalization(objective: MergeObjective, best: dict, rows: list[dict], domains: list[str],
+                    metric: str = "loss") -> dict:
+    """Best weights vs each baseline on every domain: losses and paired differences (best - baseline).
+
+    ``loss`` is in nats/token (or bits/byte when that is the ``metric``); both units are in every entry.
+    """
     candidates = {"searched": best["weights"], **{r["baseline"]: r["weights"] for r in rows if r["baseline"]}}
     report = {}
     for data in dict.fromkeys(domains):
         scores = {name: objective(w, data) for name, w in candidates.items()}
-        report[data] = {name: {"loss": s.loss, "stderr": s.stderr,
-                               **dict(zip(("diff_vs_searched", "se"), paired_difference(s, scores["searched"])))}
-                        for name, s in scores.items()}
+        report[data] = {name: _entry(s, scores["searched"], metric) for name, s in scores.items()}
     return report
 
 
-def _worker(paths: list[str], cfg: SearchConfig, n_tokens: int, threads: int) -> None:
+def _entry(result, searched, metric: str) -> dict:
+    scale = result.bits_per_byte / result.loss if metric == "bits_per_byte" and result.bits_per_byte else 1.0
+    diff, se = paired_difference(result, searched)
+    return {"loss": result.loss * scale, "stderr": result.stderr * scale, "unit": _unit(metric),
+            "nats_per_token": result.loss, "bits_per_byte": result.bits_per_byte,
+            "diff_vs_searched": diff * scale, "se": se * scale}
+
+
+def _unit(metric: str) -> str:
+    return "bits/byte" if metric == "bits_per_byte" else "nats/token"
+
+
+def _worker(paths: list[str], cfg: SearchConfig, n_tokens: int, threads: int, settings: EvalSettings | None) -> None:
     torch.set_num_threads(threads)
     refs = [describe_path(p) for p in paths]
     space = make_space(cfg.space, len(refs), alpha=cfg.alpha)
-    run_trials(open_study(cfg, space), space, MergeObjective(refs, n_tokens=n_tokens), cfg)
+    run_trials(open_study(cfg, space), space, MergeObjective(refs, n_tokens=n_tokens, settings=settings), cfg)
 
 
-def _run_workers(refs: list[CheckpointRef], cfg: SearchConfig, n_tokens: int, workers: int) -> None:
+def _run_workers(refs: list[CheckpointRef], cfg: SearchConfig, n_tokens: int, workers: int,
+                 settings: EvalSettings | None = None) -> None:
     ctx = mp.get_context("spawn")
     threads = max(1, torch.get_num_threads() // workers)
-    procs = [ctx.Process(target=_worker, args=([str(r.path) for r in refs], cfg, n_tokens, threads))
+    procs = [ctx.Process(target=_worker, args=([str(r.path) for r in refs], cfg, n_tokens, threads, settings))
              for _ in range(workers)]
     for p in procs:
         p.start()

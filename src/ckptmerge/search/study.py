@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ckptmerge.errors import CkptMergeError
 from ckptmerge.search.objective import MergeObjective
@@ -22,6 +22,9 @@ class SearchConfig:
     alpha: float = 0.0
     prune_after: int = 0          # batches; 0 turns pruning off
     prune_margin: float = 0.02    # relative: prune when 2% worse than the best trial on the same batches
+    objective: str = "loss"       # minimise ``loss`` (nats/token) or ``bits_per_byte``; or ``lm-eval:TASK:METRIC``
+    lm_eval_include: list[str] = field(default_factory=list)  # folders of extra lm-eval task YAMLs
+    lm_eval_limit: int | None = None
 
 
 def make_sampler(name: str, seed: int, n_baselines: int):
@@ -62,6 +65,9 @@ def run_trials(study, space, objective: MergeObjective, cfg: SearchConfig, *, lo
     while len(study.get_trials(deepcopy=False, states=counted)) < cfg.trials:
         trial = study.ask()
         coeffs = space.coeffs(space.suggest(trial))
+        if cfg.objective.startswith("lm-eval:"):
+            _task_trial(study, trial, objective, coeffs, cfg, log)
+            continue
         stop = _pruning_rule(study, cfg) if trial.user_attrs.get("baseline") is None else None
         result = objective(coeffs, cfg.data, stop=stop)
         trial.set_user_attr("coeffs", coeffs)
@@ -75,10 +81,33 @@ def run_trials(study, space, objective: MergeObjective, cfg: SearchConfig, *, lo
             if log:
                 log(f"trial {trial.number}: pruned after {n_windows} windows")
             continue
-        trial.set_user_attr("stderr", result.stderr)
-        study.tell(trial, result.loss)
+        value = objective_value(result, cfg.objective)
+        trial.set_user_attr("stderr", result.stderr * value / result.loss if result.loss else result.stderr)
+        trial.set_user_attr("nats_per_token", result.loss)
+        trial.set_user_attr("bits_per_byte", result.bits_per_byte)
+        study.tell(trial, value)
         if log:
-            log(f"trial {trial.number}: loss {result.loss:.5f} weights {[round(c, 4) for c in coeffs]}")
+            log(f"trial {trial.number}: {cfg.objective} {value:.5f} "
+                f"weights {[round(c, 4) for c in coeffs]}")
+
+
+def _task_trial(study, trial, objective: MergeObjective, coeffs: list[float], cfg: SearchConfig, log) -> None:
+    """A downstream-task trial: lm-eval's metric on the merged weights, maximised (the study minimises its negative)."""
+    score = objective.task_score(coeffs, cfg.objective, include=cfg.lm_eval_include, limit=cfg.lm_eval_limit)
+    trial.set_user_attr("coeffs", coeffs)
+    trial.set_user_attr("task_score", score)
+    study.tell(trial, -score)
+    if log:
+        log(f"trial {trial.number}: {cfg.objective} {score:.5f} weights {[round(c, 4) for c in coeffs]}")
+
+
+def objective_value(result, objective: str) -> float:
+    """What the study minimises: nats/token, bits/byte, or minus an lm-eval score (higher is better there)."""
+    value = result.metric(objective)
+    if value is None:
+        raise CkptMergeError(f"--objective {objective}: the data has no byte count (a token file without a "
+                             "tokenizer); pass --tokenizer or use --objective loss")
+    return value
 
 
 def _head(objective: MergeObjective, cfg: SearchConfig) -> int:
@@ -104,5 +133,7 @@ def trial_rows(study) -> list[dict]:
     from optuna.trial import TrialState
 
     return [{"trial": t.number, "params": t.params, "weights": t.user_attrs.get("coeffs"), "loss": t.value,
-             "stderr": t.user_attrs.get("stderr"), "baseline": t.user_attrs.get("baseline")}
+             "stderr": t.user_attrs.get("stderr"), "baseline": t.user_attrs.get("baseline"),
+             "nats_per_token": t.user_attrs.get("nats_per_token"), "bits_per_byte": t.user_attrs.get("bits_per_byte"),
+             "task_score": t.user_attrs.get("task_score")}
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]

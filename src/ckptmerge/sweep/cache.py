@@ -41,7 +41,8 @@ class EvalCache:
                 except json.JSONDecodeError:
                     continue  # a line cut short by an interrupted write
                 self._results[row["key"]] = EvalResult(row["data"], row["loss"], row["stderr"], row["tokens"],
-                                                       row["window_losses"])
+                                                       row["window_losses"], row.get("bytes", 0),
+                                                       row.get("window_tokens", []), row.get("tokens_requested"))
 
     def __len__(self) -> int:
         return len(self._results)
@@ -53,6 +54,7 @@ class EvalCache:
         self._results[key] = result
         self.path.parent.mkdir(parents=True, exist_ok=True)
         row = {"key": key, **about, "data": result.data, "loss": result.loss, "stderr": result.stderr,
-               "tokens": result.tokens, "window_losses": result.window_losses}
+               "tokens": result.tokens, "window_losses": result.window_losses, "bytes": result.bytes,
+               "window_tokens": result.window_tokens, "tokens_requested": result.tokens_requested}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ckptmerge.evaluation.evaluator import EvalResult
 from ckptmerge.evaluation.scoring import Scorer
+from ckptmerge.evaluation.settings import EvalSettings
 from ckptmerge.io.fingerprint import checkpoint_files, fingerprint_files
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.sweep.cache import EvalCache, eval_key, windows_digest
@@ -15,9 +16,9 @@ from ckptmerge.sweep.cache import EvalCache, eval_key, windows_digest
 class CachedScorer:
     """``score(refs, coeffs, data)`` through ``Scorer``, remembered in ``cache_file`` across runs."""
 
-    def __init__(self, cache_file: str | Path, *, n_tokens: int = 16384, batch_size: int = 16,
-                 context: int | None = None):
-        self.scorer = Scorer(n_tokens=n_tokens, batch_size=batch_size, context=context)
+    def __init__(self, cache_file: str | Path, *, n_tokens: int = 16384, batch_size: int | None = None,
+                 context: int | None = None, settings: EvalSettings | None = None):
+        self.scorer = Scorer(n_tokens=n_tokens, batch_size=batch_size, context=context, settings=settings)
         self.cache = EvalCache(cache_file)
         self._fingerprints: dict[Path, str] = {}
         self._window_sha: dict[str, str] = {}

@@ -39,11 +39,29 @@ def _headline_label(report: dict) -> str:
     return f"{h['method']} N={h['n']} V={h['every_steps']}"
 
 
+UNITS = {"loss": "nats per token", "bits_per_byte": "bits per byte"}
+
+
+def _value(row: dict, d: str, metric: str) -> float:
+    """``row``'s loss on ``d`` in ``metric`` (bits per byte: nats/token x tokens / (bytes x ln 2))."""
+    return row["loss"][d] * _scale(row, d, metric)
+
+
+def _scale(row: dict, d: str, metric: str) -> float:
+    if metric != "bits_per_byte":
+        return 1.0
+    bpb = (row.get("bits_per_byte") or {}).get(d)
+    if bpb is None:
+        raise ValueError(f"no bits per byte for {d}: its tokens have no tokenizer to count bytes; rank by loss")
+    return bpb / row["loss"][d]
+
+
 def render_markdown(report: dict) -> str:
     d, rows = _main_data(report), report["rows"]
     cfg = report["config"]
+    metric = cfg.get("metric", "loss")
     lines = [f"# What merging gives `{report['run']}`", "",
-             f"Held-out loss on **{d}** in nats per token (lower is better). Merges: {', '.join(cfg['methods'])} "
+             f"Held-out loss on **{d}** in {UNITS[metric]} (lower is better). Merges: {', '.join(cfg['methods'])} "
              f"over the last N = {cfg['n']} checkpoints spaced V = {cfg['every']} steps. Gains are paired "
              "differences against the raw checkpoint at the same step (same windows), ± their standard error; "
              "a gain counts when it exceeds 2 SE.", "",
@@ -56,11 +74,11 @@ def render_markdown(report: dict) -> str:
         merges = [r for r in at if r["recipe"] != "raw"]
         head = next((r for r in merges if r["recipe"] == _headline_label(report)), None)
         if not merges:
-            lines.append(f"| {t} | {raw['loss'][d]:.4f} | (no full window yet) | | |")
+            lines.append(f"| {t} | {_value(raw, d, metric):.4f} | (no full window yet) | | |")
             continue
-        best = min(merges, key=lambda r: r["loss"][d])
-        lines.append(f"| {t} | {raw['loss'][d]:.4f} | {best['recipe']} | {_gain(best, d)} | "
-                     f"{_gain(head, d) if head else 'n/a'} |")
+        best = min(merges, key=lambda r: _value(r, d, metric))
+        lines.append(f"| {t} | {_value(raw, d, metric):.4f} | {best['recipe']} | {_gain(best, d, metric)} | "
+                     f"{_gain(head, d, metric) if head else 'n/a'} |")
     lines += ["", "![held-out loss vs step](loss_vs_step.png)", "",
               "![gain over N x V at early, mid and late points](gain_n_v.png)", "",
               "![methods compared](methods.png)", ""]
@@ -69,8 +87,8 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _gain(row: dict, d: str) -> str:
-    diff, se = row["vs_raw"][d]
+def _gain(row: dict, d: str, metric: str = "loss") -> str:
+    diff, se = (x * _scale(row, d, metric) for x in row["vs_raw"][d])  # same windows: same tokens and bytes
     return f"{diff:+.4f} ± {se:.4f} ({verdict(diff, se, 'better', 'worse')})"
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from ckptmerge.console import progress_bar
 from ckptmerge.errors import ConfigError
 from ckptmerge.evaluation.evaluator import EvalResult, paired_difference
+from ckptmerge.evaluation.settings import EvalSettings
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import discover
 from ckptmerge.sweep.evaluator import CachedScorer
@@ -35,9 +36,11 @@ class SweepConfig:
     data: list[str] = field(default_factory=lambda: ["shakespeare-val"])
     n_tokens: int = 16384
     anneal: list[str] = field(default_factory=list)  # anneal branches; empty: runs forked from this one
+    metric: str = "loss"                             # rank merges by ``loss`` (nats/token) or ``bits_per_byte``
 
 
-def sweep(run_dir: str | Path, cfg: SweepConfig, out: str | Path, *, progress: bool = True, log=print) -> dict:
+def sweep(run_dir: str | Path, cfg: SweepConfig, out: str | Path, *, progress: bool = True, log=print,
+          settings: EvalSettings | None = None) -> dict:
     """Score the grid, write ``report.json``, ``report.md`` and PNGs into ``out``; return the report dict."""
     from ckptmerge.sweep.report import write_report
 
@@ -49,7 +52,7 @@ def sweep(run_dir: str | Path, cfg: SweepConfig, out: str | Path, *, progress: b
     points = choose_points(refs, cfg.at, cfg.points)
     headline = MergeSpec(cfg.methods[0], sorted(cfg.n)[len(cfg.n) // 2], every[0])
     branches = {Path(p).name: discover(p).checkpoints for p in (cfg.anneal or find_forks(run_dir))}
-    scorer = CachedScorer(out / CACHE_FILE, n_tokens=cfg.n_tokens)
+    scorer = CachedScorer(out / CACHE_FILE, n_tokens=cfg.n_tokens, settings=settings)
     log(f"sweep {run_dir}: {len(refs)} checkpoints, {len(points)} points x {len(grid)} merges x "
         f"{len(cfg.data)} data sets; anneal branches: {', '.join(branches) or 'none'}")
     rows = grid_rows(scorer, refs, points, grid, cfg.data, progress=progress)
@@ -86,6 +89,8 @@ def _row(label: str, step: int, spec: MergeSpec | None, results: dict[str, EvalR
          raw: dict[str, EvalResult]) -> dict:
     return {"recipe": label, "step": step, **(asdict(spec) if spec else {"method": "raw", "n": 1, "every_steps": 0}),
             "loss": {d: r.loss for d, r in results.items()}, "stderr": {d: r.stderr for d, r in results.items()},
+            "bits_per_byte": {d: r.bits_per_byte for d, r in results.items()},
+            "tokens": {d: r.tokens for d, r in results.items()},
             "vs_raw": {d: list(paired_difference(r, raw[d])) for d, r in results.items()}}
 
 

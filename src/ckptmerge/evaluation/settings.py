@@ -1,0 +1,61 @@
+"""How models are built and data is read for evaluation: one object shared by eval, search, sweep and the API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ckptmerge.data.text_tokenizer import TextTokenizer, resolve_tokenizer
+from ckptmerge.data.tokens import is_token_file, load_tokens
+from ckptmerge.errors import TokenizerError
+from ckptmerge.evaluation.loading import load_model
+
+
+@dataclass
+class EvalSettings:
+    """Every evaluation option a user can set (CLI flags of the same names)."""
+
+    device: str = "auto"               # auto, cpu, cuda, cuda:N, mps
+    dtype: str = "float32"             # what the model computes in; merges are still accumulated in fp32
+    tokenizer: str | None = None       # a folder or tokenizer.json; default: beside the checkpoint
+    text_field: str = "text"           # JSONL / Parquet / datasets column holding the text
+    token_dtype: str | None = None     # .bin token files: uint16 or uint32 (default: sidecar, else uint16)
+    model_config: str | None = None    # HF config folder for raw .pt / DCP checkpoints
+    model_factory: str | None = None   # package.module:function returning an nn.Module
+    key_map: list[str] = field(default_factory=list)  # OLD=NEW regex renames of checkpoint keys
+    batch_size: int = 16               # rows per batch
+    max_batch_tokens: int | None = None  # tokens per batch (rows = this // context), when given
+    device_map: str | None = None      # "auto": accelerate spreads an HF model over every visible device
+    progress: bool = True
+
+    def load_model(self, path) -> torch.nn.Module:
+        return load_model(path, device=self.device, dtype=self.dtype, model_config=self.model_config,
+                          model_factory=self.model_factory, key_map=self.key_map, device_map=self.device_map)
+
+    def tokenizer_for(self, model_path) -> TextTokenizer | TokenizerError:
+        """The model's tokenizer, or (when none is found and none was given) the error to raise for text data."""
+        try:
+            return resolve_tokenizer(model_path, self.tokenizer)
+        except TokenizerError as exc:
+            if self.tokenizer is not None:
+                raise
+            return exc
+
+    def tokens(self, data: str, tokenizer: TextTokenizer | TokenizerError) -> np.ndarray:
+        """Token ids of ``data``: token files as they are, text through the model's tokenizer."""
+        if is_token_file(data):
+            return load_tokens(data, token_dtype=self.token_dtype)
+        require_tokenizer(tokenizer, [data])
+        return load_tokens(data, tokenizer, text_field=self.text_field, progress=self.progress)
+
+
+def require_tokenizer(tokenizer: TextTokenizer | TokenizerError, data: list[str]) -> None:
+    """Raise the lookup's error when a tokenizer is missing and some of ``data`` is text."""
+    if isinstance(tokenizer, TokenizerError) and not all(is_token_file(d) for d in data):
+        raise tokenizer
+
+
+def byte_lengths(tokenizer: TextTokenizer | TokenizerError) -> np.ndarray | None:
+    return tokenizer.byte_lengths if isinstance(tokenizer, TextTokenizer) else None
