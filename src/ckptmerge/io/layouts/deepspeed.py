@@ -1,13 +1,17 @@
 """DeepSpeed ``save_checkpoint``: ``global_stepN/mp_rank_00_model_states.pt`` and a ``latest`` tag file.
 
 The weights are ``module`` in the model-states file, in the training dtype (bf16 runs store bf16
-there; the fp32 masters live in the ZeRO optimizer shards). The step is ``global_steps``.
+there; the fp32 masters live in the ZeRO optimizer shards). Half-precision weights are read as
+fp32 (exactly), so a merge of a bf16 run is written in fp32, like DeepSpeed's own ``zero_to_fp32``
+export, and keeps the mean's precision. The step is ``global_steps``.
 Tensor / pipeline parallel checkpoints (``mp_rank_01``, ``layer_*``) are not read.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 from ckptmerge.errors import CheckpointFormatError
 from ckptmerge.io.layouts.base import Layout, StepInfo, as_int, payload, step_from_name, weights_reader
@@ -45,7 +49,20 @@ def open_checkpoint(path: Path):
     if not isinstance(module, dict):
         raise CheckpointFormatError(f"{path / MODEL_STATES}: no 'module' weights in this DeepSpeed checkpoint")
     check_kept_fraction(path / MODEL_STATES, module, state)
-    return weights_reader(path, module, "deepspeed")
+    return weights_reader(path, _half_to_fp32(module), "deepspeed")
+
+
+def _half_to_fp32(module: dict) -> dict:
+    """bf16 / fp16 tensors as fp32 copies; tensors that share storage (tied weights) keep sharing it."""
+    copies: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, t in module.items():
+        if not (isinstance(t, torch.Tensor) and t.dtype in (torch.bfloat16, torch.float16)):
+            out[name] = t
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        out[name] = copies.setdefault(key, t.float())
+    return out
 
 
 LAYOUT = Layout("deepspeed", detect, read_step, open_checkpoint, pointer)
