@@ -133,3 +133,37 @@ def test_olmo_core_run(tmp_path):
             dcp.load(sd, checkpoint_id=run_dir / f"step{s}" / "model_and_optim")
         states.append(sd["model"])
     assert_merge_matches(run_dir, tmp_path / "out", fp64_mean(states), [10, 20, 30, 40], "olmo-core")
+
+
+def test_megatron_torch_dist_run(tmp_path):
+    """megatron-core installs, but its dist_checkpointing.save needs CUDA; the folders are built with torch DCP
+    the way its torch_dist strategy lays them out: layer-stacked tensors, ``_extra_state`` byte shards, a
+    ``SavePlan`` in the metadata's planner data, ``common.pt`` with ``iteration`` and ``args``, and the tracker file."""
+    import argparse
+    import io
+
+    from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    run_dir = tmp_path / "checkpoints"
+    torch.manual_seed(0)
+    stacked = {"decoder.layers.mlp.linear_fc1.weight": torch.randn(2, 8, 8),
+               "decoder.layers.mlp.linear_fc1.bias": torch.randn(2, 8), "decoder.final_layernorm.weight": torch.ones(8)}
+    for step in (10, 20, 30, 40):
+        stacked = {k: v + 0.01 * torch.randn_like(v) for k, v in stacked.items()}
+        folder = run_dir / f"iter_{step:07d}"
+        extra = {f"decoder.layers.mlp.linear_fc1._extra_state/shard_{i}_2": io.BytesIO(b"te-state") for i in range(2)}
+        dcp.save({**stacked, **extra}, checkpoint_id=folder)
+        meta = pickle.loads((folder / ".metadata").read_bytes())
+        meta.planner_data = {"plan": SavePlan([WriteItem(MetadataIndex("x"), WriteItemType.BYTE_IO)])}
+        (folder / ".metadata").write_bytes(pickle.dumps(meta))
+        torch.save({"iteration": step, "args": argparse.Namespace(consumed_train_samples=4 * step, seq_length=16),
+                    "checkpoint_version": 3.0}, folder / "common.pt")
+        (folder / "metadata.json").write_text('{"sharded_backend": "torch_dist", "sharded_backend_version": 1}')
+        (run_dir / "latest_checkpointed_iteration.txt").write_text(str(step))
+    states = []
+    for step in (20, 30, 40):  # torch DCP's own loader
+        sd = {k: torch.empty_like(v) for k, v in stacked.items()}
+        dcp.load(sd, checkpoint_id=run_dir / f"iter_{step:07d}")
+        states.append(sd)
+    assert_merge_matches(run_dir, tmp_path / "out", fp64_mean(states), [10, 20, 30, 40], "megatron")
