@@ -51,3 +51,31 @@ def test_lightning_run_merges_with_true_steps(lightning_run, tmp_path):
     states = [TinyModule.load_from_checkpoint(f).model.state_dict() for f in files[-3:]]  # Lightning's own loader
     assert (lightning_run / "last.ckpt").is_file()
     assert_merge_matches(lightning_run, tmp_path / "out", fp64_mean(states), [5, 10, 15, 20], "lightning")
+
+
+class _WeightsAtStart(pl.Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.weights = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+        self.step = trainer.global_step
+        self.exp_avg = [s["exp_avg"].clone() for s in trainer.optimizers[0].state_dict()["state"].values()]
+
+
+def test_lightning_resumes_from_the_merge(lightning_run, tmp_path):
+    from trainer_checks import run_cli
+
+    out = tmp_path / "merged"
+    code, _ = run_cli("merge", lightning_run, "-o", out, "--last", "3", "--schedule", "sma", "--as-checkpoint", "--quiet")
+    assert code == 0
+    files = [next(lightning_run.glob(f"epoch=*-step={s}.ckpt")) for s in (10, 15, 20)]
+    newest = files[-1]
+    handed = out / newest.name
+    reference = fp64_mean([TinyModule.load_from_checkpoint(f).model.state_dict() for f in files])
+    probe = _WeightsAtStart()
+    trainer = _trainer(tmp_path, 25, [probe])
+    trainer.fit(TinyModule(), _loader(), ckpt_path=handed)  # Lightning's own resume
+    assert probe.step == 20 and trainer.global_step == 25
+    for name, want in reference.items():
+        torch.testing.assert_close(probe.weights[name].double(), torch.from_numpy(want), rtol=0, atol=1e-5)
+    newest_state = torch.load(newest, weights_only=False)["optimizer_states"][0]["state"]
+    for got, want in zip(probe.exp_avg, [s["exp_avg"] for s in newest_state.values()]):
+        assert torch.equal(got, want)  # the newest checkpoint's optimizer state, unchanged

@@ -9,8 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ckptmerge.io.layouts import (accelerate, composer, deepspeed, hf_trainer, lightning, litgpt, megatron,
-                                  nanogpt, olmo_core, torchtitan)
+from ckptmerge.io.layouts import (
+    accelerate,
+    composer,
+    deepspeed,
+    hf_trainer,
+    lightning,
+    litgpt,
+    megatron,
+    nanogpt,
+    olmo_core,
+    torchtitan,
+)
 from ckptmerge.io.layouts.base import Layout, StepInfo
 from ckptmerge.io.tensor_info import CheckpointReader
 

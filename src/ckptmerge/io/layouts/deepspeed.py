@@ -14,7 +14,15 @@ from pathlib import Path
 import torch
 
 from ckptmerge.errors import CheckpointFormatError
-from ckptmerge.io.layouts.base import Layout, StepInfo, as_int, payload, step_from_name, weights_reader
+from ckptmerge.io.layouts.base import (
+    Layout,
+    StepInfo,
+    as_int,
+    payload,
+    step_from_name,
+    weights_reader,
+    write_back_torch_file,
+)
 from ckptmerge.io.torch_reader import check_kept_fraction
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -65,4 +73,18 @@ def _half_to_fp32(module: dict) -> dict:
     return out
 
 
-LAYOUT = Layout("deepspeed", detect, read_step, open_checkpoint, pointer)
+def write_back(path: Path, merged: dict, dest: Path) -> None:
+    """``dest/<tag>/`` with the merged ``module`` and the newest optimizer shards, and ``dest/latest`` naming it.
+
+    ZeRO 1/2 restore the fp32 masters from the optimizer shards unless the config says
+    ``zero_optimization.load_from_fp32_weights: false``; with it they start from the merged module.
+    """
+    import shutil
+
+    tag = dest / path.name
+    shutil.copytree(path, tag, ignore=shutil.ignore_patterns(MODEL_STATES))
+    write_back_torch_file(path / MODEL_STATES, tag / MODEL_STATES, lambda state: state["module"], merged)
+    (dest / "latest").write_text(path.name)
+
+
+LAYOUT = Layout("deepspeed", detect, read_step, open_checkpoint, pointer, write_back=write_back)

@@ -11,7 +11,12 @@ from pathlib import Path
 
 from ckptmerge.errors import DiscoveryError
 from ckptmerge.io.layout import detect_layout, open_plain_checkpoint
-from ckptmerge.io.layouts.base import Layout, StepInfo, step_from_name
+from ckptmerge.io.layouts.base import (
+    Layout,
+    StepInfo,
+    copy_folder_state,
+    step_from_name,
+)
 
 STATE_FILE = "trainer_state.json"
 
@@ -31,4 +36,4 @@ def read_step(path: Path) -> StepInfo:
                     lr=lrs[-1] if lrs else None, source=STATE_FILE)
 
 
-LAYOUT = Layout("hf-trainer", detect, read_step, open_plain_checkpoint)
+LAYOUT = Layout("hf-trainer", detect, read_step, open_plain_checkpoint, write_back=lambda path, merged, dest: copy_folder_state(path, dest))
