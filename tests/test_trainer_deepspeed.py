@@ -39,3 +39,23 @@ def test_deepspeed_run_merges_with_true_steps(deepspeed_run, tmp_path):
     assert (ckpts / "latest").is_file()
     reference = {k: v.numpy() for k, v in torch.load(run_dir / "reference.pt").items()}
     assert_merge_matches(ckpts, tmp_path / "out", reference, [2, 4, 6, 8], "deepspeed")
+
+
+def test_deepspeed_resumes_from_the_merge(deepspeed_run, tmp_path):
+    import json
+
+    from trainer_checks import run_cli
+
+    run_dir, stage, dtype = deepspeed_run
+    out = tmp_path / "merged"
+    code, _ = run_cli("merge", run_dir / "checkpoints", "-o", out, "--last", "3", "--schedule", "sma",
+                      "--as-checkpoint", "--quiet")
+    assert code == 0 and (out / "latest").read_text() == "global_step8"
+    run_script("resume", tmp_path, stage, dtype, out, "global_step8", port=29550 + stage)  # engine.load_checkpoint
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert resumed["step"] == 8 and resumed["after"] == 10 and np.isfinite(resumed["loss"])
+    weights = torch.load(tmp_path / "resumed_weights.pt")
+    reference = torch.load(run_dir / "reference.pt")
+    atol = 1e-5 if dtype == "fp32" else 8e-3  # a bf16 run resumes with bf16 weights
+    for name, want in reference.items():
+        torch.testing.assert_close(weights[name], want, rtol=0, atol=atol)
