@@ -107,3 +107,26 @@ def test_nanogpt_files_merge_the_weights_not_best_val_loss(tmp_path, compiled):
     states = [torch.load(run_dir / f"ckpt_{i}.pt", weights_only=False)["model"] for i in (2, 3, 4)]
     states = [{k.removeprefix("_orig_mod."): v for k, v in s.items()} for s in states]
     assert_merge_matches(run_dir, tmp_path / "merged", fp64_mean(states), [10, 20, 30, 40], "nanogpt")
+
+
+class _StartProbe(transformers.TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.first_step = getattr(self, "first_step", state.global_step)
+
+
+def test_hf_trainer_resumes_from_the_merge(hf_run, tmp_path):
+    out = tmp_path / "merged"
+    code, _ = run_cli("merge", hf_run, "-o", out, "--last", "3", "--schedule", "sma", "--as-checkpoint", "--quiet")
+    assert code == 0
+    reference = fp64_mean([transformers.LlamaForCausalLM.from_pretrained(hf_run / f"checkpoint-{s}").state_dict()
+                           for s in (8, 12, 16)])
+    probe = _StartProbe()
+    trainer = transformers.Trainer(model=_tiny_llama(), args=_hf_args(tmp_path / "resumed", 20),
+                                   train_dataset=_Tokens(), callbacks=[probe])
+    trainer.train(resume_from_checkpoint=str(out))  # HF Trainer's own resume
+    assert probe.first_step == 16 and trainer.state.global_step == 20
+    for name, want in reference.items():
+        torch.testing.assert_close(probe.weights[name].double(), torch.from_numpy(want), rtol=0, atol=1e-5)
