@@ -101,6 +101,10 @@ class DcpReader:
     def keys(self) -> list[str]:
         return list(self._meta)
 
+    def fqn(self, name: str) -> str:
+        """The DCP key a tensor name stands for (``model.`` put back when it was stripped)."""
+        return self._fqn[name]
+
     def info(self, name: str) -> TensorInfo:
         md = self._meta[name]
         return TensorInfo(dtype=md.properties.dtype, shape=tuple(md.size))
