@@ -37,6 +37,9 @@ def rewrite_dcp(src: Path, dst: Path, merged: dict[str, torch.Tensor]) -> None:
         files.setdefault(info.relative_path, []).append((index, info))
     new_storage = {}
     for relative_path, items in files.items():
+        if Path(relative_path).name != relative_path or relative_path in ("", ".", ".."):
+            raise CheckpointFormatError(f"{src / METADATA_FILE}: data file {relative_path!r} is not a plain file name "
+                                        f"in the checkpoint folder; refusing to read or write outside it")
         raw = (src / relative_path).read_bytes()
         out = bytearray()
         for index, info in sorted(items, key=lambda item: item[1].offset):
