@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ckptmerge.errors import CheckpointFormatError
+from ckptmerge.io.shard_index import read_shard_index
 from ckptmerge.io.tensor_info import CheckpointReader
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -46,15 +46,7 @@ def detect_layout(path: Path) -> tuple[str, list[Path]] | None:
 
 
 def _shards_from_index(index_path: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointFormatError(f"{index_path}: not a valid shard index (needs a 'weight_map'): {exc}") from exc
-    files = [index_path.parent / name for name in sorted(set(weight_map.values()))]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise CheckpointFormatError(f"{index_path}: shard files listed in the index are missing: {missing}")
-    return files
+    return read_shard_index(index_path)  # validated: strings only, files confined to the folder
 
 
 def open_checkpoint(path: str | Path) -> CheckpointReader:

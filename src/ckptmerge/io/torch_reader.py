@@ -38,6 +38,18 @@ def load_torch_payload(path: Path) -> object:
             f"tensor dict (torch.save(model.state_dict(), ...)).") from exc
     except (RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError) as exc:
         raise CheckpointFormatError(f"{path}: cannot read torch checkpoint ({exc}); is the file complete?") from exc
+    except Exception as exc:  # a corrupt pickle stream can fail in many ways (KeyError, IndexError, ...)
+        raise CheckpointFormatError(f"{path}: cannot read torch checkpoint ({type(exc).__name__}: {str(exc)[:200]}); "
+                                    f"the file is corrupt or truncated") from exc
+
+
+def _checked_names(path: Path, tensors: dict) -> dict:
+    """Tensor names must be strings (a state dict's keys); anything else is not a model checkpoint."""
+    bad = [k for k, v in tensors.items() if not isinstance(k, str) and isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointFormatError(f"{path}: tensor names must be strings, found {type(bad[0]).__name__} key "
+                                    f"{str(bad[0])[:80]!r}; save the model's state_dict() (string keys) instead")
+    return tensors
 
 
 def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
@@ -58,7 +70,7 @@ def find_weights(path: Path, obj: object) -> dict[str, torch.Tensor]:
         raise CheckpointFormatError(
             f"{path}: found no model tensors; top-level keys are {keys}. ckptmerge looks for a tensor dict, "
             f"possibly nested under one of {list(WRAPPER_KEYS)}.")
-    weights = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    weights = {k: v for k, v in _checked_names(path, obj).items() if isinstance(v, torch.Tensor)}
     check_kept_fraction(path, weights, root)
     return weights
 

@@ -10,11 +10,11 @@ the true step (and tokens) from the framework's own metadata and recognise point
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ckptmerge.errors import DiscoveryError
+from ckptmerge.io.json_fields import check_log_history, check_types, is_count, is_number, load_json
 from ckptmerge.io.layout import detect_layout
 from ckptmerge.io.layouts import Layout, match_layout, pointer_reason
 from ckptmerge.io.layouts.parse_name import parse_step
@@ -137,20 +137,12 @@ def _read_ref(path: Path, layout: str, tokens_per_step: int | None, framework: L
     return ref
 
 
-def _load_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DiscoveryError(f"{path}: invalid JSON ({exc}); fix or remove the file") from exc
-    return data if isinstance(data, dict) else None
-
-
 def _apply_trainer_state(ref: CheckpointRef, path: Path) -> CheckpointRef:
-    state = _load_json(path)
+    state = load_json(path)
     if state is None:
         return ref
+    check_types(path, state, {"global_step": is_count, "num_input_tokens_seen": is_count})
+    check_log_history(path, state.get("log_history", []))
     lrs = [e["learning_rate"] for e in state.get("log_history", []) if "learning_rate" in e]
     return replace(ref, step=state.get("global_step", ref.step),
                    tokens_seen=state.get("num_input_tokens_seen") or ref.tokens_seen,
@@ -158,9 +150,10 @@ def _apply_trainer_state(ref: CheckpointRef, path: Path) -> CheckpointRef:
 
 
 def _apply_own_metadata(ref: CheckpointRef, path: Path) -> CheckpointRef:
-    meta = _load_json(path)
+    meta = load_json(path)
     if meta is None:
         return ref
+    check_types(path, meta, {"step": is_count, "tokens_seen": is_count, "lr": is_number})
     return replace(ref, step=meta.get("step", ref.step), tokens_seen=meta.get("tokens_seen", ref.tokens_seen),
                    lr=meta.get("lr", ref.lr), meta_source=ref.meta_source + (path.name,))
 

@@ -14,6 +14,7 @@ from ckptmerge.merging.offline import MergeResult, merge
 from ckptmerge.merging.recipe import MergeRecipe, parse_size, validate
 from ckptmerge.merging.schedules import compute_coeffs
 from ckptmerge.merging.select import select_last, select_range, select_steps
+from ckptmerge.parallel.agree import phase
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -61,7 +62,9 @@ def run_recipe(recipe: MergeRecipe, *, progress: bool = True) -> MergeResult:
     """Resolve the window and merge it into ``recipe.output``."""
     if not recipe.output:
         raise ConfigError("output: give -o OUT (the merged folder to write)")
-    window = resolve_window(recipe)
+    window = None
+    with phase():  # on many ranks: a bad window is reported once, by rank 0, and stops every rank
+        window = resolve_window(recipe)
     return merge(window.refs, window.coeffs, recipe.output,
                  dtype=_DTYPES[recipe.dtype] if recipe.dtype else None, accum_dtype=_DTYPES[recipe.accum_dtype],
                  max_shard_bytes=parse_size(recipe.max_shard_size), chunk_bytes=parse_size(recipe.chunk_size),

@@ -6,10 +6,9 @@ not a step checkpoint; discovery skips it (merging/discover.py).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ckptmerge.errors import DiscoveryError
+from ckptmerge.io.json_fields import check_log_history, check_types, is_count, load_json
 from ckptmerge.io.layout import detect_layout, open_plain_checkpoint
 from ckptmerge.io.layouts.base import (
     Layout,
@@ -26,10 +25,9 @@ def detect(path: Path) -> bool:
 
 
 def read_step(path: Path) -> StepInfo:
-    try:
-        state = json.loads((path / STATE_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DiscoveryError(f"{path / STATE_FILE}: invalid JSON ({exc}); fix or remove the file") from exc
+    state = load_json(path / STATE_FILE) or {}
+    check_types(path / STATE_FILE, state, {"global_step": is_count, "num_input_tokens_seen": is_count})
+    check_log_history(path / STATE_FILE, state.get("log_history", []))
     lrs = [e["learning_rate"] for e in state.get("log_history", []) if "learning_rate" in e]
     return StepInfo(step=state.get("global_step", step_from_name(path, r"(\d+)$")),
                     tokens_seen=state.get("num_input_tokens_seen") or None,
