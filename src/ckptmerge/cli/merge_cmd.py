@@ -55,6 +55,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--allow-nonfinite", action="store_true", default=None, help="merge inputs with NaN/Inf")
     o.add_argument("--hash", choices=("sampled", "full", "none"), help="input fingerprint for merge.json")
     o.add_argument("--force", action="store_true", default=None, help="replace an existing output")
+    o.add_argument("--as-checkpoint", action="store_true", default=None,
+                   help="also write the merge as the newest input's trainer checkpoint (its optimizer, scheduler and "
+                        "loop state beside the merged weights) so the trainer resumes from it; see docs/trainers.md")
     o.add_argument("--dry-run", action="store_true", default=None, help="print the plan; read no tensors")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)

@@ -103,6 +103,10 @@ class DcpReader:
     def keys(self) -> list[str]:
         return list(self._infos)
 
+    def fqn(self, name: str) -> str:
+        """The DCP key a tensor name stands for (``model.`` put back when it was stripped)."""
+        return self._fqn[name]
+
     def info(self, name: str) -> TensorInfo:
         return self._infos[name]
 

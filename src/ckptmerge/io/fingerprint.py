@@ -56,6 +56,8 @@ def weight_files(path: Path) -> list[Path]:
     if found is None and not os.path.lexists(path):
         raise CheckpointFormatError(f"{path}: does not exist (moved or deleted?); nothing was written. "
                                     f"Keep the inputs in place while merging.")
+    if found is None and _is_framework_checkpoint(path):
+        return checkpoint_files(path)  # a trainer's folder (DeepSpeed, litgpt, OLMo-core): all of its files
     if found is None:
         raise CheckpointFormatError(f"{path}: not a checkpoint ckptmerge can read (see `ckptmerge inspect`); "
                                     f"nothing was written")
@@ -64,6 +66,12 @@ def weight_files(path: Path) -> list[Path]:
         return sorted([path / ".metadata", *path.glob("*.distcp")])
     indexes = [path / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")]
     return sorted({*files, *(i for i in indexes if path.is_dir() and i.is_file())})
+
+
+def _is_framework_checkpoint(path: Path) -> bool:
+    from ckptmerge.io.layouts import match_layout
+
+    return match_layout(path) is not None
 
 
 @dataclass(frozen=True)

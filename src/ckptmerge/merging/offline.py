@@ -20,6 +20,7 @@ from ckptmerge.io.safetensors_writer import StreamingSafetensorsWriter
 from ckptmerge.io.sidecars import copy_sidecars
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import META_FILE, describe_path
+from ckptmerge.merging.handback import check_write_back, write_back
 from ckptmerge.merging.engine import DEFAULT_CHUNK_BYTES, run_engine
 from ckptmerge.merging.manifest import build_manifest, write_manifest
 from ckptmerge.merging.plan import MergePlan, build_plan
@@ -40,7 +41,7 @@ def merge(checkpoints: Sequence[CheckpointRef | str | Path], coeffs: Sequence[fl
           max_shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
           force: bool = False, allow_nonfinite: bool = False, allow_unnormalized: bool = False,
           allow_negative: bool = False, hash_mode: str = "sampled", progress: bool = True,
-          recipe: dict | None = None) -> MergeResult:
+          recipe: dict | None = None, as_checkpoint: bool = False) -> MergeResult:
     """Merge ``checkpoints`` (oldest first) with ``coeffs`` into an HF-style folder at ``output``.
 
     Args:
@@ -49,6 +50,7 @@ def merge(checkpoints: Sequence[CheckpointRef | str | Path], coeffs: Sequence[fl
         output: destination folder; written atomically.
         dtype: output dtype for float tensors; default: the inputs' dtype.
         accum_dtype: float32 (default) or float64.
+        as_checkpoint: also write the merge as the newest input's trainer checkpoint (merging/handback.py).
 
     Raises:
         CkptMergeError subclasses, always before anything appears at ``output``.
@@ -69,6 +71,8 @@ def merge(checkpoints: Sequence[CheckpointRef | str | Path], coeffs: Sequence[fl
     started = time.monotonic()
     refs, coeffs, output = check_arguments(checkpoints, coeffs, output, accum_dtype=accum_dtype, force=force,
                                            allow_unnormalized=allow_unnormalized, allow_negative=allow_negative)
+    if as_checkpoint:
+        check_write_back(refs[-1])
     pins = [pin_checkpoint(r.path, hash_mode) for r in refs]  # hashed before the readers open the same files
     with ExitStack() as stack:
         readers = [open_checkpoint(r.path) for r in refs]
@@ -80,6 +84,8 @@ def merge(checkpoints: Sequence[CheckpointRef | str | Path], coeffs: Sequence[fl
             manifest = _merge_into(tmp, plan, readers, dtype=dtype, max_shard_bytes=max_shard_bytes,
                                    chunk_bytes=chunk_bytes, allow_nonfinite=allow_nonfinite, pins=pins,
                                    progress=progress, recipe=recipe or {}, started=started, planned_s=planned_s)
+            if as_checkpoint:
+                write_back(refs[-1], tmp)
     return MergeResult(output, plan, manifest)
 
 

@@ -58,6 +58,7 @@ class MergeRecipe:
     hash: str = "sampled"
     force: bool = False
     dry_run: bool = False
+    as_checkpoint: bool = False
 
     def schedule_params(self) -> dict[str, object]:
         """Parameters in the names ``ckptmerge.merging.schedules`` uses."""

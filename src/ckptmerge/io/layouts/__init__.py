@@ -40,9 +40,9 @@ def match_layout(path: Path) -> Layout | None:
 def pointer_reason(path: Path) -> str | None:
     """Why ``path`` is a pointer or a copy of another checkpoint (to skip), or None."""
     if path.is_symlink():
-        target = path.resolve()
-        if target.parent == path.parent.resolve():
-            return f"a symlink to {target.name}"
+        target, run_dir = path.resolve(), path.parent.resolve()
+        if target.is_relative_to(run_dir):
+            return f"a symlink to {target.relative_to(run_dir)} (a pointer, not another checkpoint)"
     return next((why for layout in LAYOUTS if (why := layout.pointer(path))), None)
 
 

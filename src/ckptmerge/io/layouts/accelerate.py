@@ -11,7 +11,13 @@ import re
 from pathlib import Path
 
 from ckptmerge.io.layout import detect_layout, open_plain_checkpoint
-from ckptmerge.io.layouts.base import Layout, StepInfo, as_int, payload
+from ckptmerge.io.layouts.base import (
+    Layout,
+    StepInfo,
+    as_int,
+    copy_folder_state,
+    payload,
+)
 from ckptmerge.io.layouts.parse_name import parse_step
 
 MARKERS = ("optimizer.bin", "random_states_0.pkl", "scheduler.bin")
@@ -45,4 +51,4 @@ def _optimizer_step(state: object) -> int | None:
     return max(steps) if steps else None
 
 
-LAYOUT = Layout("accelerate", detect, read_step, open_plain_checkpoint)
+LAYOUT = Layout("accelerate", detect, read_step, open_plain_checkpoint, write_back=lambda path, merged, dest: copy_folder_state(path, dest))

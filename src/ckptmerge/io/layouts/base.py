@@ -40,6 +40,9 @@ class Layout:
         open: a CheckpointReader over the model weights only.
         pointer: a reason when the entry is a pointer or copy to skip (``latest``, ``last.ckpt``), else None.
         storage: the file format of its weights when the entry itself is not a plain layout (``torch``, ``dcp``).
+        write_back: ``(entry, merged, dest)`` writes the merged weights as this framework's checkpoint in
+            folder ``dest`` (``merge --as-checkpoint``), the entry's other state copied unchanged; None when
+            not supported.
     """
 
     name: str
@@ -48,6 +51,7 @@ class Layout:
     open: Callable[[Path], CheckpointReader]
     pointer: Callable[[Path], str | None] = _no_pointer
     storage: str = "torch"
+    write_back: Callable[[Path, dict[str, torch.Tensor], Path], None] | None = None
 
 
 def step_from_name(path: Path, pattern: str) -> int | None:
@@ -95,3 +99,42 @@ def weights_reader(path: Path, weights: dict[str, torch.Tensor], framework: str,
     if strip_attribute:
         weights, prefix = strip_attribute_prefix(weights)
     return StateDictReader(weights, path, layout="torch", metadata={"framework": framework, "key_prefix": prefix})
+
+
+WEIGHT_FILE_SUFFIXES = (".safetensors",)
+WEIGHT_FILE_NAMES = ("pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+                     "merge.json", "ckptmerge.json")
+
+
+def copy_folder_state(src: Path, dest: Path) -> None:
+    """Copy a checkpoint folder's non-weight files (optimizer, scheduler, RNG, trainer state) into ``dest``."""
+    import shutil
+
+    for item in src.iterdir():
+        if item.name in WEIGHT_FILE_NAMES or item.suffix in WEIGHT_FILE_SUFFIXES or item.name.startswith("pytorch_model-"):
+            continue
+        target = dest / item.name
+        if item.is_dir():
+            shutil.copytree(item, target, dirs_exist_ok=True)
+        elif not target.exists():
+            shutil.copyfile(item, target)
+
+
+def write_back_torch_file(src: Path, dst: Path, weights_of: Callable[[object], dict], merged: dict[str, torch.Tensor],
+                          *, strip_attribute: bool = False) -> None:
+    """Copy torch file ``src`` to ``dst`` with the weights dict ``weights_of(payload)`` set to ``merged``.
+
+    Names are matched the way the layout's reader named them (DDP / compile prefixes and, with
+    ``strip_attribute``, the wrapper's attribute stripped).
+    """
+    from ckptmerge.errors import CheckpointFormatError
+    from ckptmerge.io.torch_file_rewrite import load_tensor_refs, rewrite_tensors
+
+    refs = weights_of(load_tensor_refs(src))
+    names = strip_prefixes(src, {k: k for k in refs})
+    if strip_attribute:
+        names, _ = strip_attribute_prefix(names)
+    missing = sorted(set(merged) - set(names))
+    if missing:
+        raise CheckpointFormatError(f"{src}: merged tensors {missing[:8]} have no place in the newest checkpoint")
+    rewrite_tensors(src, dst, {refs[names[name]]: merged[name] for name in merged})

@@ -11,7 +11,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ckptmerge.io.layouts.base import Layout, StepInfo, as_int, payload, weights_reader
+from ckptmerge.io.layouts.base import (
+    Layout,
+    StepInfo,
+    as_int,
+    payload,
+    weights_reader,
+    write_back_torch_file,
+)
 from ckptmerge.io.layouts.parse_name import parse_step
 from ckptmerge.io.safe_pickle import Placeholder, state_fields
 from ckptmerge.io.torch_reader import check_kept_fraction
@@ -50,4 +57,8 @@ def open_checkpoint(path: Path):
     return weights_reader(path, state["model"], "composer", strip_attribute=True)
 
 
-LAYOUT = Layout("composer", detect, read_step, open_checkpoint, pointer)
+def write_back(path: Path, merged: dict, dest: Path) -> None:
+    write_back_torch_file(path, dest / path.name, lambda obj: obj["state"]["model"], merged, strip_attribute=True)
+
+
+LAYOUT = Layout("composer", detect, read_step, open_checkpoint, pointer, write_back=write_back)

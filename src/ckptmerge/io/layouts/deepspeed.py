@@ -1,7 +1,9 @@
 """DeepSpeed ``save_checkpoint``: ``global_stepN/mp_rank_00_model_states.pt`` and a ``latest`` tag file.
 
 The weights are ``module`` in the model-states file, in the training dtype (bf16 runs store bf16
-there; the fp32 masters live in the ZeRO optimizer shards). The step is ``global_steps``.
+there; the fp32 masters live in the ZeRO optimizer shards). Half-precision weights are read as
+fp32 (exactly), so a merge of a bf16 run is written in fp32, like DeepSpeed's own ``zero_to_fp32``
+export, and keeps the mean's precision. The step is ``global_steps``.
 Tensor / pipeline parallel checkpoints (``mp_rank_01``, ``layer_*``) are not read.
 """
 
@@ -9,8 +11,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ckptmerge.errors import CheckpointFormatError
-from ckptmerge.io.layouts.base import Layout, StepInfo, as_int, payload, step_from_name, weights_reader
+from ckptmerge.io.layouts.base import (
+    Layout,
+    StepInfo,
+    as_int,
+    payload,
+    step_from_name,
+    weights_reader,
+    write_back_torch_file,
+)
 from ckptmerge.io.torch_reader import check_kept_fraction
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -45,7 +57,34 @@ def open_checkpoint(path: Path):
     if not isinstance(module, dict):
         raise CheckpointFormatError(f"{path / MODEL_STATES}: no 'module' weights in this DeepSpeed checkpoint")
     check_kept_fraction(path / MODEL_STATES, module, state)
-    return weights_reader(path, module, "deepspeed")
+    return weights_reader(path, _half_to_fp32(module), "deepspeed")
 
 
-LAYOUT = Layout("deepspeed", detect, read_step, open_checkpoint, pointer)
+def _half_to_fp32(module: dict) -> dict:
+    """bf16 / fp16 tensors as fp32 copies; tensors that share storage (tied weights) keep sharing it."""
+    copies: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, t in module.items():
+        if not (isinstance(t, torch.Tensor) and t.dtype in (torch.bfloat16, torch.float16)):
+            out[name] = t
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        out[name] = copies.setdefault(key, t.float())
+    return out
+
+
+def write_back(path: Path, merged: dict, dest: Path) -> None:
+    """``dest/<tag>/`` with the merged ``module`` and the newest optimizer shards, and ``dest/latest`` naming it.
+
+    ZeRO 1/2 restore the fp32 masters from the optimizer shards unless the config says
+    ``zero_optimization.load_from_fp32_weights: false``; with it they start from the merged module.
+    """
+    import shutil
+
+    tag = dest / path.name
+    shutil.copytree(path, tag, ignore=shutil.ignore_patterns(MODEL_STATES))
+    write_back_torch_file(path / MODEL_STATES, tag / MODEL_STATES, lambda state: state["module"], merged)
+    (dest / "latest").write_text(path.name)
+
+
+LAYOUT = Layout("deepspeed", detect, read_step, open_checkpoint, pointer, write_back=write_back)

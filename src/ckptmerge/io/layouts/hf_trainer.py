@@ -10,7 +10,12 @@ from pathlib import Path
 
 from ckptmerge.io.json_fields import check_log_history, check_types, is_count, load_json
 from ckptmerge.io.layout import detect_layout, open_plain_checkpoint
-from ckptmerge.io.layouts.base import Layout, StepInfo, step_from_name
+from ckptmerge.io.layouts.base import (
+    Layout,
+    StepInfo,
+    copy_folder_state,
+    step_from_name,
+)
 
 STATE_FILE = "trainer_state.json"
 
@@ -29,4 +34,4 @@ def read_step(path: Path) -> StepInfo:
                     lr=lrs[-1] if lrs else None, source=STATE_FILE)
 
 
-LAYOUT = Layout("hf-trainer", detect, read_step, open_plain_checkpoint)
+LAYOUT = Layout("hf-trainer", detect, read_step, open_plain_checkpoint, write_back=lambda path, merged, dest: copy_folder_state(path, dest))

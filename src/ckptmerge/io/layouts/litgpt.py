@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ckptmerge.io.layouts.base import Layout, StepInfo, as_int, payload, step_from_name, weights_reader
+from ckptmerge.io.layouts.base import (
+    Layout,
+    StepInfo,
+    as_int,
+    copy_folder_state,
+    payload,
+    step_from_name,
+    weights_reader,
+    write_back_torch_file,
+)
 from ckptmerge.io.torch_reader import find_weights
 
 WEIGHTS = "lit_model.pth"
@@ -30,4 +39,10 @@ def open_checkpoint(path: Path):
     return weights_reader(path, find_weights(path / WEIGHTS, payload(path / WEIGHTS)), "litgpt")
 
 
-LAYOUT = Layout("litgpt", detect, read_step, open_checkpoint)
+def write_back(path: Path, merged: dict, dest: Path) -> None:
+    copy_folder_state(path, dest)
+    (dest / WEIGHTS).unlink(missing_ok=True)
+    write_back_torch_file(path / WEIGHTS, dest / WEIGHTS, lambda state: state.get("model", state), merged)
+
+
+LAYOUT = Layout("litgpt", detect, read_step, open_checkpoint, write_back=write_back)

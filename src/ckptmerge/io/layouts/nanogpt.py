@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ckptmerge.io.layouts.base import Layout, StepInfo, as_int, payload, weights_reader
+from ckptmerge.io.layouts.base import (
+    Layout,
+    StepInfo,
+    as_int,
+    payload,
+    weights_reader,
+    write_back_torch_file,
+)
 from ckptmerge.io.layouts.parse_name import SUFFIXES, parse_step
 from ckptmerge.io.torch_reader import find_weights
 
@@ -29,4 +36,8 @@ def open_checkpoint(path: Path):
     return weights_reader(path, find_weights(path, payload(path)), "nanogpt")
 
 
-LAYOUT = Layout("nanogpt", detect, read_step, open_checkpoint)
+def write_back(path: Path, merged: dict, dest: Path) -> None:
+    write_back_torch_file(path, dest / path.name, lambda state: state["model"], merged)
+
+
+LAYOUT = Layout("nanogpt", detect, read_step, open_checkpoint, write_back=write_back)

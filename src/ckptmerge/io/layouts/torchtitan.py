@@ -2,7 +2,7 @@
 
 The weights are the model's FQNs (top level in torchtitan, under ``model.`` when the state dict
 was ``{"model": ...}``); optimizer, LR-scheduler, dataloader and train-state entries are skipped.
-The step is in the folder name.
+The step is in the folder name. ``--as-checkpoint`` writes ``OUT/step-N/`` (io/dcp_rewrite.py).
 """
 
 from __future__ import annotations
@@ -22,4 +22,10 @@ def read_step(path: Path) -> StepInfo:
     return StepInfo(parse_step(path.name))
 
 
-LAYOUT = Layout("torchtitan/dcp", detect, read_step, DcpReader)
+def write_back(path: Path, merged: dict, dest: Path) -> None:
+    from ckptmerge.io.dcp_rewrite import rewrite_dcp
+
+    rewrite_dcp(path, dest / path.name, merged)
+
+
+LAYOUT = Layout("torchtitan/dcp", detect, read_step, DcpReader, write_back=write_back)
