@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -96,11 +97,20 @@ def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> N
                        f"unexpected {sorted(unexpected)[:8]}")
 
 
+def _validate_weights(path) -> None:
+    """Our strict readers check headers, indexes and paths first, so a hostile folder fails with our error."""
+    from ckptmerge.io.layout import open_checkpoint
+
+    if Path(path).is_dir():
+        open_checkpoint(path).close()
+
+
 def load_model(path, *, device: str | None = None) -> torch.nn.Module:
     """An HF causal LM from a folder (raw, merged, or any user checkpoint), in fp32."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per model load is noise in sweeps and searches
+    _validate_weights(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model.to(device) if device else model
