@@ -101,6 +101,26 @@ def test_stale_temporaries_of_dead_owners_are_removed_live_ones_kept(tmp_path):
     assert live.exists()
 
 
+def test_a_killed_but_unreaped_owner_counts_as_gone(tmp_path):
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        while publish._start_ticks(proc.pid) == "0" and proc.poll() is None:
+            pass
+        name = stale_name("out", proc.pid).replace(f"-{publish._start_ticks(os.getpid())}-",
+                                                   f"-{publish._start_ticks(proc.pid)}-")
+        (tmp_path / name).mkdir()
+        assert remove_stale(tmp_path) == []  # alive
+        os.kill(proc.pid, signal.SIGKILL)
+        while publish._proc_stat(proc.pid)[0] not in ("Z", "X", "?"):
+            pass
+        assert remove_stale(tmp_path) == [tmp_path / name]  # a zombie: killed, not reaped yet
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_next_merge_and_clean_command_remove_a_killed_runs_debris(tmp_path, series, capsys):
     run_dir, _, _ = series
     debris = tmp_path / stale_name("out", dead_pid())

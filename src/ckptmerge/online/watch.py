@@ -203,10 +203,23 @@ class Watcher:
         self.out.mkdir(parents=True, exist_ok=True)
         if not path.is_file():
             return _WatchState()
-        saved = torch.load(path, weights_only=True)
+        saved = _read_state_file(path)
         for key in ("schedule", "last", "every", "alpha"):
             if saved["config"][key] != getattr(self.cfg, key):
                 raise CkptMergeError(f"{path}: this watch was started with {key}={saved['config'][key]!r}; "
                                      f"use the same settings or a new -o folder")
         return _WatchState(deque(tuple(w) for w in saved["window"]), saved["total"], saved["other"],
                            saved["last_step"], saved["since_recompute"])
+
+
+def _read_state_file(path: Path) -> dict:
+    """The watch's own state, loaded with ``weights_only=True``; any damage is a CkptMergeError, not a traceback."""
+    fix = "remove it (and current/) to start the watch over"
+    try:
+        saved = torch.load(path, weights_only=True)
+    except Exception as exc:  # truncated, corrupt, or a foreign pickle (UnpicklingError: nothing executed)
+        raise CkptMergeError(f"{path}: unreadable watch state ({type(exc).__name__}); {fix}") from exc
+    keys = {"config", "window", "total", "other", "last_step", "since_recompute"}
+    if not isinstance(saved, dict) or not keys <= set(saved) or not isinstance(saved["config"], dict):
+        raise CkptMergeError(f"{path}: not a ckptmerge watch state; {fix}")
+    return saved
