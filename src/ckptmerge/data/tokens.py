@@ -7,8 +7,6 @@ read back with ``np.memmap``, so a corpus is never loaded into memory.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +14,13 @@ import numpy as np
 from ckptmerge.data.corpora import DOMAINS, cache_dir, domain_text
 from ckptmerge.data.tokenizer import TOKEN_DTYPE, encode_bytes
 from ckptmerge.errors import CkptMergeError
+from ckptmerge.io.publish import atomic_file
 
 
 def _write_tokens(path: Path, tokens: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(tokens.astype(TOKEN_DTYPE).tobytes())
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:  # owner-named: a killed writer's leftover is removed by the next one
+        tmp.write_bytes(tokens.astype(TOKEN_DTYPE).tobytes())
 
 
 def token_file(spec: str) -> Path:

@@ -101,7 +101,10 @@ class Watcher:
         return self.cfg.every is None or step % self.cfg.every == 0
 
     def _settled(self, path: Path) -> bool:
-        newest = max((f.stat().st_mtime for f in checkpoint_files(path)), default=time.time())
+        try:
+            newest = max((f.stat().st_mtime for f in checkpoint_files(path)), default=time.time())
+        except (CkptMergeError, OSError):
+            return False  # removed or changing under us; look again on the next scan
         if time.time() - newest < self.cfg.settle_s:
             return False
         try:
