@@ -71,7 +71,7 @@ def kill_at(tmp_path: Path, points: list[tuple[str, str, int, list[str]]]) -> No
         ready = tmp_path / f"ready-{i}"
         cmd = [sys.executable, str(driver), str(ready), target, when, str(count), str(torch.get_num_threads()), *argv]
         procs.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), ready))
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 900
     for proc, ready in procs:
         while not ready.exists():
             assert proc.poll() is None, f"driver exited before the kill point: {proc.stderr.read().decode()}"
