@@ -345,6 +345,8 @@ def test_float16_overflow_is_refused_unless_allowed(tmp_path, capsys):
     before = tree_digest(run_dir)
     code, err = run_cli(capsys, "merge", run_dir, "-o", tmp_path / "out", "--dtype", "float16", "--quiet")
     assert_failed_closed(code, err, tmp_path, before, run_dir, names=("'w'", "float16", "--allow-nonfinite"))
+    code, _ = run_cli(capsys, "merge", run_dir, "-o", tmp_path / "new" / "deeper" / "out", "--dtype", "float16")
+    assert code == 2 and not (tmp_path / "new").exists()  # folders made for the output are removed again
     code, _ = run_cli(capsys, "merge", run_dir, "-o", tmp_path / "out", "--dtype", "float16", "--allow-nonfinite",
                       "--quiet")
     assert code == 0

@@ -52,7 +52,8 @@ def _from_pretrained(path: Path, **options) -> torch.nn.Module:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per model load is noise in sweeps and searches
-    try:
+    open_checkpoint(path).close()  # our strict readers check headers, indexes and paths first: a hostile
+    try:                           # folder fails with our one-line error, not inside transformers
         return AutoModelForCausalLM.from_pretrained(path, **{"dtype": torch.float32, **options}, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"{path}: transformers cannot load this folder as a causal LM "

@@ -42,10 +42,15 @@ def fingerprint_files(files: list[Path], mode: str = "sampled") -> str | None:
 
 
 def checkpoint_files(path: Path) -> list[Path]:
-    """Every regular file of a checkpoint (a file, or every file in its folder tree)."""
+    """Every regular file of a checkpoint (a file, or every file in its folder tree).
+
+    A missing path is an error (never an empty list, whose hash would look like a real one).
+    """
     path = Path(path)
     if path.is_file():
         return [path]
+    if not path.is_dir():
+        raise CheckpointFormatError(f"{path}: does not exist (moved or deleted?)")
     return sorted(p for p in path.rglob("*") if p.is_file())
 
 

@@ -12,9 +12,9 @@ Guarantees:
 
 - **Nothing half-written at ``dest``.** The temporary is named ``.<dest>.tmp-<pid>-<start>-<host>-<rand>``:
   discovery skips dot-names, and the name records its owner (process id, the process's start time
-  and a hash of the host name). A ``kill -9`` leaves it behind; the next publish to the same
-  destination, and ``ckptmerge clean``, remove it once that process is gone (a reused pid has
-  another start time). Temporaries of live processes and of other hosts are never touched.
+  and a hash of the host name). A ``kill -9`` leaves it behind; the next publish into the same
+  folder, and ``ckptmerge clean``, remove it once that process is gone (a reused pid has another
+  start time; a killed process not yet reaped counts as gone). Temporaries of live processes and of other hosts are never touched.
 - **No lost race.** The final step runs under an exclusive ``flock`` on the destination's parent
   folder: if ``dest`` appeared while the output was being written (another merge), publishing
   refuses with ``OutputExistsError`` unless ``force``; two publishers to one destination never both
@@ -65,16 +65,41 @@ def atomic_folder(dest: Path, *, force: bool = False) -> Iterator[Path]:
     """
     dest = Path(dest)
     check_destination(dest, force)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(dest.parent, dest.name)
-    tmp = _make_temp_folder(dest.parent, dest.name)
+    created = _make_parents(dest.parent)
+    try:
+        remove_stale(dest.parent)  # any dead owner's leftovers here, this destination's first of all
+        tmp = _make_temp_folder(dest.parent, dest.name)
+    except BaseException:
+        _remove_empty(created)
+        raise
     try:
         yield tmp
         _fsync_tree(tmp)
         _publish(tmp, dest, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """``mkdir -p folder``; returns the folders it created, deepest last."""
+    missing = []
+    while not os.path.lexists(folder) and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+    return list(reversed(missing))
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Undo ``_make_parents`` after a failure: remove the folders it created that are still empty."""
+    for path in reversed(folders):
+        try:
+            path.rmdir()
+        except OSError:
+            return
 
 
 @contextmanager
@@ -142,17 +167,24 @@ def owner_alive(pid: int, start: str, host: str) -> bool:
         return False
     except PermissionError:
         pass  # exists, owned by another user
-    now = _start_ticks(pid)
+    state, now = _proc_stat(pid)
+    if state in ("Z", "X"):
+        return False  # killed, not yet reaped by its parent
     return now == start or "0" in (now, start)  # unknown start time: the pid alone decides
 
 
 def _start_ticks(pid: int) -> str:
     """The process's start time in clock ticks after boot (Linux), "0" where unknown."""
+    return _proc_stat(pid)[1]
+
+
+def _proc_stat(pid: int) -> tuple[str, str]:
+    """(state letter, start ticks) from ``/proc/PID/stat``; ("?", "0") where there is no /proc."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[19]
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0], fields[19]
     except (OSError, IndexError):
-        return "0"
+        return "?", "0"
 
 
 def _host_id() -> str:

@@ -30,6 +30,8 @@ def read_yaml(path: str | Path) -> dict:
         data = _load_bounded(path, text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {str(exc)[:500]}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{path}: YAML nested too deeply; a recipe is a flat mapping of option: value") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
     return data

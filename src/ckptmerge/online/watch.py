@@ -101,7 +101,10 @@ class Watcher:
         return self.cfg.every is None or step % self.cfg.every == 0
 
     def _settled(self, path: Path) -> bool:
-        newest = max((f.stat().st_mtime for f in checkpoint_files(path)), default=time.time())
+        try:
+            newest = max((f.stat().st_mtime for f in checkpoint_files(path)), default=time.time())
+        except (CkptMergeError, OSError):
+            return False  # removed or changing under us; look again on the next scan
         if time.time() - newest < self.cfg.settle_s:
             return False
         try:
@@ -203,10 +206,23 @@ class Watcher:
         self.out.mkdir(parents=True, exist_ok=True)
         if not path.is_file():
             return _WatchState()
-        saved = torch.load(path, weights_only=True)
+        saved = _read_state_file(path)
         for key in ("schedule", "last", "every", "alpha"):
             if saved["config"][key] != getattr(self.cfg, key):
                 raise CkptMergeError(f"{path}: this watch was started with {key}={saved['config'][key]!r}; "
                                      f"use the same settings or a new -o folder")
         return _WatchState(deque(tuple(w) for w in saved["window"]), saved["total"], saved["other"],
                            saved["last_step"], saved["since_recompute"])
+
+
+def _read_state_file(path: Path) -> dict:
+    """The watch's own state, loaded with ``weights_only=True``; any damage is a CkptMergeError, not a traceback."""
+    fix = "remove it (and current/) to start the watch over"
+    try:
+        saved = torch.load(path, weights_only=True)
+    except Exception as exc:  # truncated, corrupt, or a foreign pickle (UnpicklingError: nothing executed)
+        raise CkptMergeError(f"{path}: unreadable watch state ({type(exc).__name__}); {fix}") from exc
+    keys = {"config", "window", "total", "other", "last_step", "since_recompute"}
+    if not isinstance(saved, dict) or not keys <= set(saved) or not isinstance(saved["config"], dict):
+        raise CkptMergeError(f"{path}: not a ckptmerge watch state; {fix}")
+    return saved

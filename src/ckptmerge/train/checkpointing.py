@@ -9,11 +9,13 @@ containers, read back with ``weights_only=True``). Each folder is published atom
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
 
+from ckptmerge.errors import CheckpointFormatError, UnsafeCheckpointError
 from ckptmerge.io.publish import atomic_folder
 from ckptmerge.merging.discover import META_FILE
 
@@ -44,12 +46,36 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
 
 
 def read_meta(folder: Path) -> dict:
-    return json.loads((Path(folder) / META_FILE).read_text())
+    """``ckptmerge.json`` of a training checkpoint; CheckpointFormatError when unreadable or without a step."""
+    path = Path(folder) / META_FILE
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointFormatError(f"{path}: not valid JSON ({str(exc)[:200]}); restore it or remove the checkpoint") from exc
+    step = meta.get("step") if isinstance(meta, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointFormatError(f"{path}: needs an integer 'step'; restore it or remove the checkpoint")
+    return meta
 
 
 def load_trainer_state(folder: Path) -> dict | None:
+    """Optimizer / RNG / averager state, loaded with ``weights_only=True``; None when the checkpoint has none."""
     path = Path(folder) / TRAINER_STATE
-    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(f"{path}: refusing to load: it needs arbitrary unpickling "
+                                    f"({str(exc).splitlines()[0][:200]}); nothing from it was executed. "
+                                    f"Remove the file to resume from an older checkpoint.") from exc
+    except Exception as exc:  # truncated or corrupt: RuntimeError, EOFError, ValueError, ...
+        raise CheckpointFormatError(f"{path}: cannot read trainer state ({type(exc).__name__}: {str(exc)[:200]}); "
+                                    f"remove the file to resume from an older checkpoint") from exc
+    if not isinstance(state, dict) or not {"optimizer", "torch_rng"} <= set(state):
+        raise CheckpointFormatError(f"{path}: not a ckptmerge trainer state (needs optimizer and torch_rng); "
+                                    f"remove the file to resume from an older checkpoint")
+    return state
 
 
 def latest_resumable(run_dir: Path) -> Path | None:
