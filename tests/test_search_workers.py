@@ -72,14 +72,21 @@ def _trials(storage: str, study: str, states=None):
     return optuna.load_study(study_name=study, storage=_storage(storage)).get_trials(deepcopy=False, states=states)
 
 
-def _wait_for_running_trial_of(pid: int, storage: str, study: str, timeout_s: float = 240):
+def _wait_for_running_trial_of(pid: int, storage: str, study: str, timeout_s: float = 240, alive=lambda: True):
+    """The first trial seen RUNNING in worker ``pid`` (None if the worker finished first)."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for t in _trials(storage, study, (TrialState.RUNNING,)):
+    while time.monotonic() < deadline and alive():
+        try:
+            running = _trials(storage, study, (TrialState.RUNNING,))
+        except KeyError:  # the worker has not created the study yet
+            running = []
+        for t in running:
             if t.user_attrs.get("pid") == pid:
                 return t
         time.sleep(0.05)
-    raise AssertionError(f"worker {pid} never ran a trial")
+    if alive():
+        raise AssertionError(f"worker {pid} never ran a trial")
+    return None
 
 
 def test_two_postgres_workers_survive_a_sigkill_mid_trial(pair_run, postgres_url):  # noqa: F811
@@ -149,13 +156,15 @@ def test_search_killed_ten_times_ends_with_exactly_its_trials_and_every_baseline
 
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     trials = 12
+    _storage(storage)  # create the schema before any worker starts
     rng = random.Random(0)
     ctx = mp.get_context("fork")  # the parent has already imported torch and transformers: workers start fast
     for _ in range(10):
         worker = ctx.Process(target=_search_worker, args=(str(root), storage, trials))
         worker.start()
-        time.sleep(rng.uniform(0.3, 2.5))
-        os.kill(worker.pid, signal.SIGKILL)
+        _wait_for_running_trial_of(worker.pid, storage, "kills", timeout_s=120, alive=worker.is_alive)
+        time.sleep(rng.uniform(0.0, 0.6))  # mid-trial, between trials, or while reporting
+        worker.kill()  # SIGKILL
         worker.join()
     final = ctx.Process(target=_search_worker, args=(str(root), storage, trials))
     final.start()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 import warnings
 
 from ckptmerge.errors import CkptMergeError
@@ -30,26 +31,37 @@ def open_storage(url: str | None, *, heartbeat_s: float = DEFAULT_HEARTBEAT_S, g
     """An Optuna storage for ``url`` (None: in memory, one process)."""
     if url is None:
         return None
-    import optuna
-
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         path = url.removeprefix("journal:").removeprefix("//")
         return JournalStorage(JournalFileBackend(path))
+    for attempt in range(3):  # workers starting together on a new database race to create its tables
+        try:
+            return _rdb_storage(url, heartbeat_s, grace_s)
+        except ModuleNotFoundError as exc:
+            scheme = url.split(":", 1)[0].split("+", 1)[0]
+            raise CkptMergeError(f"--storage {_redact(url)}: the database driver is missing ({exc.name}); "
+                                 f"pip install {_DRIVERS.get(scheme, exc.name)}") from exc
+        except Exception as exc:  # sqlalchemy's OperationalError, ArgumentError, ...
+            if attempt == 2:
+                raise CkptMergeError(f"--storage {_redact(url)}: cannot open the study database: "
+                                     f"{str(exc).splitlines()[0]}; check the URL and that the server is running") from exc
+            time.sleep(1.0 + attempt)
+
+
+def _rdb_storage(url: str, heartbeat_s: float, grace_s: float | None):
+    import optuna
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
             return optuna.storages.RDBStorage(url, heartbeat_interval=max(1, round(heartbeat_s)),
                                               grace_period=max(2, round(grace_s or grace_period(heartbeat_s))),
                                               failed_trial_callback=retry_callback())
-        except ModuleNotFoundError as exc:
-            scheme = url.split(":", 1)[0].split("+", 1)[0]
-            raise CkptMergeError(f"--storage {_redact(url)}: the database driver is missing ({exc.name}); "
-                                 f"pip install {_DRIVERS.get(scheme, exc.name)}") from exc
-        except Exception as exc:  # sqlalchemy's OperationalError, ArgumentError, ...
-            raise CkptMergeError(f"--storage {_redact(url)}: cannot open the study database: "
-                                 f"{str(exc).splitlines()[0]}; check the URL and that the server is running") from exc
+        except ImportError as exc:  # Optuna re-raises the driver's ModuleNotFoundError as ImportError
+            cause = exc.__cause__
+            raise ModuleNotFoundError(str(exc), name=getattr(cause, "name", None) or "driver") from exc
 
 
 def grace_period(heartbeat_s: float) -> float:
