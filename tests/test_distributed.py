@@ -165,3 +165,16 @@ def test_torchrun_eval_equals_one_rank_and_transformers_loss(tmp_path):
     assert len(gathered["pruned"]) == len(stopped.window_losses) == 21
     np.testing.assert_allclose(gathered["pruned"], stopped.window_losses, atol=1e-6, rtol=0)
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+
+def test_search_and_sweep_refuse_a_torchrun_launch(monkeypatch, tmp_path):
+    from ckptmerge.errors import CkptMergeError
+    from ckptmerge.search.run import search
+    from ckptmerge.search.study import SearchConfig
+    from ckptmerge.sweep.run import SweepConfig, sweep
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(CkptMergeError, match="not a torchrun job"):
+        search([], SearchConfig())
+    with pytest.raises(CkptMergeError, match="not a torchrun job"):
+        sweep(tmp_path, SweepConfig(), tmp_path / "out")
