@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -91,7 +92,10 @@ def test_bad_tensor_on_one_rank_stops_both_with_one_error_and_no_output(tmp_path
     errors = [line for line in proc.stderr.splitlines() if line.startswith("ckptmerge merge: error:")]
     assert len(errors) == 1, proc.stderr[-3000:]
     assert "step-000300" in errors[0] and "layers.1.mlp.weight" in errors[0] and "(on rank 1)" in errors[0]
-    assert "exitcode  : 2" in proc.stderr and proc.stderr.count("exitcode  : 2") == 2  # both ranks failed, cleanly
+    codes = re.findall(r"exitcode\s*: (-?\d+)", proc.stderr)  # torchrun's report of each rank
+    assert len(codes) == 2 and "2" in codes and set(codes) <= {"2", "-15"}, proc.stderr[-2000:]
+    # both ranks exit 2 after agreeing; one that is still shutting down when torchrun sees its peer's exit
+    # status is ended by torchrun's SIGTERM (-15), which is the launcher's behaviour
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing at OUT, no temporary folder
     assert before == {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
 

@@ -184,3 +184,24 @@ def test_search_killed_ten_times_ends_with_exactly_its_trials_and_every_baseline
         assert done[name] == pytest.approx(params, abs=1e-12)
     killed = study.get_trials(states=(TrialState.FAIL,))
     assert killed, "no kill landed mid-trial; the test did not test anything"
+
+
+def test_journal_storage_on_a_shared_file_resumes_to_exactly_its_trials(pair_run, tmp_path):
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    from ckptmerge import discover
+    from ckptmerge.search.run import search
+    from ckptmerge.search.study import SearchConfig
+
+    os.environ["CKPTMERGE_CACHE"] = str(pair_run / "cache")
+    refs = discover(pair_run / "run").checkpoints
+    log = tmp_path / "study.log"
+    cfg = SearchConfig(space="pair", data=str(pair_run / "val.txt"), trials=4, sampler="random",
+                       storage=f"journal:///{log}", study_name="j")
+    search(refs, cfg, n_tokens=1024)
+    cfg.trials = 5
+    search(refs, cfg, n_tokens=1024)
+    study = optuna.load_study(study_name="j", storage=JournalStorage(JournalFileBackend(str(log))))
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 5 == len(study.trials)
+    assert sum(1 for t in complete if t.user_attrs.get("baseline")) == len(PairSpace().baselines())
