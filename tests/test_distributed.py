@@ -4,7 +4,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -126,13 +125,13 @@ if rank() == 0:
 """
 
 
-def test_torchrun_eval_equals_one_rank_and_transformers_loss(tmp_path):
+def test_torchrun_eval_equals_one_rank_and_transformers_loss(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     from ckptmerge.data.batches import eval_windows
     from ckptmerge.data.tokens import load_tokens
     from ckptmerge.evaluation.evaluator import evaluate_model, load_model, paired_difference
 
-    os.environ["CKPTMERGE_CACHE"] = str(tmp_path / "cache")
+    monkeypatch.setenv("CKPTMERGE_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "val.txt"
     data.write_text(" ".join(np.random.default_rng(0).choice(["to", "be", "or", "not", "that"], 3000)))
     a, b = _tiny_llama(tmp_path / "a", 0), _tiny_llama(tmp_path / "b", 1)
@@ -168,7 +167,6 @@ def test_torchrun_eval_equals_one_rank_and_transformers_loss(tmp_path):
     stopped = evaluate_model(model, windows, batch_size=7, stop=lambda mean, batches: batches == 3)
     assert len(gathered["pruned"]) == len(stopped.window_losses) == 21
     np.testing.assert_allclose(gathered["pruned"], stopped.window_losses, atol=1e-6, rtol=0)
-    shutil.rmtree(tmp_path / "cache", ignore_errors=True)
 
 
 def test_search_and_sweep_refuse_a_torchrun_launch(monkeypatch, tmp_path):

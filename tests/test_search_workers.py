@@ -186,14 +186,14 @@ def test_search_killed_ten_times_ends_with_exactly_its_trials_and_every_baseline
     assert killed, "no kill landed mid-trial; the test did not test anything"
 
 
-def test_journal_storage_on_a_shared_file_resumes_to_exactly_its_trials(pair_run, tmp_path):
+def test_journal_storage_on_a_shared_file_resumes_to_exactly_its_trials(pair_run, tmp_path, monkeypatch):
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     from ckptmerge import discover
     from ckptmerge.search.run import search
     from ckptmerge.search.study import SearchConfig
 
-    os.environ["CKPTMERGE_CACHE"] = str(pair_run / "cache")
+    monkeypatch.setenv("CKPTMERGE_CACHE", str(pair_run / "cache"))
     refs = discover(pair_run / "run").checkpoints
     log = tmp_path / "study.log"
     cfg = SearchConfig(space="pair", data=str(pair_run / "val.txt"), trials=4, sampler="random",
