@@ -23,8 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="shakespeare-val", help="tuning data: domain or file")
     p.add_argument("--report-data", action="append", default=[], help="other domains to report, repeatable")
     p.add_argument("--tokens", type=int, default=16384, help="held-out tokens per evaluation")
-    p.add_argument("--trials", type=int, default=20, help="COMPLETE trials in the study, baselines included "
-                   "(pruned and failed trials do not count)")
+    p.add_argument("--trials", type=int, default=20, help="finished trials in the study (COMPLETE, and PRUNED with "
+                   "--prune-after), baselines included; failed and killed trials do not count")
     p.add_argument("--sampler", choices=("gp", "gp-hedge", "tpe", "random"), default="gp",
                    help="gp: Optuna's GPSampler (logEI); gp-hedge: the paper's EI/PI/UCB portfolio on Optuna's GP")
     p.add_argument("--seed", type=int, default=0)

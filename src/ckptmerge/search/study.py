@@ -106,7 +106,9 @@ def _baseline_owned(study, name: str) -> bool:
 
 
 def run_trials(study, space, objective: MergeObjective, cfg: SearchConfig, *, log=None) -> None:
-    """Run trials until the study holds ``cfg.trials`` COMPLETE ones (pruned and failed trials do not count).
+    """Run trials until the study holds ``cfg.trials`` finished ones: COMPLETE, or PRUNED when pruning is on
+    (a pruned trial is finished work; counting only completes could run forever when the sampler keeps
+    proposing points that get pruned). Failed trials and the RUNNING trials of dead workers never count.
 
     Several workers (processes, machines) may run this on one study: a worker starts a trial only while
     complete + running trials fall short of ``cfg.trials``, and otherwise waits for the running ones, which
@@ -121,7 +123,7 @@ def run_trials(study, space, objective: MergeObjective, cfg: SearchConfig, *, lo
     while True:
         reap_dead_workers(study, grace_period(cfg.heartbeat_s))
         optuna.storages.fail_stale_trials(study)
-        complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
         running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         if complete >= cfg.trials:
             return
