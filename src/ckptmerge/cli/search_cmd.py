@@ -10,6 +10,7 @@ from ckptmerge.console import print_table
 from ckptmerge.merging.recipe import MergeRecipe
 from ckptmerge.merging.window import resolve_window
 from ckptmerge.search.run import search, write_results
+from ckptmerge.search.storage import DEFAULT_HEARTBEAT_S
 from ckptmerge.search.study import SearchConfig
 
 
@@ -23,14 +24,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="shakespeare-val", help="tuning data: domain or file")
     p.add_argument("--report-data", action="append", default=[], help="other domains to report, repeatable")
     p.add_argument("--tokens", type=int, default=16384, help="held-out tokens per evaluation")
-    p.add_argument("--trials", type=int, default=20, help="total trials in the study, baselines included")
+    p.add_argument("--trials", type=int, default=20, help="finished trials in the study (COMPLETE, and PRUNED with "
+                   "--prune-after), baselines included; failed and killed trials do not count")
     p.add_argument("--sampler", choices=("gp", "gp-hedge", "tpe", "random"), default="gp",
                    help="gp: Optuna's GPSampler (logEI); gp-hedge: the paper's EI/PI/UCB portfolio on Optuna's GP")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prune-after", type=int, default=0,
                    help="prune a trial after this many eval batches if it is clearly worse than the best (0: off)")
     p.add_argument("--prune-margin", type=float, default=0.02, help="relative margin for pruning (default 0.02)")
-    p.add_argument("--storage", help="Optuna storage URL (e.g. sqlite:///study.db): resumable, shareable")
+    p.add_argument("--storage", help="Optuna storage: sqlite:///study.db, postgresql://user@host/db, "
+                   "mysql+pymysql://..., or journal:///shared/study.log; workers on any machine run the same command")
+    p.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT_S,
+                   help="seconds between a running trial's heartbeats on a database; a trial silent for 3x this "
+                        "is failed and re-queued (default %(default)s)")
     p.add_argument("--study", default="ckptmerge-search", help="study name in the storage")
     p.add_argument("--workers", type=int, default=1, help="local worker processes on one study")
     p.add_argument("-o", "--output", help="write the best merge here (atomic merge path, merge.json records the search)")
@@ -50,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = SearchConfig(space=args.space, data=args.data, trials=args.trials, sampler=args.sampler, seed=args.seed,
                        storage=args.storage, study_name=args.study, alpha=args.alpha,
                        prune_after=args.prune_after, prune_margin=args.prune_margin, objective=args.objective,
-                       lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit)
+                       lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit,
+                       heartbeat_s=args.heartbeat)
     result = search(window.refs, cfg, n_tokens=args.tokens, workers=args.workers, output=args.output,
                     report_data=args.report_data, plots=args.plots, log=print, settings=settings_from_args(args))
     unit = {"loss": "nats/token", "bits_per_byte": "bits/byte"}.get(args.objective, f"-({args.objective})")

@@ -35,6 +35,14 @@ def is_distributed() -> bool:
     return world_size() > 1
 
 
+def refuse_ranks(command: str, instead: str) -> None:
+    """Raise when launched on several ranks: ``command`` runs as one process per worker."""
+    if is_distributed():
+        from ckptmerge.errors import CkptMergeError
+
+        raise CkptMergeError(f"{command} is not a torchrun job: its workers are separate processes; {instead}")
+
+
 def local_device() -> torch.device:
     """This rank's device: ``cuda:LOCAL_RANK`` when CUDA is present, else the CPU."""
     if torch.cuda.is_available():

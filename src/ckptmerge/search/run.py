@@ -20,6 +20,7 @@ from ckptmerge.evaluation.settings import EvalSettings
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import describe_path
 from ckptmerge.merging.offline import merge
+from ckptmerge.parallel.world import refuse_ranks
 from ckptmerge.search.objective import MergeObjective
 from ckptmerge.search.spaces import make_space
 from ckptmerge.search.study import SearchConfig, open_study, run_trials, trial_rows
@@ -37,6 +38,7 @@ def search(refs: list[CheckpointRef], cfg: SearchConfig, *, n_tokens: int = 1638
            output: str | Path | None = None, report_data: list[str] | None = None, plots: str | Path | None = None,
            log=None, settings: EvalSettings | None = None) -> SearchResult:
     """Run (or resume) the study, then write the best merge and the cross-domain comparison."""
+    refuse_ranks("search", "start the same command once per worker with one --storage (docs/scale.md)")
     space = make_space(cfg.space, len(refs), alpha=cfg.alpha)
     if cfg.space == "pair":
         refs = refs[-2:]

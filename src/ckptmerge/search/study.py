@@ -1,13 +1,21 @@
-"""The search loop on an Optuna study: baselines first, then the sampler; resumable and shareable via storage."""
+"""The search loop on an Optuna study: baselines first, then the sampler; resumable, shared by any number of workers."""
 
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 
 from ckptmerge.errors import CkptMergeError
 from ckptmerge.search.objective import MergeObjective
+from ckptmerge.search.storage import (
+    DEFAULT_HEARTBEAT_S,
+    grace_period,
+    open_storage,
+    reap_dead_workers,
+    worker_id,
+)
 
 
 @dataclass
@@ -25,6 +33,7 @@ class SearchConfig:
     objective: str = "loss"       # minimise ``loss`` (nats/token) or ``bits_per_byte``; or ``lm-eval:TASK:METRIC``
     lm_eval_include: list[str] = field(default_factory=list)  # folders of extra lm-eval task YAMLs
     lm_eval_limit: int | None = None
+    heartbeat_s: float = DEFAULT_HEARTBEAT_S  # RDB storages: a trial silent for 3x this is failed and re-queued
 
 
 def make_sampler(name: str, seed: int, n_baselines: int):
@@ -46,59 +55,136 @@ def make_sampler(name: str, seed: int, n_baselines: int):
 
 
 def open_study(cfg: SearchConfig, space):
+    """Create or load the study; re-queue every baseline that has no complete, queued or running trial."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     baselines = space.baselines()
-    study = optuna.create_study(study_name=cfg.study_name, storage=cfg.storage, direction="minimize",
-                                sampler=make_sampler(cfg.sampler, cfg.seed, len(baselines)), load_if_exists=True)
+    study = optuna.create_study(study_name=cfg.study_name, storage=open_storage(cfg.storage, heartbeat_s=cfg.heartbeat_s),
+                                direction="minimize", sampler=make_sampler(cfg.sampler, cfg.seed, len(baselines)),
+                                load_if_exists=True)
+    reap_dead_workers(study, grace_period(cfg.heartbeat_s))
     for name, params in baselines.items():  # evaluated first, so the result is never worse than them
-        study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
+        if not _baseline_owned(study, name):
+            study.enqueue_trial(params, user_attrs={"baseline": name})
+    _drop_duplicate_baselines(study)  # workers starting together may both have enqueued one
     return study
 
 
-def run_trials(study, space, objective: MergeObjective, cfg: SearchConfig, *, log=None) -> None:
-    """Ask / evaluate / tell until the study holds ``cfg.trials`` finished or running trials."""
+class DuplicateBaseline(Exception):
+    """A queued baseline whose twin already completed or runs (workers that started together enqueued both)."""
+
+
+def _drop_duplicate_baselines(study) -> None:
+    """Fail every queued baseline trial that has a complete, running or lower-numbered queued twin."""
+    import optuna
     from optuna.trial import TrialState
 
-    counted = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED)
-    while len(study.get_trials(deepcopy=False, states=counted)) < cfg.trials:
-        trial = study.ask()
-        coeffs = space.coeffs(space.suggest(trial))
-        if cfg.objective.startswith("lm-eval:"):
-            _task_trial(study, trial, objective, coeffs, cfg, log)
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))
+    for trial in trials:
+        if trial.state == TrialState.WAITING and _twin(trials, trial) is not None:
+            try:
+                study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+                pass  # another worker took or dropped it: the check in _evaluate_trial covers it
+
+
+def _twin(trials, trial):
+    """Another trial of the same baseline that wins over ``trial`` (complete, or started / queued earlier)."""
+    from optuna.trial import TrialState
+
+    name = trial.user_attrs.get("baseline")
+    if name is None:
+        return None
+    return next((t for t in trials if t.number != trial.number and t.user_attrs.get("baseline") == name and
+                 (t.state == TrialState.COMPLETE or t.number < trial.number)), None)
+
+
+def _baseline_owned(study, name: str) -> bool:
+    """A trial of baseline ``name`` is complete, queued, or running (a dead worker's is re-queued by the retry)."""
+    from optuna.trial import TrialState
+
+    live = (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)
+    return any(t.user_attrs.get("baseline") == name for t in study.get_trials(deepcopy=False, states=live))
+
+
+def run_trials(study, space, objective: MergeObjective, cfg: SearchConfig, *, log=None) -> None:
+    """Run trials until the study holds ``cfg.trials`` finished ones: COMPLETE, or PRUNED when pruning is on
+    (a pruned trial is finished work; counting only completes could run forever when the sampler keeps
+    proposing points that get pruned). Failed trials and the RUNNING trials of dead workers never count.
+
+    Several workers (processes, machines) may run this on one study: a worker starts a trial only while
+    complete + running trials fall short of ``cfg.trials``, and otherwise waits for the running ones, which
+    either complete or, if their worker died, are failed and re-queued (``search/storage.py``) and run here.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    def evaluate(trial) -> float:
+        return _evaluate_trial(trial, study, space, objective, cfg, log)
+
+    while True:
+        reap_dead_workers(study, grace_period(cfg.heartbeat_s))
+        optuna.storages.fail_stale_trials(study)
+        complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        if complete >= cfg.trials:
+            return
+        if complete + running >= cfg.trials:
+            time.sleep(POLL_S)  # the last trials run elsewhere; stay to re-run any whose worker dies
             continue
-        stop = _pruning_rule(study, cfg) if trial.user_attrs.get("baseline") is None else None
-        result = objective(coeffs, cfg.data, stop=stop)
-        trial.set_user_attr("coeffs", coeffs)
-        trial.set_user_attr("pid", os.getpid())
-        n_windows = len(result.window_losses)
-        if cfg.prune_after and n_windows:
-            trial.set_user_attr("head_loss", float(sum(result.window_losses[:_head(objective, cfg)]) /
-                                                   min(n_windows, _head(objective, cfg))))
-        if n_windows < len(objective.windows(cfg.data)):
-            study.tell(trial, state=TrialState.PRUNED)
-            if log:
-                log(f"trial {trial.number}: pruned after {n_windows} windows")
-            continue
-        value = objective_value(result, cfg.objective)
-        trial.set_user_attr("stderr", result.stderr * value / result.loss if result.loss else result.stderr)
-        trial.set_user_attr("nats_per_token", result.loss)
-        trial.set_user_attr("bits_per_byte", result.bits_per_byte)
-        study.tell(trial, value)
+        study.optimize(evaluate, n_trials=1, catch=(DuplicateBaseline,))
+
+
+POLL_S = 0.5
+
+
+def _evaluate_trial(trial, study, space, objective: MergeObjective, cfg: SearchConfig, log) -> float:
+    import optuna
+    from optuna.trial import TrialState
+
+    trial.set_user_attr("worker", worker_id())
+    trial.set_user_attr("pid", os.getpid())
+    params = space.suggest(trial)
+    baseline = trial.user_attrs.get("baseline")
+    if baseline is not None and not _same_params(params, space.baselines().get(baseline)):
+        trial.set_user_attr("baseline", None)  # a retried trial that never had the baseline's parameters
+        baseline = None
+    if baseline is not None:
+        live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+        if _twin(live, trial) is not None:
+            raise DuplicateBaseline(baseline)  # failed, not retried; the twin is the baseline's trial
+    coeffs = space.coeffs(params)
+    if cfg.objective.startswith("lm-eval:"):
+        return _task_value(trial, objective, coeffs, cfg, log)
+    stop = _pruning_rule(study, cfg) if baseline is None else None
+    result = objective(coeffs, cfg.data, stop=stop)
+    trial.set_user_attr("coeffs", coeffs)
+    n_windows = len(result.window_losses)
+    if cfg.prune_after and n_windows:
+        trial.set_user_attr("head_loss", float(sum(result.window_losses[:_head(objective, cfg)]) /
+                                               min(n_windows, _head(objective, cfg))))
+    if n_windows < len(objective.windows(cfg.data)):
         if log:
-            log(f"trial {trial.number}: {cfg.objective} {value:.5f} "
-                f"weights {[round(c, 4) for c in coeffs]}")
+            log(f"trial {trial.number}: pruned after {n_windows} windows")
+        raise optuna.TrialPruned()
+    value = objective_value(result, cfg.objective)
+    trial.set_user_attr("stderr", result.stderr * value / result.loss if result.loss else result.stderr)
+    trial.set_user_attr("nats_per_token", result.loss)
+    trial.set_user_attr("bits_per_byte", result.bits_per_byte)
+    if log:
+        log(f"trial {trial.number}: {cfg.objective} {value:.5f} weights {[round(c, 4) for c in coeffs]}")
+    return value
 
 
-def _task_trial(study, trial, objective: MergeObjective, coeffs: list[float], cfg: SearchConfig, log) -> None:
+def _task_value(trial, objective: MergeObjective, coeffs: list[float], cfg: SearchConfig, log) -> float:
     """A downstream-task trial: lm-eval's metric on the merged weights, maximised (the study minimises its negative)."""
     score = objective.task_score(coeffs, cfg.objective, include=cfg.lm_eval_include, limit=cfg.lm_eval_limit)
     trial.set_user_attr("coeffs", coeffs)
     trial.set_user_attr("task_score", score)
-    study.tell(trial, -score)
     if log:
         log(f"trial {trial.number}: {cfg.objective} {score:.5f} weights {[round(c, 4) for c in coeffs]}")
+    return -score
 
 
 def objective_value(result, objective: str) -> float:
@@ -108,6 +194,11 @@ def objective_value(result, objective: str) -> float:
         raise CkptMergeError(f"--objective {objective}: the data has no byte count (a token file without a "
                              "tokenizer); pass --tokenizer or use --objective loss")
     return value
+
+
+def _same_params(params: dict, expected: dict | None) -> bool:
+    return expected is not None and params.keys() == expected.keys() and \
+        all(abs(float(params[k]) - float(expected[k])) <= 1e-12 for k in params)
 
 
 def _head(objective: MergeObjective, cfg: SearchConfig) -> int:

@@ -20,6 +20,7 @@ from ckptmerge.evaluation.evaluator import EvalResult, paired_difference
 from ckptmerge.evaluation.settings import EvalSettings
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import discover
+from ckptmerge.parallel.world import refuse_ranks
 from ckptmerge.sweep.evaluator import CachedScorer
 from ckptmerge.sweep.grid import MergeSpec, base_spacing, choose_points, make_grid
 
@@ -42,6 +43,7 @@ class SweepConfig:
 def sweep(run_dir: str | Path, cfg: SweepConfig, out: str | Path, *, progress: bool = True, log=print,
           settings: EvalSettings | None = None) -> dict:
     """Score the grid, write ``report.json``, ``report.md`` and PNGs into ``out``; return the report dict."""
+    refuse_ranks("sweep", "run it as one process (docs/scale.md)")
     from ckptmerge.sweep.report import write_report
 
     run_dir, out = Path(run_dir), Path(out)

@@ -1,0 +1,144 @@
+"""Optuna storages for workers on many machines, and recovery of trials whose worker died.
+
+``--storage`` takes any URL Optuna's RDBStorage takes (``sqlite:///study.db``, ``postgresql://user@host/db``,
+``mysql+pymysql://user:pw@host/db``) or ``journal:///shared/fs/study.log`` (Optuna's JournalStorage on a
+shared filesystem). Every worker runs the same command against it.
+
+A worker killed mid-trial leaves its trial RUNNING. Two of Optuna's own mechanisms turn it into FAIL and
+re-queue its parameters (``RetryFailedTrialCallback``: a WAITING copy with the same params and user attrs):
+- RDB storages get a heartbeat: each running trial's worker writes one every ``heartbeat_s`` seconds and
+  any worker fails a trial whose heartbeat is older than ``grace_s`` (``optuna.storages.fail_stale_trials``);
+- on every storage, a trial whose worker was a process on this host that no longer exists is failed at
+  once (the trial records ``worker`` = host:pid:start-time), so a restart after kill -9 does not wait.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+import warnings
+
+from ckptmerge.errors import CkptMergeError
+
+DEFAULT_HEARTBEAT_S = 10.0
+MAX_RETRY = 3
+_DRIVERS = {"postgresql": "psycopg[binary] (or psycopg2-binary, with postgresql+psycopg2://)", "mysql": "pymysql (mysql+pymysql://)"}
+
+
+def open_storage(url: str | None, *, heartbeat_s: float = DEFAULT_HEARTBEAT_S, grace_s: float | None = None):
+    """An Optuna storage for ``url`` (None: in memory, one process)."""
+    if url is None:
+        return None
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = url.removeprefix("journal:").removeprefix("//")
+        return JournalStorage(JournalFileBackend(path))
+    for attempt in range(3):  # workers starting together on a new database race to create its tables
+        try:
+            return _rdb_storage(url, heartbeat_s, grace_s)
+        except ModuleNotFoundError as exc:
+            scheme = url.split(":", 1)[0].split("+", 1)[0]
+            raise CkptMergeError(f"--storage {_redact(url)}: the database driver is missing ({exc.name}); "
+                                 f"pip install {_DRIVERS.get(scheme, exc.name)}") from exc
+        except Exception as exc:  # sqlalchemy's OperationalError, ArgumentError, ...
+            if attempt == 2:
+                raise CkptMergeError(f"--storage {_redact(url)}: cannot open the study database: "
+                                     f"{str(exc).splitlines()[0]}; check the URL and that the server is running") from exc
+            time.sleep(1.0 + attempt)
+
+
+def _rdb_storage(url: str, heartbeat_s: float, grace_s: float | None):
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=max(1, round(heartbeat_s)),
+                                              grace_period=max(2, round(grace_s or grace_period(heartbeat_s))),
+                                              failed_trial_callback=retry_callback())
+        except ImportError as exc:  # Optuna re-raises the driver's ModuleNotFoundError as ImportError
+            cause = exc.__cause__
+            raise ModuleNotFoundError(str(exc), name=getattr(cause, "name", None) or "driver") from exc
+
+
+def grace_period(heartbeat_s: float) -> float:
+    """Seconds of silence after which a running trial counts as dead."""
+    return 3 * heartbeat_s
+
+
+def retry_callback():
+    from optuna.storages import RetryFailedTrialCallback
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experimental
+        return RetryFailedTrialCallback(max_retry=MAX_RETRY)
+
+
+def worker_id() -> str:
+    """``host:pid:start`` of this process (the start time tells a reused pid apart)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_ticks(os.getpid())}"
+
+
+def worker_gone(worker: str | None) -> bool:
+    """True only when ``worker`` was a process on this host that no longer runs."""
+    if not worker or worker.count(":") < 2:
+        return False
+    host, pid, start = worker.rsplit(":", 2)
+    if host != socket.gethostname():
+        return False  # another machine: the heartbeat decides
+    return _start_ticks(int(pid)) != start
+
+
+def reap_dead_workers(study, grace_s: float) -> list[int]:
+    """Fail (and re-queue) the RUNNING trials whose worker process on this host is gone, and those that never
+    recorded a worker (killed between Optuna's ask and our first write) for longer than ``grace_s``;
+    returns their numbers."""
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = study._storage  # Optuna's public fail_stale_trials uses the same handle
+    failed = []
+    now = datetime.datetime.now()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker")
+        orphan = worker is None and trial.datetime_start is not None and \
+            (now - trial.datetime_start).total_seconds() > grace_s
+        if not (orphan or worker_gone(worker)):
+            continue
+        try:
+            if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                failed.append(trial)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker got there first
+    for trial in failed:
+        retry_callback()(study, storage.get_trial(trial._trial_id))
+    return [t.number for t in failed]
+
+
+def _start_ticks(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), "alive" elsewhere, or "gone"."""
+    if os.path.isdir("/proc/self"):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                return f.read().rsplit(b")", 1)[1].split()[19].decode()
+        except OSError:
+            return "gone"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "gone"
+    except PermissionError:
+        pass
+    return "alive"
+
+
+def _redact(url: str) -> str:
+    """The URL without its password."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else url
