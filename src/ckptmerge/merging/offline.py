@@ -13,7 +13,7 @@ import torch
 
 from ckptmerge.console import progress_bar
 from ckptmerge.errors import CkptMergeError, OutputExistsError
-from ckptmerge.io.fingerprint import checkpoint_files, fingerprint_files
+from ckptmerge.io.fingerprint import pin_checkpoint
 from ckptmerge.io.layout import open_checkpoint
 from ckptmerge.io.publish import atomic_folder, check_destination
 from ckptmerge.io.safetensors_writer import StreamingSafetensorsWriter
@@ -67,6 +67,7 @@ def merge(checkpoints: Sequence[CheckpointRef | str | Path], coeffs: Sequence[fl
     output = Path(output)
     _check_not_an_input(output, refs)
     check_destination(output, force)
+    pins = [pin_checkpoint(r.path, hash_mode) for r in refs]  # hashed before the readers open the same files
     with ExitStack() as stack:
         readers = [open_checkpoint(r.path) for r in refs]
         for reader in readers:
@@ -75,13 +76,13 @@ def merge(checkpoints: Sequence[CheckpointRef | str | Path], coeffs: Sequence[fl
         planned_s = time.monotonic() - started
         with atomic_folder(output, force=force) as tmp:
             manifest = _merge_into(tmp, plan, readers, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                                   chunk_bytes=chunk_bytes, allow_nonfinite=allow_nonfinite, hash_mode=hash_mode,
+                                   chunk_bytes=chunk_bytes, allow_nonfinite=allow_nonfinite, pins=pins,
                                    progress=progress, recipe=recipe or {}, started=started, planned_s=planned_s)
     return MergeResult(output, plan, manifest)
 
 
 def _merge_into(tmp: Path, plan: MergePlan, readers, *, dtype, max_shard_bytes, chunk_bytes, allow_nonfinite,
-                hash_mode, progress, recipe, started, planned_s) -> dict:
+                pins, progress, recipe, started, planned_s) -> dict:
     entries = [(t.name, t.info) for t in plan.tasks]
     writer = StreamingSafetensorsWriter(tmp, entries, max_shard_bytes=max_shard_bytes)
     total = sum(t.info.numel * r.info(t.name).dtype.itemsize for t in plan.tasks for r in
@@ -93,7 +94,9 @@ def _merge_into(tmp: Path, plan: MergePlan, readers, *, dtype, max_shard_bytes, 
     writer.close()
     merged_s = time.monotonic() - started - planned_s
     sidecars = copy_sidecars(plan.refs[-1].path, tmp, dtype)
-    fingerprints = [fingerprint_files(checkpoint_files(r.path), hash_mode) for r in plan.refs]
+    for pin in pins:  # every file read is still the one hashed: same inode, size and mtime
+        pin.verify()
+    fingerprints = [pin.fingerprint for pin in pins]
     newest = plan.refs[-1]
     (tmp / META_FILE).write_text(json.dumps({"step": newest.step, "tokens_seen": newest.tokens_seen,
                                              "lr": newest.lr, "merged": True}, indent=2) + "\n")

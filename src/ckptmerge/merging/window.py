@@ -8,9 +8,8 @@ from pathlib import Path
 import torch
 
 from ckptmerge.errors import ConfigError
-from ckptmerge.io.layout import detect_layout
 from ckptmerge.merging.checkpoint import CheckpointRef
-from ckptmerge.merging.discover import describe_path, discover
+from ckptmerge.merging.discover import describe_path, discover, is_run_dir
 from ckptmerge.merging.offline import MergeResult, merge
 from ckptmerge.merging.recipe import MergeRecipe, parse_size, validate
 from ckptmerge.merging.schedules import compute_coeffs
@@ -49,7 +48,7 @@ def resolve_window(recipe: MergeRecipe) -> Window:
 
 def _candidates(recipe: MergeRecipe) -> tuple[list[CheckpointRef], list[tuple[Path, str]]]:
     paths = [Path(p) for p in recipe.inputs]
-    if len(paths) == 1 and paths[0].is_dir() and detect_layout(paths[0]) is None:
+    if len(paths) == 1 and is_run_dir(paths[0]):
         found = discover(paths[0], tokens_per_step=recipe.tokens_per_step, skip_unparsable=recipe.skip_unparsable)
         return found.checkpoints, found.skipped
     refs = [describe_path(p, tokens_per_step=recipe.tokens_per_step) for p in paths]
