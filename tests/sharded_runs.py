@@ -160,6 +160,23 @@ def run(mode: str, out: Path) -> None:
         fsdp_run(out, "fsdp")
         fsdp_run(out, "resumed", resume_from=out / f"killed-step{CHECKPOINT_STEP}")
         ddp_run(out)
+        failing_publish(out)
+
+
+def failing_publish(out: Path) -> None:
+    """A write that fails on rank 1 only: every rank raises, and nothing is published or left behind."""
+    from ckptmerge.errors import CkptMergeError
+    from ckptmerge.online.collective import publish_together
+
+    def write(tmp: Path) -> None:
+        (tmp / f"part{dist.get_rank()}").write_text("x")
+        if dist.get_rank() == 1:
+            raise OSError("disk full (injected)")
+
+    try:
+        publish_together(out / "failed-save", write)
+    except (CkptMergeError, OSError) as exc:
+        (out / f"failed-save-rank{dist.get_rank()}.txt").write_text(f"{type(exc).__name__}: {exc}")
 
 
 if __name__ == "__main__":  # torchrun --nproc-per-node 2 tests/sharded_runs.py OUT killed; ... OUT full

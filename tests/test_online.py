@@ -203,3 +203,22 @@ def test_spec_parsing():
         parse_average_spec("lawa:alpha=1")
     with pytest.raises(ConfigError, match="unknown kind"):
         parse_average_spec("polyak")
+
+
+def test_single_process_dcp_save_loads_with_dcp_and_unknown_format_is_refused(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from ckptmerge.errors import ConfigError
+
+    ema = EMA(0.5)
+    for step, model in trajectory(4):
+        ema.update(model, step)
+    ema.save(tmp_path / "avg", model, format="dcp")
+    state = {k: torch.zeros_like(v) for k, v in Net().state_dict().items()}
+    dcp.load(state, checkpoint_id=tmp_path / "avg")
+    for name, value in ema.averaged_state_dict().items():
+        assert torch.equal(state[name], value.to(state[name].dtype)), name
+    assert json.loads((tmp_path / "avg" / "ckptmerge.json").read_text())["step"] == 4
+    with pytest.raises(ConfigError, match="unknown save format"):
+        ema.save(tmp_path / "other", model, format="npz")
+    assert not (tmp_path / "other").exists()

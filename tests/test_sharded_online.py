@@ -104,3 +104,9 @@ def test_sharded_state_is_refused_by_another_world_size(out):
     state = torch.load(folder / "ema.rank1-of-2.pt", weights_only=True)
     with pytest.raises(ShardLayoutError, match="rank 1 of 2"):
         EMA(runs.EMA_DECAY).load_state_dict(state)
+
+
+def test_a_failure_on_one_rank_raises_on_every_rank_and_publishes_nothing(out):
+    assert (out / "failed-save-rank1.txt").read_text() == "OSError: disk full (injected)"
+    assert "rank 1: OSError: disk full (injected)" in (out / "failed-save-rank0.txt").read_text()
+    assert not list(out.glob("*failed-save")) and not list(out.glob(".failed-save.tmp-*"))

@@ -123,8 +123,8 @@ class Averager:
     def load_state_dict(self, state: dict) -> None:
         if state["kind"] != self.kind or state["params"] != self.params():
             raise ValueError(f"state is for {state['kind']} {state['params']}, not {self.kind} {self.params()}")
+        check_same_processes(state.get("layout"), f"{self.kind} averager state")  # before changing anything
         self.n_averaged, self.last_step, self.last_tokens = state["n_averaged"], state["last_step"], state["last_tokens"]
-        check_same_processes(state.get("layout"), f"{self.kind} averager state")
         self._other = dict(state["other"])
         self._layout, self._layout_checked = state.get("layout"), False
         self._load_extra_state(state)

@@ -11,13 +11,12 @@ temporary name and renamed, so a kill never leaves a truncated state file.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ckptmerge.errors import ShardLayoutError
+from ckptmerge.io.publish import atomic_file
 from ckptmerge.online.sharding import process_group
 
 STEM = "averager_state"
@@ -35,16 +34,8 @@ def save_state(averager, folder: str | Path, *, stem: str = STEM) -> Path | None
     if not averager.is_sharded and process_group()[0] != 0:
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(averager.state_dict(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        torch.save(averager.state_dict(), tmp)
     return path
 
 
