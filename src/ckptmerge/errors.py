@@ -58,3 +58,7 @@ class TokenizerError(CkptMergeError):
 
 class ModelLoadError(CkptMergeError):
     """A model cannot be built for evaluation: missing path, missing config, keys or shapes that do not fit."""
+
+
+class ShardLayoutError(CkptMergeError):
+    """Saved per-rank state (FSDP2 shards) does not fit this run's ranks or shards."""

@@ -10,6 +10,8 @@ from ckptmerge.cli.eval_flags import add_eval_flags, settings_from_args
 from ckptmerge.console import print_table
 from ckptmerge.data.corpora import HELD_OUT
 from ckptmerge.evaluation.runner import evaluate_paths
+from ckptmerge.parallel.agree import phase
+from ckptmerge.parallel.world import rank
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="folder of extra lm-eval task YAMLs, repeatable")
     p.add_argument("--lm-eval-limit", type=int, help="lm-eval: at most this many documents per task")
     p.add_argument("--json", help="write results to this JSON file: {model: {data: {...}}}")
+    p.add_argument("--device-map", choices=("auto",), help="auto: spread a model larger than one device over all "
+                   "devices (accelerate)")
     add_eval_flags(p)
     p.set_defaults(run=run)
 
@@ -33,8 +37,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     data = args.data or list(HELD_OUT)
     settings = settings_from_args(args)
-    results = evaluate_paths([Path(p) for p in args.paths], data, n_tokens=args.tokens, context=args.context,
-                             bf16=args.bf16, settings=settings)
+    settings.device_map = args.device_map
+    results = None
+    with phase():  # torchrun: the windows are split across ranks; an error is reported once
+        results = evaluate_paths([Path(p) for p in args.paths], data, n_tokens=args.tokens, context=args.context,
+                                 bf16=args.bf16, settings=settings)
+    if rank() != 0:  # every rank holds the gathered results; rank 0 reports them
+        return 0
     rows = [[path, d, f"{r.loss:.4f} ± {r.stderr:.4f}", r.bits_per_byte and f"{r.bits_per_byte:.4f}",
              f"{r.tokens:,}", f"{r.bytes:,}"] for path, by_data in results.items() for d, r in by_data.items()]
     print_table(["model", "data", "nats/token ± SE", "bits/byte", "tokens", "bytes"], rows,

@@ -82,7 +82,7 @@ def evaluate_model(model: torch.nn.Module, windows: torch.Tensor, *, data: str =
     """
     device = next(model.parameters()).device
     check_vocab(model, windows, data)
-    rows = _rows_per_batch(batch_size, max_batch_tokens, windows.shape[1] - 1)
+    rows = rows_per_batch(batch_size, max_batch_tokens, windows.shape[1] - 1)
     was_training = model.training
     model.eval()
     sums, counts = [], []
@@ -100,11 +100,11 @@ def evaluate_model(model: torch.nn.Module, windows: torch.Tensor, *, data: str =
     window_tokens = torch.cat(counts).numpy()
     window_losses = torch.cat(sums).numpy() / window_tokens
     scored = windows[:len(window_tokens), 1:]
-    n_bytes = _count_bytes(scored, byte_lengths) if byte_lengths is not None else 0
+    n_bytes = count_bytes(scored, byte_lengths) if byte_lengths is not None else 0
     return summarize(data, window_losses, window_tokens, n_bytes=n_bytes, tokens_requested=tokens_requested)
 
 
-def _rows_per_batch(batch_size: int, max_batch_tokens: int | None, context: int) -> int:
+def rows_per_batch(batch_size: int, max_batch_tokens: int | None, context: int) -> int:
     if max_batch_tokens is None:
         return max(1, batch_size)
     return max(1, min(batch_size, max_batch_tokens // max(1, context)))
@@ -128,7 +128,7 @@ def check_vocab(model: torch.nn.Module, windows: torch.Tensor, data: str) -> Non
                         "tokenized with another tokenizer (or read with the wrong --token-dtype)")
 
 
-def _count_bytes(targets: torch.Tensor, byte_lengths: np.ndarray) -> int:
+def count_bytes(targets: torch.Tensor, byte_lengths: np.ndarray) -> int:
     ids = targets[targets != PAD].numpy()
     table = np.asarray(byte_lengths)
     if ids.size and int(ids.max()) >= len(table):  # ids past the tokenizer (padded vocab rows) stand for no text

@@ -27,11 +27,12 @@ class EvalSettings:
     key_map: list[str] = field(default_factory=list)  # OLD=NEW regex renames of checkpoint keys
     batch_size: int = 16               # rows per batch
     max_batch_tokens: int | None = None  # tokens per batch (rows = this // context), when given
+    device_map: str | None = None     # "auto": spread a model too large for one device (accelerate)
     progress: bool = True
 
     def load_model(self, path) -> torch.nn.Module:
         return load_model(path, device=self.device, dtype=self.dtype, model_config=self.model_config,
-                          model_factory=self.model_factory, key_map=self.key_map)
+                          model_factory=self.model_factory, key_map=self.key_map, device_map=self.device_map)
 
     def tokenizer_for(self, model_path) -> TextTokenizer | TokenizerError:
         """The model's tokenizer, or (when none is found and none was given) the error to raise for text data."""

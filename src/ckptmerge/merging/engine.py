@@ -124,7 +124,17 @@ def _merge_chunk(plan: MergePlan, readers: Sequence[CheckpointReader], chunk: _C
         return acc
     out = buffers.get(chunk.task.out_dtype, acc.shape, acc.device)
     out.copy_(acc)
+    if not allow_nonfinite:
+        check_cast_finite(chunk.task.name, out)
     return out
+
+
+def check_cast_finite(name: str, out: torch.Tensor) -> None:
+    """After the cast to the output dtype: a finite fp32 value can still overflow (float16 tops out at 65504)."""
+    if out.is_floating_point() and not _all_finite(out):
+        raise NonFiniteTensorError(f"tensor {name!r}: the merged value overflows the output dtype {out.dtype} "
+                                   f"(finite in the accumulator, Inf after the cast); nothing was written. "
+                                   f"Choose a wider --dtype (bfloat16 or float32), or pass --allow-nonfinite.")
 
 
 def _all_finite(acc: torch.Tensor) -> bool:
