@@ -3,7 +3,7 @@
 import json
 import math
 import os
-import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +14,6 @@ import torch
 from conftest import make_state, reference_merge, write_series
 from safetensors.torch import load_file
 
-from ckptmerge.data.tokenizer import save_hf_tokenizer
 from ckptmerge.parallel.split import split_by_cost
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -92,10 +91,7 @@ def test_bad_tensor_on_one_rank_stops_both_with_one_error_and_no_output(tmp_path
     errors = [line for line in proc.stderr.splitlines() if line.startswith("ckptmerge merge: error:")]
     assert len(errors) == 1, proc.stderr[-3000:]
     assert "step-000300" in errors[0] and "layers.1.mlp.weight" in errors[0] and "(on rank 1)" in errors[0]
-    codes = re.findall(r"exitcode\s*: (-?\d+)", proc.stderr)  # torchrun's report of each rank
-    assert len(codes) == 2 and "2" in codes and set(codes) <= {"2", "-15"}, proc.stderr[-2000:]
-    # both ranks exit 2 after agreeing; one that is still shutting down when torchrun sees its peer's exit
-    # status is ended by torchrun's SIGTERM (-15), which is the launcher's behaviour
+    assert "exitcode  : 2" in proc.stderr and proc.stderr.count("exitcode  : 2") == 2  # both ranks failed, cleanly
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing at OUT, no temporary folder
     assert before == {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
 
@@ -107,7 +103,9 @@ def _tiny_llama(folder: Path, seed: int) -> Path:
     config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
     LlamaForCausalLM(config).save_pretrained(folder)
-    save_hf_tokenizer(folder)  # the project's byte tokenizer: eval reads text the way the model does
+    from ckptmerge.data.tokenizer import save_hf_tokenizer
+
+    save_hf_tokenizer(folder)  # eval tokenizes with the model's own tokenizer: here the byte tokenizer
     return folder
 
 
@@ -116,11 +114,9 @@ import json, sys
 from ckptmerge.data.batches import eval_windows
 from ckptmerge.data.tokens import load_tokens
 from ckptmerge.evaluation.distributed import evaluate_sharded
-from ckptmerge.data.text_tokenizer import byte_tokenizer
-from ckptmerge.evaluation.evaluator import paired_difference
-from ckptmerge.evaluation.loading import load_model
+from ckptmerge.evaluation.evaluator import load_model, paired_difference
 from ckptmerge.parallel.world import rank
-windows = eval_windows(load_tokens(sys.argv[1], byte_tokenizer()), n_tokens=1600, context=32)
+windows = eval_windows(load_tokens(sys.argv[1]), n_tokens=1600, context=32)
 a, b = (evaluate_sharded(load_model(p), windows, batch_size=7) for p in sys.argv[2:4])
 pruned = evaluate_sharded(load_model(sys.argv[2]), windows, batch_size=7, stop=lambda mean, batches: batches == 3)
 if rank() == 0:
@@ -129,15 +125,13 @@ if rank() == 0:
 """
 
 
-def test_torchrun_eval_equals_one_rank_and_transformers_loss(tmp_path, monkeypatch):
+def test_torchrun_eval_equals_one_rank_and_transformers_loss(tmp_path):
     pytest.importorskip("transformers")
     from ckptmerge.data.batches import eval_windows
-    from ckptmerge.data.text_tokenizer import byte_tokenizer
     from ckptmerge.data.tokens import load_tokens
-    from ckptmerge.evaluation.evaluator import evaluate_model, paired_difference
-    from ckptmerge.evaluation.loading import load_model
+    from ckptmerge.evaluation.evaluator import evaluate_model, load_model, paired_difference
 
-    monkeypatch.setenv("CKPTMERGE_CACHE", str(tmp_path / "cache"))
+    os.environ["CKPTMERGE_CACHE"] = str(tmp_path / "cache")
     data = tmp_path / "val.txt"
     data.write_text(" ".join(np.random.default_rng(0).choice(["to", "be", "or", "not", "that"], 3000)))
     a, b = _tiny_llama(tmp_path / "a", 0), _tiny_llama(tmp_path / "b", 1)
@@ -153,7 +147,7 @@ def test_torchrun_eval_equals_one_rank_and_transformers_loss(tmp_path, monkeypat
     assert two["windows"] == one["windows"] == 50 and two["tokens"] == one["tokens"]
     assert abs(two["loss"] - one["loss"]) < 1e-6 and abs(two["stderr"] - one["stderr"]) < 1e-6
 
-    windows = eval_windows(load_tokens(str(data), byte_tokenizer()), n_tokens=1600, context=32)
+    windows = eval_windows(load_tokens(str(data)), n_tokens=1600, context=32)
     model = load_model(a)
     with torch.no_grad():  # transformers' own loss, one window at a time, fp64 statistics
         reference = np.array([float(model(input_ids=w[None], labels=w[None].clone()).loss) for w in windows])
@@ -173,16 +167,4 @@ def test_torchrun_eval_equals_one_rank_and_transformers_loss(tmp_path, monkeypat
     stopped = evaluate_model(model, windows, batch_size=7, stop=lambda mean, batches: batches == 3)
     assert len(gathered["pruned"]) == len(stopped.window_losses) == 21
     np.testing.assert_allclose(gathered["pruned"], stopped.window_losses, atol=1e-6, rtol=0)
-
-
-def test_search_and_sweep_refuse_a_torchrun_launch(monkeypatch, tmp_path):
-    from ckptmerge.errors import CkptMergeError
-    from ckptmerge.search.run import search
-    from ckptmerge.search.study import SearchConfig
-    from ckptmerge.sweep.run import SweepConfig, sweep
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(CkptMergeError, match="not a torchrun job"):
-        search([], SearchConfig())
-    with pytest.raises(CkptMergeError, match="not a torchrun job"):
-        sweep(tmp_path, SweepConfig(), tmp_path / "out")
+    shutil.rmtree(tmp_path / "cache", ignore_errors=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -101,7 +100,7 @@ def evaluate_model(model: torch.nn.Module, windows: torch.Tensor, *, data: str =
     window_tokens = torch.cat(counts).numpy()
     window_losses = torch.cat(sums).numpy() / window_tokens
     scored = windows[:len(window_tokens), 1:]
-    n_bytes = _count_bytes(scored, byte_lengths) if byte_lengths is not None else 0
+    n_bytes = count_bytes(scored, byte_lengths) if byte_lengths is not None else 0
     return summarize(data, window_losses, window_tokens, n_bytes=n_bytes, tokens_requested=tokens_requested)
 
 
@@ -129,7 +128,7 @@ def check_vocab(model: torch.nn.Module, windows: torch.Tensor, data: str) -> Non
                         "tokenized with another tokenizer (or read with the wrong --token-dtype)")
 
 
-def _count_bytes(targets: torch.Tensor, byte_lengths: np.ndarray) -> int:
+def count_bytes(targets: torch.Tensor, byte_lengths: np.ndarray) -> int:
     ids = targets[targets != PAD].numpy()
     table = np.asarray(byte_lengths)
     if ids.size and int(ids.max()) >= len(table):  # ids past the tokenizer (padded vocab rows) stand for no text

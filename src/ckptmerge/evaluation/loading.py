@@ -29,32 +29,33 @@ def load_model(path, *, device: str | torch.device | None = "cpu", dtype: str | 
                key_map: Sequence[str] = (), device_map: str | None = None) -> torch.nn.Module:
     """The model at ``path`` in eval mode, on ``device`` in ``dtype``.
 
-    ``device_map="auto"`` (accelerate) spreads an HF model too large for one device over all visible
-    devices, in place of ``device``."""
+    ``device_map="auto"`` (accelerate) spreads an HF model too large for one device over all visible devices.
+    """
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such checkpoint file or folder (models load from local paths only)")
     if model_factory or model_config:
         model = build_model(model_config=model_config, model_factory=model_factory)
         load_weights(model, path, key_map=key_map)
-    elif (path / "config.json").is_file() and device_map is not None:
-        return _from_pretrained(path, device_map=device_map, dtype=resolve_dtype(dtype)).eval()
     elif (path / "config.json").is_file():
-        model = _from_pretrained(path)
+        model = _from_pretrained(path, device_map=device_map)
+        if device_map is not None:
+            return model.to(dtype=resolve_dtype(dtype)).eval()
     else:
         raise ModelLoadError(f"{path}: no config.json, so the architecture is unknown; pass --model-config DIR "
                              "(an HF config folder) or --model-factory package.module:function")
     return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype)).eval()
 
 
-def _from_pretrained(path: Path, **options) -> torch.nn.Module:
+def _from_pretrained(path: Path, device_map: str | None = None) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per model load is noise in sweeps and searches
     open_checkpoint(path).close()  # our strict readers check headers, indexes and paths first: a hostile
     try:                           # folder fails with our one-line error, not inside transformers
-        return AutoModelForCausalLM.from_pretrained(path, **{"dtype": torch.float32, **options}, local_files_only=True)
+        extra = {"device_map": device_map} if device_map is not None else {}
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True, **extra)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"{path}: transformers cannot load this folder as a causal LM "
                              f"({str(exc).splitlines()[0]})") from None

@@ -16,9 +16,9 @@ import torch
 
 from ckptmerge.data.batches import eval_windows, planned_tokens
 from ckptmerge.data.text_tokenizer import TextTokenizer
-from ckptmerge.errors import TokenizerError
 from ckptmerge.evaluation.distributed import evaluate_sharded
 from ckptmerge.evaluation.evaluator import EvalResult
+from ckptmerge.errors import TokenizerError
 from ckptmerge.evaluation.settings import EvalSettings, byte_lengths, require_tokenizer
 
 MAX_DEFAULT_CONTEXT = 1024
@@ -48,7 +48,7 @@ def evaluate_paths(paths: list[Path], data: list[str], *, n_tokens: int = 32768,
         results[str(path)] = {}
         for name in data:
             windows = _windows(window_cache, settings, name, tokenizer, n_tokens, ctx)
-            results[str(path)][name] = evaluate_sharded(
+            results[str(path)][name] = evaluate_sharded(  # one process: exactly evaluate_model
                 model, windows, data=name, batch_size=batch_size, bf16=bf16, max_batch_tokens=settings.max_batch_tokens,
                 byte_lengths=byte_lengths(tokenizer), tokens_requested=planned_tokens(n_tokens, ctx))
         del model

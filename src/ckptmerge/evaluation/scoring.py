@@ -19,12 +19,12 @@ import torch
 
 from ckptmerge.data.batches import eval_windows, planned_tokens
 from ckptmerge.data.text_tokenizer import TextTokenizer
-from ckptmerge.errors import TokenizerError
 from ckptmerge.evaluation.devices import resolve_device
 from ckptmerge.evaluation.distributed import evaluate_sharded
 from ckptmerge.evaluation.evaluator import EvalResult, load_state_into
 from ckptmerge.evaluation.keymap import fit_state, parse_key_map
 from ckptmerge.evaluation.runner import default_context
+from ckptmerge.errors import TokenizerError
 from ckptmerge.evaluation.settings import EvalSettings, byte_lengths
 from ckptmerge.io.layout import open_checkpoint
 from ckptmerge.merging.checkpoint import CheckpointRef
@@ -98,9 +98,9 @@ class Scorer:
     def score(self, refs: Sequence[CheckpointRef], coeffs: Sequence[float], data: str, stop=None) -> EvalResult:
         model = self.load(refs, coeffs)
         return evaluate_sharded(model, self.windows(data), data=data, batch_size=self.batch_size, stop=stop,
-                              byte_lengths=byte_lengths(self.tokenizer),
-                              max_batch_tokens=self.settings.max_batch_tokens,
-                              tokens_requested=planned_tokens(self.n_tokens, self.context))
+                                byte_lengths=byte_lengths(self.tokenizer),
+                                max_batch_tokens=self.settings.max_batch_tokens,
+                                tokens_requested=planned_tokens(self.n_tokens, self.context))
 
     def forget(self, keep: Sequence[CheckpointRef] = ()) -> None:
         """Drop the views of every checkpoint not in ``keep`` (long sweeps over hundreds of checkpoints)."""

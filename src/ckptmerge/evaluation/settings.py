@@ -27,7 +27,7 @@ class EvalSettings:
     key_map: list[str] = field(default_factory=list)  # OLD=NEW regex renames of checkpoint keys
     batch_size: int = 16               # rows per batch
     max_batch_tokens: int | None = None  # tokens per batch (rows = this // context), when given
-    device_map: str | None = None      # "auto": accelerate spreads an HF model over every visible device
+    device_map: str | None = None     # "auto": spread a model too large for one device (accelerate)
     progress: bool = True
 
     def load_model(self, path) -> torch.nn.Module:
