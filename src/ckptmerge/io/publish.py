@@ -42,13 +42,23 @@ def atomic_folder(dest: Path, *, force: bool = False) -> Iterator[Path]:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, dest)
+        _fsync_path(dest.parent)  # the rename itself is durable only once the parent folder is synced
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def _fsync_folder(folder: Path) -> None:
+    """Make every file of ``folder``, and the folder's own entries, durable."""
     for path in folder.iterdir():
         if path.is_file():
-            with open(path, "rb+") as f:
-                os.fsync(f.fileno())
+            _fsync_path(path)
+    _fsync_path(folder)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

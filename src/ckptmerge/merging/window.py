@@ -68,7 +68,7 @@ def run_recipe(recipe: MergeRecipe, *, progress: bool = True) -> MergeResult:
                  max_shard_bytes=parse_size(recipe.max_shard_size), chunk_bytes=parse_size(recipe.chunk_size),
                  force=recipe.force, allow_nonfinite=recipe.allow_nonfinite,
                  allow_unnormalized=recipe.unnormalized, allow_negative=recipe.extrapolate,
-                 hash_mode=recipe.hash, progress=progress, recipe=_recipe_record(recipe, window))
+                 hash_mode=recipe.hash, progress=progress, recipe=_recipe_record(recipe, window), device=recipe.device)
 
 
 def _recipe_record(recipe: MergeRecipe, window: Window) -> dict:
