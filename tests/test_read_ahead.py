@@ -88,8 +88,9 @@ def test_split_operations_give_the_whole_operations_bits(dtype):
     whole = acc.clone().add_(part, alpha=0.3)
     saved = torch.get_num_threads()
     with CpuThreads(3) as threads:
-        assert torch.get_num_threads() == 1  # no OpenMP team spinning beside the pool
+        assert threads.map(lambda a: a.sum(), acc[:100]) and torch.get_num_threads() == saved  # small: no change
         results = threads.map(lambda t, p: t.add_(p, alpha=0.3), acc, part)
+        assert torch.get_num_threads() == 1  # no OpenMP team spinning beside the pool
         cast = torch.empty(numel, dtype=dtype)
         threads.map(lambda o, a: o.copy_(a), cast, acc)
     assert len(results) == 3

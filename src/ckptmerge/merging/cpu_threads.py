@@ -2,10 +2,11 @@
 
 torch's own intra-op threads (OpenMP) spin between parallel regions; a merge calls many short
 element-wise operations while a read-ahead thread copies file data, so the spinning takes the very
-core that thread needs, and on a shared machine it burns CPU others wait for. While a merge runs,
-``CpuThreads`` sets torch to one intra-op thread and instead splits each large operation into
-equal, cache-line-aligned parts: one per core, run on threads that sleep when idle (torch releases
-the GIL inside every operation). Each element is computed exactly as in one whole-tensor operation.
+core that thread needs, and on a shared machine it burns CPU others wait for. From its first large
+operation until the merge ends, ``CpuThreads`` sets torch to one intra-op thread and instead splits
+each large operation into equal, cache-line-aligned parts: one per core, run on threads that sleep
+when idle (torch releases the GIL inside every operation). Small merges (online averaging of a tiny
+model) never change torch's settings. Each element is computed exactly as in one whole-tensor operation.
 """
 
 from __future__ import annotations
@@ -28,15 +29,13 @@ class CpuThreads:
         self._saved = torch.get_num_threads()
 
     def __enter__(self) -> "CpuThreads":
-        if self.threads > 1:
-            torch.set_num_threads(1)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
-        torch.set_num_threads(self._saved)
+            torch.set_num_threads(self._saved)
 
     def map(self, fn: Callable[..., object], *tensors: torch.Tensor) -> list[object]:
         """``[fn(*parts) for parts]`` over 1-d tensors of one length, split into aligned parts run in parallel."""
@@ -46,6 +45,7 @@ class CpuThreads:
         step = -(-numel // self.threads // _ALIGN_ELEMENTS) * _ALIGN_ELEMENTS
         bounds = [(b, min(b + step, numel)) for b in range(0, numel, step)]
         if self._pool is None:
+            torch.set_num_threads(1)
             self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="ckptmerge-accumulate")
         futures = [self._pool.submit(fn, *(t[b:e] for t in tensors)) for b, e in bounds[1:]]
         first = fn(*(t[bounds[0][0]:bounds[0][1]] for t in tensors))
