@@ -68,7 +68,7 @@ def write_checkpoint(path: Path, state: dict[str, torch.Tensor], layout: str) ->
     elif layout == "pt-nested":  # a training checkpoint: DDP + compile prefixes, optimizer beside the model
         path = path.with_suffix(".pt")
         model = {f"module._orig_mod.{k}": v for k, v in state.items()}
-        torch.save({"model": model, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3}]}, "iter_num": 5}, path)
+        torch.save({"model": model, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3}]}, "epoch": 5}, path)
     elif layout == "dcp":
         import torch.distributed.checkpoint as dcp
 

@@ -10,7 +10,7 @@ PACKAGE = Path(ckptmerge.__file__).parent
 # A room may import rooms of its own rank or lower, never higher; same-rank rooms must not form a cycle.
 RANK = {
     "errors": 0, "console": 0,
-    "io": 1, "data": 1,
+    "io": 1, "data": 1, "parallel": 1,
     "merging": 2,
     "evaluation": 3,
     "online": 4,

@@ -2,6 +2,7 @@
 
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,13 +151,44 @@ def test_arbitrary_pickle_is_refused_and_never_executed(tmp_path):
     assert not marker.exists()
 
 
-def test_training_checkpoint_with_foreign_objects_is_refused_with_fix(tmp_path):
-    import argparse
+class MarkerOnLoad:
+    """Leaves a marker file whenever it is constructed: a real unpickle would construct it."""
 
+    def __init__(self, marker: str):
+        self.marker = marker
+        Path(marker).write_text("ran")
+
+    def __reduce__(self):
+        return (MarkerOnLoad, (self.marker,))
+
+
+def test_training_checkpoint_with_foreign_objects_reads_weights_without_running_them(tmp_path):
+    import argparse
+    import datetime
+
+    marker = tmp_path / "constructed"
     path = tmp_path / "megatron.pt"
-    torch.save({"model": {"w": torch.zeros(2)}, "args": argparse.Namespace(lr=1.0)}, path)
-    with pytest.raises(UnsafeCheckpointError, match="re-save"):
+    weights = {"w": torch.arange(4.0)}
+    torch.save({"model": weights, "args": argparse.Namespace(lr=1.0), "t": datetime.timedelta(seconds=3),
+                "obj": MarkerOnLoad(str(marker))}, path)
+    marker.unlink()  # written by the construction above, in this process
+    reader = open_checkpoint(path)
+    assert reader.keys() == ["w"] and torch.equal(reader.get("w"), weights["w"])
+    assert not marker.exists()
+
+
+def test_torch_saved_payload_is_refused_and_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil_zip.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "hook": Payload()}, path)
+    with pytest.raises(UnsafeCheckpointError, match="not allowed"):
         open_checkpoint(path)
+    assert not marker.exists()
 
 
 def test_tampered_dcp_metadata_is_refused_and_never_executed(tmp_path):

@@ -54,3 +54,27 @@ def test_trainer_callback_matches_hand_computed_ema_and_saves_averaged_folders(t
     torch.testing.assert_close(saved.model.embed_tokens.weight, got["model.embed_tokens.weight"])
     # the live model kept its training weights
     assert not torch.equal(model.model.embed_tokens.weight.detach(), got["model.embed_tokens.weight"])
+
+
+def test_trainer_callback_under_ddp_updates_every_rank_saves_once_and_resumes(tmp_path):
+    import socket
+
+    import hf_ddp_runs
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(hf_ddp_runs.worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for seen in ranks:
+        assert (seen["world_size"], seen["ddp"], seen["steps"]) == (2, "DistributedDataParallel", [1, 2, 3, 4])
+        for name, want in seen["reference"].items():
+            torch.testing.assert_close(seen["averaged"][name].double(), want, rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(seen["resumed"][name], seen["averaged"][name], rtol=0, atol=1e-6, msg=name)
+    for name, value in ranks[0]["averaged"].items():
+        assert torch.equal(value, ranks[1]["averaged"][name]), name  # DDP: every rank holds the same average
+    checkpoint = tmp_path / "run" / "checkpoint-4"
+    assert sorted(p.name for p in checkpoint.glob("averager_state*")) == ["averager_state.pt"]  # rank 0 alone
+    saved = load_model(checkpoint / "averaged")
+    torch.testing.assert_close(saved.model.embed_tokens.weight, ranks[0]["averaged"]["model.embed_tokens.weight"])

@@ -56,3 +56,29 @@ def test_lightning_callback_averages_and_swaps_for_validation(tmp_path):
     fresh = AveragingCallback(EMA(0.5))
     fresh.on_load_checkpoint(trainer, module, state)
     torch.testing.assert_close(fresh.averager.averaged_state_dict()["net.weight"], got)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_lightning_callback_on_two_ranks_averages_saves_one_model_and_reloads(tmp_path, strategy):
+    import socket
+
+    import lightning_ddp_runs as runs
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(runs.worker, args=(2, port, str(tmp_path), strategy), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"{strategy}-rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["world_size"] == 2 and len(ranks[0]["after_steps"]) == 4  # 2 epochs of 16 samples per rank
+    assert ranks[0]["sharded"] == (strategy == "fsdp2")
+    expected = None
+    for weights in ranks[0]["after_steps"]:
+        expected = weights if expected is None else {k: 0.5 * expected[k] + 0.5 * weights[k] for k in weights}
+    saved = load_file(tmp_path / f"{strategy}-avg" / "model.safetensors")  # one model, whatever the sharding
+    for name, want in expected.items():
+        torch.testing.assert_close(saved[name].double(), want, rtol=0, atol=1e-6, msg=name)
+    for seen in ranks:  # each rank got its own average (its shards under FSDP2) back from the checkpoint
+        for name, value in seen["averaged"].items():
+            assert torch.equal(seen["reloaded"][name], value), name

@@ -1,9 +1,7 @@
 """Online averagers against torch.optim.swa_utils.AveragedModel, offline merges, and uninterrupted runs."""
 
 import json
-import math
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -205,43 +203,3 @@ def test_spec_parsing():
         parse_average_spec("lawa:alpha=1")
     with pytest.raises(ConfigError, match="unknown kind"):
         parse_average_spec("polyak")
-
-
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = DistributedDataParallel(Net())
-    opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    ema, lawa = EMA(0.8), LAWA(k=2, every=2)
-    gen = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
-    for step in range(1, 7):
-        x = torch.randint(0, 11, (4, 5), generator=gen)
-        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        ema.update(model.module, step)
-        lawa.update(model.module, step)
-    torch.save({"ema": ema.averaged_state_dict(), "lawa": lawa.averaged_state_dict()}, f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
-
-
-def test_ddp_ranks_hold_identical_averages(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    for kind in ("ema", "lawa"):
-        for k in a[kind]:
-            assert torch.equal(a[kind][k], b[kind][k]), (kind, k)
-    assert not math.isclose(float(a["ema"]["hidden.weight"].sum()), 0.0)
-    assert np.isfinite(a["lawa"]["embed.weight"].numpy()).all()

@@ -46,3 +46,7 @@ class OutputExistsError(CkptMergeError):
 
 class ConfigError(CkptMergeError):
     """A recipe (YAML or flags) is invalid; the message lists every problem at once."""
+
+
+class ShardLayoutError(CkptMergeError):
+    """Saved per-rank state (FSDP2 shards) does not fit this run's ranks or shards."""

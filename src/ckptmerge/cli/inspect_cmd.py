@@ -12,7 +12,7 @@ from ckptmerge.merging.discover import discover
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="list the checkpoints of a run (step, tokens, lr, format, dtype, size)")
+    p = sub.add_parser("inspect", help="list the checkpoints of a run (step, tokens, lr, framework, format, dtype, size)")
     p.add_argument("run_dir")
     p.add_argument("--tokens-per-step", type=int, help="tokens per optimizer step, when no metadata gives tokens")
     p.add_argument("--skip-unparsable", action="store_true", help="leave out checkpoints whose step is unknown")
@@ -29,9 +29,10 @@ def run(args: argparse.Namespace) -> int:
         finally:
             reader.close()
         size = sum(f.stat().st_size for f in checkpoint_files(ref.path))
-        rows.append([ref.name, ref.step, _or_dash(ref.tokens_seen), _or_dash(ref.lr, ".3g"), ref.layout,
+        rows.append([ref.name, ref.step, _or_dash(ref.tokens_seen), _or_dash(ref.lr, ".3g"), ref.framework or "-",
+                     ref.layout,
                      "/".join(d for d, _ in dtypes.most_common()), format_bytes(size)])
-    print_table(["checkpoint", "step", "tokens", "lr", "format", "dtype", "size"], rows)
+    print_table(["checkpoint", "step", "tokens", "lr", "framework", "format", "dtype", "size"], rows)
     for path, why in found.skipped:
         print(f"skipped {path.name}: {why}")
     print(f"{len(found.checkpoints)} checkpoints")

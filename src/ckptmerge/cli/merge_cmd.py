@@ -9,6 +9,7 @@ from ckptmerge.console import format_bytes, print_table
 from ckptmerge.merging.recipe import DTYPE_NAMES, MergeRecipe, recipe_from_dict, recipe_from_yaml
 from ckptmerge.merging.schedules import SCHEDULES
 from ckptmerge.merging.window import resolve_window, run_recipe
+from ckptmerge.parallel.world import rank
 
 
 def _floats(text: str) -> list[float]:
@@ -84,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  skipped {path}: {why}")
         return 0
     result = run_recipe(recipe, progress=not args.quiet)
+    if rank() != 0:  # torchrun: rank 0 reports for the job
+        return 0
     stats = result.manifest["stats"]
     print(f"wrote {result.output} ({len(result.plan.refs)} checkpoints, {format_bytes(stats['bytes_read'])} read, "
           f"{format_bytes(stats['bytes_written'])} written, {stats['total_seconds']:.1f} s)")

@@ -59,10 +59,11 @@ def evaluate_model(model: torch.nn.Module, windows: torch.Tensor, *, data: str =
                 break
     model.train(was_training)
     window_losses = torch.cat(per_window).double().numpy()
-    return _summarize(data, window_losses, tokens=len(window_losses) * (windows.shape[1] - 1))
+    return summarize(data, window_losses, tokens=len(window_losses) * (windows.shape[1] - 1))
 
 
-def _summarize(data: str, window_losses: np.ndarray, tokens: int) -> EvalResult:
+def summarize(data: str, window_losses: np.ndarray, tokens: int) -> EvalResult:
+    """Mean loss and its standard error over windows."""
     n = len(window_losses)
     stderr = float(window_losses.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
     return EvalResult(data, float(window_losses.mean()), stderr, tokens, window_losses.tolist())
@@ -96,11 +97,16 @@ def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> N
                        f"unexpected {sorted(unexpected)[:8]}")
 
 
-def load_model(path, *, device: str | None = None) -> torch.nn.Module:
-    """An HF causal LM from a folder (raw, merged, or any user checkpoint), in fp32."""
+def load_model(path, *, device: str | None = None, device_map: str | None = None) -> torch.nn.Module:
+    """An HF causal LM from a folder (raw, merged, or any user checkpoint), in fp32.
+
+    ``device_map="auto"`` (accelerate) spreads a model too large for one device over all visible devices.
+    """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per model load is noise in sweeps and searches
+    if device_map is not None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map=device_map)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model.to(device) if device else model

@@ -17,7 +17,8 @@ import torch
 
 from ckptmerge.data.batches import eval_windows
 from ckptmerge.data.tokens import load_tokens
-from ckptmerge.evaluation.evaluator import EvalResult, evaluate_model, load_model, load_state_into
+from ckptmerge.evaluation.distributed import evaluate_sharded
+from ckptmerge.evaluation.evaluator import EvalResult, load_model, load_state_into
 from ckptmerge.evaluation.runner import MAX_DEFAULT_CONTEXT
 from ckptmerge.io.layout import open_checkpoint
 from ckptmerge.merging.checkpoint import CheckpointRef
@@ -71,7 +72,7 @@ class Scorer:
 
     def score(self, refs: Sequence[CheckpointRef], coeffs: Sequence[float], data: str, stop=None) -> EvalResult:
         model = self.load(refs, coeffs)
-        return evaluate_model(model, self.windows(data), data=data, batch_size=self.batch_size, stop=stop)
+        return evaluate_sharded(model, self.windows(data), data=data, batch_size=self.batch_size, stop=stop)
 
     def forget(self, keep: Sequence[CheckpointRef] = ()) -> None:
         """Drop the views of every checkpoint not in ``keep`` (long sweeps over hundreds of checkpoints)."""

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ckptmerge.errors import CheckpointFormatError, UnsafeCheckpointError
+from ckptmerge.errors import CheckpointFormatError, CkptMergeError, UnsafeCheckpointError
+from ckptmerge.io.dcp_checks import checked_metadata, checked_storage, checked_tensor_info, chunk_view
+from ckptmerge.io.safe_pickle import loads_restricted
 from ckptmerge.io.tensor_info import TensorInfo
 
 METADATA_FILE = ".metadata"
@@ -35,31 +37,34 @@ _ALLOWED_GLOBALS = {
 }
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> object:
-        if name in _ALLOWED_GLOBALS.get(module, ()) or (module == "torch" and _is_dtype(name)):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
-
-
-def _is_dtype(name: str) -> bool:
-    return isinstance(getattr(torch, name, None), torch.dtype)
+_EXTRA_GLOBALS = {module: frozenset(names) for module, names in _ALLOWED_GLOBALS.items()}
 
 
 def load_dcp_metadata(folder: Path) -> object:
-    """Parse ``folder/.metadata`` with the restricted unpickler."""
+    """Parse ``folder/.metadata`` with the restricted unpickler (io/safe_pickle.py).
+
+    The DCP metadata classes are real; any other class (Megatron's ``SavePlan`` in
+    ``planner_data``, OLMo-core's storage-info dataclass) is an inert placeholder whose fields
+    stay readable.
+    """
+
     path = folder / METADATA_FILE
     try:
-        with open(path, "rb") as f:
-            return _MetadataUnpickler(f).load()
+        meta = loads_restricted(path.read_bytes(), extra_globals=_EXTRA_GLOBALS)
     except pickle.UnpicklingError as exc:
-        raise UnsafeCheckpointError(f"{path}: refusing to load DCP metadata: {exc}. Nothing from it was executed. "
-                                    f"Fix: only merge DCP checkpoints written by torch.distributed.checkpoint.") from exc
-    except (EOFError, OSError, AttributeError, ImportError) as exc:
-        raise CheckpointFormatError(f"{path}: unreadable DCP metadata ({exc})") from exc
+        raise UnsafeCheckpointError(f"{path}: refusing to load DCP metadata: {str(exc)[:300]}. Nothing from it was "
+                                    f"executed. Fix: only merge DCP checkpoints written by torch.distributed.checkpoint.") from exc
+    except (CkptMergeError, OSError):
+        raise
+    except Exception as exc:  # a malformed pickle stream fails in many ways (ValueError, TypeError, EOFError, ...)
+        raise CheckpointFormatError(f"{path}: unreadable DCP metadata ({type(exc).__name__}: {str(exc)[:200]}); "
+                                    f"the file is corrupt or truncated. Re-save the checkpoint.") from exc
+    return checked_metadata(path, meta)
 
 
 def _is_model_key(fqn: str) -> bool:
+    if "_extra_state" in fqn:  # Transformer Engine / Megatron per-module state, not a weight
+        return False
     head = fqn.split(".", 1)[0]
     return not any(head == p or head.startswith(p + "_") for p in NON_MODEL_PREFIXES)
 
@@ -74,10 +79,11 @@ class DcpReader:
 
     layout = "dcp"
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, *, display_path: Path | None = None):
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.path = folder
+        self.display_path = display_path or folder
         meta = load_dcp_metadata(folder)
         entries = {fqn: md for fqn, md in meta.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)}
         self.skipped_keys = sorted(fqn for fqn in meta.state_dict_metadata if fqn not in entries or not _is_model_key(fqn))
@@ -86,18 +92,19 @@ class DcpReader:
             raise CheckpointFormatError(f"{folder}: DCP checkpoint has no model tensors (skipped: {self.skipped_keys[:8]})")
         prefix = "model." if all(fqn.startswith("model.") for fqn in model) else ""
         self._fqn = {fqn[len(prefix):]: fqn for fqn in model}
-        self._meta = {name: model[fqn] for name, fqn in self._fqn.items()}
+        meta_path = folder / METADATA_FILE
+        self._infos = {name: checked_tensor_info(meta_path, fqn, model[fqn]) for name, fqn in self._fqn.items()}
         self._chunks: dict[str, list] = {}
         for index, sinfo in (meta.storage_data or {}).items():
-            self._chunks.setdefault(index.fqn, []).append((index, sinfo))
+            fqn, offsets, file, start, length = checked_storage(folder, meta_path, index, sinfo)
+            self._chunks.setdefault(fqn, []).append((offsets, file, start, length, sinfo))
         self._cached: tuple[str, torch.Tensor] | None = None
 
     def keys(self) -> list[str]:
-        return list(self._meta)
+        return list(self._infos)
 
     def info(self, name: str) -> TensorInfo:
-        md = self._meta[name]
-        return TensorInfo(dtype=md.properties.dtype, shape=tuple(md.size))
+        return self._infos[name]
 
     def get(self, name: str) -> torch.Tensor:
         if self._cached is None or self._cached[0] != name:
@@ -124,24 +131,33 @@ class DcpReader:
     def _assemble(self, name: str) -> torch.Tensor:
         fqn, info = self._fqn[name], self.info(name)
         full = torch.empty(info.shape, dtype=info.dtype)
-        covered = 0
-        for index, sinfo in self._chunks.get(fqn, []):
+        covered, placed = 0, []
+        for offsets, file, start, length, sinfo in self._chunks.get(fqn, []):
             if getattr(sinfo, "transform_descriptors", None):
                 raise CheckpointFormatError(f"{self.path}: tensor {fqn!r} is stored with transforms "
-                                            f"{sinfo.transform_descriptors} (compression?), which ckptmerge cannot read yet")
-            try:
-                with open(self.path / sinfo.relative_path, "rb") as f:
-                    f.seek(sinfo.offset)
-                    chunk = torch.load(io.BytesIO(f.read(sinfo.length)), map_location="cpu", weights_only=True)
-            except (OSError, RuntimeError, EOFError) as exc:
-                raise CheckpointFormatError(f"{self.path / sinfo.relative_path}: cannot read tensor {fqn!r} ({exc})") from exc
-            view = full
-            offsets = tuple(index.offset) if index.offset is not None else (0,) * full.dim()
-            for dim, (begin, length) in enumerate(zip(offsets, chunk.shape)):
-                view = view.narrow(dim, begin, length)
-            view.copy_(chunk)
+                                            f"{str(sinfo.transform_descriptors)[:200]} (compression?), which ckptmerge cannot read yet")
+            chunk = _load_chunk(file, fqn, start, length)
+            chunk_view(file, fqn, full, offsets, chunk, placed).copy_(chunk)
             covered += chunk.numel()
         if covered != info.numel:
             raise CheckpointFormatError(f"{self.path}: tensor {fqn!r} chunks cover {covered} of {info.numel} elements; "
                                         f"the checkpoint is incomplete (a rank's .distcp file missing?)")
         return full
+
+
+def _load_chunk(file: Path, fqn: str, start: int, length: int) -> object:
+    """One chunk, unpickled with ``weights_only=True`` (tensors and plain containers only)."""
+    try:
+        with open(file, "rb") as f:
+            f.seek(start)
+            return torch.load(io.BytesIO(f.read(length)), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(f"{file}: refusing to load the chunk of tensor {fqn!r}: it needs arbitrary "
+                                    f"unpickling ({str(exc).splitlines()[0][:200]}). Nothing from it was executed. "
+                                    f"Fix: only merge DCP checkpoints written by torch.distributed.checkpoint.") from exc
+    except OSError as exc:
+        raise CheckpointFormatError(f"{file}: cannot read the chunk of tensor {fqn!r} ({exc.strerror}); "
+                                    f"a rank's .distcp file is missing or unreadable") from exc
+    except Exception as exc:  # truncated or corrupt chunk: RuntimeError, EOFError, ValueError, ...
+        raise CheckpointFormatError(f"{file}: cannot read the chunk of tensor {fqn!r} ({type(exc).__name__}: "
+                                    f"{str(exc)[:200]}); the file is corrupt or truncated. Re-save the checkpoint.") from exc

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ckptmerge.errors import CheckpointFormatError
+from ckptmerge.io.shard_index import read_shard_index
 from ckptmerge.io.tensor_info import CheckpointReader
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -46,19 +46,22 @@ def detect_layout(path: Path) -> tuple[str, list[Path]] | None:
 
 
 def _shards_from_index(index_path: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointFormatError(f"{index_path}: not a valid shard index (needs a 'weight_map'): {exc}") from exc
-    files = [index_path.parent / name for name in sorted(set(weight_map.values()))]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise CheckpointFormatError(f"{index_path}: shard files listed in the index are missing: {missing}")
-    return files
+    return read_shard_index(index_path)  # validated: strings only, files confined to the folder
 
 
 def open_checkpoint(path: str | Path) -> CheckpointReader:
-    """Open any supported checkpoint for reading. Raises CheckpointFormatError naming the fix."""
+    """Open any supported checkpoint for reading. Raises CheckpointFormatError naming the fix.
+
+    A trainer's own layout (io/layouts/: Lightning, DeepSpeed, Megatron, ...) is tried first.
+    """
+    from ckptmerge.io.layouts import open_framework_checkpoint
+
+    reader = open_framework_checkpoint(Path(path))
+    return reader if reader is not None else open_plain_checkpoint(path)
+
+
+def open_plain_checkpoint(path: str | Path) -> CheckpointReader:
+    """Open an HF folder, a safetensors / torch file or a DCP folder, whatever trainer wrote it."""
     path = Path(path)
     found = detect_layout(path)
     if found is None:

@@ -8,7 +8,6 @@ read them itself, ahead of use and in large requests (``ckptmerge.io.read_ahead`
 
 from __future__ import annotations
 
-import json
 import mmap
 import struct
 from dataclasses import dataclass
@@ -17,13 +16,10 @@ from pathlib import Path
 import torch
 
 from ckptmerge.errors import CheckpointFormatError
+from ckptmerge.io.safetensors_header import DTYPES as _DTYPES
+from ckptmerge.io.safetensors_header import checked_entries, checked_metadata, parse_header
 from ckptmerge.io.tensor_info import FileRange, TensorInfo
 
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
 SAFETENSORS_DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -41,19 +37,21 @@ class _Entry:
 
 
 def read_header(path: Path) -> tuple[dict, int]:
-    """Return (header dict, absolute offset of the data section) of a safetensors file."""
-    try:
-        with open(path, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) != 8:
-                raise CheckpointFormatError(f"{path}: too short to be a safetensors file (truncated write?)")
-            (header_len,) = struct.unpack("<Q", raw_len)
-            if header_len > _MAX_HEADER_BYTES:
-                raise CheckpointFormatError(f"{path}: header length {header_len} is implausible; not safetensors")
-            header = json.loads(f.read(header_len))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointFormatError(f"{path}: safetensors header is not valid JSON ({exc})") from exc
-    return header, 8 + header_len
+    """Return (header dict, absolute offset of the data section) of a safetensors file.
+
+    Only the JSON syntax is checked here; ``checked_entries`` / ``checked_metadata`` validate the content.
+    """
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) != 8:
+            raise CheckpointFormatError(f"{path}: too short to be a safetensors file (truncated write?)")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > _MAX_HEADER_BYTES:
+            raise CheckpointFormatError(f"{path}: header length {header_len} is implausible; not safetensors")
+        raw = f.read(header_len)
+    if len(raw) != header_len:
+        raise CheckpointFormatError(f"{path}: header is cut short ({len(raw)} of {header_len} bytes); truncated copy?")
+    return parse_header(path, raw), 8 + header_len
 
 
 class SafetensorsReader:
@@ -72,21 +70,12 @@ class SafetensorsReader:
 
     def _index_file(self, index: int, file: Path) -> None:
         header, data_start = read_header(file)
-        self._metadata.update(header.pop("__metadata__", None) or {})
-        size = file.stat().st_size
-        for name, spec in header.items():
+        self._metadata.update(checked_metadata(file, header))
+        entries = checked_entries(file, header, file.stat().st_size - data_start)
+        for name, (dtype, shape, begin) in entries.items():
             if name in self._entries:
                 raise CheckpointFormatError(f"{file}: tensor {name!r} also appears in {self.files[self._entries[name].file_index]}")
-            dtype = _DTYPES.get(spec.get("dtype"))
-            if dtype is None:
-                raise CheckpointFormatError(f"{file}: tensor {name!r} has unsupported dtype {spec.get('dtype')!r}")
-            begin, end = spec["data_offsets"]
-            info = TensorInfo(dtype=dtype, shape=tuple(spec["shape"]))
-            if end - begin != info.nbytes or data_start + end > size:
-                raise CheckpointFormatError(
-                    f"{file}: tensor {name!r} byte range [{begin}, {end}) does not match its shape "
-                    f"{info.shape} / dtype or runs past the end of the file (truncated copy?)")
-            self._entries[name] = _Entry(index, info, data_start + begin)
+            self._entries[name] = _Entry(index, TensorInfo(dtype=dtype, shape=shape), data_start + begin)
 
     def keys(self) -> list[str]:
         return list(self._entries)

@@ -52,14 +52,19 @@ class StreamingSafetensorsWriter:
     """Write tensors, in the declared order and in row chunks, into sharded safetensors files."""
 
     def __init__(self, folder: Path, entries: Sequence[tuple[str, TensorInfo]], *,
-                 max_shard_bytes: int, metadata: dict[str, str] | None = None):
+                 max_shard_bytes: int, metadata: dict[str, str] | None = None,
+                 shard_names: Sequence[str] | None = None):
+        """``shard_names``: this writer's part of a larger output (one rank of a distributed merge): its
+        files get these names and no index is written here; the caller writes one with ``write_index``."""
         if sys.byteorder != "little":
             raise RuntimeError("safetensors output requires a little-endian machine")
         self.folder = folder
-        self.shards = split_into_shards(entries, max_shard_bytes)
-        count = len(self.shards)
-        self.files = [folder / ("model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors")
-                      for i in range(count)]
+        self.shards = split_into_shards(entries, max_shard_bytes) if entries or shard_names is None else []
+        self._partial = shard_names is not None
+        if shard_names is not None and len(shard_names) != len(self.shards):
+            raise ValueError(f"{len(shard_names)} shard names for {len(self.shards)} shards")
+        self.files = [folder / name for name in (shard_names if shard_names is not None else
+                                                 shard_file_names(len(self.shards)))]
         self._metadata = {"format": "pt", **(metadata or {})}
         self._queue = [(shard_index, name, info) for shard_index, shard in enumerate(self.shards) for name, info in shard]
         self._position = 0
@@ -123,13 +128,20 @@ class StreamingSafetensorsWriter:
                 self._open_shard(index)
                 self._handle.close()
                 self._handle = None
-        if len(self.files) > 1:
-            self._write_index()
+        if len(self.files) > 1 and not self._partial:
+            self.bytes_written += write_index(self.folder, self.shards, [f.name for f in self.files])
         return list(self.files)
 
-    def _write_index(self) -> None:
-        index = {"metadata": {"total_size": sum(i.nbytes for shard in self.shards for _, i in shard)},
-                 "weight_map": {name: self.files[s].name for s, shard in enumerate(self.shards) for name, _ in shard}}
-        text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-        (self.folder / INDEX_NAME).write_text(text)
-        self.bytes_written += len(text)
+
+def shard_file_names(count: int) -> list[str]:
+    """HF names: ``model.safetensors`` alone, else ``model-00001-of-0000N.safetensors``."""
+    return ["model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def write_index(folder: Path, shards: Sequence[Sequence[tuple[str, TensorInfo]]], names: Sequence[str]) -> int:
+    """Write ``model.safetensors.index.json`` for ``shards`` stored under ``names``; returns the bytes written."""
+    index = {"metadata": {"total_size": sum(i.nbytes for shard in shards for _, i in shard)},
+             "weight_map": {name: names[s] for s, shard in enumerate(shards) for name, _ in shard}}
+    text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+    (folder / INDEX_NAME).write_text(text)
+    return len(text)

@@ -1,10 +1,12 @@
-"""Raw torch checkpoints (.pt/.pth/.bin/.ckpt) loaded with ``weights_only=True``, never unpickled freely.
+"""Raw torch checkpoints (.pt/.pth/.bin/.ckpt) read through the restricted unpickler (io/safe_pickle.py).
 
 Training checkpoints nest the model: ``{"model": {...}, "optimizer": ...}``, Lightning's
-``{"state_dict": ...}``, DeepSpeed's ``{"module": ...}``. The reader descends through the
-wrapper keys ``model`` / ``state_dict`` / ``module`` / ``model_state_dict`` until it reaches a
-dict of tensors, keeps the tensors, and strips the ``module.`` (DDP) and ``_orig_mod.``
-(``torch.compile``) prefixes.
+``{"state_dict": ...}``, DeepSpeed's ``{"module": ...}``. ``find_weights`` descends through the
+wrapper keys ``model`` / ``state_dict`` / ``module`` / ``model_state_dict`` whenever one of them
+holds a dict, so loose top-level tensors beside the model (nanoGPT's ``best_val_loss``) are never
+taken for the model; the ``module.`` (DDP) and ``_orig_mod.`` (``torch.compile``) prefixes are
+stripped. A selection that holds under a quarter of the elements of the largest tensor dict in
+the file is refused: the weights are elsewhere, and merging what was found would lose them.
 """
 
 from __future__ import annotations
@@ -15,63 +17,104 @@ from pathlib import Path
 import torch
 
 from ckptmerge.errors import CheckpointFormatError, UnsafeCheckpointError
+from ckptmerge.io.safe_pickle import load_torch_file_restricted
 from ckptmerge.io.state_dict_reader import StateDictReader
 
 WRAPPER_KEYS = ("model", "state_dict", "module", "model_state_dict")
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
+OPTIMIZER_KEYS = ("optimizer", "optimizers", "optim", "optimizer_states", "opt", "optimizer_state_dict")
+MIN_KEPT_FRACTION = 0.25
 
 
-def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
-    """Load a torch file safely (memory-mapped when the file allows) and return its model tensors."""
+def load_torch_payload(path: Path) -> object:
+    """The whole object a torch file holds, loaded without executing anything, tensors memory-mapped."""
     try:
-        obj = _safe_load(path)
+        return load_torch_file_restricted(path)
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
-            f"{path}: refusing to load: the file needs arbitrary unpickling, which could run code "
-            f"(torch.load(weights_only=True) said: {str(exc).splitlines()[0]}). Nothing from it was executed. "
+            f"{path}: refusing to load: {str(exc).splitlines()[0]}. Nothing from it was executed. "
             f"Fix: re-save the model weights from a trusted environment with safetensors "
             f"(safetensors.torch.save_file(model.state_dict(), 'model.safetensors')) or as a plain "
             f"tensor dict (torch.save(model.state_dict(), ...)).") from exc
-    except (RuntimeError, EOFError, OSError) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError) as exc:
         raise CheckpointFormatError(f"{path}: cannot read torch checkpoint ({exc}); is the file complete?") from exc
-    return _strip_prefixes(path, _unwrap(path, obj))
+    except Exception as exc:  # a corrupt pickle stream can fail in many ways (KeyError, IndexError, ...)
+        raise CheckpointFormatError(f"{path}: cannot read torch checkpoint ({type(exc).__name__}: {str(exc)[:200]}); "
+                                    f"the file is corrupt or truncated") from exc
 
 
-def _safe_load(path: Path) -> object:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as exc:
-        if "mmap" not in str(exc):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+def _checked_names(path: Path, tensors: dict) -> dict:
+    """Tensor names must be strings (a state dict's keys); anything else is not a model checkpoint."""
+    bad = [k for k, v in tensors.items() if not isinstance(k, str) and isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointFormatError(f"{path}: tensor names must be strings, found {type(bad[0]).__name__} key "
+                                    f"{str(bad[0])[:80]!r}; save the model's state_dict() (string keys) instead")
+    return tensors
 
 
-def _unwrap(path: Path, obj: object) -> dict[str, torch.Tensor]:
-    while isinstance(obj, dict) and not _has_tensors(obj):
+def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
+    """Load a torch file safely and return its model tensors (prefixes stripped)."""
+    return strip_prefixes(path, find_weights(path, load_torch_payload(path)))
+
+
+def find_weights(path: Path, obj: object) -> dict[str, torch.Tensor]:
+    """The model's tensor dict inside a loaded torch payload (see the module docstring)."""
+    root = obj
+    while isinstance(obj, dict):
         inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
         if inner is None:
-            raise CheckpointFormatError(
-                f"{path}: found no model tensors; top-level keys are {sorted(map(str, obj))[:12]}. "
-                f"ckptmerge looks for a tensor dict, possibly nested under one of {list(WRAPPER_KEYS)}.")
+            break
         obj = inner
+    if not isinstance(obj, dict) or not _has_tensors(obj):
+        keys = sorted(map(str, root))[:12] if isinstance(root, dict) else type(root).__name__
+        raise CheckpointFormatError(
+            f"{path}: found no model tensors; top-level keys are {keys}. ckptmerge looks for a tensor dict, "
+            f"possibly nested under one of {list(WRAPPER_KEYS)}.")
+    weights = {k: v for k, v in _checked_names(path, obj).items() if isinstance(v, torch.Tensor)}
+    check_kept_fraction(path, weights, root)
+    return weights
+
+
+def check_kept_fraction(path: Path, weights: dict[str, torch.Tensor], root: object) -> None:
+    """Refuse when a larger tensor dict than the one chosen sits elsewhere in the file."""
+    kept = sum(t.numel() for t in weights.values())
+    where, largest = _largest_tensor_dict(root)
+    if largest and kept < MIN_KEPT_FRACTION * largest:
+        raise CheckpointFormatError(
+            f"{path}: the tensors found as the model ({len(weights)} tensor(s), {kept:,} elements) are a small "
+            f"fraction of the {largest:,} elements under {where!r}; refusing rather than merging the wrong entries. "
+            f"Fix: save the model's state_dict on its own (torch.save(model.state_dict(), ...)).")
+
+
+def _largest_tensor_dict(obj: object, where: str = "<top level>") -> tuple[str, int]:
+    best = (where, 0)
     if not isinstance(obj, dict):
-        raise CheckpointFormatError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        return best
+    here = sum(v.numel() for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor))
+    best = (where, here)
+    for key, value in obj.items():
+        if isinstance(key, str) and isinstance(value, dict) and key not in OPTIMIZER_KEYS:
+            found = _largest_tensor_dict(value, key if where == "<top level>" else f"{where}.{key}")
+            if found[1] > best[1]:
+                best = found
+    return best
 
 
 def _has_tensors(d: dict) -> bool:
     return any(isinstance(v, torch.Tensor) for v in d.values())
 
 
-def _strip_prefixes(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def strip_prefixes(path: Path, tensors: dict[str, torch.Tensor],
+                   prefixes: tuple[str, ...] = STRIPPED_PREFIXES) -> dict[str, torch.Tensor]:
+    """Remove wrapper prefixes (``module.``, ``_orig_mod.``) from every name; refuse collisions."""
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         clean = name
-        while clean.startswith(STRIPPED_PREFIXES):
-            clean = clean.split(".", 1)[1]
+        while clean.startswith(prefixes):
+            clean = next(clean[len(p):] for p in prefixes if clean.startswith(p))
         if clean in out:
             raise CheckpointFormatError(f"{path}: keys {name!r} and another both become {clean!r} after "
-                                        f"stripping {STRIPPED_PREFIXES}; the checkpoint is ambiguous")
+                                        f"stripping {prefixes}; the checkpoint is ambiguous")
         out[clean] = t
     return out
 

@@ -16,6 +16,7 @@ class CheckpointRef:
         tokens_seen: training tokens consumed at this checkpoint; None when unknown.
         lr: learning rate at save time; None when unknown.
         layout: reader layout name (``safetensors``, ``torch``, ``dcp``); see ``ckptmerge.io.detect_layout``.
+        framework: the trainer layout recognised (``lightning``, ``deepspeed``, ...; io/layouts/), or "".
         meta_source: where step / tokens / lr came from (``name``, ``trainer_state.json``, ...).
     """
 
@@ -25,6 +26,7 @@ class CheckpointRef:
     lr: float | None = None
     layout: str = ""
     meta_source: tuple[str, ...] = field(default_factory=tuple)
+    framework: str = ""
 
     @property
     def name(self) -> str:

@@ -1,40 +1,29 @@
 """Find the checkpoints of a run directory and order them by training step.
 
-Step numbers are parsed from the names people use::
-
-    step-1000  step_1000  step1000 (Pythia revisions)   checkpoint-1000 (HF Trainer)
-    iter_0001000 (Megatron)   global_step1000 (DeepSpeed)   ckpt_1000.pt   model_001000.safetensors
-
-Tokens seen and learning rate come from metadata when present: ckptmerge's own
-``ckptmerge.json`` (written by its trainer and by merges) or HF's ``trainer_state.json``;
-otherwise tokens are ``step * tokens_per_step`` when that is given.
+Each entry is first offered to the framework layouts (io/layouts/: HF Trainer, Lightning,
+DeepSpeed, Megatron, OLMo-core, torchtitan, litgpt, Composer, Accelerate, nanoGPT), which read
+the true step (and tokens) from the framework's own metadata and recognise pointers and copies
+(``latest``, ``last.ckpt``, symlinks) to skip. Other entries take their step from the name
+(io/layouts/parse_name.py) and tokens / learning rate from ``ckptmerge.json`` or
+``trainer_state.json``; otherwise tokens are ``step * tokens_per_step`` when that is given.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ckptmerge.errors import DiscoveryError
+from ckptmerge.io.json_fields import check_log_history, check_types, is_count, is_number, load_json
 from ckptmerge.io.layout import detect_layout
+from ckptmerge.io.layouts import Layout, match_layout, pointer_reason
+from ckptmerge.io.layouts.parse_name import parse_step
 from ckptmerge.merging.checkpoint import CheckpointRef
 
 META_FILE = "ckptmerge.json"
-_STEP_NAME = re.compile(
-    r"^(?:step|checkpoint|iter|ckpt|model|global_step|revision|rev)[-_]?(\d+)$", re.IGNORECASE)
-
-
-def parse_step(name: str) -> int | None:
-    """Step number in a checkpoint name, or None. ``parse_step("iter_0001000") == 1000``."""
-    stem = name
-    for suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
-        if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
-    match = _STEP_NAME.match(stem)
-    return int(match.group(1)) if match else None
+HF_ROOT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+NOT_WEIGHTS = frozenset({"training_args.bin", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scheduler.bin",
+                         "rng_state.pth", "common.pt"})
 
 
 @dataclass
@@ -62,14 +51,21 @@ def discover(run_dir: str | Path, *, tokens_per_step: int | None = None,
     if not run_dir.is_dir():
         raise DiscoveryError(f"{run_dir}: not a directory")
     refs, skipped = [], []
+    root_files = _root_model_files(run_dir)
     for child in sorted(run_dir.iterdir()):
-        found = None if child.name.startswith(".") else detect_layout(child)
-        if found is None:
+        if child.name.startswith("."):
+            continue
+        why = _skip_reason(child, root_files)
+        if why:
+            skipped.append((child, why))
+            continue
+        layout, found = match_layout(child), detect_layout(child)
+        if layout is None and found is None:
             continue  # logs, configs, temp folders: not checkpoints
         if (child / "merge.json").is_file():
             skipped.append((child, "a merged output (has merge.json), not a training checkpoint"))
             continue
-        ref = _read_ref(child, found[0], tokens_per_step)
+        ref = _read_ref(child, found[0] if found else "", tokens_per_step, layout)
         if ref.step is None:
             skipped.append((child, "no step number in its name or metadata"))
         else:
@@ -86,17 +82,54 @@ def discover(run_dir: str | Path, *, tokens_per_step: int | None = None,
     return Discovery(sorted(refs, key=lambda r: r.step), skipped)
 
 
+def is_run_dir(path: Path) -> bool:
+    """True when ``path`` holds checkpoints (a run directory), False when it is one checkpoint.
+
+    An HF Trainer output folder is both a model (``trainer.save_model()`` at the root) and a run
+    directory (``checkpoint-N/`` beside it): it counts as a run directory.
+    """
+    path = Path(path)
+    if not path.is_dir() or match_layout(path) is not None:
+        return False
+    if detect_layout(path) is None:
+        return True
+    return any(c.is_dir() and parse_step(c.name) is not None and (match_layout(c) or detect_layout(c))
+               for c in path.iterdir())
+
+
 def describe_path(path: str | Path, *, tokens_per_step: int | None = None) -> CheckpointRef:
     """CheckpointRef for one explicitly named checkpoint (step from its name or metadata, maybe None)."""
     path = Path(path)
-    found = detect_layout(path)
-    return _read_ref(path, found[0] if found else "", tokens_per_step)
+    layout, found = match_layout(path), detect_layout(path)
+    return _read_ref(path, found[0] if found else "", tokens_per_step, layout)
 
 
-def _read_ref(path: Path, layout: str, tokens_per_step: int | None) -> CheckpointRef:
-    ref = CheckpointRef(path=path, step=parse_step(path.name), layout=layout, meta_source=("name",))
+def _root_model_files(run_dir: Path) -> set[Path]:
+    """The weight files of an HF model saved at the run-directory root (named as ``save_pretrained`` names them)."""
+    if not any((run_dir / n).is_file() for n in HF_ROOT_NAMES):
+        return set()
+    found = detect_layout(run_dir)
+    return set(found[1]) if found else set()
+
+
+def _skip_reason(child: Path, root_files: set[Path]) -> str | None:
+    if child in root_files:
+        return "the final model at the run-directory root (trainer.save_model()), not a step checkpoint"
+    if child.name in NOT_WEIGHTS or child.name.startswith("rng_state"):
+        return "a trainer's optimizer / scheduler / RNG / arguments file, not weights"
+    return pointer_reason(child)
+
+
+def _read_ref(path: Path, layout: str, tokens_per_step: int | None, framework: Layout | None = None) -> CheckpointRef:
+    if framework is not None:
+        info = framework.read_step(path)
+        ref = CheckpointRef(path=path, step=info.step, tokens_seen=info.tokens_seen, lr=info.lr,
+                            layout=layout or framework.storage, framework=framework.name, meta_source=(info.source,))
+    else:
+        ref = CheckpointRef(path=path, step=parse_step(path.name), layout=layout, meta_source=("name",))
+        if path.is_dir():
+            ref = _apply_trainer_state(ref, path / "trainer_state.json")
     if path.is_dir():
-        ref = _apply_trainer_state(ref, path / "trainer_state.json")
         ref = _apply_own_metadata(ref, path / META_FILE)
     if ref.tokens_seen is None and tokens_per_step and ref.step is not None:
         ref = replace(ref, tokens_seen=ref.step * tokens_per_step,
@@ -104,20 +137,12 @@ def _read_ref(path: Path, layout: str, tokens_per_step: int | None) -> Checkpoin
     return ref
 
 
-def _load_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DiscoveryError(f"{path}: invalid JSON ({exc}); fix or remove the file") from exc
-    return data if isinstance(data, dict) else None
-
-
 def _apply_trainer_state(ref: CheckpointRef, path: Path) -> CheckpointRef:
-    state = _load_json(path)
+    state = load_json(path)
     if state is None:
         return ref
+    check_types(path, state, {"global_step": is_count, "num_input_tokens_seen": is_count})
+    check_log_history(path, state.get("log_history", []))
     lrs = [e["learning_rate"] for e in state.get("log_history", []) if "learning_rate" in e]
     return replace(ref, step=state.get("global_step", ref.step),
                    tokens_seen=state.get("num_input_tokens_seen") or ref.tokens_seen,
@@ -125,9 +150,10 @@ def _apply_trainer_state(ref: CheckpointRef, path: Path) -> CheckpointRef:
 
 
 def _apply_own_metadata(ref: CheckpointRef, path: Path) -> CheckpointRef:
-    meta = _load_json(path)
+    meta = load_json(path)
     if meta is None:
         return ref
+    check_types(path, meta, {"step": is_count, "tokens_seen": is_count, "lr": is_number})
     return replace(ref, step=meta.get("step", ref.step), tokens_seen=meta.get("tokens_seen", ref.tokens_seen),
                    lr=meta.get("lr", ref.lr), meta_source=ref.meta_source + (path.name,))
 

@@ -172,10 +172,22 @@ def _merge_chunk(plan: MergePlan, readers: Sequence[CheckpointReader], inputs: _
 
 def _finish(plan: MergePlan, readers: Sequence[CheckpointReader], chunk: _Chunk, acc: torch.Tensor,
             stage: Stage, allow_nonfinite: bool) -> torch.Tensor:
-    """Check the accumulated chunk, cast it to the output dtype, and bring it to the inputs' device."""
+    """Check the accumulated chunk, cast it to the output dtype, check it again, and bring it to the
+    inputs' device: the one place a merged chunk is finalised."""
     if not allow_nonfinite and not stage.all_finite(acc):
         _raise_nonfinite(plan, readers, chunk)
-    return stage.download(stage.cast(acc, chunk.task.out_dtype))
+    out = stage.cast(acc, chunk.task.out_dtype)
+    if out is not acc and not allow_nonfinite:
+        check_cast_finite(chunk.task.name, out, stage)
+    return stage.download(out)
+
+
+def check_cast_finite(name: str, out: torch.Tensor, stage: Stage) -> None:
+    """After the cast to the output dtype: a finite fp32 value can still overflow (float16 tops out at 65504)."""
+    if out.is_floating_point() and not stage.all_finite(out):
+        raise NonFiniteTensorError(f"tensor {name!r}: the merged value overflows the output dtype {out.dtype} "
+                                   f"(finite in the accumulator, Inf after the cast); nothing was written. "
+                                   f"Choose a wider --dtype (bfloat16 or float32), or pass --allow-nonfinite.")
 
 
 def _chunk_numel(chunk: _Chunk) -> int:

@@ -14,7 +14,7 @@ MANIFEST_NAME = "merge.json"
 
 
 def build_manifest(plan: MergePlan, *, fingerprints: list[str | None], recipe: dict, stats: dict,
-                   tied: dict[str, str], differing_buffers: list[str]) -> dict:
+                   tied: dict[str, str], differing_buffers: list[str], world_size: int = 1) -> dict:
     """Assemble the manifest. ``recipe`` is the user-level description (schedule, params, selection)."""
     from ckptmerge import __version__
 
@@ -27,6 +27,7 @@ def build_manifest(plan: MergePlan, *, fingerprints: list[str | None], recipe: d
         "torch_version": torch.__version__,
         "python": platform.python_version(),
         "recipe": recipe,
+        "world_size": world_size,  # ranks that wrote the shards (torchrun / srun); 1 for one process
         "inputs": inputs,
         "dtype_policy": {
             "accumulate": str(plan.accum_dtype).removeprefix("torch."),

@@ -13,7 +13,7 @@ import torch
 
 from ckptmerge.console import progress_bar
 from ckptmerge.errors import CkptMergeError, OutputExistsError
-from ckptmerge.io.fingerprint import checkpoint_files, fingerprint_files
+from ckptmerge.io.fingerprint import pin_checkpoint
 from ckptmerge.io.layout import open_checkpoint
 from ckptmerge.io.publish import atomic_folder, check_destination
 from ckptmerge.io.safetensors_writer import StreamingSafetensorsWriter
@@ -60,17 +60,20 @@ def merge(checkpoints: Sequence[CheckpointRef | str | Path], coeffs: Sequence[fl
         >>> refs = select_last(discover("runs/demo").checkpoints, 5, every_steps=200)
         >>> merge(refs, compute_coeffs("ema", refs, alpha=0.2), "out/ema")
     """
+    from ckptmerge.parallel.world import is_distributed
+
+    if is_distributed():  # launched by torchrun / srun: this rank merges its share (merging/distributed.py)
+        from ckptmerge.merging.distributed import merge_distributed
+
+        return merge_distributed(checkpoints, coeffs, output, dtype=dtype, accum_dtype=accum_dtype,
+                                 max_shard_bytes=max_shard_bytes, chunk_bytes=chunk_bytes, force=force,
+                                 allow_nonfinite=allow_nonfinite, allow_unnormalized=allow_unnormalized,
+                                 allow_negative=allow_negative, hash_mode=hash_mode, progress=progress, recipe=recipe)
     started = time.monotonic()
-    refs = [c if isinstance(c, CheckpointRef) else describe_path(c) for c in checkpoints]
-    coeffs = check_coeffs(coeffs, allow_unnormalized=allow_unnormalized, allow_negative=allow_negative)
-    if len(coeffs) != len(refs):
-        raise CkptMergeError(f"{len(coeffs)} coefficients for {len(refs)} checkpoints")
-    if accum_dtype not in (torch.float32, torch.float64):
-        raise CkptMergeError(f"accumulation dtype must be float32 or float64, got {accum_dtype}")
     device = resolve_device(device)
-    output = Path(output)
-    _check_not_an_input(output, refs)
-    check_destination(output, force)
+    refs, coeffs, output = check_arguments(checkpoints, coeffs, output, accum_dtype=accum_dtype, force=force,
+                                           allow_unnormalized=allow_unnormalized, allow_negative=allow_negative)
+    pins = [pin_checkpoint(r.path, hash_mode) for r in refs]  # hashed before the readers open the same files
     with ExitStack() as stack:
         readers = [open_checkpoint(r.path) for r in refs]
         for reader in readers:
@@ -79,14 +82,28 @@ def merge(checkpoints: Sequence[CheckpointRef | str | Path], coeffs: Sequence[fl
         planned_s = time.monotonic() - started
         with atomic_folder(output, force=force) as tmp:
             manifest = _merge_into(tmp, plan, readers, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                                   chunk_bytes=chunk_bytes, allow_nonfinite=allow_nonfinite, hash_mode=hash_mode,
+                                   chunk_bytes=chunk_bytes, allow_nonfinite=allow_nonfinite, pins=pins,
                                    progress=progress, recipe=recipe or {}, started=started, planned_s=planned_s,
                                    device=device)
     return MergeResult(output, plan, manifest)
 
 
+def check_arguments(checkpoints, coeffs, output, *, accum_dtype, force, allow_unnormalized, allow_negative):
+    """Refs, checked coefficients and the output path; raises before anything is opened or written."""
+    refs = [c if isinstance(c, CheckpointRef) else describe_path(c) for c in checkpoints]
+    coeffs = check_coeffs(coeffs, allow_unnormalized=allow_unnormalized, allow_negative=allow_negative)
+    if len(coeffs) != len(refs):
+        raise CkptMergeError(f"{len(coeffs)} coefficients for {len(refs)} checkpoints")
+    if accum_dtype not in (torch.float32, torch.float64):
+        raise CkptMergeError(f"accumulation dtype must be float32 or float64, got {accum_dtype}")
+    output = Path(output)
+    _check_not_an_input(output, refs)
+    check_destination(output, force)
+    return refs, coeffs, output
+
+
 def _merge_into(tmp: Path, plan: MergePlan, readers, *, dtype, max_shard_bytes, chunk_bytes, allow_nonfinite,
-                hash_mode, progress, recipe, started, planned_s, device) -> dict:
+                pins, progress, recipe, started, planned_s, device) -> dict:
     entries = [(t.name, t.info) for t in plan.tasks]
     writer = StreamingSafetensorsWriter(tmp, entries, max_shard_bytes=max_shard_bytes)
     total = sum(t.info.numel * r.info(t.name).dtype.itemsize for t in plan.tasks for r in
@@ -97,17 +114,30 @@ def _merge_into(tmp: Path, plan: MergePlan, readers, *, dtype, max_shard_bytes, 
     bar.close()
     writer.close()
     merged_s = time.monotonic() - started - planned_s
+    return finish_output(tmp, plan, dtype=dtype, pins=pins, recipe=recipe,
+                         differing_buffers=stats.differing_buffers,
+                         stats={"bytes_read": stats.bytes_read, "bytes_written": writer.bytes_written,
+                                "plan_seconds": round(planned_s, 4), "merge_seconds": round(merged_s, 4),
+                                "shards": len(writer.files)}, started=started)
+
+
+def finish_output(tmp: Path, plan: MergePlan, *, dtype, pins: list, recipe: dict, differing_buffers: list[str],
+                  stats: dict, started: float, world_size: int = 1) -> dict:
+    """Sidecars, the step metadata and ``merge.json`` beside the written shards; returns the manifest.
+
+    ``pins`` (io/fingerprint.py) hashed the inputs before they were read; they are verified here, so the
+    manifest's hashes describe the bytes that were merged."""
     sidecars = copy_sidecars(plan.refs[-1].path, tmp, dtype)
-    fingerprints = [fingerprint_files(checkpoint_files(r.path), hash_mode) for r in plan.refs]
+    for pin in pins:  # every file read is still the one hashed: same inode, size and mtime
+        pin.verify()
+    fingerprints = [pin.fingerprint for pin in pins]
     newest = plan.refs[-1]
     (tmp / META_FILE).write_text(json.dumps({"step": newest.step, "tokens_seen": newest.tokens_seen,
                                              "lr": newest.lr, "merged": True}, indent=2) + "\n")
     manifest = build_manifest(plan, fingerprints=fingerprints, recipe=recipe, tied=plan.aliases,
-                              differing_buffers=stats.differing_buffers,
-                              stats={"bytes_read": stats.bytes_read, "bytes_written": writer.bytes_written,
-                                     "plan_seconds": round(planned_s, 4), "merge_seconds": round(merged_s, 4),
-                                     "total_seconds": round(time.monotonic() - started, 4),
-                                     "sidecars_copied": sidecars, "shards": len(writer.files)})
+                              differing_buffers=differing_buffers, world_size=world_size,
+                              stats={**stats, "total_seconds": round(time.monotonic() - started, 4),
+                                     "sidecars_copied": sidecars})
     write_manifest(tmp, manifest)
     return manifest
 

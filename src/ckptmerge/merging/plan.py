@@ -73,10 +73,22 @@ def build_plan(readers: Sequence[CheckpointReader], refs: Sequence[CheckpointRef
         info = newest.info(name)
         merged = info.is_float
         tasks.append(TensorTask(name, info.shape, (out_dtype or info.dtype) if merged else info.dtype, merged))
+    problems += _coverage_problems(tasks, readers)
     if problems:
         shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else [])
         raise PlanMismatchError("checkpoints do not match; nothing was written:\n  " + "\n  ".join(shown))
     return MergePlan(list(refs), list(coeffs), tasks, newest.aliases(), accum_dtype)
+
+
+def _coverage_problems(tasks: list[TensorTask], readers: Sequence[CheckpointReader]) -> list[str]:
+    """A merge whose float tensors are all scalars lost the weights (a step counter or loss taken for the model)."""
+    merged = [t for t in tasks if t.merged]
+    if tasks and not any(len(t.shape) > 0 for t in merged):
+        names = [t.name for t in tasks][:MAX_LISTED]
+        return [f"{readers[-1].path}: the entries found hold no weight matrix or vector, only {names}; "
+                f"these are counters or losses, not a model. Save the model's state_dict, or name where it is "
+                f"(a file with 'model' / 'state_dict' / 'module' holding it)."]
+    return []
 
 
 def _key_problems(readers: Sequence[CheckpointReader]) -> list[str]:

@@ -8,13 +8,13 @@ from pathlib import Path
 import torch
 
 from ckptmerge.errors import ConfigError
-from ckptmerge.io.layout import detect_layout
 from ckptmerge.merging.checkpoint import CheckpointRef
-from ckptmerge.merging.discover import describe_path, discover
+from ckptmerge.merging.discover import describe_path, discover, is_run_dir
 from ckptmerge.merging.offline import MergeResult, merge
 from ckptmerge.merging.recipe import MergeRecipe, parse_size, validate
 from ckptmerge.merging.schedules import compute_coeffs
 from ckptmerge.merging.select import select_last, select_range, select_steps
+from ckptmerge.parallel.agree import phase
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -49,7 +49,7 @@ def resolve_window(recipe: MergeRecipe) -> Window:
 
 def _candidates(recipe: MergeRecipe) -> tuple[list[CheckpointRef], list[tuple[Path, str]]]:
     paths = [Path(p) for p in recipe.inputs]
-    if len(paths) == 1 and paths[0].is_dir() and detect_layout(paths[0]) is None:
+    if len(paths) == 1 and is_run_dir(paths[0]):
         found = discover(paths[0], tokens_per_step=recipe.tokens_per_step, skip_unparsable=recipe.skip_unparsable)
         return found.checkpoints, found.skipped
     refs = [describe_path(p, tokens_per_step=recipe.tokens_per_step) for p in paths]
@@ -62,7 +62,9 @@ def run_recipe(recipe: MergeRecipe, *, progress: bool = True) -> MergeResult:
     """Resolve the window and merge it into ``recipe.output``."""
     if not recipe.output:
         raise ConfigError("output: give -o OUT (the merged folder to write)")
-    window = resolve_window(recipe)
+    window = None
+    with phase():  # on many ranks: a bad window is reported once, by rank 0, and stops every rank
+        window = resolve_window(recipe)
     return merge(window.refs, window.coeffs, recipe.output,
                  dtype=_DTYPES[recipe.dtype] if recipe.dtype else None, accum_dtype=_DTYPES[recipe.accum_dtype],
                  max_shard_bytes=parse_size(recipe.max_shard_size), chunk_bytes=parse_size(recipe.chunk_size),

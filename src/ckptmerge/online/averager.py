@@ -11,18 +11,26 @@
 
 Averages are kept in fp32 (whatever the model dtype), on the model's device or, with
 ``offload=True``, on the CPU (pinned staging and non-blocking copies from a GPU).
+
+Under DDP every rank keeps the same whole average; under FSDP2 each rank averages its own shards
+(``online/sharding.py``). ``save`` is then a collective (``online/saving.py``), and the state of a sharded
+average belongs to one rank of one world size (``online/state_files.py`` names a file per rank).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from ckptmerge.io.publish import atomic_folder
+from ckptmerge.online.saving import save_averaged
+from ckptmerge.online.sharding import (
+    check_same_processes,
+    check_same_shards,
+    shard_layout,
+)
 from ckptmerge.online.tensors import float_tensors, other_buffers
 
 
@@ -40,6 +48,8 @@ class Averager:
         self.last_step: int | None = None
         self.last_tokens: int | None = None
         self._other: dict[str, torch.Tensor] = {}
+        self._layout: dict | None = None  # where the averaged tensors live (online/sharding.py)
+        self._layout_checked = True
 
     # --- the rule -----------------------------------------------------------------------------
     def params(self) -> dict:
@@ -60,6 +70,7 @@ class Averager:
         """Fold the model's current weights in, if ``step`` is new and due; returns whether it did."""
         if step == self.last_step or not self.should_update(step):
             return False
+        self._check_layout(model)
         with torch.no_grad():
             self._fold(self._stage(float_tensors(model)), step, tokens_seen)
             self._other = {k: v.clone() for k, v in other_buffers(model).items()}
@@ -76,6 +87,7 @@ class Averager:
     @contextmanager
     def swapped(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         """Put the averaged weights into ``model`` for the block; restore the training weights after."""
+        self._check_layout(model)
         live = float_tensors(model)
         averaged = self.averaged_state_dict()
         backup = {k: v.clone() for k, v in live.items()}
@@ -89,36 +101,44 @@ class Averager:
                 for name, tensor in live.items():
                     tensor.copy_(backup[name])
 
-    def save(self, path: str | Path, model: torch.nn.Module, *, extra_meta: dict | None = None) -> Path:
-        """Write the averaged model as an HF folder (or model.safetensors for plain modules), atomically."""
-        path = Path(path)
-        with atomic_folder(path, force=True) as tmp, self.swapped(model):
-            if hasattr(model, "save_pretrained"):
-                model.save_pretrained(tmp)
-            else:
-                from safetensors.torch import save_model
+    @property
+    def is_sharded(self) -> bool:
+        """Whether this process averages FSDP2 shards (its state then belongs to this rank alone)."""
+        return bool(self._layout and self._layout["sharded"])
 
-                save_model(model, str(tmp / "model.safetensors"))
-            meta = {"step": self.last_step, "tokens_seen": self.last_tokens, "merged": True,
-                    "averaged": {"kind": self.kind, **self.params(), "n_averaged": self.n_averaged}, **(extra_meta or {})}
-            (tmp / "ckptmerge.json").write_text(json.dumps(meta, indent=2) + "\n")
-        return path
+    def save(self, path: str | Path, model: torch.nn.Module, *, format: str = "hf", extra_meta: dict | None = None) -> Path:
+        """Write the averaged model as one checkpoint, atomically: ``format="hf"`` an HF folder (model.safetensors
+        for plain modules; FSDP2 shards gathered on rank 0), ``"dcp"`` a torch.distributed.checkpoint folder
+        written by every rank. Under torch.distributed every rank must call it; rank 0 publishes."""
+        meta = {"step": self.last_step, "tokens_seen": self.last_tokens, "merged": True,
+                "averaged": {"kind": self.kind, **self.params(), "n_averaged": self.n_averaged}, **(extra_meta or {})}
+        return save_averaged(self, Path(path), model, format=format, meta=meta)
 
     def state_dict(self) -> dict:
         """Everything needed to continue the same average after a restart (tensors and plain values)."""
         return {"kind": self.kind, "params": self.params(), "n_averaged": self.n_averaged,
                 "last_step": self.last_step, "last_tokens": self.last_tokens, "other": dict(self._other),
-                **self._extra_state()}
+                "layout": self._layout, **self._extra_state()}
 
     def load_state_dict(self, state: dict) -> None:
         if state["kind"] != self.kind or state["params"] != self.params():
             raise ValueError(f"state is for {state['kind']} {state['params']}, not {self.kind} {self.params()}")
         self.n_averaged, self.last_step, self.last_tokens = state["n_averaged"], state["last_step"], state["last_tokens"]
+        check_same_processes(state.get("layout"), f"{self.kind} averager state")
         self._other = dict(state["other"])
+        self._layout, self._layout_checked = state.get("layout"), False
         self._load_extra_state(state)
 
     def _extra_state(self) -> dict:
         return {}
+
+    def _check_layout(self, model: torch.nn.Module) -> None:
+        """Record where the average lives at the first update; after a resume, check the model still fits it."""
+        if self._layout is None:
+            self._layout = shard_layout(model)
+        elif not self._layout_checked:
+            check_same_shards(self._layout, model, f"{self.kind} averager state")
+            self._layout_checked = True
 
     def _load_extra_state(self, state: dict) -> None:
         pass

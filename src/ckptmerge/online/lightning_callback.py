@@ -8,6 +8,11 @@ Follows Lightning's ``WeightAveraging`` contract: the average is updated after e
 swapped into the module for validation and swapped back after, stored in Lightning checkpoints (so a
 resumed fit continues the same average), and left separate at the end of training (the module keeps
 its training weights; ``callback.averager.save(path, module)`` writes the averaged model).
+
+Under DDP every rank updates the same average and rank 0's copy goes into the checkpoint. Under a sharding
+strategy (``ModelParallelStrategy``: FSDP2) every rank's shards are gathered to rank 0 into the checkpoint and
+each rank takes its own back on resume, on the same world size. ``averager.save`` is then a collective: call it
+on every rank. ``FSDPStrategy`` (FSDP1 flat parameters) and DeepSpeed are refused at setup.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ try:
 except ImportError:  # the older package name
     import pytorch_lightning as pl
 
+from ckptmerge.errors import ConfigError
 from ckptmerge.online.averager import Averager
+from ckptmerge.online.state_files import gathered_state, load_gathered_state
 
 CHECKPOINT_KEY = "ckptmerge_averager"
 
@@ -26,6 +33,12 @@ class AveragingCallback(pl.Callback):
     def __init__(self, averager: Averager):
         self.averager = averager
         self._swap = None
+
+    def setup(self, trainer, pl_module, stage):
+        name = type(trainer.strategy).__name__
+        if "FSDP" in name or "DeepSpeed" in name:
+            raise ConfigError(f"AveragingCallback: the {name} strategy keeps flattened parameter shards that ckptmerge "
+                              f"cannot pair by name. Fix: use strategy='ddp', or ModelParallelStrategy (FSDP2).")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.averager.update(pl_module, trainer.global_step)  # repeated steps (accumulation) are ignored
@@ -41,8 +54,8 @@ class AveragingCallback(pl.Callback):
             self._swap = None
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        checkpoint[CHECKPOINT_KEY] = self.averager.state_dict()
+        checkpoint[CHECKPOINT_KEY] = gathered_state(self.averager)  # a collective when sharded
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint):
         if CHECKPOINT_KEY in checkpoint:
-            self.averager.load_state_dict(checkpoint[CHECKPOINT_KEY])
+            load_gathered_state(self.averager, checkpoint[CHECKPOINT_KEY], "Lightning checkpoint")

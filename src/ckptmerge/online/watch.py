@@ -28,7 +28,7 @@ import torch
 from ckptmerge.errors import CkptMergeError
 from ckptmerge.io.fingerprint import checkpoint_files
 from ckptmerge.io.layout import open_checkpoint
-from ckptmerge.io.publish import atomic_folder
+from ckptmerge.io.publish import atomic_file, atomic_folder
 from ckptmerge.io.safetensors_writer import StreamingSafetensorsWriter
 from ckptmerge.io.sidecars import copy_sidecars
 from ckptmerge.io.tensor_info import TensorInfo
@@ -195,9 +195,8 @@ class Watcher:
         s = self.state
         payload = {"config": asdict(self.cfg), "window": [list(w) for w in s.window], "total": s.total,
                    "other": s.other, "last_step": s.last_step, "since_recompute": s.since_recompute}
-        tmp = self.out / (STATE_FILE + ".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(self.out / STATE_FILE)
+        with atomic_file(self.out / STATE_FILE) as tmp:
+            torch.save(payload, tmp)
 
     def _load_state(self) -> _WatchState:
         path = self.out / STATE_FILE

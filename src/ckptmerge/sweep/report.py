@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from ckptmerge.evaluation.evaluator import verdict
+from ckptmerge.io.publish import temp_name
 
 
 def write_report(out: Path, report: dict) -> None:
     """Render every file in a temporary folder, then rename each into ``out`` (the cache there is kept)."""
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".report.tmp-", dir=out))
+    tmp = out / temp_name("report")  # owner-named: a killed sweep's leftovers are removed by `ckptmerge clean`
+    tmp.mkdir()
     try:
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         plot_loss_vs_step(report, tmp / "loss_vs_step.png")

@@ -24,6 +24,7 @@ from ckptmerge.data.batches import eval_windows, train_batch
 from ckptmerge.data.tokens import load_tokens
 from ckptmerge.errors import ConfigError
 from ckptmerge.evaluation.evaluator import evaluate_model
+from ckptmerge.io.publish import atomic_folder, remove_stale, write_text_atomic
 from ckptmerge.online.spec import parse_average_spec
 from ckptmerge.train.checkpointing import (
     checkpoint_name,
@@ -64,13 +65,14 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     """Train (or resume) a run in ``run_dir``; returns the run directory."""
     run_dir = Path(run_dir)
     if resume:
-        config = config_from_dict(json.loads((run_dir / RUN_CONFIG).read_text()), str(run_dir / RUN_CONFIG))
+        config = config_from_dict(read_run_config(run_dir), str(run_dir / RUN_CONFIG))
     elif (run_dir / RUN_CONFIG).exists():
         raise ConfigError(f"{run_dir}: already holds a run; use --resume to continue it or choose a new -o")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress line covers the run
     tokens = load_tokens(config.data)
+    remove_stale(run_dir)  # temporaries of a killed earlier run of this directory
     state = _resume_state(config, run_dir) if resume else _fresh_state(config, run_dir)
     tokenizer_dir = _tokenizer_dir(run_dir)
     _loop(config, run_dir, state, tokens, tokenizer_dir, progress)
@@ -82,9 +84,24 @@ def train_or_resume(config: TrainConfig, run_dir: str | Path, *, progress: bool 
     run_dir = Path(run_dir)
     if not (run_dir / RUN_CONFIG).exists():
         return train(config, run_dir, progress=progress)
-    if json.loads((run_dir / RUN_CONFIG).read_text()) != asdict(config):
+    if read_run_config(run_dir) != asdict(config):
         raise ConfigError(f"{run_dir} holds a run with other settings; remove it or choose another output folder")
     return train(config, run_dir, resume=True, progress=progress)
+
+
+def read_run_config(run_dir: Path) -> dict:
+    """The settings a run was started with (``RUN/run.json``); ConfigError when absent or unreadable."""
+    path = run_dir / RUN_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no {RUN_CONFIG} here, so it is not a run ckptmerge train started; "
+                          f"check the path, or start a new run with -o {run_dir}")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({str(exc)[:200]}); restore it or start a new run") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected an object of settings; restore it or start a new run")
+    return data
 
 
 def _initial_state(config: TrainConfig) -> _State:
@@ -118,15 +135,15 @@ def _meta_step(folder: Path) -> int:
 def _fresh_state(config: TrainConfig, run_dir: Path) -> _State:
     state = _initial_state(config)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_CONFIG).write_text(json.dumps(asdict(config), indent=2) + "\n")
-    (run_dir / METRICS).write_text("")
+    write_text_atomic(run_dir / RUN_CONFIG, json.dumps(asdict(config), indent=2) + "\n")
+    write_text_atomic(run_dir / METRICS, "")
     return state
 
 
 def _resume_state(config: TrainConfig, run_dir: Path) -> _State:
     latest = latest_resumable(run_dir)
     if latest is None:  # killed before the first checkpoint: start over, from the parent for a fork
-        (run_dir / METRICS).write_text("")
+        write_text_atomic(run_dir / METRICS, "")
         return _initial_state(config)
     state = _initial_state(config)
     init_from_merged(state.model, latest)
@@ -153,14 +170,25 @@ def _tokenizer_dir(run_dir: Path) -> Path:
     if not (folder / "tokenizer.json").is_file():
         from ckptmerge.data.tokenizer import save_hf_tokenizer
 
-        save_hf_tokenizer(folder)
+        with atomic_folder(folder, force=True) as tmp:
+            save_hf_tokenizer(tmp)
     return folder
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line in path.read_text().splitlines() if _metrics_step(line) <= step]
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _metrics_step(line: str) -> float:
+    """The step of one metrics line; a line cut short by a kill counts as after every step (dropped)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return float("inf")
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else float("inf")
 
 
 def _train_step(config: TrainConfig, state: _State, tokens, step: int) -> tuple[float, float]:

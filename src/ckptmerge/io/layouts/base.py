@@ -1,0 +1,97 @@
+"""What every framework layout provides: a detection rule, the true step, and a reader of its weights."""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ckptmerge.io.state_dict_reader import StateDictReader
+from ckptmerge.io.tensor_info import CheckpointReader
+from ckptmerge.io.torch_reader import load_torch_payload, strip_prefixes
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """The training step (and tokens / lr when the framework records them) of one checkpoint."""
+
+    step: int | None
+    tokens_seen: int | None = None
+    lr: float | None = None
+    source: str = "name"
+
+
+def _no_pointer(path: Path) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One framework's run-directory layout.
+
+    Attributes:
+        name: shown by ``ckptmerge inspect`` (``lightning``, ``deepspeed``, ...).
+        detect: True when a run-directory entry is one checkpoint of this framework.
+        read_step: the true training step from the framework's own metadata (name as fallback).
+        open: a CheckpointReader over the model weights only.
+        pointer: a reason when the entry is a pointer or copy to skip (``latest``, ``last.ckpt``), else None.
+        storage: the file format of its weights when the entry itself is not a plain layout (``torch``, ``dcp``).
+    """
+
+    name: str
+    detect: Callable[[Path], bool]
+    read_step: Callable[[Path], StepInfo]
+    open: Callable[[Path], CheckpointReader]
+    pointer: Callable[[Path], str | None] = _no_pointer
+    storage: str = "torch"
+
+
+def step_from_name(path: Path, pattern: str) -> int | None:
+    """The first group of ``pattern`` searched in the entry's name, as an int."""
+    match = re.search(pattern, path.name)
+    return int(match.group(1)) if match else None
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_payload(path: str, mtime_ns: int, size: int) -> object:
+    return load_torch_payload(Path(path))
+
+
+def payload(path: Path) -> object:
+    """A torch file's whole object (restricted unpickler, memory-mapped), cached across detect / step / open."""
+    stat = path.stat()
+    return _cached_payload(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def as_int(value: object) -> int | None:
+    """An int from an int, a 0-dim / 1-element tensor, or a float with no fraction; else None."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) else None
+
+
+def strip_attribute_prefix(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """Remove a wrapper's attribute prefix (``model.``) shared by every name; returns (weights, prefix)."""
+    heads = {name.split(".", 1)[0] for name in weights}
+    if len(heads) != 1 or any("." not in name for name in weights):
+        return weights, ""
+    prefix = next(iter(heads)) + "."
+    return {name[len(prefix):]: t for name, t in weights.items()}, prefix
+
+
+def weights_reader(path: Path, weights: dict[str, torch.Tensor], framework: str, *,
+                   strip_attribute: bool = False) -> CheckpointReader:
+    """A reader over ``weights`` (DDP / compile prefixes stripped, optionally the wrapper's attribute too)."""
+    weights = strip_prefixes(path, weights)
+    prefix = ""
+    if strip_attribute:
+        weights, prefix = strip_attribute_prefix(weights)
+    return StateDictReader(weights, path, layout="torch", metadata={"framework": framework, "key_prefix": prefix})

@@ -1,0 +1,53 @@
+"""MosaicML Composer: ``ep{E}-ba{B}-rank{R}.pt`` files and a ``latest-rank0.pt`` symlink.
+
+The file is ``{"state": {"model": ..., "timestamp": {...}, ...}, "rng": [...]}``: the weights are
+``state.model`` (the ComposerModel's attribute, ``model.``, stripped when shared by every name),
+the step is ``timestamp["batch"]`` and the tokens ``timestamp["token"]``. Its numpy RNG state,
+``TorchVersion`` and ``timedelta`` objects are read as inert placeholders.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ckptmerge.io.layouts.base import Layout, StepInfo, as_int, payload, weights_reader
+from ckptmerge.io.layouts.parse_name import parse_step
+from ckptmerge.io.safe_pickle import Placeholder, state_fields
+from ckptmerge.io.torch_reader import check_kept_fraction
+
+LATEST = re.compile(r"^latest-rank\d+\.pt$")
+
+
+def _state(path: Path) -> dict | None:
+    obj = payload(path)
+    state = obj.get("state") if isinstance(obj, dict) else None
+    return state if isinstance(state, dict) and isinstance(state.get("model"), dict) else None
+
+
+def detect(path: Path) -> bool:
+    return path.is_file() and path.suffix == ".pt" and not LATEST.match(path.name) and _state(path) is not None
+
+
+def pointer(path: Path) -> str | None:
+    return "Composer's pointer to the newest checkpoint" if LATEST.match(path.name) else None
+
+
+def read_step(path: Path) -> StepInfo:
+    stamp = _state(path).get("timestamp")
+    if isinstance(stamp, Placeholder):
+        stamp = state_fields(stamp)
+    stamp = stamp if isinstance(stamp, dict) else {}
+    step = as_int(stamp.get("batch"))
+    if step is None:
+        return StepInfo(parse_step(path.name))
+    return StepInfo(step, tokens_seen=as_int(stamp.get("token")) or None, source="state.timestamp")
+
+
+def open_checkpoint(path: Path):
+    state = _state(path)
+    check_kept_fraction(path, state["model"], payload(path))
+    return weights_reader(path, state["model"], "composer", strip_attribute=True)
+
+
+LAYOUT = Layout("composer", detect, read_step, open_checkpoint, pointer)

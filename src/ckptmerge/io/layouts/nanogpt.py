@@ -1,0 +1,32 @@
+"""nanoGPT ``train.py``: ``ckpt.pt`` = ``{"model", "optimizer", "model_args", "iter_num", "best_val_loss", "config"}``.
+
+The weights are ``model`` (``_orig_mod.`` from ``torch.compile`` stripped), never the loose
+``best_val_loss`` tensor beside it; the step is ``iter_num``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ckptmerge.io.layouts.base import Layout, StepInfo, as_int, payload, weights_reader
+from ckptmerge.io.layouts.parse_name import SUFFIXES, parse_step
+from ckptmerge.io.torch_reader import find_weights
+
+
+def detect(path: Path) -> bool:
+    if not (path.is_file() and path.suffix in SUFFIXES and path.suffix != ".safetensors"):
+        return False
+    state = payload(path)
+    return isinstance(state, dict) and isinstance(state.get("model"), dict) and "iter_num" in state
+
+
+def read_step(path: Path) -> StepInfo:
+    step = as_int(payload(path).get("iter_num"))
+    return StepInfo(step, source="iter_num") if step is not None else StepInfo(parse_step(path.name))
+
+
+def open_checkpoint(path: Path):
+    return weights_reader(path, find_weights(path, payload(path)), "nanogpt")
+
+
+LAYOUT = Layout("nanogpt", detect, read_step, open_checkpoint)

@@ -1,0 +1,25 @@
+"""torchtitan ``CheckpointManager`` and plain ``torch.distributed.checkpoint`` folders: ``step-N/.metadata``.
+
+The weights are the model's FQNs (top level in torchtitan, under ``model.`` when the state dict
+was ``{"model": ...}``); optimizer, LR-scheduler, dataloader and train-state entries are skipped.
+The step is in the folder name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ckptmerge.io.dcp_reader import DcpReader
+from ckptmerge.io.layouts.base import Layout, StepInfo
+from ckptmerge.io.layouts.parse_name import parse_step
+
+
+def detect(path: Path) -> bool:
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+def read_step(path: Path) -> StepInfo:
+    return StepInfo(parse_step(path.name))
+
+
+LAYOUT = Layout("torchtitan/dcp", detect, read_step, DcpReader)

@@ -1,0 +1,162 @@
+"""One merge on many ranks (torchrun / srun): each rank merges a contiguous share of the plan's tensors.
+
+    torchrun --nproc-per-node 8 -m ckptmerge merge runs/big --last 10 --schedule ema --alpha 0.2 -o out/ema
+
+1. Rank 0 checks the arguments and the output, opens every input and builds the plan (validation runs
+   once); the plan, or the one error, goes to every rank.
+2. Rank 0 creates the temporary output folder beside the destination (a shared filesystem).
+3. The plan's tensors are split into one contiguous run per rank, balanced by the bytes read for them
+   (``split_plan``). Each rank streams only its tensors through the same engine (fp32 accumulation,
+   identical chunking, so identical values) and writes its own safetensors shard(s), named within one
+   global ``model-0000k-of-0000N`` sequence that every rank computes from the plan alone.
+4. After all ranks agree that their shards are written, rank 0 writes the index, sidecars and
+   ``merge.json`` (with ``world_size``) and publishes the folder atomically.
+
+Every step ends in ``parallel.agree.phase``: an error on any rank stops every rank there, the error is
+printed once (rank 0), every rank exits non-zero, and rank 0 removes the temporary folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from contextlib import ExitStack, closing
+from pathlib import Path
+
+from ckptmerge.console import progress_bar
+from ckptmerge.io.fingerprint import pin_checkpoint
+from ckptmerge.io.layout import open_checkpoint
+from ckptmerge.io.publish import atomic_folder
+from ckptmerge.io.safetensors_writer import (
+    StreamingSafetensorsWriter,
+    shard_file_names,
+    split_into_shards,
+    write_index,
+)
+from ckptmerge.merging.engine import run_engine
+from ckptmerge.merging.offline import MergeResult, check_arguments, finish_output
+from ckptmerge.merging.plan import MergePlan, TensorTask, build_plan
+from ckptmerge.parallel.agree import RankError, agree, phase
+from ckptmerge.parallel.split import split_by_cost
+from ckptmerge.parallel.world import all_gather, broadcast, init, rank, world_size
+
+
+def task_read_bytes(plan: MergePlan, task: TensorTask) -> int:
+    """Bytes the engine reads for ``task``: every active input for a merged tensor, every input for a copy."""
+    inputs = len(plan.active) if task.merged else len(plan.refs)
+    return task.info.nbytes * max(inputs, 1)
+
+
+def split_plan(plan: MergePlan, ranks: int) -> list[list[TensorTask]]:
+    """Each rank's tasks: contiguous runs of the plan order with about equal bytes read."""
+    ranges = split_by_cost([task_read_bytes(plan, t) for t in plan.tasks], ranks)
+    return [[plan.tasks[i] for i in r] for r in ranges]
+
+
+def shard_layout(shares: list[list[TensorTask]], max_shard_bytes: int) -> list[list[str]]:
+    """Global shard file names per rank: every rank's shards, numbered in rank order."""
+    counts = [len(split_into_shards([(t.name, t.info) for t in share], max_shard_bytes)) if share else 0
+              for share in shares]
+    names = shard_file_names(sum(counts))
+    starts = [sum(counts[:r]) for r in range(len(counts))]
+    return [names[s:s + c] for s, c in zip(starts, counts)]
+
+
+def merge_distributed(checkpoints, coeffs, output, *, dtype, accum_dtype, max_shard_bytes, chunk_bytes, force,
+                      allow_nonfinite, allow_unnormalized, allow_negative, hash_mode, progress,
+                      recipe) -> MergeResult:
+    """``merging.offline.merge`` on this rank of a torch.distributed job (same arguments and result)."""
+    init()
+    started = time.monotonic()
+    plan, output = _plan_once(checkpoints, coeffs, output, dtype=dtype, accum_dtype=accum_dtype, force=force,
+                              allow_unnormalized=allow_unnormalized, allow_negative=allow_negative)
+    pins = None
+    with phase():  # rank 0 hashes the inputs before any rank reads them; it verifies them before publishing
+        if rank() == 0:
+            pins = [pin_checkpoint(r.path, hash_mode) for r in plan.refs]
+    planned_s = time.monotonic() - started
+    publish_error = None
+    manifest = None
+    try:
+        manifest = _write_and_publish(plan, output, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                                      chunk_bytes=chunk_bytes, force=force, allow_nonfinite=allow_nonfinite,
+                                      pins=pins, progress=progress and rank() == 0,
+                                      recipe=recipe or {}, started=started, planned_s=planned_s)
+    except RankError:
+        raise  # agreed by every rank: all leave here together
+    except Exception as exc:  # noqa: BLE001 - only rank 0's final rename can fail outside a phase
+        publish_error = exc
+    agree(publish_error)
+    return MergeResult(output, plan, broadcast(manifest))
+
+
+def _plan_once(checkpoints, coeffs, output, *, dtype, accum_dtype, force, allow_unnormalized,
+               allow_negative) -> tuple[MergePlan, Path]:
+    planned = None
+    with phase():
+        if rank() == 0:
+            refs, coeffs, output = check_arguments(checkpoints, coeffs, output, accum_dtype=accum_dtype, force=force,
+                                                   allow_unnormalized=allow_unnormalized,
+                                                   allow_negative=allow_negative)
+            with ExitStack() as stack:
+                readers = [stack.enter_context(closing(open_checkpoint(r.path))) for r in refs]
+                planned = (build_plan(readers, refs, coeffs, out_dtype=dtype, accum_dtype=accum_dtype), output)
+    return broadcast(planned)
+
+
+def _write_and_publish(plan: MergePlan, output: Path, *, dtype, max_shard_bytes, chunk_bytes, force,
+                       allow_nonfinite, pins, progress, recipe, started, planned_s) -> dict | None:
+    shares = split_plan(plan, world_size())
+    names = shard_layout(shares, max_shard_bytes)
+    with ExitStack() as stack:
+        tmp = None
+        with phase():
+            if rank() == 0:
+                tmp = stack.enter_context(atomic_folder(output, force=force))
+        tmp = broadcast(tmp)
+        report = None
+        with phase():
+            report = _write_share(tmp, plan, shares[rank()], names[rank()], chunk_bytes=chunk_bytes,
+                                  max_shard_bytes=max_shard_bytes, allow_nonfinite=allow_nonfinite, progress=progress)
+        reports = all_gather(report)
+        manifest = None
+        with phase():
+            if rank() == 0:
+                manifest = _finish(tmp, plan, shares, names, reports, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                                   pins=pins, recipe=recipe, started=started, planned_s=planned_s)
+    return manifest  # rank 0 published on leaving the ExitStack
+
+
+def _write_share(tmp: Path, plan: MergePlan, tasks: list[TensorTask], names: list[str], *, chunk_bytes: int,
+                 max_shard_bytes: int, allow_nonfinite: bool, progress: bool) -> dict:
+    started = time.monotonic()
+    share = dataclasses.replace(plan, tasks=tasks)
+    writer = StreamingSafetensorsWriter(Path(tmp), [(t.name, t.info) for t in tasks],
+                                        max_shard_bytes=max_shard_bytes, shard_names=names)
+    with ExitStack() as stack:
+        readers = [stack.enter_context(closing(open_checkpoint(r.path))) for r in plan.refs]
+        bar = stack.enter_context(closing(progress_bar(sum(task_read_bytes(plan, t) for t in tasks),
+                                                        f"merge (rank 0 of {world_size()})", unit="B",
+                                                        enabled=progress)))
+        stats = run_engine(share, readers, writer, chunk_bytes=chunk_bytes, allow_nonfinite=allow_nonfinite,
+                           on_bytes=bar.update)
+    writer.close()
+    return {"rank": rank(), "tensors": len(tasks), "bytes_read": stats.bytes_read,
+            "bytes_written": writer.bytes_written, "seconds": round(time.monotonic() - started, 4),
+            "differing_buffers": stats.differing_buffers}
+
+
+def _finish(tmp: Path, plan: MergePlan, shares, names, reports: list[dict], *, dtype, max_shard_bytes: int,
+            pins: list, recipe: dict, started: float, planned_s: float) -> dict:
+    shards = [s for share in shares if share for s in split_into_shards([(t.name, t.info) for t in share],
+                                                                        max_shard_bytes)]
+    flat_names = [n for per_rank in names for n in per_rank]
+    index_bytes = write_index(Path(tmp), shards, flat_names) if len(flat_names) > 1 else 0
+    differing = [name for t in plan.tasks for r in reports for name in r["differing_buffers"] if name == t.name]
+    stats = {"bytes_read": sum(r["bytes_read"] for r in reports),
+             "bytes_written": sum(r["bytes_written"] for r in reports) + index_bytes,
+             "plan_seconds": round(planned_s, 4), "merge_seconds": round(time.monotonic() - started - planned_s, 4),
+             "shards": len(flat_names),
+             "ranks": [{k: r[k] for k in ("rank", "tensors", "bytes_read", "seconds")} for r in reports]}
+    return finish_output(Path(tmp), plan, dtype=dtype, pins=pins, recipe=recipe, differing_buffers=differing,
+                         stats=stats, started=started, world_size=world_size())
