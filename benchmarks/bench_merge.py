@@ -1,14 +1,23 @@
-"""Merge benchmark: ckptmerge vs the I/O floor, a naive load-everything average, and mergekit linear.
+"""Merge benchmark: ckptmerge against the read+write floor, cold and warm, as medians of alternating rounds.
 
-Generates N fp32 checkpoints of a ~470M-parameter Llama-shaped model (HF folders, one
-safetensors file each), then times each method side by side in one run, cold (page cache
-dropped before every run; needs root) and warm, and samples each process's peak anonymous
-memory (``RssAnon`` from /proc, so memory-mapped input pages do not count). Prints a markdown
-table of seconds, ratios to the floor and to ckptmerge, and peak RssAnon, and checks that every
-method wrote the same numbers.
+Generates N fp32 checkpoints of a Llama-shaped model (HF folders, one safetensors file each; by
+default 5 layers: 130M parameters, 0.52 GB per checkpoint, largest tensor 131 MB). Each round runs
+every method once, one after the other, so that the machine's load hits them alike: cold (page
+cache dropped before every run; needs root) or warm (inputs in the page cache after one untimed
+priming run). Every method's output is deleted before its run, outside the timing.
 
-    .venv/bin/python benchmarks/bench_merge.py --n 4 8              # ~15 GB of disk in benchmarks/_work
-    .venv/bin/python benchmarks/bench_merge.py --mergekit-python PATH/TO/venv/bin/python
+Each process times itself after its start-up (interpreter and imports, which are reported apart):
+the merge's seconds run from ``main()`` being called to the published, fsynced folder. The floor
+reads every input once and writes one output-sized file with ``fsync``. The table gives medians
+over rounds: seconds, the ratio to the floor's seconds in the same round, CPU use over the timed
+part ((user + system) / seconds; 200% is both cores of a 2-core machine), and peak ``RssAnon``
+(memory-mapped and page-cache pages do not count). The last round's outputs are compared bit for bit.
+
+    .venv/bin/python benchmarks/bench_merge.py --n 4 --rounds 3                   # ~2 GB in benchmarks/_work
+    .venv/bin/python benchmarks/bench_merge.py --n 2 4 8 --cache warm             # memory flat in N
+    .venv/bin/python benchmarks/bench_merge.py --compare-src /path/to/other/src  # an older engine, side by side
+    .venv/bin/python benchmarks/bench_merge.py --work /dev/shm/ckptmerge-bench --cache warm  # tmpfs: compute only
+    .venv/bin/python benchmarks/bench_merge.py --others                           # + naive, mergekit
 
 mergekit (LGPL, ~430 MB of dependencies) is never a dependency: install it in a separate venv,
 e.g. ``python3 -m venv benchmarks/_work/mk-venv && benchmarks/_work/mk-venv/bin/pip install
@@ -19,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -29,7 +40,8 @@ from pathlib import Path
 import torch
 
 WORK = Path(__file__).resolve().parent / "_work"
-LAYERS, HIDDEN, FFN, VOCAB = 28, 1024, 2816, 32000
+LAYERS, HIDDEN, FFN, VOCAB = 5, 1024, 2816, 32000
+SRC = Path(__file__).resolve().parent.parent / "src"
 
 
 def llama_shapes(layers: int = LAYERS) -> dict[str, tuple[int, ...]]:
@@ -45,7 +57,7 @@ def llama_shapes(layers: int = LAYERS) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def write_checkpoints(n: int, layers: int) -> list[Path]:
+def write_checkpoints(work: Path, n: int, layers: int) -> list[Path]:
     from safetensors.torch import save_file
 
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
@@ -54,7 +66,7 @@ def write_checkpoints(n: int, layers: int) -> list[Path]:
               "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "float32"}
     paths = []
     for i in range(n):
-        folder = WORK / f"run-L{layers}" / f"step-{(i + 1) * 1000:06d}"
+        folder = work / f"run-L{layers}" / f"step-{(i + 1) * 1000:06d}"
         paths.append(folder)
         if (folder / "model.safetensors").exists():
             continue
@@ -67,34 +79,21 @@ def write_checkpoints(n: int, layers: int) -> list[Path]:
 
 
 class PeakAnon:
-    """Samples RssAnon of a process and its children every few ms; keeps the peak (bytes)."""
+    """Samples RssAnon of a process every few ms; keeps the peak (bytes)."""
 
     def __init__(self, pid: int):
         self.pid, self.peak, self._stop = pid, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _pids(self) -> list[int]:
-        pids = [self.pid]
-        try:
-            for child in Path(f"/proc/{self.pid}/task").iterdir():
-                kids = (child / "children").read_text().split()
-                pids += [int(k) for k in kids]
-        except OSError:
-            pass
-        return pids
-
     def _run(self) -> None:
         while not self._stop.is_set():
-            total = 0
-            for pid in self._pids():
-                try:
-                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                        if line.startswith("RssAnon:"):
-                            total += int(line.split()[1]) * 1024
-                except OSError:
-                    pass
-            self.peak = max(self.peak, total)
+            try:
+                for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                    if line.startswith("RssAnon:"):
+                        self.peak = max(self.peak, int(line.split()[1]) * 1024)
+            except OSError:
+                pass
             time.sleep(0.005)
 
     def stop(self) -> int:
@@ -103,45 +102,28 @@ class PeakAnon:
         return self.peak
 
 
-def drop_caches() -> bool:
+def drop_caches() -> None:
+    subprocess.run(["sync"], check=True)
     try:
-        subprocess.run(["sync"], check=True)
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
+    except OSError as exc:
+        raise SystemExit(f"cold runs need root (writing /proc/sys/vm/drop_caches: {exc}); pass --cache warm") from exc
 
 
-OUTPUTS = {"read+write floor": "floor.safetensors", "ckptmerge": "ckptmerge", "naive load-all": "naive.safetensors",
-           "mergekit linear": "mergekit"}
-
-
-def clear_output(out: Path, method: str) -> None:
-    """Remove a method's previous output (untimed), so no run pays for deleting or overwriting files."""
-    path = out / OUTPUTS[method]
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-
-
-def timed(cmd: list[str], cold: bool) -> tuple[float, int]:
-    if cold and not drop_caches():
-        raise SystemExit("cold runs need root (writing /proc/sys/vm/drop_caches); pass --warm-only")
-    start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    sampler = PeakAnon(proc.pid)
-    _, err = proc.communicate()
-    peak = sampler.stop()
-    elapsed = time.monotonic() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"{cmd[:3]} failed:\n{err.decode()[-2000:]}")
-    return elapsed, peak
-
+# Each script prints one JSON line on stderr: start-up seconds, timed seconds, CPU seconds in the timed part.
+REPORT = """
+def report(t0, t1, c1):
+    import json, os, sys, time
+    t2, c2 = time.monotonic(), os.times()
+    print(json.dumps({"startup_s": t1 - t0, "seconds": t2 - t1,
+                      "cpu_s": c2.user - c1.user + c2.system - c1.system}), file=sys.stderr)
+"""
 
 FLOOR = """
-import os, sys
+import os, sys, time
+t0 = time.monotonic()
 *inputs, out = sys.argv[1:]
+t1, c1 = time.monotonic(), os.times()
 buf = bytearray(16 << 20)
 view = memoryview(buf)
 with open(out, "wb", buffering=0) as dst:  # read every input once; write the newest's bytes out once
@@ -151,97 +133,167 @@ with open(out, "wb", buffering=0) as dst:  # read every input once; write the ne
                 if path == inputs[-1]:
                     dst.write(view[:n])
     os.fsync(dst.fileno())
+report(t0, t1, c1)
+"""
+
+CKPTMERGE = """
+import os, sys, time
+t0 = time.monotonic()
+from ckptmerge.cli.main import main
+t1, c1 = time.monotonic(), os.times()
+if main(sys.argv[1:]) != 0:
+    sys.exit(1)
+report(t0, t1, c1)
 """
 
 NAIVE = """
-import sys, torch
+import os, sys, time
+t0 = time.monotonic()
+import torch
 from safetensors.torch import load_file, save_file
+t1, c1 = time.monotonic(), os.times()
 *inputs, out = sys.argv[1:]
 states = [load_file(p) for p in inputs]
 w = 1.0 / len(states)
 save_file({k: sum(s[k].float() * w for s in states) for k in states[0]}, out)
+report(t0, t1, c1)
 """
 
 
-def commands(paths: list[Path], out: Path, mergekit_python: str | None) -> dict[str, list[str]]:
+def commands(paths: list[Path], out: Path, args: argparse.Namespace) -> dict[str, tuple[list[str], dict, Path]]:
+    """method -> (command, environment, output path)."""
     files = [str(p / "model.safetensors") for p in paths]
-    cmds = {
-        "read+write floor": [sys.executable, "-c", FLOOR, *files, str(out / "floor.safetensors")],
-        "ckptmerge": [sys.executable, "-m", "ckptmerge", "merge", *map(str, paths), "-o", str(out / "ckptmerge"),
-                      "--schedule", "sma", "--quiet", "--hash", "none"],
-        "naive load-all": [sys.executable, "-c", NAIVE, *files, str(out / "naive.safetensors")],
-    }
-    if mergekit_python:
-        config = {"merge_method": "linear", "dtype": "float32",
-                  "models": [{"model": str(p), "parameters": {"weight": 1.0 / len(paths)}} for p in paths]}
-        (out / "mergekit.yml").write_text(json.dumps(config))
-        cli = str(Path(mergekit_python).parent / "mergekit-yaml")
-        cmds["mergekit linear"] = [cli, str(out / "mergekit.yml"), str(out / "mergekit"), "--allow-crimes"]
+    py = [sys.executable, "-c"]
+    merge_args = ["merge", *map(str, paths), "--schedule", "sma", "--quiet", "--hash", "none", "--device", args.device]
+    cmds = {"read+write floor": (py + [REPORT + FLOOR, *files, str(out / "floor.bin")], {}, out / "floor.bin"),
+            "ckptmerge": (py + [REPORT + CKPTMERGE, *merge_args, "-o", str(out / "ckptmerge")],
+                          {"PYTHONPATH": str(SRC)}, out / "ckptmerge")}
+    for i, src in enumerate(args.compare_src):
+        cmds[f"ckptmerge ({src})"] = (py + [REPORT + CKPTMERGE, *merge_args[:-2], "-o", str(out / f"compare-{i}")],
+                                      {"PYTHONPATH": str(src)}, out / f"compare-{i}")
+    if args.others:
+        cmds["naive load-all"] = (py + [REPORT + NAIVE, *files, str(out / "naive.safetensors")], {}, out / "naive.safetensors")
+        mk = Path(args.mergekit_python)
+        if mk.exists():
+            config = {"merge_method": "linear", "dtype": "float32",
+                      "models": [{"model": str(p), "parameters": {"weight": 1.0 / len(paths)}} for p in paths]}
+            (out / "mergekit.yml").write_text(json.dumps(config))
+            cli = str(mk.parent / "mergekit-yaml")
+            cmds["mergekit linear"] = ([cli, str(out / "mergekit.yml"), str(out / "mergekit"), "--allow-crimes"], {},
+                                       out / "mergekit")
     return cmds
+
+
+def clear(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def run_once(cmd: list[str], env: dict, cold: bool) -> dict:
+    """One timed run: the process's own report, plus wall seconds and peak RssAnon."""
+    if cold:
+        drop_caches()
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **env})
+    sampler = PeakAnon(proc.pid)
+    _, err = proc.communicate()
+    peak, wall = sampler.stop(), time.monotonic() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[:3]} failed:\n{err.decode()[-2000:]}")
+    lines = [line for line in err.decode().splitlines() if line.startswith("{")]
+    timing = json.loads(lines[-1]) if lines else {"startup_s": 0.0, "seconds": wall, "cpu_s": float("nan")}
+    return {**timing, "wall_s": wall, "peak_anon": peak}
+
+
+def run_rounds(cmds: dict, rounds: int, cache: str) -> dict[str, list[dict]]:
+    results: dict[str, list[dict]] = {name: [] for name in cmds}
+    if cache == "warm":
+        for cmd, env, path in cmds.values():  # prime the page cache and the filesystem
+            clear(path)
+            run_once(cmd, env, cold=False)
+    for r in range(rounds):
+        for name, (cmd, env, path) in cmds.items():
+            clear(path)
+            results[name].append(run_once(cmd, env, cold=cache == "cold"))
+        floor = results["read+write floor"][-1]["seconds"]
+        print(f"  round {r + 1} ({cache}, load {os.getloadavg()[0]:.1f}): " + ", ".join(
+            f"{name} {res[-1]['seconds']:.2f} s" for name, res in results.items()) + f"; floor {floor:.2f} s",
+            file=sys.stderr, flush=True)
+    return results
+
+
+def table_rows(n: int, cache: str, results: dict[str, list[dict]]) -> list[str]:
+    floors = [r["seconds"] for r in results["read+write floor"]]
+    rows = []
+    for name, runs in results.items():
+        ratios = [r["seconds"] / f for r, f in zip(runs, floors)]
+        cpu = statistics.median(100 * r["cpu_s"] / r["seconds"] for r in runs)
+        rows.append(f"| {n} | {cache} | {name} | {statistics.median(r['seconds'] for r in runs):.2f} | "
+                    f"{statistics.median(r['startup_s'] for r in runs):.2f} | {statistics.median(ratios):.2f} "
+                    f"({min(ratios):.2f}-{max(ratios):.2f}) | {cpu:.0f}% | "
+                    f"{max(r['peak_anon'] for r in runs) / 1e6:.0f} |")
+    return rows
+
+
+def compare_outputs(cmds: dict) -> str:
+    ours = cmds["ckptmerge"][2] / "model.safetensors"
+    notes = []
+    for name, (_, _, path) in cmds.items():
+        if name.startswith("ckptmerge ("):
+            same = (path / "model.safetensors").read_bytes() == ours.read_bytes()
+            notes.append(f"{name}: {'byte-identical' if same else 'DIFFERENT'} model.safetensors")
+        elif name in ("naive load-all", "mergekit linear"):
+            notes.append(f"{name}: max |difference| {max_abs_diff(ours, path):.3g}")
+    return "; ".join(notes)
 
 
 def max_abs_diff(a: Path, b: Path) -> float:
     from safetensors import safe_open
 
+    files = sorted(b.glob("*.safetensors")) if b.is_dir() else [b]
     worst = 0.0
-    with safe_open(a, "pt") as fa, safe_open(b, "pt") as fb:
-        for key in fa.keys():
-            worst = max(worst, float((fa.get_tensor(key) - fb.get_tensor(key)).abs().max()))
+    with safe_open(a, "pt") as fa:
+        for file in files:
+            with safe_open(file, "pt") as fb:
+                for key in fb.keys():
+                    worst = max(worst, float((fa.get_tensor(key) - fb.get_tensor(key)).abs().max()))
     return worst
-
-
-def mergekit_file(folder: Path) -> Path:
-    singles = sorted(folder.glob("*.safetensors"))
-    if len(singles) == 1:
-        return singles[0]
-    from safetensors.torch import load_file, save_file
-
-    merged = {}
-    for f in singles:
-        merged.update(load_file(f))
-    save_file(merged, folder / "joined.safetensors.tmp")
-    return folder / "joined.safetensors.tmp"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--n", type=int, nargs="+", default=[4])
+    p.add_argument("--layers", type=int, default=LAYERS, help=f"transformer layers (default {LAYERS}: 130M params)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--cache", nargs="+", choices=("cold", "warm"), default=["cold", "warm"])
+    p.add_argument("--device", default="cpu", help="ckptmerge --device (cpu, cuda)")
+    p.add_argument("--work", type=Path, default=WORK, help="where checkpoints and outputs go (a tmpfs: compute only)")
+    p.add_argument("--compare-src", type=Path, nargs="*", default=[], help="other ckptmerge source trees to time")
+    p.add_argument("--others", action="store_true", help="also time a naive load-all average and mergekit")
     p.add_argument("--mergekit-python", default=str(WORK / "mk-venv" / "bin" / "python"))
-    p.add_argument("--warm-only", action="store_true")
-    p.add_argument("--layers", type=int, default=LAYERS, help=f"transformer layers (default {LAYERS}: ~470M params)")
+    p.add_argument("--keep", action="store_true", help="keep the outputs (default: delete them at the end)")
     args = p.parse_args()
-    mk = args.mergekit_python if Path(args.mergekit_python).exists() else None
-    paths = write_checkpoints(max(args.n), args.layers)
+    paths = write_checkpoints(args.work, max(args.n), args.layers)
     shapes = llama_shapes(args.layers)
     largest = max(torch.Size(s).numel() * 4 for s in shapes.values())
     params = sum(torch.Size(s).numel() for s in shapes.values())
-    print(f"model: {params / 1e6:.0f}M fp32 parameters, {params * 4 / 1e9:.2f} GB per checkpoint, "
-          f"largest tensor {largest / 1e6:.0f} MB; memory target 3x largest + 500 MB = {(3 * largest + 500e6) / 1e6:.0f} MB\n")
-    print("| N | cache | method | seconds | x floor | x ckptmerge | peak RssAnon (MB) |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"model: {params / 1e6:.0f}M fp32 parameters, {params * 4 / 1e9:.2f} GB per checkpoint, largest tensor "
+          f"{largest / 1e6:.0f} MB; memory target 3x largest + 500 MB = {(3 * largest + 500e6) / 1e6:.0f} MB; "
+          f"{os.cpu_count()} CPUs; {args.rounds} rounds; work dir {args.work}\n")
+    print("| N | cache | method | seconds (median) | start-up s | x floor (median, range) | CPU | peak RssAnon (MB) |")
+    print("|---|---|---|---|---|---|---|---|")
     for n in args.n:
-        out = WORK / f"out-{n}"
+        out = args.work / f"out-{n}"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        cmds = commands(paths[-n:], out, mk)
-        for cache in (["warm"] if args.warm_only else ["cold", "warm"]):
-            results = {}
-            for name, cmd in cmds.items():
-                if cache == "warm":
-                    clear_output(out, name)
-                    timed(cmd, cold=False)  # prime the page cache and the filesystem
-                clear_output(out, name)
-                results[name] = timed(cmd, cold=(cache == "cold"))
-            floor, ours = results["read+write floor"][0], results["ckptmerge"][0]
-            for name, (seconds, peak) in results.items():
-                print(f"| {n} | {cache} | {name} | {seconds:.1f} | {seconds / floor:.2f} | {seconds / ours:.2f} | "
-                      f"{peak / 1e6:.0f} |", flush=True)
-        ours_file = out / "ckptmerge" / "model.safetensors"
-        print(f"\nN={n}: max |ckptmerge - naive| = {max_abs_diff(ours_file, out / 'naive.safetensors'):.3g}", end="")
-        if mk:
-            print(f", max |ckptmerge - mergekit| = {max_abs_diff(ours_file, mergekit_file(out / 'mergekit')):.3g}", end="")
-        stats = json.loads((out / "ckptmerge" / "merge.json").read_text())["stats"]
-        print(f"; ckptmerge's own timer (excluding interpreter + torch import): {stats['total_seconds']:.1f} s\n")
+        cmds = commands(paths[-n:], out, args)
+        for cache in args.cache:
+            print("\n".join(table_rows(n, cache, run_rounds(cmds, args.rounds, cache))), flush=True)
+        print(f"\nN={n}: {compare_outputs(cmds)}\n", flush=True)
+        if not args.keep:
+            shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--dtype", choices=DTYPE_NAMES, help="output dtype of float tensors (default: the inputs')")
     o.add_argument("--accum-dtype", choices=("float32", "float64"), help="accumulation dtype (default float32)")
+    o.add_argument("--device", help="accumulate on cpu (default, every core) or an accelerator, e.g. cuda")
     o.add_argument("--max-shard-size", help="shard size cap, e.g. 5GB (default)")
     o.add_argument("--chunk-size", help="merge tensors larger than this in row slices (default 256MB)")
     o.add_argument("--allow-nonfinite", action="store_true", default=None, help="merge inputs with NaN/Inf")

@@ -120,8 +120,8 @@ class DcpReader:
         t = self.get(name)
         return t if t.dim() == 0 else t[start:stop]
 
-    def prefetch(self, name: str, start: int, stop: int) -> None:
-        pass
+    def file_range(self, name: str, start: int, stop: int) -> None:
+        return None  # tensors are served from memory (or assembled from chunks): read them with get_rows
 
     def aliases(self) -> dict[str, str]:
         return {}

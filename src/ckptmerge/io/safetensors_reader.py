@@ -1,8 +1,8 @@
 """Zero-copy safetensors reader over one file or a sharded set, backed by private read-only mmaps.
 
 Tensors come back as views of the page cache: a row slice costs no copy and no anonymous
-memory, and ``prefetch`` asks the kernel to read the next range ahead (``MADV_WILLNEED``)
-while the caller is still accumulating the current one. Files are mapped copy-on-write
+memory. ``file_range`` tells where a tensor's rows lie in their file, so that the merge engine can
+read them itself, ahead of use and in large requests (``ckptmerge.io.read_ahead``). Files are mapped copy-on-write
 (``ACCESS_COPY``), so even a caller that writes into a returned view cannot modify an input.
 """
 
@@ -18,7 +18,7 @@ import torch
 from ckptmerge.errors import CheckpointFormatError
 from ckptmerge.io.safetensors_header import DTYPES as _DTYPES
 from ckptmerge.io.safetensors_header import checked_entries, checked_metadata, parse_header
-from ckptmerge.io.tensor_info import TensorInfo
+from ckptmerge.io.tensor_info import FileRange, TensorInfo
 
 SAFETENSORS_DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -108,17 +108,13 @@ class SafetensorsReader:
         flat = torch.frombuffer(self._map(entry.file_index), dtype=info.dtype, count=count, offset=offset)
         return flat.view(shape)
 
-    def prefetch(self, name: str, start: int, stop: int) -> None:
-        """Hint the kernel to start reading rows ``[start, stop)`` of ``name`` now."""
+    def file_range(self, name: str, start: int, stop: int) -> FileRange:
+        """The bytes of rows ``[start, stop)`` of ``name`` in its file (a 0-d tensor ignores the range)."""
         entry = self._entries[name]
-        begin = entry.begin + start * entry.row_bytes
-        length = max(stop - start, 1) * entry.row_bytes
-        page = mmap.PAGESIZE
-        aligned = begin - begin % page
-        try:
-            self._map(entry.file_index).madvise(mmap.MADV_WILLNEED, aligned, length + begin - aligned)
-        except (AttributeError, OSError, ValueError):
-            pass  # a hint only; platforms without madvise simply read on demand
+        if not entry.info.shape:
+            return FileRange(self.files[entry.file_index], entry.begin, entry.info.nbytes)
+        return FileRange(self.files[entry.file_index], entry.begin + start * entry.row_bytes,
+                         (stop - start) * entry.row_bytes)
 
     def _map(self, index: int) -> mmap.mmap:
         if self._maps[index] is None:

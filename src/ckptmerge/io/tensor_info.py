@@ -30,6 +30,15 @@ class TensorInfo:
         return self.dtype.is_floating_point
 
 
+@dataclass(frozen=True)
+class FileRange:
+    """Where some bytes of a checkpoint lie: ``nbytes`` bytes at ``offset`` in the file ``path``."""
+
+    path: Path
+    offset: int
+    nbytes: int
+
+
 class CheckpointReader(Protocol):
     """What the merge engine needs from a checkpoint, whatever its format.
 
@@ -48,7 +57,11 @@ class CheckpointReader(Protocol):
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor: ...
 
-    def prefetch(self, name: str, start: int, stop: int) -> None: ...
+    def file_range(self, name: str, start: int, stop: int) -> FileRange | None:
+        """Where rows ``[start, stop)`` of ``name`` lie on disk, as raw little-endian bytes in row-major
+        order, so that a merge can read them itself (in large requests, ahead of use, into its own
+        buffers); None when they are not one plain byte range of a file."""
+        ...
 
     def aliases(self) -> dict[str, str]:
         """Tied tensors: alias name -> the canonical name it shares storage with."""

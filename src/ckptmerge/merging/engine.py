@@ -1,27 +1,48 @@
 """The streaming merge loop: one output tensor (or row chunk) at a time, each input read once.
 
-For every merged tensor chunk the accumulator (fp32, or fp64 on request) is zeroed and each
-input with a non-zero coefficient is added in place, ``acc += c_i * x_i``, straight from the
-reader's (usually memory-mapped) view; before each read the next one is handed to the reader as a
-prefetch hint so the kernel fetches it while this one is summed. Memory is one accumulator chunk
-plus one output-dtype chunk, reused for the whole merge, whatever N or the model size.
-Non-float tensors are copied from the newest checkpoint.
+For every merged chunk the accumulator (fp32, or fp64 on request) is zeroed on the compute
+device, and each input with a non-zero coefficient is added in place, ``acc += c_i * x_i``, in
+input order, one element-wise pass each: the result is the same bits however the chunk is sliced.
+
+Inputs stored as plain byte ranges (safetensors) are read by ``ckptmerge.io.read_ahead``: a thread
+reads them in the order they are summed, in slices of at most ``slot_bytes``, into a pool of host
+buffers (page-locked when accumulating on an accelerator), while the kernel is asked to fetch the
+next ``lookahead_bytes``. Reading thus overlaps accumulation, which runs on torch's intra-op
+threads (every core) or on the accelerator (``device``, e.g. ``"cuda"``: asynchronous copies in,
+fp32 accumulation there, results copied back to the host for the sink). Inputs held in memory,
+torch files and DCP folders are summed straight from their own tensors.
+
+Anonymous memory, the same for any number of inputs: the accumulator (one chunk, at most
+``chunk_bytes``), an output-dtype chunk when the output dtype differs, ``slots * slot_bytes`` of
+read buffers, and on an accelerator a host copy of the output chunk. Non-float tensors are copied
+from the newest checkpoint.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from ckptmerge.errors import NonFiniteTensorError
-from ckptmerge.io.tensor_info import CheckpointReader
+from ckptmerge.io.read_ahead import ReadAhead
+from ckptmerge.io.tensor_info import CheckpointReader, FileRange
+from ckptmerge.merging.device import Stage, input_device
 from ckptmerge.merging.plan import MergePlan, TensorTask
 
 DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    """How inputs are read ahead: up to ``slots`` host buffers of ``slot_bytes`` each."""
+
+    slot_bytes: int = 8 << 20
+    slots: int = 8
 
 
 class TensorSink(Protocol):
@@ -41,22 +62,6 @@ class _Chunk:
     stop: int
 
 
-class _Buffers:
-    """Grow-only scratch buffers, reused across tensors so pages are faulted in once."""
-
-    def __init__(self) -> None:
-        self._flat: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-
-    def get(self, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        numel = 1
-        for d in shape:
-            numel *= d
-        flat = self._flat.get((dtype, device))
-        if flat is None or flat.numel() < numel:
-            flat = self._flat[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
-        return flat[:numel].view(shape)
-
-
 def plan_chunks(plan: MergePlan, chunk_bytes: int) -> list[_Chunk]:
     """Split each tensor into row ranges whose accumulator fits in ``chunk_bytes``."""
     chunks = []
@@ -71,29 +76,118 @@ def plan_chunks(plan: MergePlan, chunk_bytes: int) -> list[_Chunk]:
 
 def run_engine(plan: MergePlan, readers: Sequence[CheckpointReader], sink: TensorSink, *,
                chunk_bytes: int = DEFAULT_CHUNK_BYTES, allow_nonfinite: bool = False,
-               on_bytes: Callable[[int], None] | None = None) -> EngineStats:
-    """Merge every tensor of ``plan`` into ``sink``, in plan order."""
+               on_bytes: Callable[[int], None] | None = None, device: torch.device | str | None = None,
+               reads: ReadSettings = ReadSettings()) -> EngineStats:
+    """Merge every tensor of ``plan`` into ``sink``, in plan order.
+
+    ``plan.tasks`` may be any subset of a model's tensors. ``device`` is where float tensors are
+    accumulated (default: where the inputs are, the CPU for files); the sink receives each chunk on
+    the inputs' device.
+    """
     stats = EngineStats()
-    buffers = _Buffers()
     chunks = plan_chunks(plan, chunk_bytes)
-    reads = [(c, i) for c in chunks for i in (plan.active if c.task.merged else [plan.newest])]
-    _prefetch(readers, reads, 0)
-    position = 0
-    for chunk in chunks:
-        if chunk.task.merged:
-            out = _merge_chunk(plan, readers, chunk, buffers, reads, position, allow_nonfinite)
-            position += len(plan.active)
-            inputs = plan.active
-        else:
-            out = _copy_chunk(plan, readers, chunk, stats)
-            position += 1
-            inputs = range(len(readers))  # every input is compared with the newest
-        nbytes = sum(readers[i].info(chunk.task.name).dtype.itemsize for i in inputs) * _chunk_numel(chunk)
-        stats.bytes_read += nbytes
-        sink.write(chunk.task.name, out)
-        if on_bytes is not None:
-            on_bytes(nbytes)
+    home = input_device(plan, readers)
+    with ExitStack() as stack:
+        stage = stack.enter_context(Stage(torch.device(device) if device is not None else home, home))
+        inputs = _Inputs(plan, readers, chunks, reads, stage, stack)
+        for chunk in chunks:
+            if chunk.task.merged:
+                out = _merge_chunk(plan, readers, inputs, chunk, stage, allow_nonfinite)
+                sources = plan.active
+            else:
+                out = _copy_chunk(plan, readers, chunk, stats)
+                sources = range(len(readers))  # every input is compared with the newest
+            nbytes = sum(readers[i].info(chunk.task.name).dtype.itemsize for i in sources) * _chunk_numel(chunk)
+            stats.bytes_read += nbytes
+            sink.write(chunk.task.name, out)
+            if on_bytes is not None:
+                on_bytes(nbytes)
     return stats
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Elements ``[begin, end)`` of a flattened chunk of input ``input``, stored as ``dtype`` at ``range``."""
+
+    input: int
+    begin: int
+    end: int
+    dtype: torch.dtype
+    range: FileRange
+
+
+def _file_parts(plan: MergePlan, readers: Sequence[CheckpointReader], chunk: _Chunk, slot_bytes: int) -> list[_Part] | None:
+    """A merged chunk's reads, in the order they are summed; None unless every input is a plain byte range.
+
+    Slice by slice, and within a slice input by input: every element still sums the inputs in order
+    (the same bits as input after input over the whole chunk), while all inputs' files are read
+    side by side, each front to back, in requests of up to ``slot_bytes``.
+    """
+    name = chunk.task.name
+    ranges = [readers[i].file_range(name, chunk.start, chunk.stop) for i in plan.active]
+    if any(r is None for r in ranges):
+        return None
+    dtypes = [readers[i].info(name).dtype for i in plan.active]
+    numel = _chunk_numel(chunk)
+    step = max(1, slot_bytes // max(d.itemsize for d in dtypes))
+    return [_Part(i, begin, end, dtype, FileRange(rng.path, rng.offset + begin * dtype.itemsize, (end - begin) * dtype.itemsize))
+            for begin in range(0, numel, step) for end in [min(numel, begin + step)]
+            for i, rng, dtype in zip(plan.active, ranges, dtypes)]
+
+
+class _Inputs:
+    """Hands out each file part's bytes, read ahead in the order of ``_file_parts`` over all chunks."""
+
+    def __init__(self, plan: MergePlan, readers: Sequence[CheckpointReader], chunks: list[_Chunk],
+                 reads: ReadSettings, stage: Stage, stack: ExitStack):
+        self.slot_bytes, self._stage = reads.slot_bytes, stage
+        order = (part.range for chunk in chunks if chunk.task.merged
+                 for part in _file_parts(plan, readers, chunk, reads.slot_bytes) or [])
+        self._ahead = stack.enter_context(ReadAhead(order, slot_bytes=reads.slot_bytes, slots=reads.slots,
+                                                    pin_memory=stage.uses_accelerator))
+
+    @contextmanager
+    def read(self, part: _Part) -> Iterator[torch.Tensor]:
+        """The part's elements (a host tensor, valid inside the block)."""
+        slot = self._ahead.next()
+        assert slot.range == part.range, "read-ahead order diverged from the merge order"
+        yield slot.data.view(part.dtype)
+        self._ahead.release(slot, self._stage.fence())
+
+
+def _merge_chunk(plan: MergePlan, readers: Sequence[CheckpointReader], inputs: _Inputs, chunk: _Chunk,
+                 stage: Stage, allow_nonfinite: bool) -> torch.Tensor:
+    acc = stage.zeros(plan.accum_dtype, _chunk_shape(chunk))
+    parts = _file_parts(plan, readers, chunk, inputs.slot_bytes)
+    if parts is None:  # tensors in memory (or assembled by the reader): sum them whole, input by input
+        for i in plan.active:
+            stage.add(acc, readers[i].get_rows(chunk.task.name, chunk.start, chunk.stop), plan.coeffs[i])
+    else:
+        flat = acc.view(-1)
+        for part in parts:
+            with inputs.read(part) as values:
+                stage.add(flat[part.begin:part.end], values, plan.coeffs[part.input])
+    return _finish(plan, readers, chunk, acc, stage, allow_nonfinite)
+
+
+def _finish(plan: MergePlan, readers: Sequence[CheckpointReader], chunk: _Chunk, acc: torch.Tensor,
+            stage: Stage, allow_nonfinite: bool) -> torch.Tensor:
+    """Check the accumulated chunk, cast it to the output dtype, check it again, and bring it to the
+    inputs' device: the one place a merged chunk is finalised."""
+    if not allow_nonfinite and not stage.all_finite(acc):
+        _raise_nonfinite(plan, readers, chunk)
+    out = stage.cast(acc, chunk.task.out_dtype)
+    if out is not acc and not allow_nonfinite:
+        check_cast_finite(chunk.task.name, out, stage)
+    return stage.download(out)
+
+
+def check_cast_finite(name: str, out: torch.Tensor, stage: Stage) -> None:
+    """After the cast to the output dtype: a finite fp32 value can still overflow (float16 tops out at 65504)."""
+    if out.is_floating_point() and not stage.all_finite(out):
+        raise NonFiniteTensorError(f"tensor {name!r}: the merged value overflows the output dtype {out.dtype} "
+                                   f"(finite in the accumulator, Inf after the cast); nothing was written. "
+                                   f"Choose a wider --dtype (bfloat16 or float32), or pass --allow-nonfinite.")
 
 
 def _chunk_numel(chunk: _Chunk) -> int:
@@ -106,51 +200,6 @@ def _chunk_numel(chunk: _Chunk) -> int:
 def _chunk_shape(chunk: _Chunk) -> tuple[int, ...]:
     shape = chunk.task.shape
     return (chunk.stop - chunk.start, *shape[1:]) if shape else ()
-
-
-def _merge_chunk(plan: MergePlan, readers: Sequence[CheckpointReader], chunk: _Chunk, buffers: _Buffers,
-                 reads: list, position: int, allow_nonfinite: bool) -> torch.Tensor:
-    name = chunk.task.name
-    first = readers[plan.active[0]] if plan.active else readers[plan.newest]
-    device = first.get_rows(name, chunk.start, chunk.stop).device  # a view: free to get twice
-    acc = buffers.get(plan.accum_dtype, _chunk_shape(chunk), device)
-    acc.zero_()
-    for offset, i in enumerate(plan.active):
-        _prefetch(readers, reads, position + offset + 1)
-        acc.add_(readers[i].get_rows(name, chunk.start, chunk.stop), alpha=plan.coeffs[i])
-    if not allow_nonfinite and not _all_finite(acc):
-        _raise_nonfinite(plan, readers, chunk)
-    if chunk.task.out_dtype == plan.accum_dtype:
-        return acc
-    out = buffers.get(chunk.task.out_dtype, acc.shape, acc.device)
-    out.copy_(acc)
-    if not allow_nonfinite:
-        check_cast_finite(chunk.task.name, out)
-    return out
-
-
-def check_cast_finite(name: str, out: torch.Tensor) -> None:
-    """After the cast to the output dtype: a finite fp32 value can still overflow (float16 tops out at 65504)."""
-    if out.is_floating_point() and not _all_finite(out):
-        raise NonFiniteTensorError(f"tensor {name!r}: the merged value overflows the output dtype {out.dtype} "
-                                   f"(finite in the accumulator, Inf after the cast); nothing was written. "
-                                   f"Choose a wider --dtype (bfloat16 or float32), or pass --allow-nonfinite.")
-
-
-def _all_finite(acc: torch.Tensor) -> bool:
-    """Exact NaN/Inf test without a full-size temporary: a finite sum implies finite elements;
-    a non-finite sum (rare) is confirmed slice by slice, since finite values can overflow a sum."""
-    if bool(torch.isfinite(acc.sum())):
-        return True
-    flat = acc.reshape(-1)
-    step = 1 << 20
-    return all(bool(torch.isfinite(flat[i:i + step]).all()) for i in range(0, flat.numel(), step))
-
-
-def _prefetch(readers: Sequence[CheckpointReader], reads: list, index: int) -> None:
-    if index < len(reads):
-        chunk, i = reads[index]
-        readers[i].prefetch(chunk.task.name, chunk.start, chunk.stop)
 
 
 def _copy_chunk(plan: MergePlan, readers: Sequence[CheckpointReader], chunk: _Chunk, stats: EngineStats) -> torch.Tensor:

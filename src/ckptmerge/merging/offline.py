@@ -19,6 +19,7 @@ from ckptmerge.io.publish import atomic_folder, check_destination
 from ckptmerge.io.safetensors_writer import StreamingSafetensorsWriter
 from ckptmerge.io.sidecars import copy_sidecars
 from ckptmerge.merging.checkpoint import CheckpointRef
+from ckptmerge.merging.device import resolve_device
 from ckptmerge.merging.discover import META_FILE, describe_path
 from ckptmerge.merging.handback import check_write_back, write_back
 from ckptmerge.merging.engine import DEFAULT_CHUNK_BYTES, run_engine
@@ -41,7 +42,8 @@ def merge(checkpoints: Sequence[CheckpointRef | str | Path], coeffs: Sequence[fl
           max_shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
           force: bool = False, allow_nonfinite: bool = False, allow_unnormalized: bool = False,
           allow_negative: bool = False, hash_mode: str = "sampled", progress: bool = True,
-          recipe: dict | None = None, as_checkpoint: bool = False) -> MergeResult:
+          recipe: dict | None = None, as_checkpoint: bool = False,
+          device: str | torch.device = "cpu") -> MergeResult:
     """Merge ``checkpoints`` (oldest first) with ``coeffs`` into an HF-style folder at ``output``.
 
     Args:
@@ -51,6 +53,8 @@ def merge(checkpoints: Sequence[CheckpointRef | str | Path], coeffs: Sequence[fl
         dtype: output dtype for float tensors; default: the inputs' dtype.
         accum_dtype: float32 (default) or float64.
         as_checkpoint: also write the merge as the newest input's trainer checkpoint (merging/handback.py).
+        device: where float tensors are accumulated: ``"cpu"`` (every core) or an accelerator such as
+            ``"cuda"`` (inputs stream in through page-locked buffers; results come back to be written).
 
     Raises:
         CkptMergeError subclasses, always before anything appears at ``output``.
@@ -69,6 +73,7 @@ def merge(checkpoints: Sequence[CheckpointRef | str | Path], coeffs: Sequence[fl
                                  allow_nonfinite=allow_nonfinite, allow_unnormalized=allow_unnormalized,
                                  allow_negative=allow_negative, hash_mode=hash_mode, progress=progress, recipe=recipe)
     started = time.monotonic()
+    device = resolve_device(device)
     refs, coeffs, output = check_arguments(checkpoints, coeffs, output, accum_dtype=accum_dtype, force=force,
                                            allow_unnormalized=allow_unnormalized, allow_negative=allow_negative)
     if as_checkpoint:
@@ -83,7 +88,8 @@ def merge(checkpoints: Sequence[CheckpointRef | str | Path], coeffs: Sequence[fl
         with atomic_folder(output, force=force) as tmp:
             manifest = _merge_into(tmp, plan, readers, dtype=dtype, max_shard_bytes=max_shard_bytes,
                                    chunk_bytes=chunk_bytes, allow_nonfinite=allow_nonfinite, pins=pins,
-                                   progress=progress, recipe=recipe or {}, started=started, planned_s=planned_s)
+                                   progress=progress, recipe=recipe or {}, started=started, planned_s=planned_s,
+                                   device=device)
             if as_checkpoint:
                 write_back(refs[-1], tmp)
     return MergeResult(output, plan, manifest)
@@ -104,14 +110,14 @@ def check_arguments(checkpoints, coeffs, output, *, accum_dtype, force, allow_un
 
 
 def _merge_into(tmp: Path, plan: MergePlan, readers, *, dtype, max_shard_bytes, chunk_bytes, allow_nonfinite,
-                pins, progress, recipe, started, planned_s) -> dict:
+                pins, progress, recipe, started, planned_s, device) -> dict:
     entries = [(t.name, t.info) for t in plan.tasks]
     writer = StreamingSafetensorsWriter(tmp, entries, max_shard_bytes=max_shard_bytes)
     total = sum(t.info.numel * r.info(t.name).dtype.itemsize for t in plan.tasks for r in
                 ([readers[i] for i in plan.active] if t.merged else readers))
     bar = progress_bar(total, "merge", unit="B", enabled=progress)
     stats = run_engine(plan, readers, writer, chunk_bytes=chunk_bytes, allow_nonfinite=allow_nonfinite,
-                       on_bytes=bar.update)
+                       on_bytes=bar.update, device=device)
     bar.close()
     writer.close()
     merged_s = time.monotonic() - started - planned_s

@@ -52,6 +52,7 @@ class MergeRecipe:
     # output
     dtype: str | None = None
     accum_dtype: str = "float32"
+    device: str = "cpu"
     max_shard_size: str = "5GB"
     chunk_size: str = "256MB"
     allow_nonfinite: bool = False
