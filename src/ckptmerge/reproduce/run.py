@@ -58,26 +58,29 @@ def choose_lrs(ctx: Context) -> dict:
             "sweep": [(lr, finals[lr], roles.get(lr, "")) for lr in s.sweep_lrs]}
 
 
-def train_all(ctx: Context, workers: int) -> dict[int, int]:
-    """Every run, in dependency order; returns {seed: spike step} of the spike runs that diverged."""
+def train_all(ctx: Context, workers: int, group: str = "all") -> dict[int, int]:
+    """The runs ``group`` needs, in dependency order; returns {seed: spike step} of the diverging spike runs."""
     s, w = ctx.scale, ctx.work
+    need = {"lawa": {"lawa", "spike"}, "bo": {"wsd"}, "pma": {"wsd", "spike", "restart"}}
+    wanted = set().union(*need.values()) if group == "all" else need[group]
     train_many([design.lawa_spec(s, lr, s.seeds[0]) for lr in s.sweep_lrs], w, workers, ctx.log)
     ctx.lrs = choose_lrs(ctx)
     arms = [ctx.lrs[k] for k in ("tuned", "high", "extreme") if ctx.lrs.get(k)]
     tuned, high = ctx.lrs["tuned"], ctx.lrs["high"]
-    first = [design.wsd_spec(s, tuned, seed) for seed in s.seeds]
-    first += [design.spike_spec(s, tuned, seed) for seed in s.spike_seeds]
-    first += [design.lawa_spec(s, lr, seed) for lr in arms for seed in s.seeds[1:]]
-    first += [design.batch4_spec(s, high, seed) for seed in s.seeds]
+    first = [design.wsd_spec(s, tuned, seed) for seed in s.seeds] if "wsd" in wanted else []
+    first += [design.spike_spec(s, tuned, seed) for seed in s.spike_seeds] if "spike" in wanted else []
+    if "lawa" in wanted:
+        first += [design.lawa_spec(s, lr, seed) for lr in arms for seed in s.seeds[1:]]
+        first += [design.batch4_spec(s, high, seed) for seed in s.seeds]
     train_many(first, w, workers, ctx.log)
     spiking = {}
-    for seed in s.spike_seeds:
+    for seed in s.spike_seeds if "spike" in wanted else ():
         traj = ctx.traj(design.spike_spec(s, tuned, seed).name)
         if traj.spike_step is not None and design.pre_spike(s, traj.spike_step) - 2 * design.spike_every(s) >= 1 \
                 and design.pre_spike(s, traj.spike_step) in traj.states:
             spiking[seed] = traj.spike_step
-    later = [design.anneal_spec(s, tuned, seed) for seed in s.seeds]
-    for seed, step in spiking.items():
+    later = [design.anneal_spec(s, tuned, seed) for seed in s.seeds] if "wsd" in wanted else []
+    for seed, step in spiking.items() if "restart" in wanted else ():
         specs = design.restart_specs(s, design.spike_spec(s, tuned, seed), step)
         later += specs["last"] + specs["merged"]
     train_many(later, w, workers, ctx.log)
@@ -95,7 +98,7 @@ def reproduce(group: str, *, scale: Scale, work: str | Path, reports: str | Path
     _check_work(work, scale)
     began = time.monotonic()
     ctx = Context.create(work, scale, log=log)
-    spiking = train_all(ctx, workers)
+    spiking = train_all(ctx, workers, group)
     log(f"== trained in {time.monotonic() - began:.0f} s; tuned LR {ctx.lrs['tuned']:g}, high {ctx.lrs['high']:g}, "
         f"diverging spike seeds {sorted(spiking)}")
     builders = {"lawa": [lambda: lawa.e1(ctx), lambda: lawa.e2(ctx), lambda: lawa.e3(ctx)],

@@ -129,7 +129,7 @@ def train_run(spec: RunSpec, work: str | Path) -> str:
         traj, emas, step = Trajectory(**saved["trajectory"]), saved["emas"], saved["step"]
     tokens, schedule = load_tokens(spec.data), spec.schedule_fn()
     snap_steps, state_steps = set(spec.snap_steps), set(spec.state_steps)
-    recent, smooth = deque(maxlen=4), deque(maxlen=SPIKE_SMOOTH)
+    recent, smooth = deque(maxlen=SPIKE_SMOOTH + 4), deque(maxlen=SPIKE_SMOOTH)  # recent covers pre_spike()
     best_smooth = math.inf
     resume_every = max(50, spec.steps // 4)
     data_seed = spec.seed if spec.data_seed is None else spec.data_seed
@@ -160,7 +160,7 @@ def train_run(spec: RunSpec, work: str | Path) -> str:
             if step in snap_steps and traj.spike_step is None:
                 recent.append((step, {"weights": flat.clone(), "optimizer": _copy_state(optimizer)}))
             mean = sum(smooth) / len(smooth) if math.isfinite(value) else math.inf
-            if traj.spike_step is None and len(smooth) == SPIKE_SMOOTH:
+            if traj.spike_step is None and (len(smooth) == SPIKE_SMOOTH or not math.isfinite(value)):
                 if mean > best_smooth + SPIKE_RISE:
                     traj.spike_step = step
                     traj.states.update({s: st for s, st in recent})
