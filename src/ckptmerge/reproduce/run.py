@@ -94,6 +94,9 @@ def reproduce(group: str, *, scale: Scale, work: str | Path, reports: str | Path
 
     if group not in (*GROUPS, "all"):
         raise ConfigError(f"unknown experiment group {group!r}; choose one of {', '.join(GROUPS)} or all")
+    import torch
+
+    torch.set_num_threads(1)  # one core per process: training workers run beside it; no spinning threads under load
     work, reports = Path(work), Path(reports)
     _check_work(work, scale)
     began = time.monotonic()
