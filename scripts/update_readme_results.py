@@ -27,11 +27,18 @@ def sentence(label, outcomes):
 
 scale = settings.get("name", "?")
 seeds = settings.get("seeds", [])
-scale_line = (f"These are the **{scale}-scale** verdicts (`ckptmerge reproduce all --{scale}`: {settings.get('lawa_steps')}"
+flag = "--quick" if scale == "quick" else f"--scale {scale}"
+scale_line = (f"These are the **{scale}-scale** verdicts (`ckptmerge reproduce all {flag}`: {settings.get('lawa_steps')}"
               f"-step LAWA runs, {settings.get('wsd_steps')}-step WSD runs, batch {settings.get('batch_size')}, seeds "
               f"{seeds}); the design's full scale is `ckptmerge reproduce all` (about 100 minutes on an idle 2-core "
               "machine; resumable with the same `--work`)." if scale != "full" else
               f"Full scale (`ckptmerge reproduce all`), seeds {seeds}.")
+if scale == "test":
+    scale_line += (" **The test scale is the CI pipeline check: its runs are far too short to say anything about the "
+                   "papers, so read the outcomes below as what a 40-60-step run shows, not as findings.** Neither the "
+                   "quick nor the full reproduction has been completed and committed yet: run `ckptmerge reproduce all "
+                   "--quick` (about 20 minutes on an idle 2-core machine) or `ckptmerge reproduce all`, then copy "
+                   "its reports into `reports/` and rerun this script.")
 section = "\n".join([
     "## The papers' claims, reproduced at small scale", "",
     "`ckptmerge reproduce all` trains every run the claims need (LR sweep, cosine LAWA runs at the tuned and",

@@ -43,5 +43,5 @@ def test_test_scale_reproduction_writes_consistent_reports(tmp_path):
     assert re.search(r"5% \(nu=\d+, [\d.]+% of the run\)", spans)
     # a rerun trains nothing new: every run's trajectory is reused
     stamps = {p: p.stat().st_mtime_ns for p in work.glob("*/trajectory.pt")}
-    reproduce("pma", scale=scale, work=work, reports=reports, log=lambda *_: None)
+    reproduce("lawa", scale=scale, work=work, reports=reports, log=lambda *_: None)
     assert {p: p.stat().st_mtime_ns for p in work.glob("*/trajectory.pt")} == stamps

@@ -151,7 +151,7 @@ def e8(ctx: Context) -> Experiment:
     p, v = wsd_points(s), s.wsd_every
     vs = [f * v for f in V_FACTORS]
     c = [Claim("E8a", "early: the widest window is worse than no merge", "greater",
-               f"SMA(N=15, V={vs[-1]}) - raw, at 25% of the stable phase"),
+               "SMA over the widest N x V window that fits - raw, at 25% of the stable phase"),
          Claim("E8b", "late: more checkpoints help (N=15 beats N=3)", "less", f"SMA N=15 - SMA N=3, V={v}, end",
                primary=True),
          Claim("E8c1", "late: the first increment (N 3 -> 6) is a gain", "less", "SMA N=6 - SMA N=3, V0, end"),
@@ -162,9 +162,10 @@ def e8(ctx: Context) -> Experiment:
     for seed in s.seeds:
         run = WsdRun(ctx, seed)
         m = run.margin()
-        widest = run.merged(p["early"], 15, vs[-1])
-        if widest is not None:
-            c[0].add(seed, ctx.diff(widest, run.raw(p["early"])), m)
+        fits = [(n, every) for n in N_VALUES for every in vs if p["early"] - (n - 1) * every >= 1]
+        n_w, v_w = max(fits, key=lambda x: (x[0] * x[1], x[0]))
+        c[0].add(seed, ctx.diff(run.merged(p["early"], n_w, v_w), run.raw(p["early"])), m)
+        c[0].note = f"widest window that fits at the early point: N={n_w}, V={v_w}"
         at = {n: run.merged(p["late"], n, v) for n in N_VALUES}
         c[1].add(seed, ctx.diff(at[15], at[3]), m)
         inc1, inc2 = ctx.diff(at[6], at[3]), ctx.diff(at[15], at[10])

@@ -33,6 +33,10 @@ def publish(reports: Path, exp: Experiment, settings: dict) -> None:
     with atomic_folder(reports / exp.key, force=True) as tmp:
         if exp.draw is not None:
             exp.draw(tmp)
+        untested = [c for c in exp.claims if len(c.seeds) < 3]
+        exp.notes += [f"Not tested: {c.key} {c.statement} (only {len(c.seeds)} seeds had the data; a claim needs 3)."
+                      for c in untested]
+        exp.claims = [c for c in exp.claims if len(c.seeds) >= 3]
         records = [c.result() for c in exp.claims]
         (tmp / "results.json").write_text(json.dumps(
             {"key": exp.key, "title": exp.title, "settings": settings, "claims": records, "data": exp.data},
