@@ -1,22 +1,37 @@
-"""``ckptmerge reproduce``: the LAWA, BO-merging and PMA claims at small scale, with computed verdicts."""
+"""``ckptmerge reproduce``: the LAWA, BO-merging and PMA claims at small scale, with computed outcomes."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ckptmerge.reproduce.run import GROUPS, reproduce
+from ckptmerge.reproduce.scale import SCALES, make_scale
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("reproduce", help="reproduce the papers' claims (E1-E10) and write reports with verdicts")
-    p.add_argument("group", choices=(*GROUPS, "all"), help="lawa (E1-E4), bo (E5), pma (E6-E10) or all")
-    p.add_argument("--quick", action="store_true", help="tiny runs that check the pipeline in a few minutes")
-    p.add_argument("--work", help="runs and the evaluation cache (default runs/reproduce[-quick])")
-    p.add_argument("--reports", help="report folder (default reports/, or WORK/reports with --quick)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = sub.add_parser("reproduce", help="reproduce the papers' claims (E1-E9, E11) with seeds, CIs and outcomes")
+    p.add_argument("group", choices=(*GROUPS, "all"), help="lawa (E1-E4), bo (E5), pma (E6-E9, E11) or all")
+    p.add_argument("--quick", action="store_true", help="the same code at ~1/10 of the steps (3 seeds, ~20 min)")
+    p.add_argument("--scale", choices=list(SCALES), help="full, quick or test (CI); --quick is --scale quick")
+    p.add_argument("--seeds", type=int, nargs="+", help="at least 3 seeds (default 0 1 2)")
+    p.add_argument("--train-data", help="training corpus (default shakespeare)")
+    p.add_argument("--eval-data", help="held-out set the claims are scored on (default shakespeare-val)")
+    p.add_argument("--preset", help="model preset (default tiny)")
+    p.add_argument("--batch-size", type=int, help="sequences per step (default 16, quick 8)")
+    p.add_argument("--schedule", choices=("cosine", "constant", "wsd"), help="the LAWA runs' schedule (default cosine)")
+    p.add_argument("--workers", type=int, default=2, help="runs trained at a time (default 2)")
+    p.add_argument("--work", help="runs folder, resumable (default runs/reproduce[-SCALE])")
+    p.add_argument("--reports", help="report folder (default reports/ at full scale, else WORK/reports)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    reproduce(args.group, quick=args.quick, work=args.work, reports=args.reports, progress=not args.quiet)
+    name = args.scale or ("quick" if args.quick else "full")
+    scale = make_scale(name, seeds=args.seeds, train_data=args.train_data, eval_data=args.eval_data,
+                       preset=args.preset, batch_size=args.batch_size, schedule=args.schedule)
+    work = args.work or ("runs/reproduce" if name == "full" else f"runs/reproduce-{name}")
+    reports = args.reports or ("reports" if name == "full" else f"{work}/reports")
+    command = "ckptmerge " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else f"ckptmerge reproduce {args.group}"
+    reproduce(args.group, scale=scale, work=work, reports=reports, workers=args.workers, command=command)
     return 0

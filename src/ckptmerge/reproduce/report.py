@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptmerge.io.publish import atomic_folder
-from ckptmerge.reproduce.verdicts import RULES, Claim
+from ckptmerge.reproduce.stats import RULES, Claim
 
 
 @dataclass
 class Experiment:
-    """What an experiment found: claims with verdicts, tables (markdown), plots (file names), notes."""
+    """What an experiment found: claims (outcomes computed in ``stats``), tables (markdown), plots, notes."""
 
     key: str
     title: str
@@ -25,29 +25,49 @@ class Experiment:
     plots: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     data: dict = field(default_factory=dict)
+    draw: Callable[[Path], None] | None = None   # draws the plots into a folder
 
 
-def publish(reports: Path, key: str, build: Callable[[Path], Experiment]) -> Experiment:
-    """Run ``build(folder)`` (it draws its plots into ``folder``) and publish ``reports/key`` atomically."""
-    with atomic_folder(reports / key, force=True) as tmp:
-        exp = build(tmp)
+def publish(reports: Path, exp: Experiment, settings: dict) -> None:
+    """Write ``reports/<key>/`` (report.md, results.json, plots) atomically."""
+    with atomic_folder(reports / exp.key, force=True) as tmp:
+        if exp.draw is not None:
+            exp.draw(tmp)
+        untested = [c for c in exp.claims if len(c.seeds) < 3]
+        exp.notes += [f"Not tested: {c.key} {c.statement} (only {len(c.seeds)} seeds had the data; a claim needs 3)."
+                      for c in untested]
+        exp.claims = [c for c in exp.claims if len(c.seeds) >= 3]
+        records = [c.result() for c in exp.claims]
         (tmp / "results.json").write_text(json.dumps(
-            {"key": exp.key, "title": exp.title, "claims": [c.to_dict() for c in exp.claims], "data": exp.data},
-            indent=2) + "\n")
-        (tmp / "report.md").write_text(render(exp))
-    return exp
+            {"key": exp.key, "title": exp.title, "settings": settings, "claims": records, "data": exp.data},
+            indent=2, default=float) + "\n")
+        (tmp / "report.md").write_text(render(exp, records, settings))
 
 
-def render(exp: Experiment) -> str:
-    lines = [f"# {exp.title}", "", f"**Paper:** {exp.paper}", "", f"**The paper's statement.** {exp.statement}", "",
-             f"**Setup.** {exp.setup}", "", "## Verdicts", "",
-             "| claim | per seed | verdict |", "|---|---|---|"]
-    for c in exp.claims:
-        tol = f" (tolerance {c.tol} nats)" if c.kind in ("close", "at_most") else ""
-        lines.append(f"| {c.statement}{tol} | {c.numbers()} | **{c.verdict}** |")
-    lines += ["", "How each number is computed:", ""]
-    lines += [f"- {c.statement}: {c.detail}" for c in exp.claims if c.detail]
-    lines += ["", "<details><summary>Verdict rules</summary>", "", RULES, "", "</details>", ""]
+def _num(x: float) -> str:
+    return "nan" if x != x else f"{x:+.4f}"
+
+
+def render(exp: Experiment, records: list[dict], settings: dict) -> str:
+    quick = settings.get("name") != "full"
+    lines = [f"# {exp.title}", ""]
+    if quick:
+        lines += [f"> **{settings.get('name')} scale**: verdicts of the reduced `--{settings.get('name')}` run "
+                  "(fewer steps than the design's full scale); read them as what this scale can tell.", ""]
+    lines += [f"**Paper:** {exp.paper}", "", f"**The paper's statement.** {exp.statement}", "",
+              f"**Setup.** {exp.setup}", "", "## Claims", "",
+              "| claim | per seed (d ± window SE) | pooled effect | CI | margin | outcome |", "|---|---|---|---|---|---|"]
+    for r in records:
+        star = "**\\*** " if r["primary"] else ""
+        per = ", ".join(f"{d:+.4f} ± {se:.4f}" for d, se in zip(r["per_seed"], r["per_seed_se"]))
+        lines.append(f"| {star}{r['claim']} ({r['direction']}) | {per} (seeds {r['seeds']}) | {_num(r['effect'])} | "
+                     f"[{_num(r['ci_low'])}, {_num(r['ci_high'])}] ({r['ci_level']:.1%}) | {r['margin']:.4f} | "
+                     f"**{r['outcome']}** |")
+    lines += ["", "\\* primary claim (Holm-corrected across all reports' primary claims). Effects are in nats "
+              "per byte, scored on the odd evaluation windows (half B); anything chosen (a lambda, the best EMA) "
+              "was chosen on the even windows (half A).", "", "How each number is computed:", ""]
+    lines += [f"- {r['claim']}: {r['detail']}" + (f" ({r['note']})" if r["note"] else "") for r in records]
+    lines += ["", "<details><summary>Outcome rules</summary>", "", RULES, "", "</details>", ""]
     for table in exp.tables:
         lines += [table, ""]
     lines += [f"![{p}]({p})" for p in exp.plots]
@@ -56,18 +76,27 @@ def render(exp: Experiment) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_index(reports: Path, command: str, seconds: float) -> Path:
-    """``reports/README.md``: every experiment found under ``reports`` with its verdicts."""
+def write_index(reports: Path, command: str, settings: dict, seconds: float) -> Path:
+    """``reports/README.md``: every experiment found under ``reports`` with its outcomes."""
     rows = []
-    for results in sorted(reports.glob("*/results.json")):
+    for results in sorted(reports.glob("*/results.json"), key=lambda p: int(p.parent.name.split("-")[0][1:])):
         data = json.loads(results.read_text())
         for c in data["claims"]:
-            rows.append(f"| [{data['title']}]({results.parent.name}/report.md) | {c['statement']} | **{c['verdict']}** |")
+            star = "\\* " if c["primary"] else ""
+            rows.append(f"| [{data['title']}]({results.parent.name}/report.md) | {star}{c['claim']} | "
+                        f"{_num(c['effect'])} [{_num(c['ci_low'])}, {_num(c['ci_high'])}] | {c['margin']:.4f} | "
+                        f"**{c['outcome']}** |")
+    scale = settings.get("name")
     text = "\n".join(["# Reproduction of the three papers' claims at small scale", "",
-                      f"Written by `{command}` ({seconds / 60:.0f} min on this machine, runs reused from earlier "
-                      "invocations not counted). Every verdict is computed from the numbers in the linked report "
-                      "(rules in each report); no verdict is hand-written.", "",
-                      "| experiment | claim | verdict |", "|---|---|---|", *rows, ""])
+                      f"Written by `{command}` ({seconds / 60:.0f} min on this machine including runs reused from "
+                      f"earlier invocations' work folder, if any). Scale: **{scale}**"
+                      + (" (a reduced run: fewer steps and a smaller batch than the design in docs/methods.md; the "
+                         "full design is `ckptmerge reproduce all`)" if scale != "full" else "") + ".", "",
+                      "Every outcome is computed from the numbers in the linked report: the pooled effect over "
+                      "seeds, its confidence interval and a margin fixed in advance (docs/methods.md); none is "
+                      "hand-written. \\* marks the primary claims (Holm-corrected).", "",
+                      f"Settings: `{json.dumps(settings)}`", "",
+                      "| experiment | claim | effect [CI] | margin | outcome |", "|---|---|---|---|---|", *rows, ""])
     path = reports / "README.md"
     tmp = path.with_name(".README.md.tmp")
     tmp.write_text(text)

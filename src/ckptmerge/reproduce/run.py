@@ -1,48 +1,130 @@
-"""Run the reproduction experiments and write their reports.
+"""Run the reproduction (docs/methods.md) and write its reports.
 
-    ckptmerge reproduce all                 # about an hour on 2 CPU cores; reports/ + runs/reproduce/
-    ckptmerge reproduce pma --quick         # the structure in a few minutes (CI); numbers not meaningful
+    ckptmerge reproduce all                  # the full design (~100 min on an idle 2-core machine)
+    ckptmerge reproduce all --quick          # same code, fewer steps, 3 seeds (~20 min)
+    ckptmerge reproduce all --seeds 3 4 5 --train-data bible --eval-data bible ...   # another regime
 
-Runs are trained once into the work folder and reused; evaluations are cached there by content hash,
-so a rerun after an interruption (or of one group) redoes only what is missing.
+Runs train two at a time into the work folder and are reused; a cut-off reproduction resumes each
+run where it stopped. Evaluation is in memory.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from pathlib import Path
 
 from ckptmerge.errors import ConfigError
+from ckptmerge.reproduce import design
 from ckptmerge.reproduce.context import Context
-from ckptmerge.reproduce.report import Experiment, write_index
-from ckptmerge.reproduce.runs import FULL, QUICK
+from ckptmerge.reproduce.report import Experiment, publish, write_index
+from ckptmerge.reproduce.scale import EXTREME_WITHIN, HIGH_WITHIN, Scale
+from ckptmerge.reproduce.stats import holm
+from ckptmerge.reproduce.training import train_many
 
 GROUPS = ("lawa", "bo", "pma")
+SETTINGS = "settings.json"
 
 
-def reproduce(group: str, *, quick: bool = False, work: str | Path | None = None, reports: str | Path | None = None,
-              progress: bool = True, log=print) -> list[Experiment]:
-    """Run ``group`` (lawa, bo, pma or all) and return its experiments (verdicts in ``exp.claims``)."""
-    from ckptmerge.reproduce.bo import run_bo
-    from ckptmerge.reproduce.lawa import run_lawa
-    from ckptmerge.reproduce.pma import run_pma
+def _check_work(work: Path, scale: Scale) -> None:
+    """A work folder holds runs of one scale and settings only."""
+    work.mkdir(parents=True, exist_ok=True)
+    path, wanted = work / SETTINGS, scale.describe()
+    if path.is_file() and json.loads(path.read_text()) != json.loads(json.dumps(wanted)):
+        raise ConfigError(f"{work} holds a reproduction with other settings ({path}); use another --work")
+    path.write_text(json.dumps(wanted, indent=2) + "\n")
+
+
+def choose_lrs(ctx: Context) -> dict:
+    """Tuned LR = lowest final loss of the sweep (half A); high = the largest within 3%; extreme = the largest."""
+    s = ctx.scale
+    finals = {}
+    for lr in s.sweep_lrs:
+        name = design.lawa_spec(s, lr, s.seeds[0]).name
+        traj = ctx.traj(name)
+        finals[lr] = ctx.mean(ctx.raw(name, s.lawa_steps), "A") if not traj.diverged else math.inf
+    tuned = min(finals, key=finals.get)
+    within = [lr for lr in finals if lr > tuned and finals[lr] <= (1 + HIGH_WITHIN) * finals[tuned]]
+    above = [lr for lr in finals if lr > tuned]
+    high = max(within) if within else (min(above) if above else tuned)
+    note = (f"the largest within {HIGH_WITHIN:.0%} of the tuned loss" if within else
+            f"no larger LR was within {HIGH_WITHIN:.0%}; the next one up" if above else "the tuned LR is the largest")
+    top = max(finals)
+    extreme = top if (s.extreme_arm and top not in (tuned, high) and finals[top] <= (1 + EXTREME_WITHIN) * finals[tuned]) \
+        else None
+    roles = {tuned: "tuned", high: "high", extreme: "extreme"}
+    return {"tuned": tuned, "high": high, "extreme": extreme, "high_note": note,
+            "sweep": [(lr, finals[lr], roles.get(lr, "")) for lr in s.sweep_lrs]}
+
+
+def train_all(ctx: Context, workers: int, group: str = "all") -> dict[int, int]:
+    """The runs ``group`` needs, in dependency order; returns {seed: spike step} of the diverging spike runs."""
+    s, w = ctx.scale, ctx.work
+    need = {"lawa": {"lawa", "spike"}, "bo": {"wsd"}, "pma": {"wsd", "spike", "restart"}}
+    wanted = set().union(*need.values()) if group == "all" else need[group]
+    train_many([design.lawa_spec(s, lr, s.seeds[0]) for lr in s.sweep_lrs], w, workers, ctx.log)
+    ctx.lrs = choose_lrs(ctx)
+    arms = [ctx.lrs[k] for k in ("tuned", "high", "extreme") if ctx.lrs.get(k)]
+    tuned, high = ctx.lrs["tuned"], ctx.lrs["high"]
+    first = [design.wsd_spec(s, tuned, seed) for seed in s.seeds] if "wsd" in wanted else []
+    first += [design.spike_spec(s, tuned, seed) for seed in s.spike_seeds] if "spike" in wanted else []
+    if "lawa" in wanted:
+        first += [design.lawa_spec(s, lr, seed) for lr in arms for seed in s.seeds[1:]]
+        first += [design.batch4_spec(s, high, seed) for seed in s.seeds]
+    train_many(first, w, workers, ctx.log)
+    spiking = {}
+    for seed in s.spike_seeds if "spike" in wanted else ():
+        traj = ctx.traj(design.spike_spec(s, tuned, seed).name)
+        if traj.spike_step is not None and design.pre_spike(s, traj.spike_step) - 2 * design.spike_every(s) >= 1 \
+                and design.pre_spike(s, traj.spike_step) in traj.states:
+            spiking[seed] = traj.spike_step
+    later = [design.anneal_spec(s, tuned, seed) for seed in s.seeds] if "wsd" in wanted else []
+    for seed, step in spiking.items() if "restart" in wanted else ():
+        specs = design.restart_specs(s, design.spike_spec(s, tuned, seed), step)
+        later += specs["last"] + specs["merged"]
+    train_many(later, w, workers, ctx.log)
+    return spiking
+
+
+def reproduce(group: str, *, scale: Scale, work: str | Path, reports: str | Path, workers: int = 2,
+              command: str = "ckptmerge reproduce all", log=print) -> list[Experiment]:
+    """Train what is missing, evaluate in memory, publish one report per experiment and the index."""
+    from ckptmerge.reproduce import bo, hessian, lawa, pma
 
     if group not in (*GROUPS, "all"):
         raise ConfigError(f"unknown experiment group {group!r}; choose one of {', '.join(GROUPS)} or all")
-    scale = QUICK if quick else FULL
-    work = Path(work or ("runs/reproduce-quick" if quick else "runs/reproduce"))
-    reports = Path(reports or (work / "reports" if quick else "reports"))
-    ctx = Context.create(work, scale, progress=progress, log=log)
-    runners = {"lawa": run_lawa, "bo": run_bo, "pma": run_pma}
-    done: list[Experiment] = []
-    begun = time.monotonic()
+    import torch
+
+    torch.set_num_threads(1)  # one core per process: training workers run beside it; no spinning threads under load
+    work, reports = Path(work), Path(reports)
+    _check_work(work, scale)
+    began = time.monotonic()
+    ctx = Context.create(work, scale, log=log)
+    spiking = train_all(ctx, workers, group)
+    log(f"== trained in {time.monotonic() - began:.0f} s; tuned LR {ctx.lrs['tuned']:g}, high {ctx.lrs['high']:g}, "
+        f"diverging spike seeds {sorted(spiking)}")
+    builders = {"lawa": [lambda: lawa.e1(ctx), lambda: lawa.e2(ctx), lambda: lawa.e3(ctx)],
+                "bo": [lambda: bo.e5(ctx)],
+                "pma": [lambda: pma.e6(ctx), lambda: pma.e7(ctx), lambda: pma.e8(ctx)]}
+    if len(spiking) >= 3:
+        builders["lawa"].append(lambda: lawa.e4(ctx, spiking))
+        builders["pma"].append(lambda: pma.e9(ctx, spiking))
+    else:
+        log(f"   only {len(spiking)} of {len(scale.spike_seeds)} spike seeds diverged: E4 and E9 need 3; not reported")
+    builders["pma"].append(lambda: hessian.e11(ctx))
+    done = []
     for name in GROUPS if group == "all" else (group,):
-        started = time.monotonic()
-        log(f"== {name}: experiments in {reports}, runs in {work}")
-        for exp in runners[name](ctx, reports):
+        for build in builders[name]:
+            exp = build()
             done.append(exp)
-            log(f"   {exp.title}: " + "; ".join(f"{c.verdict}" for c in exp.claims))
-        log(f"== {name} done in {time.monotonic() - started:.0f} s")
-    index = write_index(reports, f"ckptmerge reproduce {group}{' --quick' if quick else ''}", time.monotonic() - begun)
-    log(f"index of verdicts: {index}")
+            log(f"   {exp.title}: evaluated")
+    holm([c for exp in done for c in exp.claims])
+    settings = {**scale.describe(), "tuned_lr": ctx.lrs["tuned"], "high_lr": ctx.lrs["high"],
+                "extreme_lr": ctx.lrs["extreme"], "diverging_spike_seeds": sorted(spiking)}
+    for exp in done:
+        publish(reports, exp, settings)
+        log(f"   {exp.title}: " + "; ".join(c.result()["outcome"] for c in exp.claims))
+    index = write_index(reports, command, settings, time.monotonic() - began)
+    log(f"index of outcomes: {index}")
     return done

@@ -201,10 +201,24 @@ def _train_step(config: TrainConfig, state: _State, tokens, step: int) -> tuple[
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten()) / config.grad_accum
         loss.backward()
         loss_sum += loss.item()
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(state.model.parameters(), config.grad_clip))
+    grad_norm = clip_gradients(state.model.parameters(), config.grad_clip)
     state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm
+
+
+def clip_gradients(parameters, max_norm: float) -> float:
+    """Clip the gradients' global norm to ``max_norm`` and return the norm before clipping.
+
+    ``max_norm <= 0`` turns clipping off (the norm is still measured); it never scales gradients by 0.
+    """
+    limit = max_norm if max_norm > 0 else float("inf")
+    return float(torch.nn.utils.clip_grad_norm_(parameters, limit))
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices and embeddings only (the trainer's optimizer)."""
+    return _optimizer(model, config)
 
 
 def _loop(config: TrainConfig, run_dir: Path, state: _State, tokens, tokenizer_dir: Path, progress: bool) -> None:
