@@ -28,13 +28,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="folder of extra lm-eval task YAMLs, repeatable")
     p.add_argument("--lm-eval-limit", type=int, help="lm-eval: at most this many documents per task")
     p.add_argument("--json", help="write results to this JSON file: {model: {data: {...}}}")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_eval_flags(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     data = args.data or list(HELD_OUT)
-    settings = settings_from_args(args)
+    settings = settings_from_args(args, progress=not args.quiet)
     results = None
     with phase():  # torchrun: the windows are split across ranks; an error is reported once
         results = evaluate_paths([Path(p) for p in args.paths], data, n_tokens=args.tokens, context=args.context,

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
+from ckptmerge.console import progress_bar
 from ckptmerge.data.batches import eval_windows, planned_tokens
 from ckptmerge.data.text_tokenizer import TextTokenizer
+from ckptmerge.errors import TokenizerError
 from ckptmerge.evaluation.distributed import evaluate_sharded
 from ckptmerge.evaluation.evaluator import EvalResult
-from ckptmerge.errors import TokenizerError
 from ckptmerge.evaluation.settings import EvalSettings, byte_lengths, require_tokenizer
 
 MAX_DEFAULT_CONTEXT = 1024
@@ -40,6 +41,7 @@ def evaluate_paths(paths: list[Path], data: list[str], *, n_tokens: int = 32768,
     batch_size = batch_size or settings.batch_size
     window_cache: dict[tuple, torch.Tensor] = {}
     results: dict[str, dict[str, EvalResult]] = {}
+    bar = progress_bar(len(paths) * len(data), "eval", unit="eval", enabled=settings.progress and len(paths) > 1)
     for path in paths:
         tokenizer = settings.tokenizer_for(path)
         require_tokenizer(tokenizer, data)  # before the model is loaded: nothing is scored without one
@@ -51,7 +53,9 @@ def evaluate_paths(paths: list[Path], data: list[str], *, n_tokens: int = 32768,
             results[str(path)][name] = evaluate_sharded(  # one process: exactly evaluate_model
                 model, windows, data=name, batch_size=batch_size, bf16=bf16, max_batch_tokens=settings.max_batch_tokens,
                 byte_lengths=byte_lengths(tokenizer), tokens_requested=planned_tokens(n_tokens, ctx))
+            bar.update(1)
         del model
+    bar.close()
     return results
 
 

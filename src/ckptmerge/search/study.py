@@ -7,6 +7,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
+from ckptmerge.console import progress_bar
 from ckptmerge.errors import CkptMergeError
 from ckptmerge.search.objective import MergeObjective
 from ckptmerge.search.storage import (
@@ -123,12 +124,15 @@ def run_trials(study, space, objective: MergeObjective, cfg: SearchConfig, *, lo
     def evaluate(trial) -> float:
         return _evaluate_trial(trial, study, space, objective, cfg, log)
 
+    bar = progress_bar(cfg.trials, "search", unit="trial", enabled=log is not None)  # the CLI's runs
     while True:
         reap_dead_workers(study, grace_period(cfg.heartbeat_s))
         optuna.storages.fail_stale_trials(study)
         complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
         running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        bar.update(min(complete, cfg.trials) - bar.n)  # trials finished by every worker of the study
         if complete >= cfg.trials:
+            bar.close()
             return
         if complete + running >= cfg.trials:
             time.sleep(POLL_S)  # the last trials run elsewhere; stay to re-run any whose worker dies
