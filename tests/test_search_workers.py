@@ -20,6 +20,7 @@ pytest.importorskip("transformers")
 
 from optuna.trial import TrialState  # noqa: E402
 
+from ckptmerge.data.tokenizer import save_hf_tokenizer  # noqa: E402
 from ckptmerge.search.spaces import PairSpace  # noqa: E402
 
 POINTS = [0.1, 0.3, 0.45, 0.8, 0.9]  # enqueued pair weights (lambda on the newest checkpoint)
@@ -37,6 +38,7 @@ def pair_run(tmp_path_factory):
     for step, seed in ((100, 0), (200, 1)):
         torch.manual_seed(seed)
         LlamaForCausalLM(config).save_pretrained(root / "run" / f"step-{step:06d}")
+        save_hf_tokenizer(root / "run" / f"step-{step:06d}")  # the byte tokenizer the text is read with
     return root
 
 
@@ -153,6 +155,7 @@ def test_search_killed_ten_times_ends_with_exactly_its_trials_and_every_baseline
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     model.save_pretrained(root / "run3" / "step-000300")
+    save_hf_tokenizer(root / "run3")  # one tokenizer at the run's root, as many runs keep it
 
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     trials = 12
