@@ -72,11 +72,12 @@ def kill_at(tmp_path: Path, points: list[tuple[str, str, int, list[str]]]) -> No
         cmd = [sys.executable, str(driver), str(ready), target, when, str(count), str(torch.get_num_threads()), *argv]
         procs.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), ready))
     deadline = time.monotonic() + 900
-    for proc, ready in procs:
-        while not ready.exists():
+    for proc, ready in procs:  # every driver stalls at its point before any is killed: a publish of one
+        while not ready.exists():  # driver then never sees another's temporary as a dead owner's debris
             assert proc.poll() is None, f"driver exited before the kill point: {proc.stderr.read().decode()}"
             assert time.monotonic() < deadline, "driver never reached the kill point"
             time.sleep(0.05)
+    for proc, _ in procs:
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL
 
