@@ -136,7 +136,7 @@ def _search_worker(root: str, storage: str, trials: int) -> None:
     os.environ["CKPTMERGE_CACHE"] = str(Path(root) / "cache")
     torch.set_num_threads(1)
     cfg = SearchConfig(space="simplex", data=str(Path(root) / "val.txt"), trials=trials, sampler="random",
-                       storage=storage, study_name="kills", heartbeat_s=60)
+                       storage=storage, study_name="kills", heartbeat_s=5)
     search(discover(Path(root) / "run3").checkpoints, cfg, n_tokens=4096)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -152,7 +153,9 @@ class DcpReader:
 def _load_chunk(file: Path, fqn: str, start: int, length: int) -> object:
     """One chunk, unpickled with ``weights_only=True`` (tensors and plain containers only)."""
     try:
-        with open(file, "rb") as f:
+        with open(file, "rb") as f, warnings.catch_warnings():
+            # torch warns about a non-default pickle protocol before refusing a hostile chunk: noise
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             f.seek(start)
             return torch.load(io.BytesIO(f.read(length)), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

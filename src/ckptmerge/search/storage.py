@@ -92,6 +92,21 @@ def worker_gone(worker: str | None) -> bool:
     return _start_ticks(int(pid)) != start
 
 
+def claim(trial) -> None:
+    """Record this process as the worker of ``trial``. A re-queued trial carries its dead predecessor's user
+    attributes, so the claim names the trial number it was made for."""
+    trial.set_user_attr("worker", worker_id())
+    trial.set_user_attr("worker_trial", trial.number)
+    trial.set_user_attr("pid", os.getpid())
+
+
+def claimed_by(trial) -> str | None:
+    """The worker that claimed ``trial`` itself (None while unclaimed, and for a copy's inherited claim)."""
+    if trial.user_attrs.get("worker_trial") != trial.number:
+        return None
+    return trial.user_attrs.get("worker")
+
+
 def reap_dead_workers(study, grace_s: float) -> list[int]:
     """Fail (and re-queue) the RUNNING trials whose worker process on this host is gone, and those that never
     recorded a worker (killed between Optuna's ask and our first write) for longer than ``grace_s``;
@@ -103,7 +118,7 @@ def reap_dead_workers(study, grace_s: float) -> list[int]:
     failed = []
     now = datetime.datetime.now()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = trial.user_attrs.get("worker")
+        worker = claimed_by(trial)
         orphan = worker is None and trial.datetime_start is not None and \
             (now - trial.datetime_start).total_seconds() > grace_s
         if not (orphan or worker_gone(worker)):

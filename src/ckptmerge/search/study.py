@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -12,10 +11,10 @@ from ckptmerge.errors import CkptMergeError
 from ckptmerge.search.objective import MergeObjective
 from ckptmerge.search.storage import (
     DEFAULT_HEARTBEAT_S,
+    claim,
     grace_period,
     open_storage,
     reap_dead_workers,
-    worker_id,
 )
 
 
@@ -147,8 +146,7 @@ def _evaluate_trial(trial, study, space, objective: MergeObjective, cfg: SearchC
     import optuna
     from optuna.trial import TrialState
 
-    trial.set_user_attr("worker", worker_id())
-    trial.set_user_attr("pid", os.getpid())
+    claim(trial)
     params = space.suggest(trial)
     baseline = trial.user_attrs.get("baseline")
     if baseline is not None and not _same_params(params, space.baselines().get(baseline)):

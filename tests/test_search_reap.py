@@ -1,0 +1,61 @@
+"""Which RUNNING trials a worker fails as dead: Optuna's own trial states are the reference."""
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+optuna = pytest.importorskip("optuna")
+
+from optuna.trial import TrialState  # noqa: E402
+
+from ckptmerge.search.storage import claim, reap_dead_workers  # noqa: E402
+
+
+def _dead_worker_id() -> str:
+    """host:pid:start of a process that has exited (its pid is free, its start time cannot match)."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return f"{socket.gethostname()}:{child.stdout.strip()}:12345"
+
+
+def _study():
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(direction="minimize")
+
+
+def test_a_claim_by_a_dead_process_is_failed_and_requeued():
+    study = _study()
+    trial = study.ask()
+    trial.set_user_attr("worker", _dead_worker_id())
+    trial.set_user_attr("worker_trial", trial.number)
+    assert reap_dead_workers(study, grace_s=3600) == [trial.number]
+    assert study.trials[trial.number].state == TrialState.FAIL
+    assert [t.state for t in study.trials[1:]] == [TrialState.WAITING]  # Optuna's retry callback re-queued it
+
+
+def test_an_inherited_claim_is_not_a_dead_worker():
+    """A re-queued trial carries its dead predecessor's user attributes; a worker that just popped it
+    must not lose it to another worker's reap before it writes its own claim."""
+    study = _study()
+    trial = study.ask()
+    trial.set_user_attr("worker", _dead_worker_id())
+    trial.set_user_attr("worker_trial", trial.number - 1)  # copied from the trial it retries
+    assert reap_dead_workers(study, grace_s=3600) == []
+    assert study.trials[trial.number].state == TrialState.RUNNING
+
+
+def test_an_unclaimed_trial_is_failed_only_after_the_grace_period():
+    study = _study()
+    trial = study.ask()
+    assert reap_dead_workers(study, grace_s=3600) == []
+    assert reap_dead_workers(study, grace_s=0) == [trial.number]
+    assert study.trials[trial.number].state == TrialState.FAIL
+
+
+def test_a_live_claim_is_kept():
+    study = _study()
+    trial = study.ask()
+    claim(trial)
+    assert reap_dead_workers(study, grace_s=0) == []
+    assert study.trials[trial.number].state == TrialState.RUNNING
