@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ckptmerge.cli.eval_flags import add_eval_flags, settings_from_args
+from ckptmerge.search.storage import DEFAULT_HEARTBEAT_S
 from ckptmerge.sweep.run import SweepConfig, sweep
 
 
@@ -30,6 +31,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--out", help="report folder (default: RUN_DIR-sweep next to the run)")
     p.add_argument("--metric", choices=("loss", "bits_per_byte"), default="loss",
                    help="rank and report merges in nats/token (loss, default) or bits per byte")
+    p.add_argument("--storage", help="share the evaluations with other workers through an Optuna storage: "
+                   "postgresql://user@host/db, mysql+pymysql://..., sqlite:///sweep.db or journal:///shared/sweep.log; "
+                   "every worker runs the same command (docs/scale.md)")
+    p.add_argument("--study", default="ckptmerge-sweep", help="study name in the storage (one per sweep)")
+    p.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT_S,
+                   help="seconds between a running evaluation's heartbeats on a database; one silent for 3x this "
+                        "is failed and re-queued (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_eval_flags(p)
     p.set_defaults(run=run)
@@ -39,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     cfg = SweepConfig(methods=[m for m in args.methods.split(",") if m], n=args.n, every=args.every, at=args.at,
                       points=args.points, data=args.data or ["shakespeare-val"], n_tokens=args.tokens,
-                      anneal=args.anneal, metric=args.metric)
+                      anneal=args.anneal, metric=args.metric, storage=args.storage, study=args.study,
+                      heartbeat_s=args.heartbeat)
     out = Path(args.out) if args.out else run_dir.resolve().parent / f"{run_dir.resolve().name}-sweep"
     sweep(run_dir, cfg, out, progress=not args.quiet, settings=settings_from_args(args, progress=not args.quiet))
     return 0

@@ -28,6 +28,18 @@ def eval_key(fingerprints: Sequence[str], coeffs: Sequence[float], windows_sha: 
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def result_fields(result: EvalResult) -> dict:
+    """An EvalResult as plain JSON fields (a cache line, an Optuna user attribute)."""
+    return {"data": result.data, "loss": result.loss, "stderr": result.stderr, "tokens": result.tokens,
+            "window_losses": result.window_losses, "bytes": result.bytes, "window_tokens": result.window_tokens,
+            "tokens_requested": result.tokens_requested}
+
+
+def result_from_fields(row: dict) -> EvalResult:
+    return EvalResult(row["data"], row["loss"], row["stderr"], row["tokens"], row["window_losses"],
+                      row.get("bytes", 0), row.get("window_tokens", []), row.get("tokens_requested"))
+
+
 class EvalCache:
     """``key -> EvalResult`` backed by a JSONL file (missing file: empty cache)."""
 
@@ -40,9 +52,7 @@ class EvalCache:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut short by an interrupted write
-                self._results[row["key"]] = EvalResult(row["data"], row["loss"], row["stderr"], row["tokens"],
-                                                       row["window_losses"], row.get("bytes", 0),
-                                                       row.get("window_tokens", []), row.get("tokens_requested"))
+                self._results[row["key"]] = result_from_fields(row)
 
     def __len__(self) -> int:
         return len(self._results)
@@ -53,8 +63,6 @@ class EvalCache:
     def put(self, key: str, result: EvalResult, about: dict) -> None:
         self._results[key] = result
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        row = {"key": key, **about, "data": result.data, "loss": result.loss, "stderr": result.stderr,
-               "tokens": result.tokens, "window_losses": result.window_losses, "bytes": result.bytes,
-               "window_tokens": result.window_tokens, "tokens_requested": result.tokens_requested}
+        row = {"key": key, **about, **result_fields(result)}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -30,21 +30,30 @@ class CachedScorer:
             self._fingerprints[path] = fingerprint_files(checkpoint_files(path))
         return self._fingerprints[path]
 
-    def score(self, refs: Sequence[CheckpointRef], coeffs: Sequence[float], data: str) -> EvalResult:
+    def key(self, refs: Sequence[CheckpointRef], coeffs: Sequence[float], data: str) -> str:
+        """What determines the evaluation: the checkpoints' content, the non-zero weights and the windows."""
         if self.scorer.model is None:
             self.scorer.load(refs[-1:], [1.0])  # the model fixes the context, which fixes the windows
         if data not in self._window_sha:
             self._window_sha[data] = windows_digest(self.scorer.windows(data))
-        kept = [(r, c) for r, c in zip(refs, coeffs) if c != 0.0]  # a zero weight adds nothing
-        key = eval_key([self.fingerprint(r) for r, _ in kept], [c for _, c in kept], self._window_sha[data])
+        kept = [(r, c) for r, c in zip(refs, coeffs) if c != 0.0]
+        return eval_key([self.fingerprint(r) for r, _ in kept], [c for _, c in kept], self._window_sha[data])
+
+    def score(self, refs: Sequence[CheckpointRef], coeffs: Sequence[float], data: str) -> EvalResult:
+        key = self.key(refs, coeffs, data)
         cached = self.cache.get(key)
         if cached is not None:
             self.hits += 1
             return cached
         self.misses += 1
+        kept = [(r, c) for r, c in zip(refs, coeffs) if c != 0.0]  # a zero weight adds nothing
         result = self.scorer.score([r for r, _ in kept], [c for _, c in kept], data)
-        self.cache.put(key, result, {"checkpoints": [str(r.path) for r, _ in kept], "coeffs": [c for _, c in kept]})
+        self.remember(key, result, refs, coeffs)
         return result
+
+    def remember(self, key: str, result: EvalResult, refs: Sequence[CheckpointRef], coeffs: Sequence[float]) -> None:
+        kept = [(r, c) for r, c in zip(refs, coeffs) if c != 0.0]
+        self.cache.put(key, result, {"checkpoints": [str(r.path) for r, _ in kept], "coeffs": [c for _, c in kept]})
 
     def raw(self, ref: CheckpointRef, data: str) -> EvalResult:
         return self.score([ref], [1.0], data)

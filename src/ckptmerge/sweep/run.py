@@ -2,9 +2,12 @@
 
     ckptmerge sweep runs/demo/stable --data shakespeare-val --data bible
     ckptmerge sweep path/to/hf-run --methods sma,ema:0.2 --n 3,5,10 --every 500,1000 --at 4000,8000,12000
+    ckptmerge sweep RUN --storage postgresql://user@db/ckptmerge --study run7 -o RUN-sweep   # on every worker
 
 Every evaluation goes through one cached scorer, so a rerun (more points, another method, a new
-checkpoint) scores only what it has not seen. Outputs go to ``--out`` (never into the run).
+checkpoint) scores only what it has not seen. Outputs go to ``--out`` (never into the run). With
+``--storage``, the evaluations are trials of one Optuna study that any number of workers running the same
+command share (``sweep/shared_study.py``); each builds the report from the study's results.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from ckptmerge.evaluation.settings import EvalSettings
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import discover
 from ckptmerge.parallel.world import refuse_ranks
+from ckptmerge.search.storage import DEFAULT_HEARTBEAT_S
 from ckptmerge.sweep.evaluator import CachedScorer
 from ckptmerge.sweep.grid import MergeSpec, base_spacing, choose_points, make_grid
+from ckptmerge.sweep.shared_study import score_in_study, study_jobs
 
 CACHE_FILE = "evals.jsonl"
 
@@ -38,6 +43,9 @@ class SweepConfig:
     n_tokens: int = 16384
     anneal: list[str] = field(default_factory=list)  # anneal branches; empty: runs forked from this one
     metric: str = "loss"                             # rank merges by ``loss`` (nats/token) or ``bits_per_byte``
+    storage: str | None = None                       # an Optuna storage URL: workers share the evaluations
+    study: str = "ckptmerge-sweep"
+    heartbeat_s: float = DEFAULT_HEARTBEAT_S
 
 
 def sweep(run_dir: str | Path, cfg: SweepConfig, out: str | Path, *, progress: bool = True, log=print,
@@ -57,9 +65,14 @@ def sweep(run_dir: str | Path, cfg: SweepConfig, out: str | Path, *, progress: b
     scorer = CachedScorer(out / CACHE_FILE, n_tokens=cfg.n_tokens, settings=settings)
     log(f"sweep {run_dir}: {len(refs)} checkpoints, {len(points)} points x {len(grid)} merges x "
         f"{len(cfg.data)} data sets; anneal branches: {', '.join(branches) or 'none'}")
-    rows = grid_rows(scorer, refs, points, grid, cfg.data, progress=progress)
+    if cfg.storage:
+        jobs = study_jobs(sweep_windows(refs, points, grid, branches.values(), headline), cfg.data)
+        score_in_study(scorer, jobs, storage=cfg.storage, study_name=cfg.study, heartbeat_s=cfg.heartbeat_s,
+                       progress=progress, log=log)
+    rows = grid_rows(scorer, refs, points, grid, cfg.data, progress=progress and not cfg.storage)
     anneal = {name: anneal_rows(scorer, refs, branch, headline, cfg.data) for name, branch in branches.items()}
-    report = {"run": str(run_dir), "config": {**asdict(cfg), "every": every}, "headline": asdict(headline),
+    config = {k: v for k, v in asdict(cfg).items() if k not in ("storage", "heartbeat_s")}  # URLs hold passwords
+    report = {"run": str(run_dir), "config": {**config, "every": every}, "headline": asdict(headline),
               "points": points, "rows": rows, "anneal": anneal,
               "cache": {"hits": scorer.hits, "scored": scorer.misses}}
     write_report(out, report)
@@ -96,12 +109,31 @@ def _row(label: str, step: int, spec: MergeSpec | None, results: dict[str, EvalR
             "vs_raw": {d: list(paired_difference(r, raw[d])) for d, r in results.items()}}
 
 
+def grid_windows(refs: Sequence[CheckpointRef], points: Sequence[int],
+                 grid: Sequence[MergeSpec]) -> list[tuple[int, MergeSpec | None, list[CheckpointRef]]]:
+    """(point, recipe or None for raw, checkpoints merged) for every recipe whose window exists at a point."""
+    by_step = {r.step: r for r in refs}
+    jobs = [(t, spec, [by_step[t]] if spec is None else spec.window(refs, t)) for t in points for spec in [None, *grid]]
+    return [(t, spec, window) for t, spec, window in jobs if window is not None]
+
+
+def sweep_windows(refs: Sequence[CheckpointRef], points: Sequence[int], grid: Sequence[MergeSpec],
+                  branches, headline: MergeSpec) -> list[tuple[list[CheckpointRef], list[float]]]:
+    """Every (checkpoints, weights) the report scores: the grid's, then each anneal branch's."""
+    windows = [(w, [1.0] if spec is None else spec.coeffs(w)) for _, spec, w in grid_windows(refs, points, grid)]
+    by_step = {r.step: r for r in refs}
+    for branch in branches:
+        for annealed in branch:
+            window = headline.window(refs, annealed.step) if annealed.step in by_step else None
+            if window is not None:
+                windows += [([by_step[annealed.step]], [1.0]), (window, headline.coeffs(window)), ([annealed], [1.0])]
+    return windows
+
+
 def grid_rows(scorer: CachedScorer, refs: Sequence[CheckpointRef], points: Sequence[int], grid: Sequence[MergeSpec],
               data: Sequence[str], *, progress: bool = True) -> list[dict]:
     """One row per (point, recipe) whose window exists: losses and paired differences against raw."""
-    by_step = {r.step: r for r in refs}
-    jobs = [(t, spec, [by_step[t]] if spec is None else spec.window(refs, t)) for t in points for spec in [None, *grid]]
-    jobs = [(t, spec, window) for t, spec, window in jobs if window is not None]
+    jobs = grid_windows(refs, points, grid)
     bar = progress_bar(len(jobs) * len(data), "sweep", unit="eval", enabled=progress)
     rows, raw = [], {}
     for t, spec, window in jobs:
