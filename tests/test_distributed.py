@@ -168,3 +168,31 @@ def test_torchrun_eval_equals_one_rank_and_transformers_loss(tmp_path):
     assert len(gathered["pruned"]) == len(stopped.window_losses) == 21
     np.testing.assert_allclose(gathered["pruned"], stopped.window_losses, atol=1e-6, rtol=0)
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_missing_device_stops_both_ranks_with_one_error_and_no_output(tmp_path):
+    run = tmp_path / "run"
+    write_series(run, [make_state(seed, step=100 * (seed + 1)) for seed in range(2)], layout="hf-sharded")
+    proc = _torchrun(["-m", "ckptmerge", "merge", str(run), "-o", str(tmp_path / "out"), "--device", "cuda",
+                      "--quiet"], tmp_path)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ckptmerge merge: error:")]
+    assert len(errors) == 1 and "--device cpu" in errors[0], proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("resolve", ["evaluation", "merging"])
+def test_cuda_under_torchrun_means_each_ranks_own_gpu(monkeypatch, resolve):
+    """torchrun's LOCAL_RANK picks the GPU for ``cuda`` (and eval's ``auto``); an explicit index is kept."""
+    from ckptmerge.evaluation.devices import resolve_device as eval_device
+    from ckptmerge.merging.device import resolve_device as merge_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    pick = eval_device if resolve == "evaluation" else merge_device
+    assert pick("cuda") == torch.device("cuda", 3)
+    assert pick("cuda:1") == torch.device("cuda", 1)
+    if resolve == "evaluation":
+        assert pick("auto") == torch.device("cuda", 3)

@@ -1,6 +1,7 @@
 """``--device`` and ``--dtype``: names users type, resolved to torch objects with clear errors.
 
-``auto`` picks the first CUDA GPU, else Apple's MPS, else the CPU. Merges are always accumulated in
+``auto`` picks the first CUDA GPU, else Apple's MPS, else the CPU. Under torchrun, ``auto`` and ``cuda`` mean
+each rank's own GPU, ``cuda:LOCAL_RANK``. Merges are always accumulated in
 fp32; the dtype only says what the evaluated model computes in.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ckptmerge.errors import ConfigError
+from ckptmerge.parallel.world import local_device
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -21,7 +23,7 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     name = (name or "auto").strip().lower()
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda:0")
+            return local_device()  # cuda:0, or cuda:LOCAL_RANK for each rank of a torchrun job
         return torch.device("mps") if _mps_available() else torch.device("cpu")
     if name == "cpu":
         return torch.device("cpu")
@@ -38,7 +40,9 @@ def _cuda(name: str) -> torch.device:
     if not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: no CUDA GPU is visible to torch {torch.__version__}; "
                           "use --device cpu (or auto)")
-    index = 0 if name == "cuda" else name.split(":", 1)[1]
+    if name == "cuda":
+        return local_device()
+    index = name.split(":", 1)[1]
     if not str(index).isdigit() or int(index) >= torch.cuda.device_count():
         raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
                           f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")

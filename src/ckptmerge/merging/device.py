@@ -18,6 +18,7 @@ import torch
 from ckptmerge.errors import ConfigError
 from ckptmerge.io.tensor_info import CheckpointReader
 from ckptmerge.merging.cpu_threads import CpuThreads
+from ckptmerge.parallel.world import local_device
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -28,6 +29,8 @@ def resolve_device(name: str | torch.device) -> torch.device:
         raise ConfigError(f"device: {name!r} is not a device name ({exc}); use cpu or cuda") from exc
     if device.type == "cpu":
         return device
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return local_device()  # under torchrun, each rank accumulates on its own GPU
     module = getattr(torch, device.type, None)
     if module is None or not hasattr(module, "is_available") or not module.is_available():
         raise ConfigError(f"device: {name!r} is not available on this machine (torch {torch.__version__} sees no "

@@ -33,6 +33,7 @@ from ckptmerge.io.safetensors_writer import (
     split_into_shards,
     write_index,
 )
+from ckptmerge.merging.device import resolve_device
 from ckptmerge.merging.engine import run_engine
 from ckptmerge.merging.offline import MergeResult, check_arguments, finish_output
 from ckptmerge.merging.plan import MergePlan, TensorTask, build_plan
@@ -64,9 +65,11 @@ def shard_layout(shares: list[list[TensorTask]], max_shard_bytes: int) -> list[l
 
 def merge_distributed(checkpoints, coeffs, output, *, dtype, accum_dtype, max_shard_bytes, chunk_bytes, force,
                       allow_nonfinite, allow_unnormalized, allow_negative, hash_mode, progress,
-                      recipe) -> MergeResult:
+                      recipe, device="cpu") -> MergeResult:
     """``merging.offline.merge`` on this rank of a torch.distributed job (same arguments and result)."""
     init()
+    with phase():  # a device missing on one rank stops every rank, with the error shown once
+        device = resolve_device(device)  # ``cuda``: this rank's own GPU, cuda:LOCAL_RANK
     started = time.monotonic()
     plan, output = _plan_once(checkpoints, coeffs, output, dtype=dtype, accum_dtype=accum_dtype, force=force,
                               allow_unnormalized=allow_unnormalized, allow_negative=allow_negative)
@@ -81,7 +84,7 @@ def merge_distributed(checkpoints, coeffs, output, *, dtype, accum_dtype, max_sh
         manifest = _write_and_publish(plan, output, dtype=dtype, max_shard_bytes=max_shard_bytes,
                                       chunk_bytes=chunk_bytes, force=force, allow_nonfinite=allow_nonfinite,
                                       pins=pins, progress=progress and rank() == 0,
-                                      recipe=recipe or {}, started=started, planned_s=planned_s)
+                                      recipe=recipe or {}, started=started, planned_s=planned_s, device=device)
     except RankError:
         raise  # agreed by every rank: all leave here together
     except Exception as exc:  # noqa: BLE001 - only rank 0's final rename can fail outside a phase
@@ -105,7 +108,7 @@ def _plan_once(checkpoints, coeffs, output, *, dtype, accum_dtype, force, allow_
 
 
 def _write_and_publish(plan: MergePlan, output: Path, *, dtype, max_shard_bytes, chunk_bytes, force,
-                       allow_nonfinite, pins, progress, recipe, started, planned_s) -> dict | None:
+                       allow_nonfinite, pins, progress, recipe, started, planned_s, device) -> dict | None:
     shares = split_plan(plan, world_size())
     names = shard_layout(shares, max_shard_bytes)
     with ExitStack() as stack:
@@ -117,7 +120,8 @@ def _write_and_publish(plan: MergePlan, output: Path, *, dtype, max_shard_bytes,
         report = None
         with phase():
             report = _write_share(tmp, plan, shares[rank()], names[rank()], chunk_bytes=chunk_bytes,
-                                  max_shard_bytes=max_shard_bytes, allow_nonfinite=allow_nonfinite, progress=progress)
+                                  max_shard_bytes=max_shard_bytes, allow_nonfinite=allow_nonfinite, progress=progress,
+                                  device=device)
         reports = all_gather(report)
         manifest = None
         with phase():
@@ -128,7 +132,7 @@ def _write_and_publish(plan: MergePlan, output: Path, *, dtype, max_shard_bytes,
 
 
 def _write_share(tmp: Path, plan: MergePlan, tasks: list[TensorTask], names: list[str], *, chunk_bytes: int,
-                 max_shard_bytes: int, allow_nonfinite: bool, progress: bool) -> dict:
+                 max_shard_bytes: int, allow_nonfinite: bool, progress: bool, device) -> dict:
     started = time.monotonic()
     share = dataclasses.replace(plan, tasks=tasks)
     writer = StreamingSafetensorsWriter(Path(tmp), [(t.name, t.info) for t in tasks],
@@ -139,7 +143,7 @@ def _write_share(tmp: Path, plan: MergePlan, tasks: list[TensorTask], names: lis
                                                         f"merge (rank 0 of {world_size()})", unit="B",
                                                         enabled=progress)))
         stats = run_engine(share, readers, writer, chunk_bytes=chunk_bytes, allow_nonfinite=allow_nonfinite,
-                           on_bytes=bar.update)
+                           on_bytes=bar.update, device=device)
     writer.close()
     return {"rank": rank(), "tensors": len(tasks), "bytes_read": stats.bytes_read,
             "bytes_written": writer.bytes_written, "seconds": round(time.monotonic() - started, 4),

@@ -71,7 +71,8 @@ def merge(checkpoints: Sequence[CheckpointRef | str | Path], coeffs: Sequence[fl
         return merge_distributed(checkpoints, coeffs, output, dtype=dtype, accum_dtype=accum_dtype,
                                  max_shard_bytes=max_shard_bytes, chunk_bytes=chunk_bytes, force=force,
                                  allow_nonfinite=allow_nonfinite, allow_unnormalized=allow_unnormalized,
-                                 allow_negative=allow_negative, hash_mode=hash_mode, progress=progress, recipe=recipe)
+                                 allow_negative=allow_negative, hash_mode=hash_mode, progress=progress, recipe=recipe,
+                                 device=device)
     started = time.monotonic()
     device = resolve_device(device)
     refs, coeffs, output = check_arguments(checkpoints, coeffs, output, accum_dtype=accum_dtype, force=force,
