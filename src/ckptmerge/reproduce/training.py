@@ -105,11 +105,49 @@ def _snapshot(work: Path, ref: str) -> torch.Tensor:
     return load_trajectory(work, run).snaps[int(step)].double()
 
 
+@dataclass
+class SpikeWatch:
+    """The spike detector: a 10-step mean training loss 0.5 nats above its running minimum (or a non-finite
+    loss). Until it fires it keeps the full states at the latest snapshot steps, the pre-spike candidates."""
+
+    smooth: deque = field(default_factory=lambda: deque(maxlen=SPIKE_SMOOTH))
+    recent: deque = field(default_factory=lambda: deque(maxlen=SPIKE_SMOOTH + 4))  # covers pre_spike()
+    best_smooth: float = math.inf
+
+    def update(self, traj: Trajectory, step: int, value: float, snapped: bool, state) -> None:
+        """Feed one step's loss; ``state()`` is called for the full state when ``snapped``."""
+        self.smooth.append(value)
+        if snapped and traj.spike_step is None:
+            self.recent.append((step, state()))
+        mean = sum(self.smooth) / len(self.smooth) if math.isfinite(value) else math.inf
+        if traj.spike_step is None and (len(self.smooth) == SPIKE_SMOOTH or not math.isfinite(value)):
+            if mean > self.best_smooth + SPIKE_RISE:
+                traj.spike_step = step
+                traj.states.update({s: st for s, st in self.recent})
+            self.best_smooth = min(self.best_smooth, mean)
+
+    def state_dict(self) -> dict:
+        return {"smooth": list(self.smooth), "recent": list(self.recent), "best_smooth": self.best_smooth}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.smooth.extend(saved["smooth"])
+        self.recent.extend(tuple(r) for r in saved["recent"])
+        self.best_smooth = saved["best_smooth"]
+
+
+@dataclass
+class _Progress:
+    """What a run carries from step to step (and through ``resume.pt``)."""
+
+    step: int
+    traj: Trajectory
+    emas: dict
+    watch: SpikeWatch
+
+
 def train_run(spec: RunSpec, work: str | Path) -> str:
     """Train ``spec`` into ``work/spec.name`` (or resume it, or reuse it when done); returns the name."""
-    from ckptmerge.data.batches import train_batch
     from ckptmerge.data.tokens import load_tokens
-    from ckptmerge.train.trainer import clip_gradients
 
     work = Path(work)
     folder = work / spec.name
@@ -117,66 +155,78 @@ def train_run(spec: RunSpec, work: str | Path) -> str:
         return spec.name
     folder.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    model, optimizer, step = _initial(spec, work)
-    traj = Trajectory(emas={d: {} for d in spec.ema_decays})
-    emas = {d: torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone() for d in spec.ema_decays}
-    if (folder / RESUME).is_file():
-        saved = torch.load(folder / RESUME, map_location="cpu", weights_only=True)
-        if saved["spec"] != asdict(spec):
-            raise ValueError(f"{folder} holds a run with other settings; remove it")
-        torch.nn.utils.vector_to_parameters(saved["weights"], model.parameters())
-        optimizer.load_state_dict(saved["optimizer"])
-        traj, emas, step = Trajectory(**saved["trajectory"]), saved["emas"], saved["step"]
+    model, optimizer, run = _start_or_resume(spec, work, folder)
     tokens, schedule = load_tokens(spec.data), spec.schedule_fn()
     snap_steps, state_steps = set(spec.snap_steps), set(spec.state_steps)
-    recent, smooth = deque(maxlen=SPIKE_SMOOTH + 4), deque(maxlen=SPIKE_SMOOTH)  # recent covers pre_spike()
-    best_smooth = math.inf
     resume_every = max(50, spec.steps // 4)
-    data_seed = spec.seed if spec.data_seed is None else spec.data_seed
-    while step < spec.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = schedule(step)
-        x, y = train_batch(tokens, seed=data_seed, step=step, micro=0, batch_size=spec.batch_size,
-                           context=spec.context)
-        loss = F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten())
-        loss.backward()
-        grad_norm = clip_gradients(model.parameters(), spec.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        value = loss.item()
+    while run.step < spec.steps:
+        value, grad_norm = _train_step(spec, model, optimizer, tokens, schedule(run.step), run.step)
+        run.step += 1
+        step, traj = run.step, run.traj
         traj.log.append([step, value, grad_norm])
         flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
-        for d, ema in emas.items():
+        for d, ema in run.emas.items():
             ema.mul_(d).add_(flat, alpha=1 - d)
         if step in snap_steps:
             traj.snaps[step] = flat.clone()
             for d in spec.ema_decays:
-                traj.emas[d][step] = emas[d].clone()
+                traj.emas[d][step] = run.emas[d].clone()
         if step in state_steps:
             traj.states[step] = {"weights": flat.clone(), "optimizer": optimizer.state_dict()}
         if spec.watch_spikes:
-            smooth.append(value)
-            if step in snap_steps and traj.spike_step is None:
-                recent.append((step, {"weights": flat.clone(), "optimizer": _copy_state(optimizer)}))
-            mean = sum(smooth) / len(smooth) if math.isfinite(value) else math.inf
-            if traj.spike_step is None and (len(smooth) == SPIKE_SMOOTH or not math.isfinite(value)):
-                if mean > best_smooth + SPIKE_RISE:
-                    traj.spike_step = step
-                    traj.states.update({s: st for s, st in recent})
-                best_smooth = min(best_smooth, mean)
+            run.watch.update(traj, step, value, step in snap_steps,
+                             lambda: {"weights": flat.clone(), "optimizer": _copy_state(optimizer)})
             if traj.spike_step is not None and step >= traj.spike_step + spec.post_spike_steps:
                 break
         if not math.isfinite(value):
             traj.diverged = True
             break
         if step % resume_every == 0 and step < spec.steps:
-            _atomic_save({"spec": asdict(spec), "weights": flat.clone(), "optimizer": optimizer.state_dict(),
-                          "trajectory": asdict(traj), "emas": emas, "step": step}, folder / RESUME)
-    traj.final_step = step
-    _atomic_save(asdict(traj), folder / TRAJECTORY)
+            _save_resume(spec, folder, flat, optimizer, run)
+    run.traj.final_step = run.step
+    _atomic_save(asdict(run.traj), folder / TRAJECTORY)
     (folder / RESUME).unlink(missing_ok=True)
     return spec.name
+
+
+def _train_step(spec: RunSpec, model, optimizer, tokens, lr: float, step: int) -> tuple[float, float]:
+    """One optimizer step at ``lr`` on the batch of ``step``; returns the loss and the gradient norm."""
+    from ckptmerge.data.batches import train_batch
+    from ckptmerge.train.trainer import clip_gradients
+
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    x, y = train_batch(tokens, seed=spec.seed if spec.data_seed is None else spec.data_seed, step=step, micro=0,
+                       batch_size=spec.batch_size, context=spec.context)
+    loss = F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten())
+    loss.backward()
+    grad_norm = clip_gradients(model.parameters(), spec.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item(), grad_norm
+
+
+def _start_or_resume(spec: RunSpec, work: Path, folder: Path):
+    """The model, its optimizer and the run's progress: fresh, or as ``resume.pt`` left them."""
+    model, optimizer, step = _initial(spec, work)
+    emas = {d: torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone() for d in spec.ema_decays}
+    run = _Progress(step, Trajectory(emas={d: {} for d in spec.ema_decays}), emas, SpikeWatch())
+    if (folder / RESUME).is_file():
+        saved = torch.load(folder / RESUME, map_location="cpu", weights_only=True)
+        if saved["spec"] != asdict(spec):
+            raise ValueError(f"{folder} holds a run with other settings; remove it")
+        torch.nn.utils.vector_to_parameters(saved["weights"], model.parameters())
+        optimizer.load_state_dict(saved["optimizer"])
+        run = _Progress(saved["step"], Trajectory(**saved["trajectory"]), saved["emas"], SpikeWatch())
+        if "watch" in saved:  # files from before the detector's state was saved restart it
+            run.watch.load_state_dict(saved["watch"])
+    return model, optimizer, run
+
+
+def _save_resume(spec: RunSpec, folder: Path, flat: torch.Tensor, optimizer, run: _Progress) -> None:
+    _atomic_save({"spec": asdict(spec), "weights": flat.clone(), "optimizer": optimizer.state_dict(),
+                  "trajectory": asdict(run.traj), "emas": run.emas, "step": run.step,
+                  "watch": run.watch.state_dict()}, folder / RESUME)
 
 
 def _copy_state(optimizer: torch.optim.Optimizer) -> dict:
