@@ -59,3 +59,18 @@ def test_a_live_claim_is_kept():
     claim(trial)
     assert reap_dead_workers(study, grace_s=0) == []
     assert study.trials[trial.number].state == TrialState.RUNNING
+
+
+def test_a_trial_finished_by_another_worker_is_not_an_error_but_other_errors_are():
+    """SQLite lets two workers pop one WAITING trial; Optuna's own refusal of the second tell is tolerated."""
+    from ckptmerge.search.storage import finished_elsewhere
+
+    study = _study()
+    trial = study.ask()
+    study.tell(trial, 1.0)  # the other worker finished it first
+    with finished_elsewhere():
+        study.tell(trial, 2.0)
+    assert study.trials[trial.number].value == 1.0
+    with pytest.raises(ValueError, match="not a number"):
+        with finished_elsewhere():
+            raise ValueError("not a number")

@@ -14,11 +14,13 @@ re-queue its parameters (``RetryFailedTrialCallback``: a WAITING copy with the s
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
 import time
 import warnings
+from collections.abc import Iterator
 
 from ckptmerge.errors import CkptMergeError
 
@@ -58,10 +60,43 @@ def _rdb_storage(url: str, heartbeat_s: float, grace_s: float | None):
         try:
             return optuna.storages.RDBStorage(url, heartbeat_interval=max(1, round(heartbeat_s)),
                                               grace_period=max(2, round(grace_s or grace_period(heartbeat_s))),
-                                              failed_trial_callback=retry_callback())
+                                              **{_stale_callback_arg(): retry_callback()})
         except ImportError as exc:  # Optuna re-raises the driver's ModuleNotFoundError as ImportError
             cause = exc.__cause__
             raise ModuleNotFoundError(str(exc), name=getattr(cause, "name", None) or "driver") from exc
+
+
+@contextlib.contextmanager
+def finished_elsewhere() -> Iterator[None]:
+    """Around ``study.optimize``: a trial another worker already finished is not an error.
+
+    SQLite has no row locks, so two workers can pop the same WAITING trial; both run it and Optuna refuses
+    the second ``tell`` (ValueError "Cannot tell a COMPLETE trial"). The trial is done, with the same value.
+    """
+    try:
+        yield
+    except ValueError as exc:
+        if not str(exc).startswith("Cannot tell a "):
+            raise
+
+
+def fail_stale(study) -> None:
+    """Optuna's heartbeat check: fail (and re-queue) the running trials silent past the grace period."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def _stale_callback_arg() -> str:
+    """The RDBStorage argument for the stale-trial callback: renamed in Optuna 4.9, the old name deprecated."""
+    import inspect
+
+    import optuna
+
+    params = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
+    return "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
 
 
 def grace_period(heartbeat_s: float) -> float:

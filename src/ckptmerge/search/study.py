@@ -12,6 +12,8 @@ from ckptmerge.search.objective import MergeObjective
 from ckptmerge.search.storage import (
     DEFAULT_HEARTBEAT_S,
     claim,
+    fail_stale,
+    finished_elsewhere,
     grace_period,
     open_storage,
     reap_dead_workers,
@@ -117,7 +119,6 @@ def run_trials(study, space, objective: MergeObjective, cfg: SearchConfig, *, lo
     complete + running trials fall short of ``cfg.trials``, and otherwise waits for the running ones, which
     either complete or, if their worker died, are failed and re-queued (``search/storage.py``) and run here.
     """
-    import optuna
     from optuna.trial import TrialState
 
     def evaluate(trial) -> float:
@@ -126,7 +127,7 @@ def run_trials(study, space, objective: MergeObjective, cfg: SearchConfig, *, lo
     bar = progress_bar(cfg.trials, "search", unit="trial", enabled=log is not None)  # the CLI's runs
     while True:
         reap_dead_workers(study, grace_period(cfg.heartbeat_s))
-        optuna.storages.fail_stale_trials(study)
+        fail_stale(study)
         complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
         running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         bar.update(min(complete, cfg.trials) - bar.n)  # trials finished by every worker of the study
@@ -136,7 +137,8 @@ def run_trials(study, space, objective: MergeObjective, cfg: SearchConfig, *, lo
         if complete + running >= cfg.trials:
             time.sleep(POLL_S)  # the last trials run elsewhere; stay to re-run any whose worker dies
             continue
-        study.optimize(evaluate, n_trials=1, catch=(DuplicateBaseline,))
+        with finished_elsewhere():
+            study.optimize(evaluate, n_trials=1, catch=(DuplicateBaseline,))
 
 
 POLL_S = 0.5

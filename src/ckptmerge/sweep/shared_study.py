@@ -21,7 +21,15 @@ from pathlib import Path
 from ckptmerge.console import progress_bar
 from ckptmerge.errors import ConfigError
 from ckptmerge.merging.checkpoint import CheckpointRef
-from ckptmerge.search.storage import DEFAULT_HEARTBEAT_S, claim, grace_period, open_storage, reap_dead_workers
+from ckptmerge.search.storage import (
+    DEFAULT_HEARTBEAT_S,
+    claim,
+    fail_stale,
+    finished_elsewhere,
+    grace_period,
+    open_storage,
+    reap_dead_workers,
+)
 from ckptmerge.sweep.cache import result_fields, result_from_fields
 from ckptmerge.sweep.evaluator import CachedScorer
 
@@ -49,7 +57,7 @@ def score_in_study(scorer: CachedScorer, jobs: Sequence[Job], *, storage: str, s
     grace_s = grace_period(heartbeat_s)
     while True:
         reap_dead_workers(study, grace_s)
-        _fail_stale(study)
+        fail_stale(study)
         done, live = _progress(study, by_key)
         bar.update(len(done) - bar.n)
         if len(done) == len(by_key):
@@ -70,7 +78,7 @@ def score_in_study(scorer: CachedScorer, jobs: Sequence[Job], *, storage: str, s
 def _open_study(storage: str, study_name: str, heartbeat_s: float):
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a skipped trial is logged as failed: not news
     backend = open_storage(storage, heartbeat_s=heartbeat_s)
     try:
         return optuna.create_study(storage=backend, study_name=study_name, direction="minimize", load_if_exists=True)
@@ -112,30 +120,32 @@ def _waiting(study) -> bool:
     return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
-def _run_one(study, scorer: CachedScorer, by_key: dict[str, Job]) -> None:
-    """Pop one queued job and score it (another command's job too, from the paths its trial names)."""
-    from optuna.trial import TrialState
+class _Skip(Exception):
+    """The popped trial needs no work here: Optuna records it FAIL and nothing re-queues it."""
 
-    trial = study.ask()  # pops a WAITING trial; a fresh, empty one when another worker took the last
-    key = trial.user_attrs.get(KEY_ATTR)
-    job = by_key.get(key) or _job_of(trial)
-    if job is None:
-        trial.set_user_attr("idle", True)
-        study.tell(trial, state=TrialState.FAIL)
-        return
-    claim(trial)
-    if _taken(study, trial, key):
-        trial.set_user_attr("duplicate", True)  # queued twice by workers that started together
-        study.tell(trial, state=TrialState.FAIL)
-        return
-    try:
+
+def _run_one(study, scorer: CachedScorer, by_key: dict[str, Job]) -> None:
+    """Pop one queued job and score it (another command's job too, from the paths its trial names).
+
+    Through ``study.optimize`` so that Optuna's heartbeat thread runs while the job is scored."""
+
+    def evaluate(trial) -> float:
+        key = trial.user_attrs.get(KEY_ATTR)
+        job = by_key.get(key) or _job_of(trial)
+        if job is None:  # another worker took the last queued trial: this one is fresh and empty
+            trial.set_user_attr("idle", True)
+            raise _Skip
+        claim(trial)
+        if _taken(study, trial, key):
+            trial.set_user_attr("duplicate", True)  # queued twice by workers that started together
+            raise _Skip
         scorer.scorer.forget(keep=job.refs)
         result = scorer.score(job.refs, job.coeffs, job.data)
-    except BaseException:
-        study.tell(trial, state=TrialState.FAIL)  # its own worker queues it again; the error ends this one
-        raise
-    trial.set_user_attr("result", result_fields(result))
-    study.tell(trial, result.loss)
+        trial.set_user_attr("result", result_fields(result))
+        return result.loss
+
+    with finished_elsewhere():
+        study.optimize(evaluate, n_trials=1, catch=(_Skip,))  # any other error: the trial is FAIL, then raised
 
 
 def _taken(study, trial, key: str) -> bool:
@@ -162,12 +172,6 @@ def _job_of(trial) -> Job | None:
                       f"this worker cannot see; left to that sweep's workers. Give each sweep its own --study")
         return None
     return Job(tuple(CheckpointRef(p) for p in paths), tuple(attrs["coeffs"]), attrs["data"])
-
-
-def _fail_stale(study) -> None:
-    import optuna
-
-    optuna.storages.fail_stale_trials(study)
 
 
 def study_jobs(windows: Sequence[tuple[Sequence[CheckpointRef], Sequence[float]]], data: Sequence[str]) -> list[Job]:
