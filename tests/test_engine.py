@@ -1,5 +1,7 @@
 """The streaming engine (read-ahead, slices, every core) gives the very bits of the plain sequential loop."""
 
+import time
+
 import pytest
 import torch
 from conftest import FLOAT_DTYPES, make_state, write_series
@@ -53,12 +55,20 @@ def big_state(seed, dtype, step):
     return {**make_state(seed, dtype, step), "big.weight": torch.randn(520, 513, generator=g).to(dtype)}
 
 
-def engine_merge(paths, coeffs, reads, chunk_bytes, accum=torch.float32, device="cpu"):
+class SlowSink(DictSink):
+    """Takes its time before reading each chunk: a buffer reused too early would be caught changing."""
+
+    def write(self, name, chunk):
+        time.sleep(0.005)
+        super().write(name, chunk)
+
+
+def engine_merge(paths, coeffs, reads, chunk_bytes, accum=torch.float32, device="cpu", write_behind=False):
     readers = [open_checkpoint(p) for p in paths]
     try:
         plan = build_plan(readers, [CheckpointRef(r.path) for r in readers], coeffs, accum_dtype=accum)
-        sink = DictSink({t.name: (t.shape, t.out_dtype) for t in plan.tasks})
-        run_engine(plan, readers, sink, chunk_bytes=chunk_bytes, reads=reads, device=device)
+        sink = (SlowSink if write_behind else DictSink)({t.name: (t.shape, t.out_dtype) for t in plan.tasks})
+        run_engine(plan, readers, sink, chunk_bytes=chunk_bytes, reads=reads, device=device, write_behind=write_behind)
         return sink.tensors
     finally:
         for reader in readers:
@@ -86,6 +96,18 @@ def test_every_schedule_and_dtype_gives_the_sequential_bits(tmp_path, schedule, 
     expected = sequential_merge(states, coeffs)
     for reads, chunk_bytes in SETTINGS:
         assert_same_bits(engine_merge([r.path for r in refs], coeffs, reads, chunk_bytes), expected)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_writing_behind_a_slow_sink_gives_the_sequential_bits(tmp_path, dtype, three_threads):
+    """Chunks written on a thread while the next is merged (double-buffered scratch tensors)."""
+    states = [big_state(seed, FLOAT_DTYPES[dtype], step=seed) for seed in range(4)]
+    write_series(tmp_path / "run", states)
+    refs = discover(tmp_path / "run").checkpoints
+    coeffs = compute_coeffs("ema", refs, alpha=0.3)
+    for reads, chunk_bytes in SETTINGS:
+        got = engine_merge([r.path for r in refs], coeffs, reads, chunk_bytes, write_behind=True)
+        assert_same_bits(got, sequential_merge(states, coeffs))
 
 
 def test_file_merge_writes_the_sequential_bits(tmp_path, three_threads):

@@ -107,3 +107,32 @@ def test_unusable_devices_are_refused_with_the_fix():
         with pytest.raises(ConfigError, match="--device cpu"):
             resolve_device("cuda")
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_page_ahead_hands_over_the_views_in_order_and_stops_early_or_on_error(two_files):
+    import mmap
+
+    from ckptmerge.io.page_ahead import PageAhead, make_resident
+
+    with open(two_files[1], "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    whole = torch.frombuffer(mapped, dtype=torch.uint8)
+    spans = [(0, 5017), (100, 200), (4096, 921), (5016, 1)]
+    with PageAhead(((s, whole[s[0]:s[0] + s[1]]) for s in spans), ahead=2) as pages:
+        for span in spans:
+            key, view = pages.next()
+            assert key == span and view.numpy().tobytes() == expected_bytes(FileRange(two_files[1], *span))
+        with pytest.raises(StopIteration):
+            pages.next()
+    with PageAhead(((i, whole) for i in range(1000)), ahead=2) as pages:  # closed with views still coming
+        assert pages.next()[0] == 0
+
+    def failing():
+        yield 0, whole
+        raise OSError("disk gone")
+
+    with PageAhead(failing(), ahead=2) as pages:
+        pages.next()
+        with pytest.raises(OSError, match="disk gone"):
+            pages.next()
+    make_resident(torch.empty(0))  # nothing to map

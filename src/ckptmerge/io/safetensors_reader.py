@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,7 @@ class SafetensorsReader:
         self.path = display_path or files[0]
         self.files = list(files)
         self._maps: list[mmap.mmap | None] = [None] * len(files)
+        self._map_lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self._metadata: dict[str, str] = {}
         for index, file in enumerate(self.files):
@@ -117,10 +119,11 @@ class SafetensorsReader:
                          (stop - start) * entry.row_bytes)
 
     def _map(self, index: int) -> mmap.mmap:
-        if self._maps[index] is None:
-            with open(self.files[index], "rb") as f:
-                self._maps[index] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        return self._maps[index]
+        with self._map_lock:  # the merge's page-ahead thread and the main thread both ask
+            if self._maps[index] is None:
+                with open(self.files[index], "rb") as f:
+                    self._maps[index] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            return self._maps[index]
 
     def close(self) -> None:
         for i, mm in enumerate(self._maps):

@@ -52,11 +52,16 @@ def input_device(plan, readers: Sequence[CheckpointReader]) -> torch.device:
 class Stage:
     """Scratch tensors and transfers for accumulating on ``device`` inputs that live on ``home``."""
 
-    def __init__(self, device: torch.device, home: torch.device, threads: int | None = None):
+    def __init__(self, device: torch.device, home: torch.device, threads: int | None = None, buffers: int = 1):
         self.device, self.home = device, home
         self.uses_accelerator = device.type != "cpu" and home.type == "cpu"
         self._flat: dict[tuple, torch.Tensor] = {}
         self._cpu = CpuThreads(threads if device.type == "cpu" else 1)
+        self._buffers, self._parity = max(1, buffers), 0
+
+    def flip(self) -> None:
+        """Use the next set of scratch tensors (with ``buffers=2``, the last chunk may still be being written)."""
+        self._parity = (self._parity + 1) % self._buffers
 
     def __enter__(self) -> "Stage":
         self._cpu.__enter__()
@@ -116,7 +121,7 @@ class Stage:
     def _get(self, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device, *, pinned: bool,
              slot: str) -> torch.Tensor:
         numel = math.prod(shape)
-        key = (slot, dtype, device, pinned)
+        key = (slot, self._parity, dtype, device, pinned)
         flat = self._flat.get(key)
         if flat is None or flat.numel() < numel:
             self._flat.pop(key, None)  # free the smaller one before allocating

@@ -143,7 +143,7 @@ def _write_share(tmp: Path, plan: MergePlan, tasks: list[TensorTask], names: lis
                                                         f"merge (rank 0 of {world_size()})", unit="B",
                                                         enabled=progress)))
         stats = run_engine(share, readers, writer, chunk_bytes=chunk_bytes, allow_nonfinite=allow_nonfinite,
-                           on_bytes=bar.update, device=device)
+                           on_bytes=bar.update, device=device, write_behind=True)
     writer.close()
     return {"rank": rank(), "tensors": len(tasks), "bytes_read": stats.bytes_read,
             "bytes_written": writer.bytes_written, "seconds": round(time.monotonic() - started, 4),

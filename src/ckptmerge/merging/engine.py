@@ -4,24 +4,25 @@ For every merged chunk the accumulator (fp32, or fp64 on request) is zeroed on t
 device, and each input with a non-zero coefficient is added in place, ``acc += c_i * x_i``, in
 input order, one element-wise pass each: the result is the same bits however the chunk is sliced.
 
-Inputs stored as plain byte ranges (safetensors) are read by ``ckptmerge.io.read_ahead``: a thread
-reads them in the order they are summed, in slices of at most ``slot_bytes``, into a pool of host
-buffers (page-locked when accumulating on an accelerator), while the kernel is asked to fetch the
-next ``lookahead_bytes``. Reading thus overlaps accumulation, which runs on torch's intra-op
-threads (every core) or on the accelerator (``device``, e.g. ``"cuda"``: asynchronous copies in,
-fp32 accumulation there, results copied back to the host for the sink). Inputs held in memory,
-torch files and DCP folders are summed straight from their own tensors.
+Inputs stored as plain byte ranges (safetensors) are summed from zero-copy views of their memory maps
+whose pages a thread brings in ahead of use (``ckptmerge.io.page_ahead``), in the order they are summed,
+in slices of at most ``slot_bytes``. For an accelerator (``device``, e.g. ``"cuda"``) a thread instead
+reads the slices into page-locked buffers (``ckptmerge.io.read_ahead``) for asynchronous copies; fp32
+accumulation happens there and results come back to the host for the sink. On the CPU, accumulation runs
+on every core (``merging/cpu_threads.py``). Inputs held in memory, torch files and DCP folders are summed
+straight from their own tensors. With ``write_behind`` each chunk is written while the next is merged.
 
 Anonymous memory, the same for any number of inputs: the accumulator (one chunk, at most
-``chunk_bytes``), an output-dtype chunk when the output dtype differs, ``slots * slot_bytes`` of
-read buffers, and on an accelerator a host copy of the output chunk. Non-float tensors are copied
-from the newest checkpoint.
+``chunk_bytes``; two with ``write_behind``), as many output-dtype chunks when the output dtype differs,
+and for an accelerator ``slots * slot_bytes`` of page-locked read buffers and a host copy of the output
+chunk. Non-float tensors are copied from the newest checkpoint.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -29,6 +30,7 @@ from typing import Protocol
 import torch
 
 from ckptmerge.errors import NonFiniteTensorError
+from ckptmerge.io.page_ahead import PageAhead
 from ckptmerge.io.read_ahead import ReadAhead
 from ckptmerge.io.tensor_info import CheckpointReader, FileRange
 from ckptmerge.merging.device import Stage, input_device
@@ -77,19 +79,23 @@ def plan_chunks(plan: MergePlan, chunk_bytes: int) -> list[_Chunk]:
 def run_engine(plan: MergePlan, readers: Sequence[CheckpointReader], sink: TensorSink, *,
                chunk_bytes: int = DEFAULT_CHUNK_BYTES, allow_nonfinite: bool = False,
                on_bytes: Callable[[int], None] | None = None, device: torch.device | str | None = None,
-               reads: ReadSettings = ReadSettings()) -> EngineStats:
+               reads: ReadSettings = ReadSettings(), write_behind: bool = False) -> EngineStats:
     """Merge every tensor of ``plan`` into ``sink``, in plan order.
 
     ``plan.tasks`` may be any subset of a model's tensors. ``device`` is where float tensors are
     accumulated (default: where the inputs are, the CPU for files); the sink receives each chunk on
-    the inputs' device.
+    the inputs' device. With ``write_behind``, ``sink.write`` runs on a thread while the next chunk is
+    merged (one write in flight, its chunk in a second set of scratch tensors); the sink must then not
+    be touched by anyone else until this returns.
     """
     stats = EngineStats()
     chunks = plan_chunks(plan, chunk_bytes)
     home = input_device(plan, readers)
     with ExitStack() as stack:
-        stage = stack.enter_context(Stage(torch.device(device) if device is not None else home, home))
+        stage = stack.enter_context(Stage(torch.device(device) if device is not None else home, home,
+                                          buffers=2 if write_behind else 1))
         inputs = _Inputs(plan, readers, chunks, reads, stage, stack)
+        sink = stack.enter_context(WriteBehind(sink)) if write_behind else sink
         for chunk in chunks:
             if chunk.task.merged:
                 out = _merge_chunk(plan, readers, inputs, chunk, stage, allow_nonfinite)
@@ -100,9 +106,42 @@ def run_engine(plan: MergePlan, readers: Sequence[CheckpointReader], sink: Tenso
             nbytes = sum(readers[i].info(chunk.task.name).dtype.itemsize for i in sources) * _chunk_numel(chunk)
             stats.bytes_read += nbytes
             sink.write(chunk.task.name, out)
+            stage.flip()
             if on_bytes is not None:
                 on_bytes(nbytes)
     return stats
+
+
+class WriteBehind:
+    """A sink whose ``write`` returns at once and runs on a thread; it waits for the previous write first,
+    so writes stay in order and at most one chunk is in flight. Leaving the block waits for the last."""
+
+    def __init__(self, sink: TensorSink):
+        self._sink = sink
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckptmerge-write")
+        self._pending: Future | None = None
+
+    def write(self, name: str, chunk: torch.Tensor) -> None:
+        self.wait()
+        self._pending = self._pool.submit(self._sink.write, name, chunk)
+
+    def wait(self) -> None:
+        """Return once the write in flight is done; raises its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> "WriteBehind":
+        return self
+
+    def __exit__(self, exc_type, *exc: object) -> None:
+        try:
+            if exc_type is None:
+                self.wait()  # the last chunk's error, if any, is the merge's
+            elif self._pending is not None:
+                self._pending.exception()  # failing anyway: let the write finish, keep the first error
+        finally:
+            self._pool.shutdown()
 
 
 @dataclass(frozen=True)
@@ -136,23 +175,47 @@ def _file_parts(plan: MergePlan, readers: Sequence[CheckpointReader], chunk: _Ch
 
 
 class _Inputs:
-    """Hands out each file part's bytes, read ahead in the order of ``_file_parts`` over all chunks."""
+    """Hands out each file part's elements in the order of ``_file_parts`` over all chunks: on the CPU as
+    zero-copy views of the inputs' maps, their pages brought in ahead (``PageAhead``); for an accelerator
+    copied ahead into page-locked buffers (``ReadAhead``), which asynchronous copies need."""
 
     def __init__(self, plan: MergePlan, readers: Sequence[CheckpointReader], chunks: list[_Chunk],
                  reads: ReadSettings, stage: Stage, stack: ExitStack):
         self.slot_bytes, self._stage = reads.slot_bytes, stage
-        order = (part.range for chunk in chunks if chunk.task.merged
-                 for part in _file_parts(plan, readers, chunk, reads.slot_bytes) or [])
-        self._ahead = stack.enter_context(ReadAhead(order, slot_bytes=reads.slot_bytes, slots=reads.slots,
-                                                    pin_memory=stage.uses_accelerator))
+        self._copies = stage.uses_accelerator
+        if self._copies:
+            ranges = (part.range for chunk in chunks if chunk.task.merged
+                      for part in _file_parts(plan, readers, chunk, reads.slot_bytes) or [])
+            self._ahead = stack.enter_context(ReadAhead(ranges, slot_bytes=reads.slot_bytes, slots=reads.slots,
+                                                        pin_memory=True))
+        else:
+            self._pages = stack.enter_context(PageAhead(_part_views(plan, readers, chunks, reads.slot_bytes),
+                                                        ahead=reads.slots))
 
     @contextmanager
     def read(self, part: _Part) -> Iterator[torch.Tensor]:
         """The part's elements (a host tensor, valid inside the block)."""
+        if not self._copies:
+            got, view = self._pages.next()
+            assert got == part.range, "read-ahead order diverged from the merge order"
+            yield view
+            return
         slot = self._ahead.next()
         assert slot.range == part.range, "read-ahead order diverged from the merge order"
         yield slot.data.view(part.dtype)
         self._ahead.release(slot, self._stage.fence())
+
+
+def _part_views(plan: MergePlan, readers: Sequence[CheckpointReader], chunks: list[_Chunk],
+                slot_bytes: int) -> Iterator[tuple[FileRange, torch.Tensor]]:
+    """``(range, zero-copy view)`` of every file part, in the order ``_merge_chunk`` sums them."""
+    for chunk in chunks:
+        parts = _file_parts(plan, readers, chunk, slot_bytes) if chunk.task.merged else None
+        rows: dict[int, torch.Tensor] = {}
+        for part in parts or []:
+            if part.input not in rows:
+                rows[part.input] = readers[part.input].get_rows(chunk.task.name, chunk.start, chunk.stop).reshape(-1)
+            yield part.range, rows[part.input][part.begin:part.end]
 
 
 def _merge_chunk(plan: MergePlan, readers: Sequence[CheckpointReader], inputs: _Inputs, chunk: _Chunk,

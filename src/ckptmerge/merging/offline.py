@@ -118,7 +118,7 @@ def _merge_into(tmp: Path, plan: MergePlan, readers, *, dtype, max_shard_bytes, 
                 ([readers[i] for i in plan.active] if t.merged else readers))
     bar = progress_bar(total, "merge", unit="B", enabled=progress)
     stats = run_engine(plan, readers, writer, chunk_bytes=chunk_bytes, allow_nonfinite=allow_nonfinite,
-                       on_bytes=bar.update, device=device)
+                       on_bytes=bar.update, device=device, write_behind=True)
     bar.close()
     writer.close()
     merged_s = time.monotonic() - started - planned_s
