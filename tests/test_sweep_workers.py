@@ -27,6 +27,8 @@ from ckptmerge.sweep.shared_study import KEY_ATTR  # noqa: E402
 from ckptmerge.train.trainer import TrainConfig, train  # noqa: E402
 
 GRID = dict(methods=["sma", "ema:0.5"], n=[2, 3], every=[5, 10], at=[20, 30, 40], n_tokens=2048)
+# fewer, longer evaluations (8x the tokens): a kill lands inside one more often than between two
+SLOW_GRID = dict(methods=["sma"], n=[2, 3], every=[5, 10], at=[30, 40], n_tokens=16384)
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +40,24 @@ def run(tmp_path_factory):
     return root
 
 
+def _one_process(run, folder, grid):
+    return sweep(run / "stable", SweepConfig(**grid, data=[str(run / "val.txt")]), folder, progress=False,
+                 log=lambda *_: None)
+
+
 @pytest.fixture(scope="module")
 def reference(run, tmp_path_factory):
-    cfg = SweepConfig(**GRID, data=[str(run / "val.txt")])
-    return sweep(run / "stable", cfg, tmp_path_factory.mktemp("one-process"), progress=False, log=lambda *_: None)
+    return _one_process(run, tmp_path_factory.mktemp("one-process"), GRID)
 
 
-def _command(run: Path, storage: str, study: str, out: Path) -> list[str]:
+def _command(run: Path, storage: str, study: str, out: Path, grid: dict = GRID) -> list[str]:
+    def commas(values):
+        return ",".join(str(v) for v in values)
+
     return [sys.executable, "-m", "ckptmerge", "sweep", str(run / "stable"), "--data", str(run / "val.txt"),
-            "--methods", ",".join(GRID["methods"]), "--n", "2,3", "--every", "5,10", "--at", "20,30,40",
-            "--tokens", str(GRID["n_tokens"]), "--storage", storage, "--study", study, "-o", str(out),
-            "--heartbeat", "5", "--quiet"]
+            "--methods", commas(grid["methods"]), "--n", commas(grid["n"]), "--every", commas(grid["every"]),
+            "--at", commas(grid["at"]), "--tokens", str(grid["n_tokens"]), "--storage", storage, "--study", study,
+            "-o", str(out), "--heartbeat", "5", "--quiet"]
 
 
 def _env() -> dict:
@@ -86,12 +95,13 @@ def test_two_postgres_workers_share_the_sweep_and_both_report_it(run, reference,
     assert not [t for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
 
 
-def test_a_worker_killed_mid_evaluation_leaves_its_trial_to_the_next(run, reference, tmp_path):
+def test_a_worker_killed_mid_evaluation_leaves_its_trial_to_the_next(run, tmp_path):
+    reference = _one_process(run, tmp_path / "one-process", SLOW_GRID)
     storage = f"sqlite:///{tmp_path / 'sweep.db'}"
     optuna.storages.RDBStorage(storage)  # the schema, before any worker
     killed = None
     for attempt in range(8):  # a kill can land between two evaluations; try again until one lands inside
-        worker = subprocess.Popen(_command(run, storage, "kill", tmp_path / "killed"), env=_env(),
+        worker = subprocess.Popen(_command(run, storage, "kill", tmp_path / "killed", SLOW_GRID), env=_env(),
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         killed = _running_trial_of(worker, storage, "kill")
         worker.send_signal(signal.SIGKILL)
@@ -100,7 +110,7 @@ def test_a_worker_killed_mid_evaluation_leaves_its_trial_to_the_next(run, refere
             break
     else:
         pytest.fail("no kill landed during an evaluation in 8 tries")
-    last = subprocess.run(_command(run, storage, "kill", tmp_path / "last"), env=_env(), capture_output=True,
+    last = subprocess.run(_command(run, storage, "kill", tmp_path / "last", SLOW_GRID), env=_env(), capture_output=True,
                           text=True, timeout=600)
     assert last.returncode == 0, last.stderr[-3000:]
     _same_rows(json.loads((tmp_path / "last" / "report.json").read_text()), reference)
