@@ -36,8 +36,8 @@ class CachedScorer:
             self.scorer.load(refs[-1:], [1.0])  # the model fixes the context, which fixes the windows
         if data not in self._window_sha:
             self._window_sha[data] = windows_digest(self.scorer.windows(data))
-        kept = [(r, c) for r, c in zip(refs, coeffs) if c != 0.0]
-        return eval_key([self.fingerprint(r) for r, _ in kept], [c for _, c in kept], self._window_sha[data])
+        refs, coeffs = _nonzero(refs, coeffs)
+        return eval_key([self.fingerprint(r) for r in refs], coeffs, self._window_sha[data])
 
     def score(self, refs: Sequence[CheckpointRef], coeffs: Sequence[float], data: str) -> EvalResult:
         key = self.key(refs, coeffs, data)
@@ -46,14 +46,19 @@ class CachedScorer:
             self.hits += 1
             return cached
         self.misses += 1
-        kept = [(r, c) for r, c in zip(refs, coeffs) if c != 0.0]  # a zero weight adds nothing
-        result = self.scorer.score([r for r, _ in kept], [c for _, c in kept], data)
+        result = self.scorer.score(*_nonzero(refs, coeffs), data)
         self.remember(key, result, refs, coeffs)
         return result
 
     def remember(self, key: str, result: EvalResult, refs: Sequence[CheckpointRef], coeffs: Sequence[float]) -> None:
-        kept = [(r, c) for r, c in zip(refs, coeffs) if c != 0.0]
-        self.cache.put(key, result, {"checkpoints": [str(r.path) for r, _ in kept], "coeffs": [c for _, c in kept]})
+        refs, coeffs = _nonzero(refs, coeffs)
+        self.cache.put(key, result, {"checkpoints": [str(r.path) for r in refs], "coeffs": coeffs})
 
     def raw(self, ref: CheckpointRef, data: str) -> EvalResult:
         return self.score([ref], [1.0], data)
+
+
+def _nonzero(refs: Sequence[CheckpointRef], coeffs: Sequence[float]) -> tuple[list[CheckpointRef], list[float]]:
+    """The checkpoints with a non-zero weight (a zero weight adds nothing), and their weights."""
+    kept = [(r, c) for r, c in zip(refs, coeffs) if c != 0.0]
+    return [r for r, _ in kept], [c for _, c in kept]

@@ -58,10 +58,10 @@ def score_in_study(scorer: CachedScorer, jobs: Sequence[Job], *, storage: str, s
     while True:
         reap_dead_workers(study, grace_s)
         fail_stale(study)
-        done, live = _progress(study, by_key)
+        done, live, queued = _progress(study, by_key)
         bar.update(len(done) - bar.n)
-        if len(done) == len(by_key):
-            break
+        if len(done) == len(by_key) and not queued:
+            break  # (copies still queued, e.g. from a start-up race, are popped and dropped first)
         lost = {k: j for k, j in by_key.items() if k not in done and k not in live}
         _enqueue_missing(study, lost, known=())  # failed for good on another worker: queue again
         if not _waiting(study):
@@ -98,11 +98,12 @@ def _enqueue_missing(study, by_key: dict[str, Job], known=None) -> int:
     return len(missing)
 
 
-def _progress(study, by_key: dict[str, Job]) -> tuple[dict, set]:
-    """The results of this command's finished jobs, and the keys of its queued or running ones."""
+def _progress(study, by_key: dict[str, Job]) -> tuple[dict, set, set]:
+    """The results of this command's finished jobs, the keys of its queued or running ones, and of its
+    queued ones."""
     from optuna.trial import TrialState
 
-    done, live = {}, set()
+    done, live, queued = {}, set(), set()
     for t in study.get_trials(deepcopy=False):
         key = t.user_attrs.get(KEY_ATTR)
         if key not in by_key:
@@ -111,7 +112,9 @@ def _progress(study, by_key: dict[str, Job]) -> tuple[dict, set]:
             done.setdefault(key, result_from_fields(t.user_attrs["result"]))
         elif t.state in (TrialState.WAITING, TrialState.RUNNING):
             live.add(key)
-    return done, live
+            if t.state == TrialState.WAITING:
+                queued.add(key)
+    return done, live, queued
 
 
 def _waiting(study) -> bool:
