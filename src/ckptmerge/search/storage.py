@@ -80,6 +80,13 @@ def finished_elsewhere() -> Iterator[None]:
             raise
 
 
+def fail_dead_trials(study, heartbeat_s: float) -> None:
+    """Fail and re-queue the RUNNING trials whose worker is gone: a dead process on this host at once, any
+    other worker once its heartbeat is silent for the grace period (``grace_period(heartbeat_s)``)."""
+    reap_dead_workers(study, grace_period(heartbeat_s))
+    fail_stale(study)
+
+
 def fail_stale(study) -> None:
     """Optuna's heartbeat check: fail (and re-queue) the running trials silent past the grace period."""
     import optuna

@@ -12,7 +12,7 @@ from ckptmerge.search.objective import MergeObjective
 from ckptmerge.search.storage import (
     DEFAULT_HEARTBEAT_S,
     claim,
-    fail_stale,
+    fail_dead_trials,
     finished_elsewhere,
     grace_period,
     open_storage,
@@ -126,8 +126,7 @@ def run_trials(study, space, objective: MergeObjective, cfg: SearchConfig, *, lo
 
     bar = progress_bar(cfg.trials, "search", unit="trial", enabled=log is not None)  # the CLI's runs
     while True:
-        reap_dead_workers(study, grace_period(cfg.heartbeat_s))
-        fail_stale(study)
+        fail_dead_trials(study, cfg.heartbeat_s)
         complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
         running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         bar.update(min(complete, cfg.trials) - bar.n)  # trials finished by every worker of the study

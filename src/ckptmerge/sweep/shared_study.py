@@ -24,11 +24,9 @@ from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.search.storage import (
     DEFAULT_HEARTBEAT_S,
     claim,
-    fail_stale,
+    fail_dead_trials,
     finished_elsewhere,
-    grace_period,
     open_storage,
-    reap_dead_workers,
 )
 from ckptmerge.sweep.cache import result_fields, result_from_fields
 from ckptmerge.sweep.evaluator import CachedScorer
@@ -54,10 +52,8 @@ def score_in_study(scorer: CachedScorer, jobs: Sequence[Job], *, storage: str, s
     queued = _enqueue_missing(study, by_key)
     log(f"sweep study {study_name!r}: {len(by_key)} evaluations, {queued} newly queued")
     bar = progress_bar(len(by_key), "sweep", unit="eval", enabled=progress)
-    grace_s = grace_period(heartbeat_s)
     while True:
-        reap_dead_workers(study, grace_s)
-        fail_stale(study)
+        fail_dead_trials(study, heartbeat_s)
         done, live, queued = _progress(study, by_key)
         bar.update(len(done) - bar.n)
         if len(done) == len(by_key) and not queued:
