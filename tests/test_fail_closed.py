@@ -318,14 +318,29 @@ def test_read_only_output_folder(tmp_path, run, capsys):
     assert list((tmp_path / "ro").iterdir()) == []
 
 
-def test_full_disk_mid_merge(tmp_path, run, capsys, monkeypatch):
-    import ckptmerge.io.safetensors_writer as writer_mod
+@pytest.mark.parametrize("where", ["reserving the output", "writing without fallocate"])
+def test_full_disk(tmp_path, run, capsys, monkeypatch, where):
+    import ctypes
 
-    def full(self, nbytes):
-        path = self.files[self._shard_index]
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    import ckptmerge.io.output_file as output_mod
 
-    monkeypatch.setattr(writer_mod.StreamingSafetensorsWriter, "_start_writeback", full)
+    def no_room(*_):
+        ctypes.set_errno(errno.ENOSPC)
+        return -1
+
+    if where == "reserving the output":
+        monkeypatch.setattr(output_mod, "_fallocate", no_room)
+    else:  # a filesystem without fallocate: plain writes, the disk fills after the header
+        monkeypatch.setattr(output_mod, "_fallocate", None)
+        real_write, written = output_mod._write_all, []
+
+        def fill_up(fd, src, path):
+            written.append(src.numel())
+            if len(written) > 1:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            real_write(fd, src, path)
+
+        monkeypatch.setattr(output_mod, "_write_all", fill_up)
     before = tree_digest(run)
     code, err = run_cli(capsys, "merge", run, "-o", tmp_path / "out", "--quiet")
     assert_failed_closed(code, err, tmp_path, before, run, names=("No space left", "model.safetensors"))

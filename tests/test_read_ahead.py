@@ -8,7 +8,7 @@ import torch
 from ckptmerge.errors import CheckpointFormatError, ConfigError
 from ckptmerge.io.read_ahead import ReadAhead
 from ckptmerge.io.tensor_info import FileRange
-from ckptmerge.merging.cpu_threads import MIN_PARALLEL_ELEMENTS, CpuThreads
+from ckptmerge.merging.cpu_threads import MIN_PARALLEL_ELEMENTS, PARTS_PER_THREAD, CpuThreads
 from ckptmerge.merging.device import resolve_device
 
 
@@ -81,9 +81,10 @@ def test_closing_early_stops_the_reader(two_files):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_split_operations_give_the_whole_operations_bits(dtype):
+@pytest.mark.parametrize("numel, parts", [(MIN_PARALLEL_ELEMENTS + 77, 3),  # one part a thread
+                                          (13 * MIN_PARALLEL_ELEMENTS + 5, 3 * PARTS_PER_THREAD)])
+def test_split_operations_give_the_whole_operations_bits(dtype, numel, parts):
     g = torch.Generator().manual_seed(0)
-    numel = MIN_PARALLEL_ELEMENTS + 77
     acc, part = torch.randn(numel, generator=g), torch.randn(numel, generator=g).to(dtype)
     whole = acc.clone().add_(part, alpha=0.3)
     saved = torch.get_num_threads()
@@ -93,7 +94,7 @@ def test_split_operations_give_the_whole_operations_bits(dtype):
         assert torch.get_num_threads() == 1  # no OpenMP team spinning beside the pool
         cast = torch.empty(numel, dtype=dtype)
         threads.map(lambda o, a: o.copy_(a), cast, acc)
-    assert len(results) == 3
+    assert len(results) == parts
     assert torch.get_num_threads() == saved
     assert torch.equal(acc.view(torch.int32), whole.view(torch.int32))
     assert torch.equal(cast.view(torch.int16 if dtype == torch.bfloat16 else torch.int32), whole.to(dtype).view(

@@ -52,7 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--accum-dtype", choices=("float32", "float64"), help="accumulation dtype (default float32)")
     o.add_argument("--device", help="accumulate on cpu (default, every core) or an accelerator, e.g. cuda")
     o.add_argument("--max-shard-size", help="shard size cap, e.g. 5GB (default)")
-    o.add_argument("--chunk-size", help="merge tensors larger than this in row slices (default 256MB)")
+    o.add_argument("--chunk-size", help="merge tensors larger than this in row slices (default 16MB)")
     o.add_argument("--allow-nonfinite", action="store_true", default=None, help="merge inputs with NaN/Inf")
     o.add_argument("--hash", choices=("sampled", "full", "none"), help="input fingerprint for merge.json")
     o.add_argument("--force", action="store_true", default=None, help="replace an existing output")

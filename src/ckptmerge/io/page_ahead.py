@@ -6,7 +6,9 @@ one waits for the disk, on a warm one it still maps pages one by one. ``PageAhea
 in the order they will be summed (any iterable, consumed lazily on its thread), asks the kernel to
 map each one's pages (``madvise(MADV_POPULATE_READ)``, Linux 5.14+; elsewhere it touches one byte per
 page) and hands the views over in order, at most ``ahead`` of them ready at a time. The disk reads
-and the faults happen on that thread, in parallel with the accumulation on the others.
+and the faults happen on that thread, in parallel with the accumulation on the others. For an output
+file's map (``ckptmerge.io.output_file``) it maps the pages writable instead, which is where the
+filesystem allocates them (``MADV_POPULATE_WRITE``).
 
     with PageAhead(((key, view) for ...), ahead=8) as pages:
         for key in keys:
@@ -17,7 +19,9 @@ and the faults happen on that thread, in parallel with the accumulation on the o
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
+import os
 import queue
 import threading
 from collections.abc import Iterable
@@ -26,6 +30,7 @@ from typing import Any
 import torch
 
 _MADV_POPULATE_READ = 22  # linux/mman.h
+_MADV_POPULATE_WRITE = 23
 _PAGE_BYTES = mmap.PAGESIZE
 _DONE = object()
 
@@ -33,8 +38,11 @@ _DONE = object()
 class PageAhead:
     """Yields ``(key, view)`` pairs of ``items`` in order, each view's pages made resident on a thread."""
 
-    def __init__(self, items: Iterable[tuple[Any, torch.Tensor]], *, ahead: int):
-        self._items = items
+    def __init__(self, items: Iterable[tuple[Any, torch.Tensor]], *, ahead: int, for_writing: bool = False):
+        """``for_writing``: the views are of a shared, writable file map about to be written (an output
+        file): their pages are mapped writable (``MADV_POPULATE_WRITE``), which is where the filesystem
+        allocates them, instead of read in."""
+        self._items, self._for_writing = items, for_writing
         self._ready: queue.Queue = queue.Queue(maxsize=max(1, ahead))
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="ckptmerge-page-ahead", daemon=True)
@@ -70,22 +78,29 @@ class PageAhead:
             for key, view in self._items:
                 if self._closed:
                     return
-                make_resident(view)
+                make_resident(view, for_writing=self._for_writing)
                 self._ready.put((key, view))
             self._ready.put(_DONE)
         except BaseException as exc:  # handed to the consumer, which raises it
             self._ready.put(exc)
 
 
-def make_resident(view: torch.Tensor) -> None:
-    """Map every page under a contiguous CPU tensor (waiting for the disk if it must)."""
+def make_resident(view: torch.Tensor, *, for_writing: bool = False) -> None:
+    """Map every page under a contiguous CPU tensor (waiting for the disk if it must); ``for_writing``
+    maps them writable. An OSError when the kernel cannot (for writing: a full disk, an I/O error)."""
     nbytes = view.numel() * view.element_size()
     if nbytes == 0:
         return
     start = view.data_ptr() & ~(_PAGE_BYTES - 1)
     length = view.data_ptr() + nbytes - start
-    if _madvise is not None and _madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_POPULATE_READ) == 0:
+    advice = _MADV_POPULATE_WRITE if for_writing else _MADV_POPULATE_READ
+    if _madvise is not None and _madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) == 0:
         return
+    err = ctypes.get_errno() if _madvise is not None else errno.EINVAL
+    if for_writing:
+        if err == errno.EINVAL:  # a kernel before 5.14: the writes themselves will map the pages
+            return
+        raise OSError(err, f"{os.strerror(err)} (mapping output pages for writing)")
     flat = view.reshape(-1).view(torch.uint8)  # an older kernel or another OS: touch one byte per page
     flat[::_PAGE_BYTES].sum()
 

@@ -10,13 +10,13 @@ tensors always give byte-identical files. Shards follow HF naming
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from ckptmerge.io.output_file import OutputFile
 from ckptmerge.io.safetensors_reader import SAFETENSORS_DTYPE_NAMES
 from ckptmerge.io.tensor_info import TensorInfo
 
@@ -49,7 +49,10 @@ def _header_bytes(entries: Sequence[tuple[str, TensorInfo]], metadata: dict[str,
 
 
 class StreamingSafetensorsWriter:
-    """Write tensors, in the declared order and in row chunks, into sharded safetensors files."""
+    """Write tensors, in the declared order and in row chunks, into sharded safetensors files.
+
+    Each shard is an ``OutputFile`` of known size (mapped, its disk reserved up front). Use it as a
+    context manager so a failure part-way releases the open file; ``close`` finishes the output."""
 
     def __init__(self, folder: Path, entries: Sequence[tuple[str, TensorInfo]], *,
                  max_shard_bytes: int, metadata: dict[str, str] | None = None,
@@ -84,26 +87,15 @@ class StreamingSafetensorsWriter:
             self._pending_bytes = info.nbytes
         self._open_shard(shard_index)
         data = chunk.contiguous().reshape(-1)
-        if data.dtype == torch.bfloat16:
-            data = data.view(torch.int16)
         nbytes = data.numel() * data.element_size()
         if nbytes > self._pending_bytes:
             raise RuntimeError(f"tensor {name!r}: {nbytes} bytes written past its declared size")
-        self._handle.write(data.numpy().data)
-        self._start_writeback(nbytes)
+        self._handle.write(data)
         self.bytes_written += nbytes
         self._pending_bytes -= nbytes
         if self._pending_bytes == 0 or info.nbytes == 0:
             self._pending_bytes = 0
             self._position += 1
-
-    def _start_writeback(self, nbytes: int) -> None:
-        """Ask the kernel to begin writing the bytes just written, so the final fsync has little left."""
-        if nbytes < (8 << 20) or not hasattr(os, "posix_fadvise"):
-            return
-        self._handle.flush()
-        end = self._handle.tell()
-        os.posix_fadvise(self._handle.fileno(), end - nbytes, nbytes, os.POSIX_FADV_DONTNEED)
 
     def _open_shard(self, shard_index: int) -> None:
         if shard_index == self._shard_index:
@@ -111,10 +103,20 @@ class StreamingSafetensorsWriter:
         if self._handle is not None:
             self._handle.close()
         self._shard_index = shard_index
-        self._handle = open(self.files[shard_index], "wb")
         header = _header_bytes(self.shards[shard_index], self._metadata)
+        nbytes = len(header) + sum(info.nbytes for _, info in self.shards[shard_index])
+        self._handle = OutputFile(self.files[shard_index], nbytes)
         self._handle.write(header)
         self.bytes_written += len(header)
+
+    def __enter__(self) -> "StreamingSafetensorsWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Release the open file (a failed merge's partial file stays for its temporary folder's cleanup)."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
 
     def close(self) -> list[Path]:
         """Finish the files (and the index when sharded); raises if any declared tensor is missing."""

@@ -4,8 +4,9 @@ torch's own intra-op threads (OpenMP) spin between parallel regions; a merge cal
 element-wise operations while a read-ahead thread copies file data, so the spinning takes the very
 core that thread needs, and on a shared machine it burns CPU others wait for. From its first large
 operation until the merge ends, ``CpuThreads`` sets torch to one intra-op thread and instead splits
-each large operation into equal, cache-line-aligned parts: one per core, run on threads that sleep
-when idle (torch releases the GIL inside every operation). Small merges (online averaging of a tiny
+each large operation into equal, cache-line-aligned parts (a few per core) run on threads that sleep
+when idle (torch releases the GIL inside every operation); the calling thread takes back the parts no
+thread has started, so a core busy with reading or writing does not hold the others up. Small merges (online averaging of a tiny
 model) never change torch's settings. Each element is computed exactly as in one whole-tensor operation.
 """
 
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 MIN_PARALLEL_ELEMENTS = 1 << 18  # below this, splitting costs more than it saves
+PARTS_PER_THREAD = 4  # smaller parts even out the threads when other work takes a core for a while
 _ALIGN_ELEMENTS = 64
 
 
@@ -42,11 +44,16 @@ class CpuThreads:
         numel = tensors[0].numel()
         if self.threads == 1 or numel < MIN_PARALLEL_ELEMENTS:
             return [fn(*tensors)]
-        step = -(-numel // self.threads // _ALIGN_ELEMENTS) * _ALIGN_ELEMENTS
+        parts = min(self.threads * PARTS_PER_THREAD, max(self.threads, numel // MIN_PARALLEL_ELEMENTS))
+        step = -(-numel // parts // _ALIGN_ELEMENTS) * _ALIGN_ELEMENTS
         bounds = [(b, min(b + step, numel)) for b in range(0, numel, step)]
         if self._pool is None:
             torch.set_num_threads(1)
             self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="ckptmerge-accumulate")
         futures = [self._pool.submit(fn, *(t[b:e] for t in tensors)) for b, e in bounds[1:]]
-        first = fn(*(t[bounds[0][0]:bounds[0][1]] for t in tensors))
-        return [first, *(f.result() for f in futures)]
+        results = {0: fn(*(t[bounds[0][0]:bounds[0][1]] for t in tensors))}
+        for i in range(len(futures) - 1, -1, -1):  # parts no thread has started yet: run them here
+            if futures[i].cancel():
+                b, e = bounds[i + 1]
+                results[i + 1] = fn(*(t[b:e] for t in tensors))
+        return [results[0], *(results[i + 1] if f.cancelled() else f.result() for i, f in enumerate(futures))]

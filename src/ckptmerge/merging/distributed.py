@@ -135,16 +135,16 @@ def _write_share(tmp: Path, plan: MergePlan, tasks: list[TensorTask], names: lis
                  max_shard_bytes: int, allow_nonfinite: bool, progress: bool, device) -> dict:
     started = time.monotonic()
     share = dataclasses.replace(plan, tasks=tasks)
-    writer = StreamingSafetensorsWriter(Path(tmp), [(t.name, t.info) for t in tasks],
-                                        max_shard_bytes=max_shard_bytes, shard_names=names)
     with ExitStack() as stack:
+        writer = stack.enter_context(StreamingSafetensorsWriter(Path(tmp), [(t.name, t.info) for t in tasks],
+                                                                max_shard_bytes=max_shard_bytes, shard_names=names))
         readers = [stack.enter_context(closing(open_checkpoint(r.path))) for r in plan.refs]
         bar = stack.enter_context(closing(progress_bar(sum(task_read_bytes(plan, t) for t in tasks),
                                                         f"merge (rank 0 of {world_size()})", unit="B",
                                                         enabled=progress)))
         stats = run_engine(share, readers, writer, chunk_bytes=chunk_bytes, allow_nonfinite=allow_nonfinite,
                            on_bytes=bar.update, device=device, write_behind=True)
-    writer.close()
+        writer.close()
     return {"rank": rank(), "tensors": len(tasks), "bytes_read": stats.bytes_read,
             "bytes_written": writer.bytes_written, "seconds": round(time.monotonic() - started, 4),
             "differing_buffers": stats.differing_buffers}

@@ -36,7 +36,7 @@ from ckptmerge.io.tensor_info import CheckpointReader, FileRange
 from ckptmerge.merging.device import Stage, input_device
 from ckptmerge.merging.plan import MergePlan, TensorTask
 
-DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
+DEFAULT_CHUNK_BYTES = 16 << 20  # small chunks keep the write-behind pipeline's start and end short
 
 
 @dataclass(frozen=True)

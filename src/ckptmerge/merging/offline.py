@@ -113,14 +113,14 @@ def check_arguments(checkpoints, coeffs, output, *, accum_dtype, force, allow_un
 def _merge_into(tmp: Path, plan: MergePlan, readers, *, dtype, max_shard_bytes, chunk_bytes, allow_nonfinite,
                 pins, progress, recipe, started, planned_s, device) -> dict:
     entries = [(t.name, t.info) for t in plan.tasks]
-    writer = StreamingSafetensorsWriter(tmp, entries, max_shard_bytes=max_shard_bytes)
     total = sum(t.info.numel * r.info(t.name).dtype.itemsize for t in plan.tasks for r in
                 ([readers[i] for i in plan.active] if t.merged else readers))
-    bar = progress_bar(total, "merge", unit="B", enabled=progress)
-    stats = run_engine(plan, readers, writer, chunk_bytes=chunk_bytes, allow_nonfinite=allow_nonfinite,
-                       on_bytes=bar.update, device=device, write_behind=True)
-    bar.close()
-    writer.close()
+    with StreamingSafetensorsWriter(tmp, entries, max_shard_bytes=max_shard_bytes) as writer:
+        bar = progress_bar(total, "merge", unit="B", enabled=progress)
+        stats = run_engine(plan, readers, writer, chunk_bytes=chunk_bytes, allow_nonfinite=allow_nonfinite,
+                           on_bytes=bar.update, device=device, write_behind=True)
+        bar.close()
+        writer.close()
     merged_s = time.monotonic() - started - planned_s
     return finish_output(tmp, plan, dtype=dtype, pins=pins, recipe=recipe,
                          differing_buffers=stats.differing_buffers,

@@ -54,7 +54,7 @@ class MergeRecipe:
     accum_dtype: str = "float32"
     device: str = "cpu"
     max_shard_size: str = "5GB"
-    chunk_size: str = "256MB"
+    chunk_size: str = "16MB"
     allow_nonfinite: bool = False
     hash: str = "sampled"
     force: bool = False

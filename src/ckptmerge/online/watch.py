@@ -170,11 +170,11 @@ class Watcher:
         tensors = {**{k: v.to(self._dtypes[k]) for k, v in self.merged().items()}, **self.state.other}
         names = sorted(tensors)
         with atomic_folder(self.out / "current", force=True) as tmp:
-            writer = StreamingSafetensorsWriter(tmp, [(k, TensorInfo(tensors[k].dtype, tuple(tensors[k].shape)))
-                                                      for k in names], max_shard_bytes=5 * 1000**3)
-            for k in names:
-                writer.write(k, tensors[k])
-            writer.close()
+            entries = [(k, TensorInfo(tensors[k].dtype, tuple(tensors[k].shape))) for k in names]
+            with StreamingSafetensorsWriter(tmp, entries, max_shard_bytes=5 * 1000**3) as writer:
+                for k in names:
+                    writer.write(k, tensors[k])
+                writer.close()
             copy_sidecars(ref.path, tmp, None)
             meta = {"step": ref.step, "tokens_seen": ref.tokens_seen, "merged": True,
                     "watch": {"schedule": self.cfg.schedule, "last": self.cfg.last, "every": self.cfg.every,

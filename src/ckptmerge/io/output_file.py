@@ -1,0 +1,165 @@
+"""A file written front to back whose final size is known before the first byte: a merge's output shard.
+
+Buffered ``write`` calls copy every page into the page cache under the file's lock, one thread at a
+time: on a fast disk that copy, not the disk, bounds a merge. Here the file's blocks are reserved
+first (``fallocate``: a full disk fails now, before any work, rather than mid-merge), the file is
+memory-mapped, a thread maps its pages for writing a few windows ahead of the data
+(``madvise(MADV_POPULATE_WRITE)``, ``ckptmerge.io.page_ahead``), and each write is a plain memory
+copy into pages that are ready. Finished ranges are handed to the kernel's writeback as they complete
+(``sync_file_range``), so the caller's final ``fsync`` has little left to wait for.
+
+Where the filesystem cannot reserve blocks (no ``fallocate``: some network and FUSE filesystems,
+non-Linux systems) the file is written with plain ``write`` calls instead; the bytes are the same.
+
+    with OutputFile(path, nbytes) as out:
+        out.write(header_bytes)
+        out.write(tensor.view(torch.uint8))
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+from pathlib import Path
+
+import torch
+
+from ckptmerge.io.page_ahead import PageAhead
+
+WINDOW_BYTES = 8 << 20  # pages are readied in windows of this size
+WINDOWS_AHEAD = 8  # at most this many windows ready beyond the data written
+WRITEBACK_BYTES = 32 << 20  # start writeback each time this much more is written
+_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
+_NO_RESERVE = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+class OutputFile:
+    """``path``, created (or truncated) to hold exactly ``nbytes``, written in order by ``write``."""
+
+    def __init__(self, path: Path, nbytes: int):
+        self.path, self.nbytes, self.position = Path(path), nbytes, 0
+        self._flushed = 0
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._map: mmap.mmap | None = None
+        self._bytes: torch.Tensor | None = None  # the whole map as uint8; every view is a slice of it
+        self._pages: PageAhead | None = None
+        self._ready = 0  # bytes [0, _ready) have their pages mapped for writing
+        try:
+            if nbytes > 0 and reserve(self._fd, nbytes, self.path):
+                self._map = mmap.mmap(self._fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+                self._pages = PageAhead(_windows(self._bytes), ahead=WINDOWS_AHEAD, for_writing=True)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def mapped(self) -> bool:
+        """Whether bytes go through a memory map (else plain ``write`` calls)."""
+        return self._map is not None
+
+    def write(self, data: torch.Tensor | bytes) -> None:
+        """Append ``data`` (bytes, or a contiguous CPU tensor whose bytes are written as they lie)."""
+        src = _as_bytes(data)
+        n = src.numel()
+        if self.position + n > self.nbytes:
+            raise RuntimeError(f"{self.path}: {self.position + n} bytes written into a file declared {self.nbytes}")
+        if self._bytes is None:
+            _write_all(self._fd, src, self.path)
+        elif n:
+            self._wait_ready(self.position + n)
+            self._bytes[self.position:self.position + n].copy_(src)
+        self.position += n
+        if self.position - self._flushed >= WRITEBACK_BYTES:
+            start_writeback(self._fd, self._flushed, self.position - self._flushed, self.path)
+            self._flushed = self.position
+
+    def close(self) -> None:
+        """Unmap and close (idempotent); the bytes reach the disk with the caller's ``fsync``."""
+        if self._pages is not None:
+            self._pages.close()
+            self._pages = None
+        self._bytes = None  # the map's only export: it can close now
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "OutputFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _wait_ready(self, end: int) -> None:
+        while self._ready < end:
+            offset, window = self._pages.next()
+            self._ready = offset + window.numel()
+            del window
+
+
+def _windows(data: torch.Tensor):
+    """``(offset, view)`` of consecutive windows of ``data``."""
+    for offset in range(0, data.numel(), WINDOW_BYTES):
+        yield offset, data[offset:offset + WINDOW_BYTES]
+
+
+def _as_bytes(data: torch.Tensor | bytes) -> torch.Tensor:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
+    flat = data.reshape(-1)
+    if not flat.is_contiguous() or flat.device.type != "cpu":
+        raise ValueError("OutputFile.write needs a contiguous CPU tensor")
+    return flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
+
+
+def _write_all(fd: int, src: torch.Tensor, path: Path) -> None:
+    view = memoryview(src.numpy()).cast("B")
+    while view.nbytes:
+        try:
+            written = os.write(fd, view)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        view = view[written:]
+
+
+def reserve(fd: int, nbytes: int, path: Path) -> bool:
+    """Allocate ``nbytes`` of disk for ``fd``: True when done, False when this filesystem cannot; an
+    OSError naming ``path`` when the disk (or quota) has no room."""
+    if _fallocate is None:
+        return False
+    if _fallocate(fd, 0, 0, nbytes) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _NO_RESERVE:
+        return False
+    raise OSError(err, f"{os.strerror(err)} (reserving {nbytes / 1e9:.2f} GB for the output)", str(path))
+
+
+def start_writeback(fd: int, offset: int, nbytes: int, path: Path) -> None:
+    """Ask the kernel to start writing ``[offset, offset + nbytes)`` to disk, without waiting for it."""
+    if _sync_file_range is not None:
+        if _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in _NO_RESERVE:
+            raise OSError(err, os.strerror(err), str(path))
+    elif hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)  # starts writeback on Linux
+
+
+def _libc_function(name: str, argtypes: tuple):
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)  # ctypes releases the GIL during the call
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return fn
+
+
+_fallocate = _libc_function("fallocate", (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64))
+_sync_file_range = _libc_function("sync_file_range", (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint))

@@ -1,0 +1,95 @@
+"""OutputFile: the bytes on disk are exactly the bytes written, mapped or not, across page-window edges."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import ckptmerge.io.output_file as output_mod
+from ckptmerge.io.output_file import OutputFile
+
+
+def pieces(seed: int) -> list[np.ndarray]:
+    """Byte strings of awkward sizes: empty, one byte, window-straddling, several windows."""
+    rng = np.random.default_rng(seed)
+    window = output_mod.WINDOW_BYTES
+    sizes = [0, 1, 7, window - 3, 5, 2 * window + 11, 0, 4096, window, 13]
+    return [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
+
+
+@pytest.fixture(params=["mapped", "plain writes"])
+def mode(request, monkeypatch):
+    if request.param == "plain writes":  # a filesystem without fallocate
+        monkeypatch.setattr(output_mod, "_fallocate", None)
+    return request.param
+
+
+def test_bytes_on_disk_equal_the_bytes_written(tmp_path, mode, monkeypatch):
+    monkeypatch.setattr(output_mod, "WRITEBACK_BYTES", 1 << 20)  # exercise sync_file_range many times
+    data = pieces(0)
+    total = sum(p.size for p in data)
+    path = tmp_path / "out.bin"
+    with OutputFile(path, total) as out:
+        assert out.mapped == (mode == "mapped")
+        for i, piece in enumerate(data):
+            out.write(piece.tobytes() if i % 2 else torch.from_numpy(piece))
+        assert out.position == total
+    assert path.read_bytes() == b"".join(p.tobytes() for p in data)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
+def test_tensors_are_written_as_they_lie_in_memory(tmp_path, mode, dtype):
+    values = (torch.randn(3001, generator=torch.Generator().manual_seed(1)) * 100).to(dtype)
+    expected = values.view(torch.int16).numpy().tobytes() if dtype == torch.bfloat16 else values.numpy().tobytes()
+    path = tmp_path / "t.bin"
+    with OutputFile(path, len(expected)) as out:
+        out.write(values[:1000])
+        out.write(values[1000:].reshape(1, -1))
+    assert path.read_bytes() == expected
+
+
+def test_writing_past_the_declared_size_is_refused(tmp_path, mode):
+    with OutputFile(tmp_path / "x.bin", 10) as out:
+        out.write(b"0123456789")
+        with pytest.raises(RuntimeError, match="declared 10"):
+            out.write(b"!")
+
+
+def test_the_disk_is_reserved_before_anything_is_written(tmp_path, monkeypatch):
+    reserved = []
+
+    def fake_fallocate(fd, mode, offset, nbytes):
+        reserved.append((mode, offset, nbytes, os.fstat(fd).st_size))
+        ctypes.set_errno(errno.ENOSPC)
+        return -1
+
+    monkeypatch.setattr(output_mod, "_fallocate", fake_fallocate)
+    with pytest.raises(OSError) as info:
+        OutputFile(tmp_path / "big.bin", 123456)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "big.bin")
+    assert reserved == [(0, 0, 123456, 0)]
+
+
+def test_a_filesystem_without_fallocate_falls_back_to_writes(tmp_path, monkeypatch):
+    def unsupported(*_):
+        ctypes.set_errno(errno.EOPNOTSUPP)
+        return -1
+
+    monkeypatch.setattr(output_mod, "_fallocate", unsupported)
+    with OutputFile(tmp_path / "f.bin", 3) as out:
+        assert not out.mapped
+        out.write(b"abc")
+    assert (tmp_path / "f.bin").read_bytes() == b"abc"
+
+
+def test_closing_early_releases_the_map(tmp_path):
+    out = OutputFile(tmp_path / "partial.bin", 3 * output_mod.WINDOW_BYTES)
+    out.write(b"x" * 100)
+    out.close()
+    out.close()  # idempotent
+    assert os.path.getsize(tmp_path / "partial.bin") == 3 * output_mod.WINDOW_BYTES
