@@ -112,16 +112,16 @@ def test_interrupted_merge_leaves_nothing_and_inputs_untouched(tmp_path, series,
     before = tree_digest(run_dir)
     import ckptmerge.io.safetensors_writer as writer_mod
 
-    real_write = writer_mod.StreamingSafetensorsWriter.write
+    real_write = writer_mod.StreamingSafetensorsWriter.write_rows
     calls = {"n": 0}
 
-    def dying_write(self, name, chunk):
+    def dying_write(self, name, start_row, chunk):
         calls["n"] += 1
         if calls["n"] == 3:
-            raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-merge
-        return real_write(self, name, chunk)
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-merge (on a merge worker's thread)
+        return real_write(self, name, start_row, chunk)
 
-    monkeypatch.setattr(writer_mod.StreamingSafetensorsWriter, "write", dying_write)
+    monkeypatch.setattr(writer_mod.StreamingSafetensorsWriter, "write_rows", dying_write)
     with pytest.raises(KeyboardInterrupt):
         merge_all(run_dir, tmp_path / "out")
     assert_nothing_written(tmp_path)

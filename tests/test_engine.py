@@ -1,5 +1,6 @@
 """The streaming engine (read-ahead, slices, every core) gives the very bits of the plain sequential loop."""
 
+import threading
 import time
 
 import pytest
@@ -63,13 +64,29 @@ class SlowSink(DictSink):
         super().write(name, chunk)
 
 
-def engine_merge(paths, coeffs, reads, chunk_bytes, accum=torch.float32, device="cpu", write_behind=False):
+class OrderSink(DictSink):
+    """Records which thread delivered each chunk, in arrival order."""
+
+    def __init__(self, shapes):
+        super().__init__(shapes)
+        self.order = []
+
+    def write_rows(self, name, start_row, chunk):
+        self.order.append((name, start_row, threading.get_ident()))
+        super().write_rows(name, start_row, chunk)
+
+
+def engine_merge(paths, coeffs, reads, chunk_bytes, accum=torch.float32, device="cpu", write_behind=False,
+                 workers=None, sink_type=None):
+    """``workers=1`` (or a CUDA device) takes the sequential loop; otherwise one worker per torch thread."""
     readers = [open_checkpoint(p) for p in paths]
     try:
         plan = build_plan(readers, [CheckpointRef(r.path) for r in readers], coeffs, accum_dtype=accum)
-        sink = (SlowSink if write_behind else DictSink)({t.name: (t.shape, t.out_dtype) for t in plan.tasks})
-        run_engine(plan, readers, sink, chunk_bytes=chunk_bytes, reads=reads, device=device, write_behind=write_behind)
-        return sink.tensors
+        sink_type = sink_type or (SlowSink if write_behind else DictSink)
+        sink = sink_type({t.name: (t.shape, t.out_dtype) for t in plan.tasks})
+        run_engine(plan, readers, sink, chunk_bytes=chunk_bytes, reads=reads, device=device, write_behind=write_behind,
+                   workers=workers)
+        return sink.tensors if sink_type is not OrderSink else (sink.tensors, sink.order)
     finally:
         for reader in readers:
             reader.close()
@@ -95,7 +112,22 @@ def test_every_schedule_and_dtype_gives_the_sequential_bits(tmp_path, schedule, 
     coeffs = compute_coeffs(schedule, refs, **PARAMS.get(schedule, {}))
     expected = sequential_merge(states, coeffs)
     for reads, chunk_bytes in SETTINGS:
-        assert_same_bits(engine_merge([r.path for r in refs], coeffs, reads, chunk_bytes), expected)
+        for workers in (None, 1):  # chunk workers (3, one per torch thread) and the sequential loop
+            assert_same_bits(engine_merge([r.path for r in refs], coeffs, reads, chunk_bytes, workers=workers),
+                             expected)
+
+
+def test_workers_write_chunks_out_of_order_and_every_row_once(tmp_path, three_threads):
+    """The parallel path really runs: 3 workers (one per torch thread) each deliver their share of the row chunks."""
+    states = [big_state(seed, torch.float32, step=seed) for seed in range(3)]
+    write_series(tmp_path / "run", states)
+    refs = discover(tmp_path / "run").checkpoints
+    got, order = engine_merge([r.path for r in refs], [0.2, 0.3, 0.5], ReadSettings(slot_bytes=4096, slots=2),
+                              chunk_bytes=20_000, sink_type=OrderSink)
+    assert_same_bits(got, sequential_merge(states, [0.2, 0.3, 0.5]))
+    big = [(start, thread) for name, start, thread in order if name == "big.weight"]
+    assert sorted(start for start, _ in big) == list(range(0, 520, 9))  # 9 rows of 513 fp32 fit in 20,000 bytes
+    assert len({thread for _, thread in big}) == 3 and threading.get_ident() not in {thread for _, thread in big}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -106,7 +138,7 @@ def test_writing_behind_a_slow_sink_gives_the_sequential_bits(tmp_path, dtype, t
     refs = discover(tmp_path / "run").checkpoints
     coeffs = compute_coeffs("ema", refs, alpha=0.3)
     for reads, chunk_bytes in SETTINGS:
-        got = engine_merge([r.path for r in refs], coeffs, reads, chunk_bytes, write_behind=True)
+        got = engine_merge([r.path for r in refs], coeffs, reads, chunk_bytes, write_behind=True, workers=1)
         assert_same_bits(got, sequential_merge(states, coeffs))
 
 

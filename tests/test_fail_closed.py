@@ -334,11 +334,11 @@ def test_full_disk(tmp_path, run, capsys, monkeypatch, where):
         monkeypatch.setattr(output_mod, "_fallocate", None)
         real_write, written = output_mod._write_all, []
 
-        def fill_up(fd, src, path):
+        def fill_up(fd, src, offset, path):
             written.append(src.numel())
             if len(written) > 1:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-            real_write(fd, src, path)
+            real_write(fd, src, offset, path)
 
         monkeypatch.setattr(output_mod, "_write_all", fill_up)
     before = tree_digest(run)

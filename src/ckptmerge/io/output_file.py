@@ -11,6 +11,9 @@ copy into pages that are ready. Finished ranges are handed to the kernel's write
 Where the filesystem cannot reserve blocks (no ``fallocate``: some network and FUSE filesystems,
 non-Linux systems) the file is written with plain ``write`` calls instead; the bytes are the same.
 
+Bytes may also be placed at known offsets, from several threads at once (``write_at``), which is
+how the CPU merge's workers write their chunks.
+
     with OutputFile(path, nbytes) as out:
         out.write(header_bytes)
         out.write(tensor.view(torch.uint8))
@@ -22,6 +25,7 @@ import ctypes
 import errno
 import mmap
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -40,7 +44,8 @@ class OutputFile:
 
     def __init__(self, path: Path, nbytes: int):
         self.path, self.nbytes, self.position = Path(path), nbytes, 0
-        self._flushed = 0
+        self._lock = threading.Lock()
+        self._unflushed = 0  # bytes of small writes not yet handed to writeback
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
         self._map: mmap.mmap | None = None
         self._bytes: torch.Tensor | None = None  # the whole map as uint8; every view is a slice of it
@@ -62,19 +67,22 @@ class OutputFile:
 
     def write(self, data: torch.Tensor | bytes) -> None:
         """Append ``data`` (bytes, or a contiguous CPU tensor whose bytes are written as they lie)."""
+        n = self.write_at(self.position, data)
+        self.position += n
+
+    def write_at(self, offset: int, data: torch.Tensor | bytes) -> int:
+        """Place ``data`` at byte ``offset``; returns its size. Threads may call this at once for disjoint ranges."""
         src = _as_bytes(data)
         n = src.numel()
-        if self.position + n > self.nbytes:
-            raise RuntimeError(f"{self.path}: {self.position + n} bytes written into a file declared {self.nbytes}")
+        if offset + n > self.nbytes:
+            raise RuntimeError(f"{self.path}: {offset + n} bytes written into a file declared {self.nbytes}")
         if self._bytes is None:
-            _write_all(self._fd, src, self.path)
+            _write_all(self._fd, src, offset, self.path)
         elif n:
-            self._wait_ready(self.position + n)
-            self._bytes[self.position:self.position + n].copy_(src)
-        self.position += n
-        if self.position - self._flushed >= WRITEBACK_BYTES:
-            start_writeback(self._fd, self._flushed, self.position - self._flushed, self.path)
-            self._flushed = self.position
+            self._wait_ready(offset + n)
+            self._bytes[offset:offset + n].copy_(src)
+        self._written(offset, n)
+        return n
 
     def close(self) -> None:
         """Unmap and close (idempotent); the bytes reach the disk with the caller's ``fsync``."""
@@ -96,10 +104,23 @@ class OutputFile:
         self.close()
 
     def _wait_ready(self, end: int) -> None:
-        while self._ready < end:
-            offset, window = self._pages.next()
-            self._ready = offset + window.numel()
-            del window
+        with self._lock:
+            while self._ready < end:
+                offset, window = self._pages.next()
+                self._ready = offset + window.numel()
+                del window
+
+    def _written(self, offset: int, n: int) -> None:
+        """Hand finished bytes to writeback: a large write's own range, small ones a whole file's worth at a time."""
+        if n >= WRITEBACK_BYTES // 8:
+            start_writeback(self._fd, offset, n, self.path)
+            return
+        with self._lock:
+            self._unflushed += n
+            if self._unflushed < WRITEBACK_BYTES:
+                return
+            self._unflushed = 0
+        start_writeback(self._fd, 0, 0, self.path)  # 0 bytes: to the end of the file
 
 
 def _windows(data: torch.Tensor):
@@ -117,14 +138,14 @@ def _as_bytes(data: torch.Tensor | bytes) -> torch.Tensor:
     return flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
 
 
-def _write_all(fd: int, src: torch.Tensor, path: Path) -> None:
+def _write_all(fd: int, src: torch.Tensor, offset: int, path: Path) -> None:
     view = memoryview(src.numpy()).cast("B")
     while view.nbytes:
         try:
-            written = os.write(fd, view)
+            written = os.pwrite(fd, view, offset)
         except OSError as exc:
             raise OSError(exc.errno, exc.strerror, str(path)) from None
-        view = view[written:]
+        view, offset = view[written:], offset + written
 
 
 def reserve(fd: int, nbytes: int, path: Path) -> bool:

@@ -1,8 +1,9 @@
 """Streaming, deterministic writer of (sharded) safetensors files.
 
 The merge plan knows every output tensor's name, dtype and shape before any data exists, so
-each shard's header is written first and tensor bytes are then appended in plan order, one
-chunk at a time: no shard is ever held in memory. Headers are JSON with sorted keys, so the same
+each shard's header, and with it every tensor's place in the file, is fixed first; tensor bytes are
+then written one chunk at a time, in plan order or by several threads at their offsets: no shard
+is ever held in memory. Headers are JSON with sorted keys, so the same
 tensors always give byte-identical files. Shards follow HF naming
 (``model-00001-of-00003.safetensors`` + ``model.safetensors.index.json``).
 """
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,11 +51,28 @@ def _header_bytes(entries: Sequence[tuple[str, TensorInfo]], metadata: dict[str,
     return len(raw).to_bytes(8, "little") + raw
 
 
-class StreamingSafetensorsWriter:
-    """Write tensors, in the declared order and in row chunks, into sharded safetensors files.
+@dataclass(frozen=True)
+class _Slot:
+    """Where a tensor's bytes go: shard ``shard``, from byte ``offset`` of that file."""
 
-    Each shard is an ``OutputFile`` of known size (mapped, its disk reserved up front). Use it as a
-    context manager so a failure part-way releases the open file; ``close`` finishes the output."""
+    shard: int
+    offset: int
+    info: TensorInfo
+
+    @property
+    def row_bytes(self) -> int:
+        rows = self.info.shape[0] if self.info.shape else 1
+        return self.info.nbytes // rows if rows else 0
+
+
+class StreamingSafetensorsWriter:
+    """Write tensors, in row chunks, into sharded safetensors files whose layout is fixed up front.
+
+    ``write`` appends chunks in the declared order; ``write_rows`` places a chunk at its rows' offset
+    and may be called from several threads at once for disjoint chunks. Each shard is an
+    ``OutputFile`` (its disk reserved and its pages mapped ahead), opened at its first byte and closed
+    at its last. Use the writer as a context manager so a failure part-way releases open files;
+    ``close`` checks every declared byte was written and finishes the output."""
 
     def __init__(self, folder: Path, entries: Sequence[tuple[str, TensorInfo]], *,
                  max_shard_bytes: int, metadata: dict[str, str] | None = None,
@@ -68,68 +88,89 @@ class StreamingSafetensorsWriter:
             raise ValueError(f"{len(shard_names)} shard names for {len(self.shards)} shards")
         self.files = [folder / name for name in (shard_names if shard_names is not None else
                                                  shard_file_names(len(self.shards)))]
-        self._metadata = {"format": "pt", **(metadata or {})}
-        self._queue = [(shard_index, name, info) for shard_index, shard in enumerate(self.shards) for name, info in shard]
-        self._position = 0
-        self._pending_bytes = 0  # bytes still owed to the tensor at the head of the queue
-        self._handle = None
-        self._shard_index = -1
+        metadata = {"format": "pt", **(metadata or {})}
+        self._headers = [_header_bytes(shard, metadata) for shard in self.shards]
+        self._slots: dict[str, _Slot] = {}
+        for index, shard in enumerate(self.shards):
+            offset = len(self._headers[index])
+            for name, info in shard:
+                self._slots[name] = _Slot(index, offset, info)
+                offset += info.nbytes
+        self._order = [name for shard in self.shards for name, _ in shard]
+        self._position, self._next_row = 0, 0  # ``write``: the tensor and row it expects next
+        self._owed = [len(h) + sum(i.nbytes for _, i in shard) for h, shard in zip(self._headers, self.shards)]
+        self._open: dict[int, OutputFile] = {}
+        self._lock = threading.Lock()
         self.bytes_written = 0
 
     def write(self, name: str, chunk: torch.Tensor) -> None:
         """Append the next chunk of tensor ``name`` (whole tensor, or consecutive row slices)."""
-        shard_index, expected, info = self._queue[self._position]
-        if name != expected:
+        if self._position >= len(self._order) or name != self._order[self._position]:
+            expected = self._order[self._position] if self._position < len(self._order) else "nothing"
             raise RuntimeError(f"writer expected tensor {expected!r}, got {name!r}")
-        if chunk.dtype != info.dtype:
-            raise RuntimeError(f"tensor {name!r}: writer expected {info.dtype}, got {chunk.dtype}")
-        if self._pending_bytes == 0:
-            self._pending_bytes = info.nbytes
-        self._open_shard(shard_index)
+        slot = self._slots[name]
+        rows = chunk.shape[0] if chunk.dim() and slot.info.shape else 1
+        self.write_rows(name, self._next_row, chunk)
+        self._next_row += rows
+        if self._next_row * slot.row_bytes >= slot.info.nbytes:
+            self._position, self._next_row = self._position + 1, 0
+
+    def write_rows(self, name: str, start_row: int, chunk: torch.Tensor) -> None:
+        """Place ``chunk``, rows ``start_row...`` of tensor ``name`` (a 0-d tensor: the whole of it)."""
+        slot = self._slots.get(name)
+        if slot is None:
+            raise RuntimeError(f"writer has no tensor {name!r}")
+        if chunk.dtype != slot.info.dtype:
+            raise RuntimeError(f"tensor {name!r}: writer expected {slot.info.dtype}, got {chunk.dtype}")
         data = chunk.contiguous().reshape(-1)
         nbytes = data.numel() * data.element_size()
-        if nbytes > self._pending_bytes:
-            raise RuntimeError(f"tensor {name!r}: {nbytes} bytes written past its declared size")
-        self._handle.write(data)
-        self.bytes_written += nbytes
-        self._pending_bytes -= nbytes
-        if self._pending_bytes == 0 or info.nbytes == 0:
-            self._pending_bytes = 0
-            self._position += 1
+        begin = start_row * slot.row_bytes
+        if begin + nbytes > slot.info.nbytes:
+            raise RuntimeError(f"tensor {name!r}: {begin + nbytes} bytes written past its declared {slot.info.nbytes}")
+        self._file(slot.shard).write_at(slot.offset + begin, data)
+        self._done(slot.shard, nbytes)
 
-    def _open_shard(self, shard_index: int) -> None:
-        if shard_index == self._shard_index:
-            return
-        if self._handle is not None:
-            self._handle.close()
-        self._shard_index = shard_index
-        header = _header_bytes(self.shards[shard_index], self._metadata)
-        nbytes = len(header) + sum(info.nbytes for _, info in self.shards[shard_index])
-        self._handle = OutputFile(self.files[shard_index], nbytes)
-        self._handle.write(header)
-        self.bytes_written += len(header)
+    def _file(self, shard: int) -> OutputFile:
+        with self._lock:
+            out = self._open.get(shard)
+            if out is None:
+                if self._owed[shard] < len(self._headers[shard]):
+                    raise RuntimeError(f"{self.files[shard]}: written again after it was finished")
+                out = self._open[shard] = OutputFile(self.files[shard], self._owed[shard])
+                out.write_at(0, self._headers[shard])
+                self._owed[shard] -= len(self._headers[shard])
+                self.bytes_written += len(self._headers[shard])
+            return out
+
+    def _done(self, shard: int, nbytes: int) -> None:
+        """Count ``nbytes`` of ``shard`` written; close its file at the last byte."""
+        with self._lock:
+            self._owed[shard] -= nbytes
+            self.bytes_written += nbytes
+            finished = self._open.pop(shard) if self._owed[shard] == 0 else None
+        if finished is not None:
+            finished.close()
 
     def __enter__(self) -> "StreamingSafetensorsWriter":
         return self
 
     def __exit__(self, *exc: object) -> None:
-        """Release the open file (a failed merge's partial file stays for its temporary folder's cleanup)."""
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        """Release open files (a failed merge's partial files stay for its temporary folder's cleanup)."""
+        with self._lock:
+            files, self._open = list(self._open.values()), {}
+        for out in files:
+            out.close()
 
     def close(self) -> list[Path]:
-        """Finish the files (and the index when sharded); raises if any declared tensor is missing."""
-        if self._position != len(self._queue):
-            raise RuntimeError(f"writer closed with {len(self._queue) - self._position} tensor(s) unwritten")
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-        for index in range(len(self.shards)):  # shards with only empty tensors were never opened
-            if not self.files[index].exists():
-                self._open_shard(index)
-                self._handle.close()
-                self._handle = None
+        """Finish the files (and the index when sharded); raises if any declared byte is missing."""
+        for shard, entries in enumerate(self.shards):  # only empty tensors, none written: just the header
+            if self._owed[shard] and not any(info.nbytes for _, info in entries):
+                self._file(shard)
+                self._done(shard, 0)
+        missing = [str(self.files[i]) for i, owed in enumerate(self._owed) if owed]
+        self.__exit__()
+        if missing:
+            raise RuntimeError(f"writer closed with bytes unwritten in {', '.join(missing)}")
         if len(self.files) > 1 and not self._partial:
             self.bytes_written += write_index(self.folder, self.shards, [f.name for f in self.files])
         return list(self.files)

@@ -20,6 +20,8 @@ chunk. Non-float tensors are copied from the newest checkpoint.
 
 from __future__ import annotations
 
+import math
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -79,37 +81,140 @@ def plan_chunks(plan: MergePlan, chunk_bytes: int) -> list[_Chunk]:
 def run_engine(plan: MergePlan, readers: Sequence[CheckpointReader], sink: TensorSink, *,
                chunk_bytes: int = DEFAULT_CHUNK_BYTES, allow_nonfinite: bool = False,
                on_bytes: Callable[[int], None] | None = None, device: torch.device | str | None = None,
-               reads: ReadSettings = ReadSettings(), write_behind: bool = False) -> EngineStats:
-    """Merge every tensor of ``plan`` into ``sink``, in plan order.
+               reads: ReadSettings = ReadSettings(), write_behind: bool = False,
+               workers: int | None = None) -> EngineStats:
+    """Merge every tensor of ``plan`` into ``sink``.
 
     ``plan.tasks`` may be any subset of a model's tensors. ``device`` is where float tensors are
     accumulated (default: where the inputs are, the CPU for files); the sink receives each chunk on
-    the inputs' device. With ``write_behind``, ``sink.write`` runs on a thread while the next chunk is
-    merged (one write in flight, its chunk in a second set of scratch tensors); the sink must then not
-    be touched by anyone else until this returns.
+    the inputs' device.
+
+    On the CPU, when every input is a plain byte range and the sink places chunks by row
+    (``write_rows``), ``workers`` threads (default: one per torch thread, i.e. per core) each merge
+    every ``workers``-th chunk and write it in place (``_run_workers``). Otherwise chunks are merged
+    one after another and written in plan order; with ``write_behind``, ``sink.write`` then runs on a
+    thread while the next chunk is merged (one write in flight, its chunk in a second set of scratch
+    tensors). Either way the sink must not be touched by anyone else until this returns.
     """
-    stats = EngineStats()
     chunks = plan_chunks(plan, chunk_bytes)
     home = input_device(plan, readers)
+    target = torch.device(device) if device is not None else home
+    count = _worker_count(plan, readers, chunks, sink, target, home, workers)
+    if count > 1:
+        return _run_workers(plan, readers, sink, chunks, count, reads, allow_nonfinite, on_bytes)
+    stats = EngineStats()
     with ExitStack() as stack:
-        stage = stack.enter_context(Stage(torch.device(device) if device is not None else home, home,
-                                          buffers=2 if write_behind else 1))
+        stage = stack.enter_context(Stage(target, home, buffers=2 if write_behind else 1))
         inputs = _Inputs(plan, readers, chunks, reads, stage, stack)
         sink = stack.enter_context(WriteBehind(sink)) if write_behind else sink
         for chunk in chunks:
             if chunk.task.merged:
                 out = _merge_chunk(plan, readers, inputs, chunk, stage, allow_nonfinite)
-                sources = plan.active
             else:
                 out = _copy_chunk(plan, readers, chunk, stats)
-                sources = range(len(readers))  # every input is compared with the newest
-            nbytes = sum(readers[i].info(chunk.task.name).dtype.itemsize for i in sources) * _chunk_numel(chunk)
+            nbytes = _read_bytes(plan, readers, chunk)
             stats.bytes_read += nbytes
             sink.write(chunk.task.name, out)
             stage.flip()
             if on_bytes is not None:
                 on_bytes(nbytes)
     return stats
+
+
+def _read_bytes(plan: MergePlan, readers: Sequence[CheckpointReader], chunk: _Chunk) -> int:
+    """Bytes of input a chunk reads: the active inputs' for a merged chunk, every input's for a copied one
+    (each is compared with the newest)."""
+    sources = plan.active if chunk.task.merged else range(len(readers))
+    return sum(readers[i].info(chunk.task.name).dtype.itemsize for i in sources) * _chunk_numel(chunk)
+
+
+def _worker_count(plan: MergePlan, readers: Sequence[CheckpointReader], chunks: list[_Chunk], sink: TensorSink,
+                  target: torch.device, home: torch.device, workers: int | None) -> int:
+    """Threads that can merge side by side: 1 unless accumulating on the CPU from byte ranges into a sink
+    that places chunks by row."""
+    if target.type != "cpu" or home.type != "cpu" or not hasattr(sink, "write_rows"):
+        return 1
+    tasks = {chunk.task.name: chunk.task for chunk in chunks if chunk.task.merged}
+    if any(readers[i].file_range(name, 0, 0) is None for name in tasks for i in plan.active):
+        return 1
+    return min(workers or torch.get_num_threads(), sum(chunk.task.merged for chunk in chunks))
+
+
+class _FirstFailure:
+    """The error of the earliest chunk, in plan order, that failed: workers skip chunks after it but
+    finish those before it, so which error is reported does not depend on thread timing."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.index: float = math.inf
+        self.error: BaseException | None = None
+        self.stopped = False
+
+    def record(self, index: int, error: BaseException) -> None:
+        with self._lock:
+            if index < self.index:
+                self.index, self.error = index, error
+
+    def skips(self, index: int) -> bool:
+        return self.stopped or index > self.index
+
+
+def _run_workers(plan: MergePlan, readers: Sequence[CheckpointReader], sink: TensorSink, chunks: list[_Chunk],
+                 workers: int, reads: ReadSettings, allow_nonfinite: bool,
+                 on_bytes: Callable[[int], None] | None) -> EngineStats:
+    """``workers`` threads merge every ``workers``-th float chunk and write it in place; this thread
+    copies the non-float tensors. Each worker accumulates single-threaded, so torch runs one intra-op
+    thread meanwhile (no OpenMP team spinning beside the workers)."""
+    stats, failure, lock = EngineStats(), _FirstFailure(), threading.Lock()
+
+    def progress(nbytes: int) -> None:
+        with lock:
+            stats.bytes_read += nbytes
+            if on_bytes is not None:
+                on_bytes(nbytes)
+
+    merged = [(index, chunk) for index, chunk in enumerate(chunks) if chunk.task.merged]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="ckptmerge-merge") as pool:
+            futures = [pool.submit(_merge_share, plan, readers, sink, merged[w::workers], reads, allow_nonfinite,
+                                   progress, failure) for w in range(workers)]
+            try:
+                for chunk in chunks:
+                    if not chunk.task.merged:
+                        sink.write_rows(chunk.task.name, chunk.start, _copy_chunk(plan, readers, chunk, stats))
+                        progress(_read_bytes(plan, readers, chunk))
+                for future in futures:
+                    future.result()
+            except BaseException:
+                failure.stopped = True  # an interrupt or a failed copy: workers stop after their chunk
+                raise
+    finally:
+        torch.set_num_threads(saved)
+    if failure.error is not None:
+        raise failure.error
+    return stats
+
+
+def _merge_share(plan: MergePlan, readers: Sequence[CheckpointReader], sink: TensorSink,
+                 share: list[tuple[int, _Chunk]], reads: ReadSettings, allow_nonfinite: bool,
+                 progress: Callable[[int], None], failure: _FirstFailure) -> None:
+    """One worker: merge its chunks in order, their inputs' pages brought in ahead, each written at its place."""
+    index = -1  # a failure before the first chunk ranks first
+    try:
+        with ExitStack() as stack:
+            cpu = torch.device("cpu")
+            stage = stack.enter_context(Stage(cpu, cpu, threads=1))
+            inputs = _Inputs(plan, readers, [chunk for _, chunk in share], reads, stage, stack)
+            for index, chunk in share:
+                if failure.skips(index):
+                    return
+                sink.write_rows(chunk.task.name, chunk.start,
+                                _merge_chunk(plan, readers, inputs, chunk, stage, allow_nonfinite))
+                progress(_read_bytes(plan, readers, chunk))
+    except BaseException as exc:  # reported by the caller, earliest chunk first
+        failure.record(index, exc)
 
 
 class WriteBehind:

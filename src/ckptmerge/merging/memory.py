@@ -25,13 +25,18 @@ class DictSink:
         self._filled = dict.fromkeys(shapes, 0)
 
     def write(self, name: str, chunk: torch.Tensor) -> None:
+        """The next rows of ``name``, after those written so far."""
+        start = self._filled[name]
+        self.write_rows(name, start, chunk)
+        self._filled[name] = start + (chunk.shape[0] if chunk.dim() else 1)
+
+    def write_rows(self, name: str, start_row: int, chunk: torch.Tensor) -> None:
+        """Rows ``start_row...`` of ``name`` (threads may write disjoint rows at once)."""
         target = self.tensors[name]
         if target.dim() == 0:
             target.copy_(chunk.reshape(()))
             return
-        start = self._filled[name]
-        target[start:start + chunk.shape[0]].copy_(chunk)
-        self._filled[name] = start + chunk.shape[0]
+        target[start_row:start_row + chunk.shape[0]].copy_(chunk)
 
 
 def merge_state_dicts(states: Sequence[dict[str, torch.Tensor]], coeffs: Sequence[float], *,
