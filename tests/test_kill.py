@@ -150,3 +150,42 @@ def test_killed_training_resumes_bit_identical_without_debris(tmp_path, corpus_a
             assert (run / name).read_bytes() == (reference / name).read_bytes(), (run, name)
         losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert losses == [json.loads(line)["loss"] for line in (reference / "metrics.jsonl").read_text().splitlines()]
+
+
+SLOW_WRITES = r'''
+import os, sys, time
+from pathlib import Path
+ready, argv = sys.argv[1], sys.argv[2:]
+import ckptmerge.io.safetensors_writer as writer_mod
+real = writer_mod.StreamingSafetensorsWriter.write_rows
+def slow(self, *args):  # every chunk takes a while, on the merge workers' threads
+    Path(ready).touch()
+    time.sleep(0.3)
+    return real(self, *args)
+writer_mod.StreamingSafetensorsWriter.write_rows = slow
+from ckptmerge.cli.main import main
+sys.exit(main(argv))
+'''
+
+
+def test_ctrl_c_stops_the_merge_workers_and_publishes_nothing(tmp_path):
+    """SIGINT reaches the main thread while the workers merge: they stop after their chunk, the temporary
+    folder goes, the exit status is 130 with one line, and the inputs are untouched."""
+    run_dir = tmp_path / "run"
+    write_series(run_dir, [make_state(i) for i in range(3)])
+    inputs = tree_digest(run_dir)
+    (tmp_path / "driver.py").write_text(SLOW_WRITES)
+    ready, out = tmp_path / "ready", tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(ready), "merge", str(run_dir), "-o",
+                             str(out), "--quiet", "--chunk-size", "32B"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not ready.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted; nothing was published" in err and len(err.splitlines()) == 1
+    assert time.monotonic() - started < 5  # 32-byte chunks: ~70 of them, 0.3 s each, would take 10 s on 2 workers
+    assert not out.exists() and debris(out) == [] and tree_digest(run_dir) == inputs

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import random
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from ckptmerge.io.output_file import OutputFile
 def pieces(seed: int) -> list[np.ndarray]:
     """Byte strings of awkward sizes: empty, one byte, window-straddling, several windows."""
     rng = np.random.default_rng(seed)
-    window = output_mod.WINDOW_BYTES
+    window = 1 << 20
     sizes = [0, 1, 7, window - 3, 5, 2 * window + 11, 0, 4096, window, 13]
     return [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
 
@@ -88,8 +90,20 @@ def test_a_filesystem_without_fallocate_falls_back_to_writes(tmp_path, monkeypat
 
 
 def test_closing_early_releases_the_map(tmp_path):
-    out = OutputFile(tmp_path / "partial.bin", 3 * output_mod.WINDOW_BYTES)
+    out = OutputFile(tmp_path / "partial.bin", 3 << 20)
     out.write(b"x" * 100)
     out.close()
     out.close()  # idempotent
-    assert os.path.getsize(tmp_path / "partial.bin") == 3 * output_mod.WINDOW_BYTES
+    assert os.path.getsize(tmp_path / "partial.bin") == 3 << 20
+
+
+def test_threads_writing_disjoint_ranges_in_any_order(tmp_path, mode, monkeypatch):
+    monkeypatch.setattr(output_mod, "WRITEBACK_BYTES", 1 << 20)
+    data = pieces(1)
+    blob = b"".join(p.tobytes() for p in data)
+    offsets = [sum(p.size for p in data[:i]) for i in range(len(data))]
+    jobs = list(zip(offsets, data))
+    random.Random(0).shuffle(jobs)
+    with OutputFile(tmp_path / "par.bin", len(blob)) as out, ThreadPoolExecutor(4) as pool:
+        assert sum(pool.map(lambda job: out.write_at(job[0], torch.from_numpy(job[1])), jobs)) == len(blob)
+    assert (tmp_path / "par.bin").read_bytes() == blob

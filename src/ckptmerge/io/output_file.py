@@ -1,12 +1,12 @@
 """A file written front to back whose final size is known before the first byte: a merge's output shard.
 
-Buffered ``write`` calls copy every page into the page cache under the file's lock, one thread at a
-time: on a fast disk that copy, not the disk, bounds a merge. Here the file's blocks are reserved
-first (``fallocate``: a full disk fails now, before any work, rather than mid-merge), the file is
-memory-mapped, a thread maps its pages for writing a few windows ahead of the data
-(``madvise(MADV_POPULATE_WRITE)``, ``ckptmerge.io.page_ahead``), and each write is a plain memory
-copy into pages that are ready. Finished ranges are handed to the kernel's writeback as they complete
-(``sync_file_range``), so the caller's final ``fsync`` has little left to wait for.
+Buffered ``write`` calls fill the page cache under the file's lock, one thread at a time: on a fast
+disk that, not the disk, bounds a merge. Here the file's blocks are reserved first (``fallocate``: a
+full disk fails now, before any work, rather than mid-merge), the file is memory-mapped, and each
+write maps its range's pages for writing (``madvise(MADV_POPULATE_WRITE)``, where the filesystem
+allocates them and any failure is an OSError rather than a SIGBUS) and copies the bytes in: threads
+writing disjoint ranges do all of this side by side. Finished ranges are handed to the kernel's
+writeback as they complete (``sync_file_range``), so the caller's final ``fsync`` has little left.
 
 Where the filesystem cannot reserve blocks (no ``fallocate``: some network and FUSE filesystems,
 non-Linux systems) the file is written with plain ``write`` calls instead; the bytes are the same.
@@ -30,10 +30,8 @@ from pathlib import Path
 
 import torch
 
-from ckptmerge.io.page_ahead import PageAhead
+from ckptmerge.io.page_ahead import make_resident
 
-WINDOW_BYTES = 8 << 20  # pages are readied in windows of this size
-WINDOWS_AHEAD = 8  # at most this many windows ready beyond the data written
 WRITEBACK_BYTES = 32 << 20  # start writeback each time this much more is written
 _SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
 _NO_RESERVE = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
@@ -49,13 +47,10 @@ class OutputFile:
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
         self._map: mmap.mmap | None = None
         self._bytes: torch.Tensor | None = None  # the whole map as uint8; every view is a slice of it
-        self._pages: PageAhead | None = None
-        self._ready = 0  # bytes [0, _ready) have their pages mapped for writing
         try:
             if nbytes > 0 and reserve(self._fd, nbytes, self.path):
                 self._map = mmap.mmap(self._fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
                 self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
-                self._pages = PageAhead(_windows(self._bytes), ahead=WINDOWS_AHEAD, for_writing=True)
         except BaseException:
             self.close()
             raise
@@ -79,16 +74,14 @@ class OutputFile:
         if self._bytes is None:
             _write_all(self._fd, src, offset, self.path)
         elif n:
-            self._wait_ready(offset + n)
-            self._bytes[offset:offset + n].copy_(src)
+            dst = self._bytes[offset:offset + n]
+            make_resident(dst, for_writing=True)  # the filesystem allocates here: an error is an OSError, not SIGBUS
+            dst.copy_(src)
         self._written(offset, n)
         return n
 
     def close(self) -> None:
         """Unmap and close (idempotent); the bytes reach the disk with the caller's ``fsync``."""
-        if self._pages is not None:
-            self._pages.close()
-            self._pages = None
         self._bytes = None  # the map's only export: it can close now
         if self._map is not None:
             self._map.close()
@@ -103,13 +96,6 @@ class OutputFile:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _wait_ready(self, end: int) -> None:
-        with self._lock:
-            while self._ready < end:
-                offset, window = self._pages.next()
-                self._ready = offset + window.numel()
-                del window
-
     def _written(self, offset: int, n: int) -> None:
         """Hand finished bytes to writeback: a large write's own range, small ones a whole file's worth at a time."""
         if n >= WRITEBACK_BYTES // 8:
@@ -121,12 +107,6 @@ class OutputFile:
                 return
             self._unflushed = 0
         start_writeback(self._fd, 0, 0, self.path)  # 0 bytes: to the end of the file
-
-
-def _windows(data: torch.Tensor):
-    """``(offset, view)`` of consecutive windows of ``data``."""
-    for offset in range(0, data.numel(), WINDOW_BYTES):
-        yield offset, data[offset:offset + WINDOW_BYTES]
 
 
 def _as_bytes(data: torch.Tensor | bytes) -> torch.Tensor:

@@ -6,9 +6,9 @@ one waits for the disk, on a warm one it still maps pages one by one. ``PageAhea
 in the order they will be summed (any iterable, consumed lazily on its thread), asks the kernel to
 map each one's pages (``madvise(MADV_POPULATE_READ)``, Linux 5.14+; elsewhere it touches one byte per
 page) and hands the views over in order, at most ``ahead`` of them ready at a time. The disk reads
-and the faults happen on that thread, in parallel with the accumulation on the others. For an output
-file's map (``ckptmerge.io.output_file``) it maps the pages writable instead, which is where the
-filesystem allocates them (``MADV_POPULATE_WRITE``).
+and the faults happen on that thread, in parallel with the accumulation on the others.
+``make_resident(view, for_writing=True)`` maps an output file's pages writable instead
+(``ckptmerge.io.output_file``).
 
     with PageAhead(((key, view) for ...), ahead=8) as pages:
         for key in keys:
@@ -38,11 +38,8 @@ _DONE = object()
 class PageAhead:
     """Yields ``(key, view)`` pairs of ``items`` in order, each view's pages made resident on a thread."""
 
-    def __init__(self, items: Iterable[tuple[Any, torch.Tensor]], *, ahead: int, for_writing: bool = False):
-        """``for_writing``: the views are of a shared, writable file map about to be written (an output
-        file): their pages are mapped writable (``MADV_POPULATE_WRITE``), which is where the filesystem
-        allocates them, instead of read in."""
-        self._items, self._for_writing = items, for_writing
+    def __init__(self, items: Iterable[tuple[Any, torch.Tensor]], *, ahead: int):
+        self._items = items
         self._ready: queue.Queue = queue.Queue(maxsize=max(1, ahead))
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="ckptmerge-page-ahead", daemon=True)
@@ -78,7 +75,7 @@ class PageAhead:
             for key, view in self._items:
                 if self._closed:
                     return
-                make_resident(view, for_writing=self._for_writing)
+                make_resident(view)
                 self._ready.put((key, view))
             self._ready.put(_DONE)
         except BaseException as exc:  # handed to the consumer, which raises it
