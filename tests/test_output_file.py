@@ -24,9 +24,9 @@ def pieces(seed: int) -> list[np.ndarray]:
     return [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
 
 
-@pytest.fixture(params=["mapped", "plain writes"])
+@pytest.fixture(params=["reserved", "no fallocate"])
 def mode(request, monkeypatch):
-    if request.param == "plain writes":  # a filesystem without fallocate
+    if request.param == "no fallocate":  # a filesystem without fallocate
         monkeypatch.setattr(output_mod, "_fallocate", None)
     return request.param
 
@@ -37,7 +37,7 @@ def test_bytes_on_disk_equal_the_bytes_written(tmp_path, mode, monkeypatch):
     total = sum(p.size for p in data)
     path = tmp_path / "out.bin"
     with OutputFile(path, total) as out:
-        assert out.mapped == (mode == "mapped")
+        assert out.reserved == (mode == "reserved")
         for i, piece in enumerate(data):
             out.write(piece.tobytes() if i % 2 else torch.from_numpy(piece))
         assert out.position == total
@@ -84,12 +84,12 @@ def test_a_filesystem_without_fallocate_falls_back_to_writes(tmp_path, monkeypat
 
     monkeypatch.setattr(output_mod, "_fallocate", unsupported)
     with OutputFile(tmp_path / "f.bin", 3) as out:
-        assert not out.mapped
+        assert not out.reserved
         out.write(b"abc")
     assert (tmp_path / "f.bin").read_bytes() == b"abc"
 
 
-def test_closing_early_releases_the_map(tmp_path):
+def test_closing_early_leaves_the_reserved_size(tmp_path):
     out = OutputFile(tmp_path / "partial.bin", 3 << 20)
     out.write(b"x" * 100)
     out.close()

@@ -1,36 +1,30 @@
-"""A file written front to back whose final size is known before the first byte: a merge's output shard.
+"""A file written at known offsets whose final size is known before the first byte: a merge's output shard.
 
-Buffered ``write`` calls fill the page cache under the file's lock, one thread at a time: on a fast
-disk that, not the disk, bounds a merge. Here the file's blocks are reserved first (``fallocate``: a
-full disk fails now, before any work, rather than mid-merge), the file is memory-mapped, and each
-write maps its range's pages for writing (``madvise(MADV_POPULATE_WRITE)``, where the filesystem
-allocates them and any failure is an OSError rather than a SIGBUS) and copies the bytes in: threads
-writing disjoint ranges do all of this side by side. Finished ranges are handed to the kernel's
-writeback as they complete (``sync_file_range``), so the caller's final ``fsync`` has little left.
+Its disk is reserved first (``fallocate``): a full disk or quota fails at once, before any work, not
+mid-merge, and the writes that follow only fill blocks already allocated, which on ext4 costs a
+fraction of writing into a file that grows (measured with ``benchmarks/bench_merge.py``). Bytes go
+in with ``pwrite`` at their offsets, so the merge's worker threads write their chunks as they finish
+them, in any order. Finished ranges are handed to the kernel's writeback as they complete
+(``sync_file_range``), so the caller's final ``fsync`` has little left to wait for.
 
 Where the filesystem cannot reserve blocks (no ``fallocate``: some network and FUSE filesystems,
-non-Linux systems) the file is written with plain ``write`` calls instead; the bytes are the same.
-
-Bytes may also be placed at known offsets, from several threads at once (``write_at``), which is
-how the CPU merge's workers write their chunks.
+non-Linux systems) the same writes simply grow the file; the bytes are the same.
 
     with OutputFile(path, nbytes) as out:
-        out.write(header_bytes)
-        out.write(tensor.view(torch.uint8))
+        out.write(header_bytes)                      # appends
+        out.write_at(offset, tensor.view(torch.uint8))  # places; threads may do this at once
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import mmap
 import os
 import threading
 from pathlib import Path
 
 import torch
 
-from ckptmerge.io.page_ahead import make_resident
 
 WRITEBACK_BYTES = 32 << 20  # start writeback each time this much more is written
 _SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
@@ -38,32 +32,22 @@ _NO_RESERVE = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
 class OutputFile:
-    """``path``, created (or truncated) to hold exactly ``nbytes``, written in order by ``write``."""
+    """``path``, created (or truncated) to hold exactly ``nbytes``, its disk reserved up front."""
 
     def __init__(self, path: Path, nbytes: int):
         self.path, self.nbytes, self.position = Path(path), nbytes, 0
         self._lock = threading.Lock()
         self._unflushed = 0  # bytes of small writes not yet handed to writeback
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
-        self._map: mmap.mmap | None = None
-        self._bytes: torch.Tensor | None = None  # the whole map as uint8; every view is a slice of it
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
-            if nbytes > 0 and reserve(self._fd, nbytes, self.path):
-                self._map = mmap.mmap(self._fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-                self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+            self.reserved = nbytes > 0 and reserve(self._fd, nbytes, self.path)
         except BaseException:
             self.close()
             raise
 
-    @property
-    def mapped(self) -> bool:
-        """Whether bytes go through a memory map (else plain ``write`` calls)."""
-        return self._map is not None
-
     def write(self, data: torch.Tensor | bytes) -> None:
         """Append ``data`` (bytes, or a contiguous CPU tensor whose bytes are written as they lie)."""
-        n = self.write_at(self.position, data)
-        self.position += n
+        self.position += self.write_at(self.position, data)
 
     def write_at(self, offset: int, data: torch.Tensor | bytes) -> int:
         """Place ``data`` at byte ``offset``; returns its size. Threads may call this at once for disjoint ranges."""
@@ -71,21 +55,12 @@ class OutputFile:
         n = src.numel()
         if offset + n > self.nbytes:
             raise RuntimeError(f"{self.path}: {offset + n} bytes written into a file declared {self.nbytes}")
-        if self._bytes is None:
-            _write_all(self._fd, src, offset, self.path)
-        elif n:
-            dst = self._bytes[offset:offset + n]
-            make_resident(dst, for_writing=True)  # the filesystem allocates here: an error is an OSError, not SIGBUS
-            dst.copy_(src)
+        _write_all(self._fd, src, offset, self.path)
         self._written(offset, n)
         return n
 
     def close(self) -> None:
-        """Unmap and close (idempotent); the bytes reach the disk with the caller's ``fsync``."""
-        self._bytes = None  # the map's only export: it can close now
-        if self._map is not None:
-            self._map.close()
-            self._map = None
+        """Close (idempotent); the bytes reach the disk with the caller's ``fsync``."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

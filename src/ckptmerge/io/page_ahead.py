@@ -7,8 +7,6 @@ in the order they will be summed (any iterable, consumed lazily on its thread), 
 map each one's pages (``madvise(MADV_POPULATE_READ)``, Linux 5.14+; elsewhere it touches one byte per
 page) and hands the views over in order, at most ``ahead`` of them ready at a time. The disk reads
 and the faults happen on that thread, in parallel with the accumulation on the others.
-``make_resident(view, for_writing=True)`` maps an output file's pages writable instead
-(``ckptmerge.io.output_file``).
 
     with PageAhead(((key, view) for ...), ahead=8) as pages:
         for key in keys:
@@ -19,9 +17,7 @@ and the faults happen on that thread, in parallel with the accumulation on the o
 from __future__ import annotations
 
 import ctypes
-import errno
 import mmap
-import os
 import queue
 import threading
 from collections.abc import Iterable
@@ -30,7 +26,6 @@ from typing import Any
 import torch
 
 _MADV_POPULATE_READ = 22  # linux/mman.h
-_MADV_POPULATE_WRITE = 23
 _PAGE_BYTES = mmap.PAGESIZE
 _DONE = object()
 
@@ -82,22 +77,15 @@ class PageAhead:
             self._ready.put(exc)
 
 
-def make_resident(view: torch.Tensor, *, for_writing: bool = False) -> None:
-    """Map every page under a contiguous CPU tensor (waiting for the disk if it must); ``for_writing``
-    maps them writable. An OSError when the kernel cannot (for writing: a full disk, an I/O error)."""
+def make_resident(view: torch.Tensor) -> None:
+    """Map every page under a contiguous CPU tensor (waiting for the disk if it must)."""
     nbytes = view.numel() * view.element_size()
     if nbytes == 0:
         return
     start = view.data_ptr() & ~(_PAGE_BYTES - 1)
     length = view.data_ptr() + nbytes - start
-    advice = _MADV_POPULATE_WRITE if for_writing else _MADV_POPULATE_READ
-    if _madvise is not None and _madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) == 0:
+    if _madvise is not None and _madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_POPULATE_READ) == 0:
         return
-    err = ctypes.get_errno() if _madvise is not None else errno.EINVAL
-    if for_writing:
-        if err == errno.EINVAL:  # a kernel before 5.14: the writes themselves will map the pages
-            return
-        raise OSError(err, f"{os.strerror(err)} (mapping output pages for writing)")
     flat = view.reshape(-1).view(torch.uint8)  # an older kernel or another OS: touch one byte per page
     flat[::_PAGE_BYTES].sum()
 

@@ -2,20 +2,26 @@
 
 For every merged chunk the accumulator (fp32, or fp64 on request) is zeroed on the compute
 device, and each input with a non-zero coefficient is added in place, ``acc += c_i * x_i``, in
-input order, one element-wise pass each: the result is the same bits however the chunk is sliced.
+input order, one element-wise pass each: the result is the same bits however the chunk is sliced,
+and whichever thread merges it.
 
-Inputs stored as plain byte ranges (safetensors) are summed from zero-copy views of their memory maps
-whose pages a thread brings in ahead of use (``ckptmerge.io.page_ahead``), in the order they are summed,
-in slices of at most ``slot_bytes``. For an accelerator (``device``, e.g. ``"cuda"``) a thread instead
-reads the slices into page-locked buffers (``ckptmerge.io.read_ahead``) for asynchronous copies; fp32
-accumulation happens there and results come back to the host for the sink. On the CPU, accumulation runs
-on every core (``merging/cpu_threads.py``). Inputs held in memory, torch files and DCP folders are summed
-straight from their own tensors. With ``write_behind`` each chunk is written while the next is merged.
+On the CPU, when every input is a plain byte range (safetensors) and the sink places chunks by row
+(``write_rows``: the safetensors writer, a dict), one worker thread per core merges every W-th chunk
+and writes it at its place at once: reading, summing, page faults and output writes all run on
+every core, with no thread waiting for another. Each worker sums zero-copy views of the inputs'
+memory maps whose pages its own thread brings in ahead of use (``ckptmerge.io.page_ahead``), in
+slices of at most ``slot_bytes``.
 
-Anonymous memory, the same for any number of inputs: the accumulator (one chunk, at most
-``chunk_bytes``; two with ``write_behind``), as many output-dtype chunks when the output dtype differs,
-and for an accelerator ``slots * slot_bytes`` of page-locked read buffers and a host copy of the output
-chunk. Non-float tensors are copied from the newest checkpoint.
+Otherwise (an accelerator ``device``, e.g. ``"cuda"``; inputs held in memory, torch files, DCP
+folders) chunks are merged in order. For an accelerator a thread reads the slices into page-locked
+buffers (``ckptmerge.io.read_ahead``) for asynchronous copies; fp32 accumulation happens there and
+results come back to the host for the sink. With ``write_behind`` each chunk is written while the
+next is merged.
+
+Anonymous memory, the same for any number of inputs: per worker one accumulator chunk (at most
+``chunk_bytes``) and one output-dtype chunk when the output dtype differs; on the sequential path
+two of each with ``write_behind``, and for an accelerator ``slots * slot_bytes`` of page-locked read
+buffers and a host copy of the output chunk. Non-float tensors are copied from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from ckptmerge.io.tensor_info import CheckpointReader, FileRange
 from ckptmerge.merging.device import Stage, input_device
 from ckptmerge.merging.plan import MergePlan, TensorTask
 
-DEFAULT_CHUNK_BYTES = 16 << 20  # small chunks keep the write-behind pipeline's start and end short
+DEFAULT_CHUNK_BYTES = 16 << 20  # small chunks: even shares across the workers, a short start and end
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,9 @@ class ReadSettings:
 
 
 class TensorSink(Protocol):
+    """Takes merged chunks in plan order (``write``). A sink that can also place a chunk by its first row,
+    from several threads at once (``write_rows(name, start_row, chunk)``), gets the CPU workers."""
+
     def write(self, name: str, chunk: torch.Tensor) -> None: ...
 
 
