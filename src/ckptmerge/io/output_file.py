@@ -5,7 +5,8 @@ mid-merge, and the writes that follow only fill blocks already allocated, which 
 fraction of writing into a file that grows (measured with ``benchmarks/bench_merge.py``). Bytes go
 in with ``pwrite`` at their offsets, so the merge's worker threads write their chunks as they finish
 them, in any order. Finished ranges are handed to the kernel's writeback as they complete
-(``sync_file_range``), so the caller's final ``fsync`` has little left to wait for.
+(``sync_file_range``, on a thread of its own, since starting writeback can wait for the disk's
+queue), so the caller's final ``fsync`` has little left to wait for.
 
 Where the filesystem cannot reserve blocks (no ``fallocate``: some network and FUSE filesystems,
 non-Linux systems) the same writes simply grow the file; the bytes are the same.
@@ -21,6 +22,7 @@ import ctypes
 import errno
 import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -38,6 +40,8 @@ class OutputFile:
         self.path, self.nbytes, self.position = Path(path), nbytes, 0
         self._lock = threading.Lock()
         self._unflushed = 0  # bytes of small writes not yet handed to writeback
+        self._flusher: ThreadPoolExecutor | None = None  # starts writeback, which can block, off the writers' threads
+        self._flushes: list[Future] = []
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
             self.reserved = nbytes > 0 and reserve(self._fd, nbytes, self.path)
@@ -60,10 +64,16 @@ class OutputFile:
         return n
 
     def close(self) -> None:
-        """Close (idempotent); the bytes reach the disk with the caller's ``fsync``."""
+        """Close (idempotent); the bytes reach the disk with the caller's ``fsync``. Raises a writeback error."""
+        if self._flusher is not None:
+            self._flusher.shutdown()
+            self._flusher = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        flushes, self._flushes = self._flushes, []
+        for flush in flushes:
+            flush.result()
 
     def __enter__(self) -> "OutputFile":
         return self
@@ -72,16 +82,18 @@ class OutputFile:
         self.close()
 
     def _written(self, offset: int, n: int) -> None:
-        """Hand finished bytes to writeback: a large write's own range, small ones a whole file's worth at a time."""
-        if n >= WRITEBACK_BYTES // 8:
-            start_writeback(self._fd, offset, n, self.path)
-            return
+        """Hand finished bytes to writeback, on the flusher thread: a large write's own range, small ones a
+        whole file's worth at a time (0 bytes: to the end of the file)."""
         with self._lock:
-            self._unflushed += n
-            if self._unflushed < WRITEBACK_BYTES:
-                return
-            self._unflushed = 0
-        start_writeback(self._fd, 0, 0, self.path)  # 0 bytes: to the end of the file
+            if n < WRITEBACK_BYTES // 8:
+                self._unflushed += n
+                if self._unflushed < WRITEBACK_BYTES:
+                    return
+                self._unflushed, offset, n = 0, 0, 0
+            if self._flusher is None:
+                self._flusher = ThreadPoolExecutor(1, thread_name_prefix="ckptmerge-writeback")
+            self._flushes = [f for f in self._flushes if not f.done() or f.exception() is not None]
+            self._flushes.append(self._flusher.submit(start_writeback, self._fd, offset, n, self.path))
 
 
 def _as_bytes(data: torch.Tensor | bytes) -> torch.Tensor:

@@ -159,7 +159,10 @@ class StreamingSafetensorsWriter:
         with self._lock:
             files, self._open = list(self._open.values()), {}
         for out in files:
-            out.close()
+            try:
+                out.close()
+            except OSError:
+                pass  # the failure that brought us here is the one to report
 
     def close(self) -> list[Path]:
         """Finish the files (and the index when sharded); raises if any declared byte is missing."""
