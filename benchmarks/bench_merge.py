@@ -43,6 +43,11 @@ import torch
 WORK = Path(__file__).resolve().parent / "_work"
 LAYERS, HIDDEN, FFN, VOCAB = 5, 1024, 2816, 32000
 SRC = Path(__file__).resolve().parent.parent / "src"
+# On a VM that hands freed memory back to its host, writing into memory freed seconds ago costs far
+# more than into memory freed just now (compare --settle 0 with the default). A method that starts fast
+# (the floor) would get the cheap case and one that imports torch first the dear one, so by default
+# every method waits this long after its old output is deleted.
+SETTLE_S = 3.0
 
 
 def llama_shapes(layers: int = LAYERS) -> dict[str, tuple[int, ...]]:
@@ -112,7 +117,16 @@ def drop_caches() -> None:
 
 
 # Each script prints one JSON line on stderr: start-up seconds, timed seconds, CPU seconds in the timed part.
+# With BENCH_CLEAR set, a script deletes its old output itself, after its start-up, just before the timing.
 REPORT = """
+def clear_late():
+    import os, shutil
+    path = os.environ.get("BENCH_CLEAR")
+    if path and os.path.isdir(path):
+        shutil.rmtree(path)
+    elif path and os.path.exists(path):
+        os.unlink(path)
+
 def report(t0, t1, c1):
     import json, os, sys, time
     t2, c2 = time.monotonic(), os.times()
@@ -124,6 +138,7 @@ FLOOR = """
 import os, sys, time
 t0 = time.monotonic()
 *inputs, out = sys.argv[1:]
+clear_late()
 t1, c1 = time.monotonic(), os.times()
 buf = bytearray(16 << 20)
 view = memoryview(buf)
@@ -141,6 +156,7 @@ CKPTMERGE = """
 import os, sys, time
 t0 = time.monotonic()
 from ckptmerge.cli.main import main
+clear_late()
 t1, c1 = time.monotonic(), os.times()
 if main(sys.argv[1:]) != 0:
     sys.exit(1)
@@ -152,6 +168,7 @@ import os, sys, time
 t0 = time.monotonic()
 import torch
 from safetensors.torch import load_file, save_file
+clear_late()
 t1, c1 = time.monotonic(), os.times()
 *inputs, out = sys.argv[1:]
 states = [load_file(p) for p in inputs]
@@ -193,7 +210,8 @@ def clear(path: Path) -> None:
 
 
 def run_once(cmd: list[str], env: dict, cold: bool) -> dict:
-    """One timed run: the process's own report, plus wall seconds and peak RssAnon."""
+    """One timed run: the process's own report, plus wall seconds and peak RssAnon. ``env`` may name
+    the output in BENCH_CLEAR for the script to delete after its start-up."""
     if cold:
         drop_caches()
     start = time.monotonic()
@@ -218,7 +236,7 @@ def read_into_cache(files: list[Path]) -> None:
                 pass
 
 
-def run_rounds(cmds: dict, rounds: int, cache: str, inputs: list[Path]) -> dict[str, list[dict]]:
+def run_rounds(cmds: dict, rounds: int, cache: str, inputs: list[Path], settle_s: float) -> dict[str, list[dict]]:
     results: dict[str, list[dict]] = {name: [] for name in cmds}
     if cache == "warm":
         for cmd, env, path in cmds.values():  # prime the filesystem and the interpreter's files
@@ -226,7 +244,11 @@ def run_rounds(cmds: dict, rounds: int, cache: str, inputs: list[Path]) -> dict[
             run_once(cmd, env, cold=False)
     for r in range(rounds):
         for name, (cmd, env, path) in cmds.items():
-            clear(path)
+            if settle_s >= 0:
+                clear(path)
+                time.sleep(settle_s)  # every method starts as long after its old output was freed
+            else:  # each script deletes its old output itself, after its start-up: memory freed just now
+                env = {**env, "BENCH_CLEAR": str(path)}
             if cache == "warm":
                 read_into_cache(inputs)
             results[name].append(run_once(cmd, env, cold=cache == "cold"))
@@ -282,6 +304,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--cache", nargs="+", choices=("cold", "warm"), default=["cold", "warm"])
     p.add_argument("--device", default="cpu", help="ckptmerge --device (cpu, cuda)")
+    p.add_argument("--settle", type=float, default=SETTLE_S,
+                   help=f"seconds between deleting a method's old output and running it (default {SETTLE_S:g}); "
+                        "negative: each method deletes it itself after its start-up, just before its timing")
     p.add_argument("--work", type=Path, default=WORK, help="where checkpoints and outputs go (a tmpfs: compute only)")
     p.add_argument("--compare-src", type=Path, nargs="*", default=[], help="other ckptmerge source trees to time")
     p.add_argument("--others", action="store_true", help="also time a naive load-all average and mergekit")
@@ -304,7 +329,7 @@ def main() -> None:
         cmds = commands(paths[-n:], out, args)
         for cache in args.cache:
             inputs = [p / "model.safetensors" for p in paths[-n:]]
-            print("\n".join(table_rows(n, cache, run_rounds(cmds, args.rounds, cache, inputs))), flush=True)
+            print("\n".join(table_rows(n, cache, run_rounds(cmds, args.rounds, cache, inputs, args.settle))), flush=True)
         print(f"\nN={n}: {compare_outputs(cmds)}\n", flush=True)
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
