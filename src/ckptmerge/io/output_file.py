@@ -2,7 +2,7 @@
 
 Its disk is reserved first (``fallocate``): a full disk or quota fails at once, before any work, not
 mid-merge, and the writes that follow only fill blocks already allocated, which on ext4 costs a
-fraction of writing into a file that grows (measured with ``benchmarks/bench_merge.py``). Bytes go
+fraction of writing into a file that grows (``benchmarks/bench_output_write.py``). Bytes go
 in with ``pwrite`` at their offsets, so the merge's worker threads write their chunks as they finish
 them, in any order. Finished ranges are handed to the kernel's writeback as they complete
 (``sync_file_range``, on a thread of its own, since starting writeback can wait for the disk's
