@@ -1,10 +1,10 @@
 """A file written at known offsets whose final size is known before the first byte: a merge's output shard.
 
 Its disk is reserved first (``fallocate``): a full disk or quota fails at once, before any work, not
-mid-merge, and the writes that follow only fill blocks already allocated, which on ext4 costs a
-fraction of writing into a file that grows (``benchmarks/bench_output_write.py``). Bytes go
-in with ``pwrite`` at their offsets, so the merge's worker threads write their chunks as they finish
-them, in any order. Finished ranges are handed to the kernel's writeback as they complete
+mid-merge, and the writes that follow only fill blocks already allocated, which on ext4 costs less
+than writing into a file that grows (``benchmarks/bench_output_write.py``). Bytes go in with
+``pwrite`` at their offsets, so the merge's worker threads write their chunks as they finish them,
+in any order. Finished ranges are handed to the kernel's writeback as they complete
 (``sync_file_range``, on a thread of its own, since starting writeback can wait for the disk's
 queue), so the caller's final ``fsync`` has little left to wait for.
 
