@@ -186,6 +186,9 @@ def commands(paths: list[Path], out: Path, args: argparse.Namespace) -> dict[str
     cmds = {"read+write floor": (py + [REPORT + FLOOR, *files, str(out / "floor.bin")], {}, out / "floor.bin"),
             "ckptmerge": (py + [REPORT + CKPTMERGE, *merge_args, "-o", str(out / "ckptmerge")],
                           {"PYTHONPATH": str(SRC)}, out / "ckptmerge")}
+    if args.also_direct_io:
+        cmds["ckptmerge --direct-io"] = (py + [REPORT + CKPTMERGE, *merge_args, "--direct-io", "-o", str(out / "direct")],
+                                         {"PYTHONPATH": str(SRC)}, out / "direct")
     for i, src in enumerate(args.compare_src):
         cmds[f"ckptmerge ({src})"] = (py + [REPORT + CKPTMERGE, *merge_args[:-2], "-o", str(out / f"compare-{i}")],
                                       {"PYTHONPATH": str(src)}, out / f"compare-{i}")
@@ -276,7 +279,7 @@ def compare_outputs(cmds: dict) -> str:
     ours = cmds["ckptmerge"][2] / "model.safetensors"
     notes = []
     for name, (_, _, path) in cmds.items():
-        if name.startswith("ckptmerge ("):
+        if name.startswith("ckptmerge (") or name == "ckptmerge --direct-io":
             same = (path / "model.safetensors").read_bytes() == ours.read_bytes()
             notes.append(f"{name}: {'byte-identical' if same else 'DIFFERENT'} model.safetensors")
         elif name in ("naive load-all", "mergekit linear"):
@@ -309,6 +312,7 @@ def main() -> None:
                         "negative: each method deletes it itself after its start-up, just before its timing")
     p.add_argument("--work", type=Path, default=WORK, help="where checkpoints and outputs go (a tmpfs: compute only)")
     p.add_argument("--compare-src", type=Path, nargs="*", default=[], help="other ckptmerge source trees to time")
+    p.add_argument("--also-direct-io", action="store_true", help="also time ckptmerge merge --direct-io")
     p.add_argument("--others", action="store_true", help="also time a naive load-all average and mergekit")
     p.add_argument("--mergekit-python", default=str(WORK / "mk-venv" / "bin" / "python"))
     p.add_argument("--keep", action="store_true", help="keep the outputs (default: delete them at the end)")

@@ -24,11 +24,32 @@ def pieces(seed: int) -> list[np.ndarray]:
     return [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
 
 
-@pytest.fixture(params=["reserved", "no fallocate"])
-def mode(request, monkeypatch):
-    if request.param == "no fallocate":  # a filesystem without fallocate
+class Mode:
+    def __init__(self, name):
+        self.name, self.direct, self.calls = name, name == "direct", []
+
+
+@pytest.fixture(params=["direct", "page cache", "no fallocate"])
+def mode(request, monkeypatch, tmp_path):
+    """direct: large writes' whole pages bypass the page cache (counted, so a test knows they ran)."""
+    mode = Mode(request.param)
+    if mode.name == "no fallocate":  # a filesystem without fallocate
         monkeypatch.setattr(output_mod, "_fallocate", None)
-    return request.param
+    if mode.direct:
+        (tmp_path / "probe").write_bytes(b"")
+        direct = output_mod._DirectWrites.open(tmp_path / "probe")
+        if direct is None:
+            pytest.skip("this filesystem refuses O_DIRECT")
+        direct.close()
+        real = output_mod._DirectWrites.write
+
+        def counted(self, src, offset):
+            mode.calls.append(src.numel())
+            return real(self, src, offset)
+
+        monkeypatch.setattr(output_mod._DirectWrites, "write", counted)
+    yield mode
+    assert all(n % output_mod.DIRECT_ALIGN == 0 for n in mode.calls), mode.calls
 
 
 def test_bytes_on_disk_equal_the_bytes_written(tmp_path, mode, monkeypatch):
@@ -36,12 +57,14 @@ def test_bytes_on_disk_equal_the_bytes_written(tmp_path, mode, monkeypatch):
     data = pieces(0)
     total = sum(p.size for p in data)
     path = tmp_path / "out.bin"
-    with OutputFile(path, total) as out:
-        assert out.reserved == (mode == "reserved")
+    with OutputFile(path, total, direct=mode.direct) as out:
+        assert out.reserved == (mode.name != "no fallocate") and out.direct == mode.direct
         for i, piece in enumerate(data):
             out.write(piece.tobytes() if i % 2 else torch.from_numpy(piece))
         assert out.position == total
     assert path.read_bytes() == b"".join(p.tobytes() for p in data)
+    if mode.direct:  # the pieces of 1 MiB and more went to disk directly, their edges through the cache
+        assert mode.calls
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
@@ -49,14 +72,14 @@ def test_tensors_are_written_as_they_lie_in_memory(tmp_path, mode, dtype):
     values = (torch.randn(3001, generator=torch.Generator().manual_seed(1)) * 100).to(dtype)
     expected = values.view(torch.int16).numpy().tobytes() if dtype == torch.bfloat16 else values.numpy().tobytes()
     path = tmp_path / "t.bin"
-    with OutputFile(path, len(expected)) as out:
+    with OutputFile(path, len(expected), direct=mode.direct) as out:
         out.write(values[:1000])
         out.write(values[1000:].reshape(1, -1))
     assert path.read_bytes() == expected
 
 
 def test_writing_past_the_declared_size_is_refused(tmp_path, mode):
-    with OutputFile(tmp_path / "x.bin", 10) as out:
+    with OutputFile(tmp_path / "x.bin", 10, direct=mode.direct) as out:
         out.write(b"0123456789")
         with pytest.raises(RuntimeError, match="declared 10"):
             out.write(b"!")
@@ -104,6 +127,37 @@ def test_threads_writing_disjoint_ranges_in_any_order(tmp_path, mode, monkeypatc
     offsets = [sum(p.size for p in data[:i]) for i in range(len(data))]
     jobs = list(zip(offsets, data))
     random.Random(0).shuffle(jobs)
-    with OutputFile(tmp_path / "par.bin", len(blob)) as out, ThreadPoolExecutor(4) as pool:
+    with OutputFile(tmp_path / "par.bin", len(blob), direct=mode.direct) as out, ThreadPoolExecutor(4) as pool:
         assert sum(pool.map(lambda job: out.write_at(job[0], torch.from_numpy(job[1])), jobs)) == len(blob)
     assert (tmp_path / "par.bin").read_bytes() == blob
+    if mode.direct:
+        assert mode.calls
+
+
+def test_merge_with_direct_io_writes_the_same_bytes(tmp_path, monkeypatch):
+    """`ckptmerge merge --direct-io` against the same merge through the page cache and an fp64 NumPy sum."""
+    from safetensors.numpy import load_file
+    from safetensors.torch import save_file
+
+    from ckptmerge.cli.main import main
+
+    g = torch.Generator().manual_seed(3)
+    states = [{"big": torch.randn(1001, 701, generator=g), "small": torch.randn(5, 3, generator=g)} for _ in range(3)]
+    for step, state in zip((100, 200, 300), states):
+        (tmp_path / "run" / f"step-{step:06d}").mkdir(parents=True)
+        save_file(state, tmp_path / "run" / f"step-{step:06d}" / "model.safetensors")
+    calls = []
+    real = output_mod._DirectWrites.write
+    monkeypatch.setattr(output_mod._DirectWrites, "write", lambda self, src, offset: calls.append(offset) or
+                        real(self, src, offset))
+    for name, flags in (("cached", []), ("direct", ["--direct-io"])):
+        assert main(["merge", str(tmp_path / "run"), "-o", str(tmp_path / name), "--quiet",
+                     *flags]) == 0
+    probe = output_mod._DirectWrites.open(tmp_path / "direct" / "model.safetensors")
+    if probe is not None:  # this filesystem takes O_DIRECT: the direct merge used it
+        probe.close()
+        assert calls
+    cached, direct = (tmp_path / n / "model.safetensors" for n in ("cached", "direct"))
+    assert direct.read_bytes() == cached.read_bytes()
+    expected = sum(s["big"].double().numpy() for s in states) / 3
+    assert np.allclose(load_file(direct)["big"], expected, rtol=0, atol=1e-6)

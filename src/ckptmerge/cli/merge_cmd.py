@@ -53,6 +53,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--device", help="accumulate on cpu (default, every core) or an accelerator, e.g. cuda")
     o.add_argument("--max-shard-size", help="shard size cap, e.g. 5GB (default)")
     o.add_argument("--chunk-size", help="merge tensors larger than this in row slices (default 16MB)")
+    o.add_argument("--direct-io", action="store_true", default=None,
+                   help="write the output's large chunks past the page cache (O_DIRECT, where the filesystem allows): "
+                        "nothing is evicted for it; faster only where filling the page cache is slow (docs/benchmarks.md)")
     o.add_argument("--allow-nonfinite", action="store_true", default=None, help="merge inputs with NaN/Inf")
     o.add_argument("--hash", choices=("sampled", "full", "none"), help="input fingerprint for merge.json")
     o.add_argument("--force", action="store_true", default=None, help="replace an existing output")

@@ -8,6 +8,11 @@ in any order. Finished ranges are handed to the kernel's writeback as they compl
 (``sync_file_range``, on a thread of its own, since starting writeback can wait for the disk's
 queue), so the caller's final ``fsync`` has little left to wait for.
 
+With ``direct``, the whole pages of each large write bypass the page cache (``O_DIRECT``) and only
+its unaligned edges go through it: the output never fills the page cache (a merge larger than memory
+evicts nothing), and where getting fresh memory is slow (a VM that gives freed memory back to its
+host) it does not pay for it; each write then waits for the disk, so it helps only there.
+
 Where the filesystem cannot reserve blocks (no ``fallocate``: some network and FUSE filesystems,
 non-Linux systems) the same writes simply grow the file; the bytes are the same.
 
@@ -25,10 +30,13 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
-
 WRITEBACK_BYTES = 32 << 20  # start writeback each time this much more is written
+DIRECT_ALIGN = 4096  # direct writes cover whole pages (a multiple of any usual logical block size)
+DIRECT_MIN_BYTES = 1 << 20  # smaller writes go through the page cache
+STAGING_BYTES = 16 << 20  # per writing thread, page-aligned
 _SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
 _NO_RESERVE = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
@@ -36,18 +44,28 @@ _NO_RESERVE = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 class OutputFile:
     """``path``, created (or truncated) to hold exactly ``nbytes``, its disk reserved up front."""
 
-    def __init__(self, path: Path, nbytes: int):
+    def __init__(self, path: Path, nbytes: int, *, direct: bool = False):
+        """``direct``: write whole pages of large writes with ``O_DIRECT``, bypassing the page cache, where
+        the filesystem allows (``--direct-io``)."""
         self.path, self.nbytes, self.position = Path(path), nbytes, 0
         self._lock = threading.Lock()
         self._unflushed = 0  # bytes of small writes not yet handed to writeback
         self._flusher: ThreadPoolExecutor | None = None  # starts writeback, which can block, off the writers' threads
         self._flushes: list[Future] = []
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._direct: _DirectWrites | None = None
         try:
             self.reserved = nbytes > 0 and reserve(self._fd, nbytes, self.path)
+            if self.reserved and direct:
+                self._direct = _DirectWrites.open(self.path)
         except BaseException:
             self.close()
             raise
+
+    @property
+    def direct(self) -> bool:
+        """Whether large writes bypass the page cache (``O_DIRECT``)."""
+        return self._direct is not None
 
     def write(self, data: torch.Tensor | bytes) -> None:
         """Append ``data`` (bytes, or a contiguous CPU tensor whose bytes are written as they lie)."""
@@ -59,12 +77,26 @@ class OutputFile:
         n = src.numel()
         if offset + n > self.nbytes:
             raise RuntimeError(f"{self.path}: {offset + n} bytes written into a file declared {self.nbytes}")
-        _write_all(self._fd, src, offset, self.path)
-        self._written(offset, n)
+        middle = self._direct.aligned_part(offset, n) if self._direct is not None else None
+        if middle is None:
+            _write_all(self._fd, src, offset, self.path)
+            self._written(offset, n)
+            return n
+        begin, end = middle  # page-aligned: the edges go through the page cache, the rest straight to disk
+        _write_all(self._fd, src[:begin - offset], offset, self.path)
+        _write_all(self._fd, src[end - offset:], end, self.path)
+        self._written(offset, n - (end - begin))
+        if not self._direct.write(src[begin - offset:end - offset], begin):
+            self._direct = None  # this file refuses direct writes after all: the page cache from now on
+            _write_all(self._fd, src[begin - offset:end - offset], begin, self.path)
+            self._written(begin, end - begin)
         return n
 
     def close(self) -> None:
         """Close (idempotent); the bytes reach the disk with the caller's ``fsync``. Raises a writeback error."""
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
         if self._flusher is not None:
             self._flusher.shutdown()
             self._flusher = None
@@ -94,6 +126,61 @@ class OutputFile:
                 self._flusher = ThreadPoolExecutor(1, thread_name_prefix="ckptmerge-writeback")
             self._flushes = [f for f in self._flushes if not f.done() or f.exception() is not None]
             self._flushes.append(self._flusher.submit(start_writeback, self._fd, offset, n, self.path))
+
+
+class _DirectWrites:
+    """Writes of whole pages that bypass the page cache (``O_DIRECT``), from a page-aligned staging buffer
+    per thread. The page cache is never filled with the output (on a VM that must first get fresh memory
+    back from its host, filling it dominated a warm merge), and the disk is written while the caller
+    merges. A write's unaligned edges are the caller's, through the page cache: they never share a page
+    with a direct write, so the two never meet in one page."""
+
+    def __init__(self, fd: int, path: Path):
+        self._fd, self._path = fd, path
+        self._staging = threading.local()
+
+    @classmethod
+    def open(cls, path: Path) -> "_DirectWrites | None":
+        """None where the filesystem refuses ``O_DIRECT`` (tmpfs on older kernels, some network ones)."""
+        try:
+            return cls(os.open(path, os.O_WRONLY | os.O_DIRECT), path)
+        except (OSError, AttributeError):
+            return None
+
+    @staticmethod
+    def aligned_part(offset: int, nbytes: int) -> tuple[int, int] | None:
+        """The whole pages inside ``[offset, offset + nbytes)``, when there are enough to be worth it."""
+        begin = -(-offset // DIRECT_ALIGN) * DIRECT_ALIGN
+        end = (offset + nbytes) // DIRECT_ALIGN * DIRECT_ALIGN
+        return (begin, end) if end - begin >= DIRECT_MIN_BYTES else None
+
+    def write(self, src: torch.Tensor, offset: int) -> bool:
+        """Write page-aligned ``src`` at page-aligned ``offset``; False if the file refuses (EINVAL)."""
+        for start in range(0, src.numel(), STAGING_BYTES):
+            piece = src[start:start + STAGING_BYTES]
+            staging = self._buffer()[:piece.numel()]
+            staging.copy_(piece)
+            view = memoryview(staging.numpy())
+            while view.nbytes:
+                try:
+                    written = os.pwrite(self._fd, view, offset + start)
+                except OSError as exc:
+                    if exc.errno == errno.EINVAL:
+                        return False
+                    raise OSError(exc.errno, exc.strerror, str(self._path)) from None
+                view, start = view[written:], start + written
+        return True
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def _buffer(self) -> torch.Tensor:
+        buffer = getattr(self._staging, "buffer", None)
+        if buffer is None:
+            raw = np.empty(STAGING_BYTES + DIRECT_ALIGN, dtype=np.uint8)
+            shift = -raw.ctypes.data % DIRECT_ALIGN
+            buffer = self._staging.buffer = torch.from_numpy(raw[shift:shift + STAGING_BYTES])
+        return buffer
 
 
 def _as_bytes(data: torch.Tensor | bytes) -> torch.Tensor:

@@ -76,12 +76,13 @@ class StreamingSafetensorsWriter:
 
     def __init__(self, folder: Path, entries: Sequence[tuple[str, TensorInfo]], *,
                  max_shard_bytes: int, metadata: dict[str, str] | None = None,
-                 shard_names: Sequence[str] | None = None):
+                 shard_names: Sequence[str] | None = None, direct_io: bool = False):
         """``shard_names``: this writer's part of a larger output (one rank of a distributed merge): its
-        files get these names and no index is written here; the caller writes one with ``write_index``."""
+        files get these names and no index is written here; the caller writes one with ``write_index``.
+        ``direct_io``: large chunks bypass the page cache (``OutputFile(direct=True)``)."""
         if sys.byteorder != "little":
             raise RuntimeError("safetensors output requires a little-endian machine")
-        self.folder = folder
+        self.folder, self._direct_io = folder, direct_io
         self.shards = split_into_shards(entries, max_shard_bytes) if entries or shard_names is None else []
         self._partial = shard_names is not None
         if shard_names is not None and len(shard_names) != len(self.shards):
@@ -136,7 +137,7 @@ class StreamingSafetensorsWriter:
             if out is None:
                 if self._owed[shard] < len(self._headers[shard]):
                     raise RuntimeError(f"{self.files[shard]}: written again after it was finished")
-                out = self._open[shard] = OutputFile(self.files[shard], self._owed[shard])
+                out = self._open[shard] = OutputFile(self.files[shard], self._owed[shard], direct=self._direct_io)
                 out.write_at(0, self._headers[shard])
                 self._owed[shard] -= len(self._headers[shard])
                 self.bytes_written += len(self._headers[shard])

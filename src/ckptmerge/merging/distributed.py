@@ -65,7 +65,7 @@ def shard_layout(shares: list[list[TensorTask]], max_shard_bytes: int) -> list[l
 
 def merge_distributed(checkpoints, coeffs, output, *, dtype, accum_dtype, max_shard_bytes, chunk_bytes, force,
                       allow_nonfinite, allow_unnormalized, allow_negative, hash_mode, progress,
-                      recipe, device="cpu") -> MergeResult:
+                      recipe, device="cpu", direct_io=False) -> MergeResult:
     """``merging.offline.merge`` on this rank of a torch.distributed job (same arguments and result)."""
     init()
     with phase():  # a device missing on one rank stops every rank, with the error shown once
@@ -121,7 +121,7 @@ def _write_and_publish(plan: MergePlan, output: Path, *, dtype, max_shard_bytes,
         with phase():
             report = _write_share(tmp, plan, shares[rank()], names[rank()], chunk_bytes=chunk_bytes,
                                   max_shard_bytes=max_shard_bytes, allow_nonfinite=allow_nonfinite, progress=progress,
-                                  device=device)
+                                  device=device, direct_io=direct_io)
         reports = all_gather(report)
         manifest = None
         with phase():
@@ -132,12 +132,13 @@ def _write_and_publish(plan: MergePlan, output: Path, *, dtype, max_shard_bytes,
 
 
 def _write_share(tmp: Path, plan: MergePlan, tasks: list[TensorTask], names: list[str], *, chunk_bytes: int,
-                 max_shard_bytes: int, allow_nonfinite: bool, progress: bool, device) -> dict:
+                 max_shard_bytes: int, allow_nonfinite: bool, progress: bool, device, direct_io: bool) -> dict:
     started = time.monotonic()
     share = dataclasses.replace(plan, tasks=tasks)
     with ExitStack() as stack:
         writer = stack.enter_context(StreamingSafetensorsWriter(Path(tmp), [(t.name, t.info) for t in tasks],
-                                                                max_shard_bytes=max_shard_bytes, shard_names=names))
+                                                                max_shard_bytes=max_shard_bytes, shard_names=names,
+                                                                direct_io=direct_io))
         readers = [stack.enter_context(closing(open_checkpoint(r.path))) for r in plan.refs]
         bar = stack.enter_context(closing(progress_bar(sum(task_read_bytes(plan, t) for t in tasks),
                                                         f"merge (rank 0 of {world_size()})", unit="B",

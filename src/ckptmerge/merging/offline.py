@@ -43,7 +43,7 @@ def merge(checkpoints: Sequence[CheckpointRef | str | Path], coeffs: Sequence[fl
           force: bool = False, allow_nonfinite: bool = False, allow_unnormalized: bool = False,
           allow_negative: bool = False, hash_mode: str = "sampled", progress: bool = True,
           recipe: dict | None = None, as_checkpoint: bool = False,
-          device: str | torch.device = "cpu") -> MergeResult:
+          device: str | torch.device = "cpu", direct_io: bool = False) -> MergeResult:
     """Merge ``checkpoints`` (oldest first) with ``coeffs`` into an HF-style folder at ``output``.
 
     Args:
@@ -55,6 +55,7 @@ def merge(checkpoints: Sequence[CheckpointRef | str | Path], coeffs: Sequence[fl
         as_checkpoint: also write the merge as the newest input's trainer checkpoint (merging/handback.py).
         device: where float tensors are accumulated: ``"cpu"`` (every core) or an accelerator such as
             ``"cuda"`` (inputs stream in through page-locked buffers; results come back to be written).
+        direct_io: write the output's large chunks past the page cache (``ckptmerge.io.output_file``).
 
     Raises:
         CkptMergeError subclasses, always before anything appears at ``output``.
@@ -72,7 +73,7 @@ def merge(checkpoints: Sequence[CheckpointRef | str | Path], coeffs: Sequence[fl
                                  max_shard_bytes=max_shard_bytes, chunk_bytes=chunk_bytes, force=force,
                                  allow_nonfinite=allow_nonfinite, allow_unnormalized=allow_unnormalized,
                                  allow_negative=allow_negative, hash_mode=hash_mode, progress=progress, recipe=recipe,
-                                 device=device)
+                                 device=device, direct_io=direct_io)
     started = time.monotonic()
     device = resolve_device(device)
     refs, coeffs, output = check_arguments(checkpoints, coeffs, output, accum_dtype=accum_dtype, force=force,
@@ -90,7 +91,7 @@ def merge(checkpoints: Sequence[CheckpointRef | str | Path], coeffs: Sequence[fl
             manifest = _merge_into(tmp, plan, readers, dtype=dtype, max_shard_bytes=max_shard_bytes,
                                    chunk_bytes=chunk_bytes, allow_nonfinite=allow_nonfinite, pins=pins,
                                    progress=progress, recipe=recipe or {}, started=started, planned_s=planned_s,
-                                   device=device)
+                                   device=device, direct_io=direct_io)
             if as_checkpoint:
                 write_back(refs[-1], tmp)
     return MergeResult(output, plan, manifest)
@@ -111,11 +112,11 @@ def check_arguments(checkpoints, coeffs, output, *, accum_dtype, force, allow_un
 
 
 def _merge_into(tmp: Path, plan: MergePlan, readers, *, dtype, max_shard_bytes, chunk_bytes, allow_nonfinite,
-                pins, progress, recipe, started, planned_s, device) -> dict:
+                pins, progress, recipe, started, planned_s, device, direct_io) -> dict:
     entries = [(t.name, t.info) for t in plan.tasks]
     total = sum(t.info.numel * r.info(t.name).dtype.itemsize for t in plan.tasks for r in
                 ([readers[i] for i in plan.active] if t.merged else readers))
-    with StreamingSafetensorsWriter(tmp, entries, max_shard_bytes=max_shard_bytes) as writer:
+    with StreamingSafetensorsWriter(tmp, entries, max_shard_bytes=max_shard_bytes, direct_io=direct_io) as writer:
         bar = progress_bar(total, "merge", unit="B", enabled=progress)
         stats = run_engine(plan, readers, writer, chunk_bytes=chunk_bytes, allow_nonfinite=allow_nonfinite,
                            on_bytes=bar.update, device=device, write_behind=True)

@@ -55,6 +55,7 @@ class MergeRecipe:
     device: str = "cpu"
     max_shard_size: str = "5GB"
     chunk_size: str = "16MB"
+    direct_io: bool = False
     allow_nonfinite: bool = False
     hash: str = "sampled"
     force: bool = False

@@ -71,7 +71,7 @@ def run_recipe(recipe: MergeRecipe, *, progress: bool = True) -> MergeResult:
                  force=recipe.force, allow_nonfinite=recipe.allow_nonfinite,
                  allow_unnormalized=recipe.unnormalized, allow_negative=recipe.extrapolate,
                  hash_mode=recipe.hash, progress=progress, recipe=_recipe_record(recipe, window),
-                 as_checkpoint=recipe.as_checkpoint, device=recipe.device)
+                 as_checkpoint=recipe.as_checkpoint, device=recipe.device, direct_io=recipe.direct_io)
 
 
 def _recipe_record(recipe: MergeRecipe, window: Window) -> dict:
