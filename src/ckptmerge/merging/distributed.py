@@ -84,7 +84,8 @@ def merge_distributed(checkpoints, coeffs, output, *, dtype, accum_dtype, max_sh
         manifest = _write_and_publish(plan, output, dtype=dtype, max_shard_bytes=max_shard_bytes,
                                       chunk_bytes=chunk_bytes, force=force, allow_nonfinite=allow_nonfinite,
                                       pins=pins, progress=progress and rank() == 0,
-                                      recipe=recipe or {}, started=started, planned_s=planned_s, device=device)
+                                      recipe=recipe or {}, started=started, planned_s=planned_s, device=device,
+                                      direct_io=direct_io)
     except RankError:
         raise  # agreed by every rank: all leave here together
     except Exception as exc:  # noqa: BLE001 - only rank 0's final rename can fail outside a phase
@@ -108,7 +109,8 @@ def _plan_once(checkpoints, coeffs, output, *, dtype, accum_dtype, force, allow_
 
 
 def _write_and_publish(plan: MergePlan, output: Path, *, dtype, max_shard_bytes, chunk_bytes, force,
-                       allow_nonfinite, pins, progress, recipe, started, planned_s, device) -> dict | None:
+                       allow_nonfinite, pins, progress, recipe, started, planned_s, device,
+                       direct_io) -> dict | None:
     shares = split_plan(plan, world_size())
     names = shard_layout(shares, max_shard_bytes)
     with ExitStack() as stack:
