@@ -166,7 +166,9 @@ def test_search_killed_ten_times_ends_with_exactly_its_trials_and_every_baseline
         worker = ctx.Process(target=_search_worker, args=(str(root), storage, trials))
         worker.start()
         _wait_for_running_trial_of(worker.pid, storage, "kills", timeout_s=120, alive=worker.is_alive)
-        time.sleep(rng.uniform(0.0, 0.6))  # mid-trial, between trials, or while reporting
+        # mid-trial, between trials, or while reporting; a trial can take 50 ms, so a later kill could find
+        # the study finished by this one worker and test nothing
+        time.sleep(rng.uniform(0.0, 0.2))
         worker.kill()  # SIGKILL
         worker.join()
     final = ctx.Process(target=_search_worker, args=(str(root), storage, trials))
