@@ -39,7 +39,7 @@ from ckptmerge.merging.offline import MergeResult, check_arguments, finish_outpu
 from ckptmerge.merging.plan import MergePlan, TensorTask, build_plan
 from ckptmerge.parallel.agree import RankError, agree, phase
 from ckptmerge.parallel.split import split_by_cost
-from ckptmerge.parallel.world import all_gather, broadcast, init, rank, world_size
+from ckptmerge.parallel.world import all_gather, barrier, broadcast, init, rank, world_size
 
 
 def task_read_bytes(plan: MergePlan, task: TensorTask) -> int:
@@ -86,8 +86,9 @@ def merge_distributed(checkpoints, coeffs, output, *, dtype, accum_dtype, max_sh
                                       pins=pins, progress=progress and rank() == 0,
                                       recipe=recipe or {}, started=started, planned_s=planned_s, device=device,
                                       direct_io=direct_io)
-    except RankError:
-        raise  # agreed by every rank: all leave here together
+    except RankError:  # agreed by every rank; each has cleaned up (rank 0 removed the temporary folder)
+        barrier()  # before any rank exits: torchrun stops the others when one exits, maybe mid-cleanup
+        raise
     except Exception as exc:  # noqa: BLE001 - only rank 0's final rename can fail outside a phase
         publish_error = exc
     agree(publish_error)
