@@ -97,10 +97,9 @@ class Stage:
 
     def zeros(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """The accumulator, zeroed, on the compute device."""
-        acc = self._get(dtype, shape, self.device, pinned=False, slot="acc")
-        if acc.is_contiguous():
-            self._cpu.map(lambda a: a.zero_(), acc.view(-1))
-        return acc.zero_() if not acc.is_contiguous() else acc
+        acc = self._get(dtype, shape, self.device, pinned=False, slot="acc")  # contiguous: a view of a flat buffer
+        self._cpu.map(lambda a: a.zero_(), acc.view(-1))
+        return acc
 
     def upload(self, part: torch.Tensor) -> torch.Tensor:
         """``part`` on the compute device; from page-locked memory the copy is asynchronous."""

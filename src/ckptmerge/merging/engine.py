@@ -26,8 +26,6 @@ buffers and a host copy of the output chunk. Non-float tensors are copied from t
 
 from __future__ import annotations
 
-import math
-import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -100,7 +98,7 @@ def run_engine(plan: MergePlan, readers: Sequence[CheckpointReader], sink: Tenso
 
     On the CPU, when every input is a plain byte range and the sink places chunks by row
     (``write_rows``), ``workers`` threads (default: one per torch thread, i.e. per core) each merge
-    every ``workers``-th chunk and write it in place (``_run_workers``). Otherwise chunks are merged
+    every ``workers``-th chunk and write it in place (``merging/chunk_workers.py``). Otherwise chunks are merged
     one after another and written in plan order; with ``write_behind``, ``sink.write`` then runs on a
     thread while the next chunk is merged (one write in flight, its chunk in a second set of scratch
     tensors). Either way the sink must not be touched by anyone else until this returns.
@@ -108,9 +106,11 @@ def run_engine(plan: MergePlan, readers: Sequence[CheckpointReader], sink: Tenso
     chunks = plan_chunks(plan, chunk_bytes)
     home = input_device(plan, readers)
     target = torch.device(device) if device is not None else home
-    count = _worker_count(plan, readers, chunks, sink, target, home, workers)
+    from ckptmerge.merging.chunk_workers import run_workers, worker_count  # they use this module's chunk steps
+
+    count = worker_count(plan, readers, chunks, sink, target, home, workers)
     if count > 1:
-        return _run_workers(plan, readers, sink, chunks, count, reads, allow_nonfinite, on_bytes)
+        return run_workers(plan, readers, sink, chunks, count, reads, allow_nonfinite, on_bytes)
     stats = EngineStats()
     with ExitStack() as stack:
         stage = stack.enter_context(Stage(target, home, buffers=2 if write_behind else 1))
@@ -135,95 +135,6 @@ def _read_bytes(plan: MergePlan, readers: Sequence[CheckpointReader], chunk: _Ch
     (each is compared with the newest)."""
     sources = plan.active if chunk.task.merged else range(len(readers))
     return sum(readers[i].info(chunk.task.name).dtype.itemsize for i in sources) * _chunk_numel(chunk)
-
-
-def _worker_count(plan: MergePlan, readers: Sequence[CheckpointReader], chunks: list[_Chunk], sink: TensorSink,
-                  target: torch.device, home: torch.device, workers: int | None) -> int:
-    """Threads that can merge side by side: 1 unless accumulating on the CPU from byte ranges into a sink
-    that places chunks by row."""
-    if target.type != "cpu" or home.type != "cpu" or not hasattr(sink, "write_rows"):
-        return 1
-    tasks = {chunk.task.name: chunk.task for chunk in chunks if chunk.task.merged}
-    if any(readers[i].file_range(name, 0, 0) is None for name in tasks for i in plan.active):
-        return 1
-    return min(workers or torch.get_num_threads(), sum(chunk.task.merged for chunk in chunks))
-
-
-class _FirstFailure:
-    """The error of the earliest chunk, in plan order, that failed: workers skip chunks after it but
-    finish those before it, so which error is reported does not depend on thread timing."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.index: float = math.inf
-        self.error: BaseException | None = None
-        self.stopped = False
-
-    def record(self, index: int, error: BaseException) -> None:
-        with self._lock:
-            if index < self.index:
-                self.index, self.error = index, error
-
-    def skips(self, index: int) -> bool:
-        return self.stopped or index > self.index
-
-
-def _run_workers(plan: MergePlan, readers: Sequence[CheckpointReader], sink: TensorSink, chunks: list[_Chunk],
-                 workers: int, reads: ReadSettings, allow_nonfinite: bool,
-                 on_bytes: Callable[[int], None] | None) -> EngineStats:
-    """``workers`` threads merge every ``workers``-th float chunk and write it in place; this thread
-    copies the non-float tensors. Each worker accumulates single-threaded, so torch runs one intra-op
-    thread meanwhile (no OpenMP team spinning beside the workers)."""
-    stats, failure, lock = EngineStats(), _FirstFailure(), threading.Lock()
-
-    def progress(nbytes: int) -> None:
-        with lock:
-            stats.bytes_read += nbytes
-            if on_bytes is not None:
-                on_bytes(nbytes)
-
-    merged = [(index, chunk) for index, chunk in enumerate(chunks) if chunk.task.merged]
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="ckptmerge-merge") as pool:
-            futures = [pool.submit(_merge_share, plan, readers, sink, merged[w::workers], reads, allow_nonfinite,
-                                   progress, failure) for w in range(workers)]
-            try:
-                for chunk in chunks:
-                    if not chunk.task.merged:
-                        sink.write_rows(chunk.task.name, chunk.start, _copy_chunk(plan, readers, chunk, stats))
-                        progress(_read_bytes(plan, readers, chunk))
-                for future in futures:
-                    future.result()
-            except BaseException:
-                failure.stopped = True  # an interrupt or a failed copy: workers stop after their chunk
-                raise
-    finally:
-        torch.set_num_threads(saved)
-    if failure.error is not None:
-        raise failure.error
-    return stats
-
-
-def _merge_share(plan: MergePlan, readers: Sequence[CheckpointReader], sink: TensorSink,
-                 share: list[tuple[int, _Chunk]], reads: ReadSettings, allow_nonfinite: bool,
-                 progress: Callable[[int], None], failure: _FirstFailure) -> None:
-    """One worker: merge its chunks in order, their inputs' pages brought in ahead, each written at its place."""
-    index = -1  # a failure before the first chunk ranks first
-    try:
-        with ExitStack() as stack:
-            cpu = torch.device("cpu")
-            stage = stack.enter_context(Stage(cpu, cpu, threads=1))
-            inputs = _Inputs(plan, readers, [chunk for _, chunk in share], reads, stage, stack)
-            for index, chunk in share:
-                if failure.skips(index):
-                    return
-                sink.write_rows(chunk.task.name, chunk.start,
-                                _merge_chunk(plan, readers, inputs, chunk, stage, allow_nonfinite))
-                progress(_read_bytes(plan, readers, chunk))
-    except BaseException as exc:  # reported by the caller, earliest chunk first
-        failure.record(index, exc)
 
 
 class WriteBehind:
