@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -91,7 +92,11 @@ def test_bad_tensor_on_one_rank_stops_both_with_one_error_and_no_output(tmp_path
     errors = [line for line in proc.stderr.splitlines() if line.startswith("ckptmerge merge: error:")]
     assert len(errors) == 1, proc.stderr[-3000:]
     assert "step-000300" in errors[0] and "layers.1.mlp.weight" in errors[0] and "(on rank 1)" in errors[0]
-    assert "exitcode  : 2" in proc.stderr and proc.stderr.count("exitcode  : 2") == 2  # both ranks failed, cleanly
+    # A rank leaves with code 2 (a clean error). torchrun stops the other ranks once one has exited, so
+    # whether the second is reported with code 2 too or was stopped first is timing; neither may crash.
+    codes = re.findall(r"exitcode  : (-?\d+)", proc.stderr)  # torchrun's failure summary, one entry per rank listed
+    assert "2" in codes and set(codes) <= {"2", "-15"}, codes  # -15: SIGTERM from torchrun after the first exit
+    assert "ckptmerge/" not in "".join(line for line in proc.stderr.splitlines() if line.lstrip().startswith("File "))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing at OUT, no temporary folder
     assert before == {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
 
