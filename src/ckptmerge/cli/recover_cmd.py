@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ckptmerge.recovery.recover import RecoverConfig, recover
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recover", help="PMA-init: restart after a loss spike from the SMA of pre-spike checkpoints")
@@ -26,6 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ckptmerge.recovery.recover import RecoverConfig, recover  # the trainer: only this command's start-up
+
     cfg = RecoverConfig(n=args.n, optimizer_state=args.optimizer_state, spike_step=args.spike_step, steps=args.steps,
                         baseline=args.baseline, window=args.window, loss_jump=args.loss_jump,
                         grad_factor=args.grad_factor)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ckptmerge.reproduce.run import GROUPS, reproduce
-from ckptmerge.reproduce.scale import SCALES, make_scale
+from ckptmerge.reproduce.scale import GROUPS, SCALES, make_scale
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ckptmerge.reproduce.run import reproduce  # SciPy and the trainer: not for the other commands' start-up
+
     name = args.scale or ("quick" if args.quick else "full")
     scale = make_scale(name, seeds=args.seeds, train_data=args.train_data, eval_data=args.eval_data,
                        preset=args.preset, batch_size=args.batch_size, schedule=args.schedule)

@@ -19,11 +19,10 @@ from ckptmerge.errors import ConfigError
 from ckptmerge.reproduce import design
 from ckptmerge.reproduce.context import Context
 from ckptmerge.reproduce.report import Experiment, publish, write_index
-from ckptmerge.reproduce.scale import EXTREME_WITHIN, HIGH_WITHIN, Scale
+from ckptmerge.reproduce.scale import EXTREME_WITHIN, GROUPS, HIGH_WITHIN, Scale
 from ckptmerge.reproduce.stats import holm
 from ckptmerge.reproduce.training import train_many
 
-GROUPS = ("lawa", "bo", "pma")
 SETTINGS = "settings.json"
 
 

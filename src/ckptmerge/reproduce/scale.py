@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, replace
 
 from ckptmerge.errors import ConfigError
 
+GROUPS = ("lawa", "bo", "pma")  # experiment groups: LAWA (E1-E4), BO merging (E5), PMA (E6-E9, E11)
+
 SPAN_PRIMARY, SPAN_ABLATIONS = 0.05, (0.01, 0.20)
 LAWA_K = 5
 SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)  # x the preset's reference LR: five LRs, a factor of 2 apart
