@@ -4,7 +4,8 @@ Each variant writes the same 16 MB chunks into a fresh file and fsyncs it, in al
 - ``pwrite``: plain writes into a file that grows (what the engine did before issue 18);
 - ``fallocate + pwrite``: the file's blocks reserved first (what ``io/output_file.py`` does);
 - ``fallocate + pwrite x2``: the same from two threads (the engine's workers);
-- ``fallocate + mmap``: through a shared memory map, pages mapped with ``MADV_POPULATE_WRITE``.
+- ``fallocate + mmap``: through a shared memory map, pages mapped with ``MADV_POPULATE_WRITE``;
+- ``fallocate + mmap x2``: the same from two threads.
 
 It prints the median seconds to write (before the fsync), seconds in all and CPU seconds per variant.
 
@@ -69,7 +70,8 @@ def write_file(path: Path, nbytes: int, chunk: torch.Tensor, *, reserve: bool, m
 VARIANTS = {"pwrite": dict(reserve=False, mapped=False, threads=1),
             "fallocate + pwrite": dict(reserve=True, mapped=False, threads=1),
             "fallocate + pwrite x2": dict(reserve=True, mapped=False, threads=2),
-            "fallocate + mmap": dict(reserve=True, mapped=True, threads=1)}
+            "fallocate + mmap": dict(reserve=True, mapped=True, threads=1),
+            "fallocate + mmap x2": dict(reserve=True, mapped=True, threads=2)}
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""OutputFile: the bytes on disk are exactly the bytes written, mapped or not, across page-window edges."""
+"""OutputFile: the bytes on disk are exactly the bytes written, direct, mapped or by pwrite, across page edges."""
 
 from __future__ import annotations
 
@@ -29,27 +29,47 @@ class Mode:
         self.name, self.direct, self.calls = name, name == "direct", []
 
 
-@pytest.fixture(params=["direct", "page cache", "no fallocate"])
+def _count_calls(mode: Mode, monkeypatch, cls) -> None:
+    real = cls.write
+
+    def counted(self, src, offset):
+        mode.calls.append((offset, src.numel()))
+        return real(self, src, offset)
+
+    monkeypatch.setattr(cls, "write", counted)
+
+
+@pytest.fixture(params=["direct", "mapped", "pwrite", "no fallocate"])
 def mode(request, monkeypatch, tmp_path):
-    """direct: large writes' whole pages bypass the page cache (counted, so a test knows they ran)."""
+    """direct: large writes' whole pages bypass the page cache; mapped: large writes are stored through
+    a map of their range; pwrite: every write is a pwrite (a filesystem not known to keep reserved
+    blocks, e.g. btrfs); no fallocate: nothing reserved. Direct and mapped writes are counted, so a
+    test knows they ran."""
     mode = Mode(request.param)
     if mode.name == "no fallocate":  # a filesystem without fallocate
         monkeypatch.setattr(output_mod, "_fallocate", None)
+    if mode.name == "pwrite":
+        monkeypatch.setattr(output_mod, "filesystem_type", lambda fd: 0x9123683E)  # btrfs
+    if mode.name == "mapped":
+        fd = os.open(tmp_path, os.O_RDONLY)
+        fs = output_mod.filesystem_type(fd)
+        os.close(fd)
+        if fs not in output_mod._MAPPABLE_FILESYSTEMS:
+            pytest.skip(f"the temporary folder's filesystem ({fs}) is not one that mapped writes use")
+        _count_calls(mode, monkeypatch, output_mod._MappedWrites)
     if mode.direct:
         (tmp_path / "probe").write_bytes(b"")
         direct = output_mod._DirectWrites.open(tmp_path / "probe")
         if direct is None:
             pytest.skip("this filesystem refuses O_DIRECT")
         direct.close()
-        real = output_mod._DirectWrites.write
-
-        def counted(self, src, offset):
-            mode.calls.append(src.numel())
-            return real(self, src, offset)
-
-        monkeypatch.setattr(output_mod._DirectWrites, "write", counted)
+        _count_calls(mode, monkeypatch, output_mod._DirectWrites)
     yield mode
-    assert all(n % output_mod.DIRECT_ALIGN == 0 for n in mode.calls), mode.calls
+    if mode.direct:
+        assert all(n % output_mod.DIRECT_ALIGN == 0 for _, n in mode.calls), mode.calls
+    if mode.name == "mapped":
+        assert all(n >= output_mod.MAPPED_MIN_BYTES for _, n in mode.calls), mode.calls
+        assert not mode.calls or any(offset % 4096 for offset, _ in mode.calls)  # maps begin before the first byte
 
 
 def test_bytes_on_disk_equal_the_bytes_written(tmp_path, mode, monkeypatch):
@@ -63,7 +83,7 @@ def test_bytes_on_disk_equal_the_bytes_written(tmp_path, mode, monkeypatch):
             out.write(piece.tobytes() if i % 2 else torch.from_numpy(piece))
         assert out.position == total
     assert path.read_bytes() == b"".join(p.tobytes() for p in data)
-    if mode.direct:  # the pieces of 1 MiB and more went to disk directly, their edges through the cache
+    if mode.direct or mode.name == "mapped":  # pieces of 1 MiB and more: direct or mapped (direct: not their edges)
         assert mode.calls
 
 
@@ -130,7 +150,7 @@ def test_threads_writing_disjoint_ranges_in_any_order(tmp_path, mode, monkeypatc
     with OutputFile(tmp_path / "par.bin", len(blob), direct=mode.direct) as out, ThreadPoolExecutor(4) as pool:
         assert sum(pool.map(lambda job: out.write_at(job[0], torch.from_numpy(job[1])), jobs)) == len(blob)
     assert (tmp_path / "par.bin").read_bytes() == blob
-    if mode.direct:
+    if mode.direct or mode.name == "mapped":
         assert mode.calls
 
 

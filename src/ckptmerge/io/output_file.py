@@ -8,6 +8,13 @@ in any order. Finished ranges are handed to the kernel's writeback as they compl
 (``sync_file_range``, on a thread of its own, since starting writeback can wait for the disk's
 queue), so the caller's final ``fsync`` has little left to wait for.
 
+Large writes into a reserved file on ext4, XFS or tmpfs are stored through a shared memory map of their
+own range, made for that write and dropped after it: ``pwrite``s to one file take its inode lock in
+turn, so two workers' writes would queue, while page faults into a map run on every thread at once
+(``benchmarks/bench_output_write.py``). Those filesystems are the ones where a store into reserved
+blocks cannot run out of space (elsewhere a store that fails is a SIGBUS, not an error code), so
+everything else keeps ``pwrite``.
+
 With ``direct``, the whole pages of each large write bypass the page cache (``O_DIRECT``) and only
 its unaligned edges go through it: the output never fills the page cache (a merge larger than memory
 evicts nothing), and where getting fresh memory is slow (a VM that gives freed memory back to its
@@ -25,7 +32,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -37,6 +46,10 @@ WRITEBACK_BYTES = 32 << 20  # start writeback each time this much more is writte
 DIRECT_ALIGN = 4096  # direct writes cover whole pages (a multiple of any usual logical block size)
 DIRECT_MIN_BYTES = 1 << 20  # smaller writes go through the page cache
 STAGING_BYTES = 16 << 20  # per writing thread, page-aligned
+MAPPED_MIN_BYTES = 1 << 20  # smaller writes go through pwrite
+# statfs f_type of the filesystems whose reserved (fallocated) blocks a store through a map cannot run
+# out of: ext2/3/4, XFS, tmpfs. Copy-on-write ones (btrfs, ZFS) need fresh blocks for every write.
+_MAPPABLE_FILESYSTEMS = {0xEF53: "ext4", 0x58465342: "xfs", 0x01021994: "tmpfs"}
 _SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
 _NO_RESERVE = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
@@ -54,10 +67,13 @@ class OutputFile:
         self._flushes: list[Future] = []
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         self._direct: _DirectWrites | None = None
+        self._mapped: _MappedWrites | None = None
         try:
             self.reserved = nbytes > 0 and reserve(self._fd, nbytes, self.path)
             if self.reserved and direct:
                 self._direct = _DirectWrites.open(self.path)
+            elif self.reserved:
+                self._mapped = _MappedWrites.open(self.path, self._fd)
         except BaseException:
             self.close()
             raise
@@ -79,7 +95,10 @@ class OutputFile:
             raise RuntimeError(f"{self.path}: {offset + n} bytes written into a file declared {self.nbytes}")
         middle = self._direct.aligned_part(offset, n) if self._direct is not None else None
         if middle is None:
-            _write_all(self._fd, src, offset, self.path)
+            if self._mapped is not None and n >= MAPPED_MIN_BYTES:
+                self._mapped.write(src, offset)
+            else:
+                _write_all(self._fd, src, offset, self.path)
             self._written(offset, n)
             return n
         begin, end = middle  # page-aligned: the edges go through the page cache, the rest straight to disk
@@ -94,9 +113,10 @@ class OutputFile:
 
     def close(self) -> None:
         """Close (idempotent); the bytes reach the disk with the caller's ``fsync``. Raises a writeback error."""
-        if self._direct is not None:
-            self._direct.close()
-            self._direct = None
+        for writes in (self._direct, self._mapped):
+            if writes is not None:
+                writes.close()
+        self._direct = self._mapped = None
         if self._flusher is not None:
             self._flusher.shutdown()
             self._flusher = None
@@ -183,6 +203,51 @@ class _DirectWrites:
         return buffer
 
 
+class _MappedWrites:
+    """Large writes stored through a shared map of just their own range, made and dropped per write, so
+    that threads writing one file at once do not queue on its inode lock as ``pwrite``s do. The pages
+    stay dirty in the page cache after the map is gone, for writeback and the caller's ``fsync``."""
+
+    def __init__(self, fd: int, path: Path):
+        self._fd, self._path = fd, path
+
+    @classmethod
+    def open(cls, path: Path, fd: int) -> "_MappedWrites | None":
+        """None unless ``path`` (reserved by the caller) lies on a filesystem in ``_MAPPABLE_FILESYSTEMS``."""
+        if filesystem_type(fd) not in _MAPPABLE_FILESYSTEMS:
+            return None
+        try:
+            return cls(os.open(path, os.O_RDWR), path)  # a shared writable map needs a readable descriptor
+        except OSError:
+            return None
+
+    def write(self, src: torch.Tensor, offset: int) -> None:
+        begin = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            region = mmap.mmap(self._fd, offset + src.numel() - begin, offset=begin)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(self._path)) from None
+        try:
+            dst = np.frombuffer(region, dtype=np.uint8, count=src.numel(), offset=offset - begin)
+            torch.from_numpy(dst).copy_(src)
+            del dst  # the map cannot close while a view of it is alive
+        finally:
+            region.close()
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def filesystem_type(fd: int) -> int | None:
+    """The ``statfs`` magic number of the filesystem holding ``fd`` (Linux), else None."""
+    if _fstatfs is None:
+        return None
+    buffer = ctypes.create_string_buffer(256)  # struct statfs: 120 bytes on 64-bit Linux; f_type comes first
+    if _fstatfs(fd, buffer) != 0:
+        return None
+    return ctypes.c_long.from_buffer(buffer).value & 0xFFFFFFFF
+
+
 def _as_bytes(data: torch.Tensor | bytes) -> torch.Tensor:
     if isinstance(data, (bytes, bytearray, memoryview)):
         return torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
@@ -236,5 +301,6 @@ def _libc_function(name: str, argtypes: tuple):
     return fn
 
 
+_fstatfs = _libc_function("fstatfs", (ctypes.c_int, ctypes.c_char_p)) if sys.platform == "linux" else None
 _fallocate = _libc_function("fallocate", (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64))
 _sync_file_range = _libc_function("sync_file_range", (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint))

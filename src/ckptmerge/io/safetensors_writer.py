@@ -70,7 +70,7 @@ class StreamingSafetensorsWriter:
 
     ``write`` appends chunks in the declared order; ``write_rows`` places a chunk at its rows' offset
     and may be called from several threads at once for disjoint chunks. Each shard is an
-    ``OutputFile`` (its disk reserved and its pages mapped ahead), opened at its first byte and closed
+    ``OutputFile`` (its disk reserved first), opened at its first byte and closed
     at its last. Use the writer as a context manager so a failure part-way releases open files;
     ``close`` checks every declared byte was written and finishes the output."""
 
