@@ -16,7 +16,7 @@ from ckptmerge import compute_coeffs, discover, merge
 from ckptmerge.cli.main import main
 from ckptmerge.errors import CheckpointFormatError, OutputExistsError
 from ckptmerge.io import publish
-from ckptmerge.io.publish import atomic_folder, clean_tree, remove_stale, temp_name
+from ckptmerge.io.publish import atomic_folder, remove_stale, temp_name
 
 
 def dead_pid() -> int:

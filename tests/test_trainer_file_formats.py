@@ -17,7 +17,6 @@ import sys
 import types
 
 import numpy as np
-import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.torch_version import TorchVersion
