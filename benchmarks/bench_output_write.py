@@ -6,7 +6,7 @@ Each variant writes the same 16 MB chunks into a fresh file and fsyncs it, in al
 - ``fallocate + pwrite x2``: the same from two threads (the engine's workers): they queue on the
   file's inode lock;
 - ``fallocate + map per write``: each chunk stored through a shared map of its own range, made and
-  dropped per chunk (what ``io/output_file.py`` does on ext4, XFS and tmpfs);
+  dropped per chunk (what ``io/output_file.py`` does on ext4 and XFS);
 - ``fallocate + map per write x2``: the same from two threads;
 - ``fallocate + one map``: one shared map of the whole file, pages mapped with ``MADV_POPULATE_WRITE``
   (tried and dropped).

@@ -48,6 +48,8 @@ def mode(request, monkeypatch, tmp_path):
     mode = Mode(request.param)
     if mode.name == "no fallocate":  # a filesystem without fallocate
         monkeypatch.setattr(output_mod, "_fallocate", None)
+    if mode.name in ("pwrite", "no fallocate"):
+        _count_calls(mode, monkeypatch, output_mod._MappedWrites)  # none may happen
     if mode.name == "pwrite":
         monkeypatch.setattr(output_mod, "filesystem_type", lambda fd: 0x9123683E)  # btrfs
     if mode.name == "mapped":
@@ -65,6 +67,8 @@ def mode(request, monkeypatch, tmp_path):
         direct.close()
         _count_calls(mode, monkeypatch, output_mod._DirectWrites)
     yield mode
+    if mode.name in ("pwrite", "no fallocate"):
+        assert mode.calls == []
     if mode.direct:
         assert all(n % output_mod.DIRECT_ALIGN == 0 for _, n in mode.calls), mode.calls
     if mode.name == "mapped":

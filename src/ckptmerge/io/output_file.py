@@ -8,12 +8,12 @@ in any order. Finished ranges are handed to the kernel's writeback as they compl
 (``sync_file_range``, on a thread of its own, since starting writeback can wait for the disk's
 queue), so the caller's final ``fsync`` has little left to wait for.
 
-Large writes into a reserved file on ext4, XFS or tmpfs are stored through a shared memory map of their
-own range, made for that write and dropped after it: ``pwrite``s to one file take its inode lock in
-turn, so two workers' writes would queue, while page faults into a map run on every thread at once
-(``benchmarks/bench_output_write.py``). Those filesystems are the ones where a store into reserved
-blocks cannot run out of space (elsewhere a store that fails is a SIGBUS, not an error code), so
-everything else keeps ``pwrite``.
+Large writes into a reserved file on ext4 or XFS are stored through a shared memory map of their own
+range, made for that write and dropped after it: ``pwrite``s to one file take its inode lock in turn,
+so two workers' writes would queue, while page faults into a map run on every thread at once
+(``benchmarks/bench_output_write.py``; measured on ext4). On those filesystems a store into reserved
+blocks cannot run out of space (elsewhere, e.g. on btrfs, a store that fails is a SIGBUS, not an
+error code), so every other filesystem keeps ``pwrite``.
 
 With ``direct``, the whole pages of each large write bypass the page cache (``O_DIRECT``) and only
 its unaligned edges go through it: the output never fills the page cache (a merge larger than memory
@@ -48,8 +48,9 @@ DIRECT_MIN_BYTES = 1 << 20  # smaller writes go through the page cache
 STAGING_BYTES = 16 << 20  # per writing thread, page-aligned
 MAPPED_MIN_BYTES = 1 << 20  # smaller writes go through pwrite
 # statfs f_type of the filesystems whose reserved (fallocated) blocks a store through a map cannot run
-# out of: ext2/3/4, XFS, tmpfs. Copy-on-write ones (btrfs, ZFS) need fresh blocks for every write.
-_MAPPABLE_FILESYSTEMS = {0xEF53: "ext4", 0x58465342: "xfs", 0x01021994: "tmpfs"}
+# out of: ext2/3/4 and XFS. Copy-on-write ones (btrfs, ZFS) need fresh blocks for every write. tmpfs
+# would be safe too, but there a map costs more than pwrite (bench_output_write.py --work /dev/shm/...).
+_MAPPABLE_FILESYSTEMS = {0xEF53: "ext4", 0x58465342: "xfs"}
 _SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
 _NO_RESERVE = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
