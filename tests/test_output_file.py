@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import math
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +59,8 @@ def mode(request, monkeypatch, tmp_path):
         os.close(fd)
         if fs not in output_mod._MAPPABLE_FILESYSTEMS:
             pytest.skip(f"the temporary folder's filesystem ({fs}) is not one that mapped writes use")
+        monkeypatch.setattr(output_mod, "PROBE_WRITES", 1)  # map after the first large pwrite, however fast
+        monkeypatch.setattr(output_mod, "MAPPED_BELOW_BYTES_PER_S", math.inf)
         _count_calls(mode, monkeypatch, output_mod._MappedWrites)
     if mode.direct:
         (tmp_path / "probe").write_bytes(b"")
@@ -134,6 +137,29 @@ def test_a_filesystem_without_fallocate_falls_back_to_writes(tmp_path, monkeypat
         assert not out.reserved
         out.write(b"abc")
     assert (tmp_path / "f.bin").read_bytes() == b"abc"
+
+
+@pytest.mark.parametrize("copies_per_s, maps", [(math.inf, True), (0.0, False)])
+def test_maps_only_when_the_first_large_pwrites_were_slow(tmp_path, monkeypatch, copies_per_s, maps):
+    """The first PROBE_WRITES large writes are pwrites; the rest are mapped only if those copied slower
+    than the threshold (inf: every copy is slow; 0: none is)."""
+    fd = os.open(tmp_path, os.O_RDONLY)
+    fs = output_mod.filesystem_type(fd)
+    os.close(fd)
+    if fs not in output_mod._MAPPABLE_FILESYSTEMS:
+        pytest.skip(f"the temporary folder's filesystem ({fs}) is not one that mapped writes use")
+    monkeypatch.setattr(output_mod, "MAPPED_BELOW_BYTES_PER_S", copies_per_s)
+    mode = Mode("mapped")
+    _count_calls(mode, monkeypatch, output_mod._MappedWrites)
+    size = output_mod.MAPPED_MIN_BYTES + 4097
+    blob = np.random.default_rng(2).integers(0, 256, size * (output_mod.PROBE_WRITES + 3) + 5, dtype=np.uint8)
+    with OutputFile(tmp_path / "probe.bin", blob.size) as out:
+        out.write(blob[:5].tobytes())  # small: not measured
+        for i in range(output_mod.PROBE_WRITES + 3):
+            assert out.mapped == (maps and i >= output_mod.PROBE_WRITES)
+            out.write(torch.from_numpy(blob[5 + i * size:5 + (i + 1) * size]))
+    assert len(mode.calls) == (3 if maps else 0)
+    assert (tmp_path / "probe.bin").read_bytes() == blob.tobytes()
 
 
 def test_closing_early_leaves_the_reserved_size(tmp_path):

@@ -8,12 +8,16 @@ in any order. Finished ranges are handed to the kernel's writeback as they compl
 (``sync_file_range``, on a thread of its own, since starting writeback can wait for the disk's
 queue), so the caller's final ``fsync`` has little left to wait for.
 
-Large writes into a reserved file on ext4 or XFS are stored through a shared memory map of their own
-range, made for that write and dropped after it: ``pwrite``s to one file take its inode lock in turn,
-so two workers' writes would queue, while page faults into a map run on every thread at once
-(``benchmarks/bench_output_write.py``; measured on ext4). On those filesystems a store into reserved
-blocks cannot run out of space (elsewhere, e.g. on btrfs, a store that fails is a SIGBUS, not an
-error code), so every other filesystem keeps ``pwrite``.
+Where fresh page-cache memory is dear (a VM that must first get freed memory back from its host), a
+``pwrite`` copies slowly, and ``pwrite``s to one file take its inode lock in turn, so the workers'
+writes queue; page faults into a shared map of the file run on every thread at once. So large writes
+into a reserved file on ext4 or XFS are ``pwrite``s whose CPU time is measured until the median of
+the latest few copied at under ``MAPPED_BELOW_BYTES_PER_S``; from then on the file's large writes are
+stored through a map of their own range, made for that write and dropped after it. Where memory is
+cheap ``pwrite`` stays, being the faster of the two there (``benchmarks/bench_output_write.py``
+measures both, with memory freed seconds or moments before). On those filesystems a store into
+reserved blocks cannot run out of space (elsewhere, e.g. on btrfs, a store that fails is a SIGBUS,
+not an error code), so every other filesystem keeps ``pwrite``. The bytes are the same either way.
 
 With ``direct``, the whole pages of each large write bypass the page cache (``O_DIRECT``) and only
 its unaligned edges go through it: the output never fills the page cache (a merge larger than memory
@@ -36,6 +40,7 @@ import mmap
 import os
 import sys
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,7 +51,10 @@ WRITEBACK_BYTES = 32 << 20  # start writeback each time this much more is writte
 DIRECT_ALIGN = 4096  # direct writes cover whole pages (a multiple of any usual logical block size)
 DIRECT_MIN_BYTES = 1 << 20  # smaller writes go through the page cache
 STAGING_BYTES = 16 << 20  # per writing thread, page-aligned
-MAPPED_MIN_BYTES = 1 << 20  # smaller writes go through pwrite
+MAPPED_MIN_BYTES = 1 << 20  # smaller writes go through pwrite, and are not measured
+PROBE_WRITES = 3  # map once the median of this many latest large pwrites was slow
+MAPPED_BELOW_BYTES_PER_S = 2e9  # map when those pwrites copied slower than this per CPU second (6 GB/s
+# where memory is cheap and 0.7 GB/s where it is dear, on the VM of docs/benchmarks.md)
 # statfs f_type of the filesystems whose reserved (fallocated) blocks a store through a map cannot run
 # out of: ext2/3/4 and XFS. Copy-on-write ones (btrfs, ZFS) need fresh blocks for every write. tmpfs
 # would be safe too, but there a map costs more than pwrite (bench_output_write.py --work /dev/shm/...).
@@ -68,13 +76,15 @@ class OutputFile:
         self._flushes: list[Future] = []
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         self._direct: _DirectWrites | None = None
-        self._mapped: _MappedWrites | None = None
+        self._mapped: _MappedWrites | None = None  # large writes go through maps (decided by the probe)
+        self._mappable: _MappedWrites | None = None  # could: the probe is still measuring pwrites
+        self._probe: list[float] = []  # bytes per CPU second of the first large pwrites
         try:
             self.reserved = nbytes > 0 and reserve(self._fd, nbytes, self.path)
             if self.reserved and direct:
                 self._direct = _DirectWrites.open(self.path)
             elif self.reserved:
-                self._mapped = _MappedWrites.open(self.path, self._fd)
+                self._mappable = _MappedWrites.open(self.path, self._fd)
         except BaseException:
             self.close()
             raise
@@ -99,7 +109,10 @@ class OutputFile:
             if self._mapped is not None and n >= MAPPED_MIN_BYTES:
                 self._mapped.write(src, offset)
             else:
+                cpu_s = time.thread_time()
                 _write_all(self._fd, src, offset, self.path)
+                if self._mappable is not None and n >= MAPPED_MIN_BYTES:
+                    self._measured(n, time.thread_time() - cpu_s)
             self._written(offset, n)
             return n
         begin, end = middle  # page-aligned: the edges go through the page cache, the rest straight to disk
@@ -114,10 +127,9 @@ class OutputFile:
 
     def close(self) -> None:
         """Close (idempotent); the bytes reach the disk with the caller's ``fsync``. Raises a writeback error."""
-        for writes in (self._direct, self._mapped):
-            if writes is not None:
-                writes.close()
-        self._direct = self._mapped = None
+        for writes in {id(w): w for w in (self._direct, self._mapped, self._mappable) if w is not None}.values():
+            writes.close()
+        self._direct = self._mapped = self._mappable = None
         if self._flusher is not None:
             self._flusher.shutdown()
             self._flusher = None
@@ -133,6 +145,21 @@ class OutputFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def mapped(self) -> bool:
+        """Whether large writes are now stored through maps (see the module's docstring)."""
+        return self._mapped is not None
+
+    def _measured(self, nbytes: int, cpu_s: float) -> None:
+        """Record one large pwrite: once the median of the last ``PROBE_WRITES`` is slow, map from now on.
+        (Memory can turn dear part-way: the first writes may use memory freed moments before.)"""
+        with self._lock:
+            if self._mappable is None:
+                return
+            self._probe = [*self._probe[1 - PROBE_WRITES:], nbytes / max(cpu_s, 1e-9)]
+            if len(self._probe) == PROBE_WRITES and sorted(self._probe)[PROBE_WRITES // 2] < MAPPED_BELOW_BYTES_PER_S:
+                self._mapped, self._mappable = self._mappable, None
 
     def _written(self, offset: int, n: int) -> None:
         """Hand finished bytes to writeback, on the flusher thread: a large write's own range, small ones a
