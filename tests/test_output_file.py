@@ -59,8 +59,7 @@ def mode(request, monkeypatch, tmp_path):
         os.close(fd)
         if fs not in output_mod._MAPPABLE_FILESYSTEMS:
             pytest.skip(f"the temporary folder's filesystem ({fs}) is not one that mapped writes use")
-        monkeypatch.setattr(output_mod, "PROBE_WRITES", 1)  # map after the first large pwrite, however fast
-        monkeypatch.setattr(output_mod, "MAPPED_BELOW_BYTES_PER_S", math.inf)
+        monkeypatch.setattr(output_mod, "PROBE_WRITES", 0)  # every large write mapped, from the first
         _count_calls(mode, monkeypatch, output_mod._MappedWrites)
     if mode.direct:
         (tmp_path / "probe").write_bytes(b"")
@@ -184,30 +183,39 @@ def test_threads_writing_disjoint_ranges_in_any_order(tmp_path, mode, monkeypatc
         assert mode.calls
 
 
-def test_merge_with_direct_io_writes_the_same_bytes(tmp_path, monkeypatch):
-    """`ckptmerge merge --direct-io` against the same merge through the page cache and an fp64 NumPy sum."""
+def test_merge_writes_the_same_bytes_by_pwrite_maps_and_direct_io(tmp_path, monkeypatch):
+    """`ckptmerge merge` with every large write a pwrite, with every one mapped, and with `--direct-io`:
+    the same file, equal to an fp64 NumPy average."""
     from safetensors.numpy import load_file
     from safetensors.torch import save_file
 
     from ckptmerge.cli.main import main
 
     g = torch.Generator().manual_seed(3)
-    states = [{"big": torch.randn(1001, 701, generator=g), "small": torch.randn(5, 3, generator=g)} for _ in range(3)]
+    states = [{"big": torch.randn(2001, 701, generator=g), "small": torch.randn(5, 3, generator=g)} for _ in range(3)]
     for step, state in zip((100, 200, 300), states):
         (tmp_path / "run" / f"step-{step:06d}").mkdir(parents=True)
         save_file(state, tmp_path / "run" / f"step-{step:06d}" / "model.safetensors")
-    calls = []
-    real = output_mod._DirectWrites.write
-    monkeypatch.setattr(output_mod._DirectWrites, "write", lambda self, src, offset: calls.append(offset) or
-                        real(self, src, offset))
-    for name, flags in (("cached", []), ("direct", ["--direct-io"])):
-        assert main(["merge", str(tmp_path / "run"), "-o", str(tmp_path / name), "--quiet",
+    calls = {"direct": [], "mapped": []}
+    for name, cls in (("direct", output_mod._DirectWrites), ("mapped", output_mod._MappedWrites)):
+        real = cls.write
+        monkeypatch.setattr(cls, "write", lambda self, src, offset, real=real, name=name:
+                            calls[name].append(offset) or real(self, src, offset))
+    modes = {"pwrite": ([], 0.0, 3), "mapped": ([], 0.0, 0), "direct": (["--direct-io"], 0.0, 3)}
+    for name, (flags, slow_below, probes) in modes.items():
+        monkeypatch.setattr(output_mod, "MAPPED_BELOW_BYTES_PER_S", slow_below)  # 0: pwrite is never slow
+        monkeypatch.setattr(output_mod, "PROBE_WRITES", probes)  # 0: map from the first large write
+        assert main(["merge", str(tmp_path / "run"), "-o", str(tmp_path / name), "--quiet", "--chunk-size", "2MB",
                      *flags]) == 0
     probe = output_mod._DirectWrites.open(tmp_path / "direct" / "model.safetensors")
     if probe is not None:  # this filesystem takes O_DIRECT: the direct merge used it
         probe.close()
-        assert calls
-    cached, direct = (tmp_path / n / "model.safetensors" for n in ("cached", "direct"))
-    assert direct.read_bytes() == cached.read_bytes()
+        assert calls["direct"]
+    fd = os.open(tmp_path, os.O_RDONLY)
+    if output_mod.filesystem_type(fd) in output_mod._MAPPABLE_FILESYSTEMS:
+        assert len(calls["mapped"]) >= 2  # the mapped merge mapped its large chunks
+    os.close(fd)
+    files = {name: (tmp_path / name / "model.safetensors").read_bytes() for name in modes}
+    assert files["mapped"] == files["pwrite"] and files["direct"] == files["pwrite"]
     expected = sum(s["big"].double().numpy() for s in states) / 3
-    assert np.allclose(load_file(direct)["big"], expected, rtol=0, atol=1e-6)
+    assert np.allclose(load_file(tmp_path / "mapped" / "model.safetensors")["big"], expected, rtol=0, atol=1e-6)

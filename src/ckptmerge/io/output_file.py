@@ -52,7 +52,7 @@ DIRECT_ALIGN = 4096  # direct writes cover whole pages (a multiple of any usual 
 DIRECT_MIN_BYTES = 1 << 20  # smaller writes go through the page cache
 STAGING_BYTES = 16 << 20  # per writing thread, page-aligned
 MAPPED_MIN_BYTES = 1 << 20  # smaller writes go through pwrite, and are not measured
-PROBE_WRITES = 3  # map once the median of this many latest large pwrites was slow
+PROBE_WRITES = 3  # map once the median of this many latest large pwrites was slow (0: map at once)
 MAPPED_BELOW_BYTES_PER_S = 2e9  # map when those pwrites copied slower than this per CPU second (6 GB/s
 # where memory is cheap and 0.7 GB/s where it is dear, on the VM of docs/benchmarks.md)
 # statfs f_type of the filesystems whose reserved (fallocated) blocks a store through a map cannot run
@@ -85,6 +85,8 @@ class OutputFile:
                 self._direct = _DirectWrites.open(self.path)
             elif self.reserved:
                 self._mappable = _MappedWrites.open(self.path, self._fd)
+                if PROBE_WRITES == 0:  # no measuring: map from the first large write
+                    self._mapped, self._mappable = self._mappable, None
         except BaseException:
             self.close()
             raise
