@@ -78,7 +78,7 @@ class OutputFile:
         self._direct: _DirectWrites | None = None
         self._mapped: _MappedWrites | None = None  # large writes go through maps (decided by the probe)
         self._mappable: _MappedWrites | None = None  # could: the probe is still measuring pwrites
-        self._probe: list[float] = []  # bytes per CPU second of the first large pwrites
+        self._probe: list[float] = []  # bytes per CPU second of the latest large pwrites
         try:
             self.reserved = nbytes > 0 and reserve(self._fd, nbytes, self.path)
             if self.reserved and direct:
