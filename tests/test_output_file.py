@@ -183,16 +183,16 @@ def test_threads_writing_disjoint_ranges_in_any_order(tmp_path, mode, monkeypatc
         assert mode.calls
 
 
-def test_merge_writes_the_same_bytes_by_pwrite_maps_and_direct_io(tmp_path, monkeypatch):
-    """`ckptmerge merge` with every large write a pwrite, with every one mapped, and with `--direct-io`:
-    the same file, equal to an fp64 NumPy average."""
-    from safetensors.numpy import load_file
-    from safetensors.torch import save_file
+@pytest.mark.parametrize("dtype, atol", [("float32", 1e-6), ("bfloat16", 2e-2), ("float16", 2e-3)])
+def test_merge_writes_the_same_bytes_by_pwrite_maps_and_direct_io(tmp_path, monkeypatch, dtype, atol):
+    """`ckptmerge merge --dtype D` with every large write a pwrite, with every one mapped, and with
+    `--direct-io`: the same file, equal to an fp64 NumPy average."""
+    from safetensors.torch import load_file, save_file
 
     from ckptmerge.cli.main import main
 
     g = torch.Generator().manual_seed(3)
-    states = [{"big": torch.randn(2001, 701, generator=g), "small": torch.randn(5, 3, generator=g)} for _ in range(3)]
+    states = [{"big": torch.randn(4001, 701, generator=g), "small": torch.randn(5, 3, generator=g)} for _ in range(3)]
     for step, state in zip((100, 200, 300), states):
         (tmp_path / "run" / f"step-{step:06d}").mkdir(parents=True)
         save_file(state, tmp_path / "run" / f"step-{step:06d}" / "model.safetensors")
@@ -205,8 +205,8 @@ def test_merge_writes_the_same_bytes_by_pwrite_maps_and_direct_io(tmp_path, monk
     for name, (flags, slow_below, probes) in modes.items():
         monkeypatch.setattr(output_mod, "MAPPED_BELOW_BYTES_PER_S", slow_below)  # 0: pwrite is never slow
         monkeypatch.setattr(output_mod, "PROBE_WRITES", probes)  # 0: map from the first large write
-        assert main(["merge", str(tmp_path / "run"), "-o", str(tmp_path / name), "--quiet", "--chunk-size", "2MB",
-                     *flags]) == 0
+        assert main(["merge", str(tmp_path / "run"), "-o", str(tmp_path / name), "--quiet", "--chunk-size", "4MB",
+                     "--dtype", dtype, "--schedule", "ema", "--alpha", "0.3", *flags]) == 0
     probe = output_mod._DirectWrites.open(tmp_path / "direct" / "model.safetensors")
     if probe is not None:  # this filesystem takes O_DIRECT: the direct merge used it
         probe.close()
@@ -217,5 +217,9 @@ def test_merge_writes_the_same_bytes_by_pwrite_maps_and_direct_io(tmp_path, monk
     os.close(fd)
     files = {name: (tmp_path / name / "model.safetensors").read_bytes() for name in modes}
     assert files["mapped"] == files["pwrite"] and files["direct"] == files["pwrite"]
-    expected = sum(s["big"].double().numpy() for s in states) / 3
-    assert np.allclose(load_file(tmp_path / "mapped" / "model.safetensors")["big"], expected, rtol=0, atol=1e-6)
+    expected = states[0]["big"].double().numpy()  # PMA's EMA recursion, seeded with the oldest, in fp64
+    for state in states[1:]:
+        expected = 0.3 * state["big"].double().numpy() + 0.7 * expected
+    merged = load_file(tmp_path / "mapped" / "model.safetensors")["big"]  # safetensors' own reader
+    assert merged.dtype == getattr(torch, dtype)
+    assert np.allclose(merged.double().numpy(), expected, rtol=0, atol=atol)
