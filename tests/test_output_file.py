@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import math
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -54,11 +53,7 @@ def mode(request, monkeypatch, tmp_path):
     if mode.name == "pwrite":
         monkeypatch.setattr(output_mod, "filesystem_type", lambda fd: 0x9123683E)  # btrfs
     if mode.name == "mapped":
-        fd = os.open(tmp_path, os.O_RDONLY)
-        fs = output_mod.filesystem_type(fd)
-        os.close(fd)
-        if fs not in output_mod._MAPPABLE_FILESYSTEMS:
-            pytest.skip(f"the temporary folder's filesystem ({fs}) is not one that mapped writes use")
+        _skip_unless_mappable(tmp_path)
         monkeypatch.setattr(output_mod, "PROBE_WRITES", 0)  # every large write mapped, from the first
         _count_calls(mode, monkeypatch, output_mod._MappedWrites)
     if mode.direct:
@@ -138,26 +133,49 @@ def test_a_filesystem_without_fallocate_falls_back_to_writes(tmp_path, monkeypat
     assert (tmp_path / "f.bin").read_bytes() == b"abc"
 
 
-@pytest.mark.parametrize("copies_per_s, maps", [(math.inf, True), (0.0, False)])
-def test_maps_only_when_the_first_large_pwrites_were_slow(tmp_path, monkeypatch, copies_per_s, maps):
-    """The first PROBE_WRITES large writes are pwrites; the rest are mapped only if those copied slower
-    than the threshold (inf: every copy is slow; 0: none is)."""
-    fd = os.open(tmp_path, os.O_RDONLY)
+def _skip_unless_mappable(folder) -> None:
+    fd = os.open(folder, os.O_RDONLY)
     fs = output_mod.filesystem_type(fd)
     os.close(fd)
     if fs not in output_mod._MAPPABLE_FILESYSTEMS:
         pytest.skip(f"the temporary folder's filesystem ({fs}) is not one that mapped writes use")
-    monkeypatch.setattr(output_mod, "MAPPED_BELOW_BYTES_PER_S", copies_per_s)
+
+
+class _CopyClock:
+    """Stands in for ``time`` in output_file: each large pwrite seems to take the next CPU seconds given."""
+
+    def __init__(self, seconds_per_write):
+        self._durations, self._now, self._started = list(seconds_per_write), 0.0, False
+
+    def thread_time(self) -> float:
+        if self._started:  # the reading after a pwrite
+            self._now += self._durations.pop(0)
+        self._started = not self._started
+        return self._now
+
+
+@pytest.mark.parametrize("copy_s, first_mapped", [
+    ([1e-6] * 8, None),                        # 1 MiB copies at ~1 TB/s: never mapped
+    ([1.0] * 8, 3),                            # ~1 MB/s from the first: mapped after PROBE_WRITES
+    ([1e-6] * 3 + [1.0] * 5, 5),               # fast while memory freed just before lasts, then slow
+    ([1.0, 1e-6, 1e-6] * 2 + [1.0, 1e-6], None),  # one slow copy in any three is not enough
+])
+def test_maps_once_the_latest_large_pwrites_were_slow(tmp_path, monkeypatch, copy_s, first_mapped):
+    """Large pwrites are measured until the median of the last PROBE_WRITES is under the threshold;
+    every large write after that is mapped, and the file holds the same bytes either way."""
+    _skip_unless_mappable(tmp_path)
+    monkeypatch.setattr(output_mod, "PROBE_WRITES", 3)
+    monkeypatch.setattr(output_mod, "time", _CopyClock(copy_s))
     mode = Mode("mapped")
     _count_calls(mode, monkeypatch, output_mod._MappedWrites)
     size = output_mod.MAPPED_MIN_BYTES + 4097
-    blob = np.random.default_rng(2).integers(0, 256, size * (output_mod.PROBE_WRITES + 3) + 5, dtype=np.uint8)
+    blob = np.random.default_rng(2).integers(0, 256, size * len(copy_s) + 5, dtype=np.uint8)
     with OutputFile(tmp_path / "probe.bin", blob.size) as out:
         out.write(blob[:5].tobytes())  # small: not measured
-        for i in range(output_mod.PROBE_WRITES + 3):
-            assert out.mapped == (maps and i >= output_mod.PROBE_WRITES)
+        for i in range(len(copy_s)):
+            assert out.mapped == (first_mapped is not None and i >= first_mapped), i
             out.write(torch.from_numpy(blob[5 + i * size:5 + (i + 1) * size]))
-    assert len(mode.calls) == (3 if maps else 0)
+    assert len(mode.calls) == (0 if first_mapped is None else len(copy_s) - first_mapped)
     assert (tmp_path / "probe.bin").read_bytes() == blob.tobytes()
 
 
@@ -212,9 +230,10 @@ def test_merge_writes_the_same_bytes_by_pwrite_maps_and_direct_io(tmp_path, monk
         probe.close()
         assert calls["direct"]
     fd = os.open(tmp_path, os.O_RDONLY)
-    if output_mod.filesystem_type(fd) in output_mod._MAPPABLE_FILESYSTEMS:
-        assert len(calls["mapped"]) >= 2  # the mapped merge mapped its large chunks
+    mappable = output_mod.filesystem_type(fd) in output_mod._MAPPABLE_FILESYSTEMS
     os.close(fd)
+    if mappable:
+        assert len(calls["mapped"]) >= 2  # the mapped merge mapped its large chunks
     files = {name: (tmp_path / name / "model.safetensors").read_bytes() for name in modes}
     assert files["mapped"] == files["pwrite"] and files["direct"] == files["pwrite"]
     expected = states[0]["big"].double().numpy()  # PMA's EMA recursion, seeded with the oldest, in fp64

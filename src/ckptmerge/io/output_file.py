@@ -111,9 +111,10 @@ class OutputFile:
             if self._mapped is not None and n >= MAPPED_MIN_BYTES:
                 self._mapped.write(src, offset)
             else:
-                cpu_s = time.thread_time()
+                measure = self._mappable is not None and n >= MAPPED_MIN_BYTES
+                cpu_s = time.thread_time() if measure else 0.0
                 _write_all(self._fd, src, offset, self.path)
-                if self._mappable is not None and n >= MAPPED_MIN_BYTES:
+                if measure:
                     self._measured(n, time.thread_time() - cpu_s)
             self._written(offset, n)
             return n
