@@ -53,8 +53,8 @@ DIRECT_MIN_BYTES = 1 << 20  # smaller writes go through the page cache
 STAGING_BYTES = 16 << 20  # per writing thread, page-aligned
 MAPPED_MIN_BYTES = 1 << 20  # smaller writes go through pwrite, and are not measured
 PROBE_WRITES = 3  # map once the median of this many latest large pwrites was slow (0: map at once)
-MAPPED_BELOW_BYTES_PER_S = 2e9  # map when those pwrites copied slower than this per CPU second (6 GB/s
-# where memory is cheap and 0.7 GB/s where it is dear, on the VM of docs/benchmarks.md)
+MAPPED_BELOW_BYTES_PER_S = 2e9  # map when those pwrites copied slower than this per CPU second (about
+# 4.5 GB/s where memory is cheap and 0.45 GB/s where it is dear on the VM of docs/benchmarks.md)
 # statfs f_type of the filesystems whose reserved (fallocated) blocks a store through a map cannot run
 # out of: ext2/3/4 and XFS. Copy-on-write ones (btrfs, ZFS) need fresh blocks for every write. tmpfs
 # would be safe too, but there a map costs more than pwrite (bench_output_write.py --work /dev/shm/...).
