@@ -13,7 +13,8 @@ Each variant writes the same 16 MB chunks into a fresh file and fsyncs it, in al
 
 It prints the median seconds to write (before the fsync), seconds in all and CPU seconds per variant.
 
-    .venv/bin/python benchmarks/bench_output_write.py --mb 512 --rounds 5            # --settle 0: memory freed just now
+    .venv/bin/python benchmarks/bench_output_write.py --mb 512 --rounds 5              # memory freed 3 s before
+    .venv/bin/python benchmarks/bench_output_write.py --mb 512 --rounds 5 --settle 0   # freed just before
 """
 
 from __future__ import annotations
