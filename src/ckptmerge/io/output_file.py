@@ -130,8 +130,9 @@ class OutputFile:
 
     def close(self) -> None:
         """Close (idempotent); the bytes reach the disk with the caller's ``fsync``. Raises a writeback error."""
-        for writes in {id(w): w for w in (self._direct, self._mapped, self._mappable) if w is not None}.values():
-            writes.close()
+        for writes in (self._direct, self._mapped, self._mappable):  # at most one is set
+            if writes is not None:
+                writes.close()
         self._direct = self._mapped = self._mappable = None
         if self._flusher is not None:
             self._flusher.shutdown()
