@@ -73,17 +73,34 @@ def test_sqlite_study_resumes_its_trial_count(series, tmp_path):
 
 
 def test_two_workers_share_one_sqlite_study_without_lost_or_duplicated_trials(series, tmp_path):
+    """Workers that start together may both enqueue the baselines: made certain here by queueing every
+    baseline twice before the workers start. Each baseline must still complete exactly once, every twin
+    must be dropped (FAIL), and no trial may be lost or run at a point another trial already ran."""
+    from ckptmerge.search.study import open_study
+
     root, refs = series
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     cfg = SearchConfig(space="simplex", data=str(root / "val.txt"), trials=8, storage=storage, study_name="p",
                        sampler="random")
+    space = SimplexSpace(len(refs))
+    first = open_study(cfg, space)
+    for name, params in space.baselines().items():  # the second worker's copies
+        first.enqueue_trial(params, user_attrs={"baseline": name})
     result = search(refs, cfg, n_tokens=1024, workers=2)
-    study = optuna.load_study(study_name="p", storage=storage)
-    numbers = [t.number for t in study.trials]
-    assert numbers == list(range(len(numbers))) and 8 <= len(numbers) <= 9
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    assert len({t.user_attrs["pid"] for t in study.trials}) >= 1  # which worker ran which trial depends on timing
-    assert len(result.trials) == len(numbers)
+
+    trials = optuna.load_study(study_name="p", storage=storage).trials
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    dropped = [t for t in trials if t.state != optuna.trial.TrialState.COMPLETE]
+    assert [t.number for t in trials] == list(range(len(trials)))
+    assert 8 <= len(complete) <= 9  # two workers may both start the 8th
+    assert sorted(t.user_attrs["baseline"] for t in complete if t.user_attrs.get("baseline")) == \
+        sorted(space.baselines())
+    assert all(t.state == optuna.trial.TrialState.FAIL for t in dropped)
+    assert sorted(t.user_attrs["baseline"] for t in dropped) == sorted(space.baselines())
+    assert min(t.number for t in dropped) > max(t.number for t in complete if t.user_attrs.get("baseline"))
+    points = [tuple(round(v, 12) for v in t.user_attrs["coeffs"]) for t in complete]
+    assert len(set(points)) == len(points)
+    assert sorted(r["trial"] for r in result.trials) == [t.number for t in complete]
 
 
 def test_gp_display_fit_interpolates_its_observations_and_widens_between_them():

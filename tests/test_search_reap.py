@@ -74,3 +74,53 @@ def test_a_trial_finished_by_another_worker_is_not_an_error_but_other_errors_are
     with pytest.raises(ValueError, match="not a number"):
         with finished_elsewhere():
             raise ValueError("not a number")
+
+
+class _FinishedWhileTelling(optuna.samplers.RandomSampler):
+    """Another worker finishes the trial after this worker's tell read it RUNNING and before the tell writes
+    (Optuna calls after_trial exactly in that window): it popped the same trial and completed it first
+    (SQLite), or it failed the trial because its heartbeat looked stale."""
+
+    def __init__(self, state):
+        super().__init__(seed=0)
+        self.state = state
+
+    def after_trial(self, study, trial, state, values):
+        study._storage.set_trial_state_values(trial._trial_id, state=self.state,
+                                              values=[0.5] if self.state == TrialState.COMPLETE else None)
+
+
+@pytest.mark.parametrize("elsewhere", [TrialState.COMPLETE, TrialState.FAIL])
+def test_a_trial_finished_elsewhere_while_it_is_told_is_not_an_error(elsewhere):
+    from ckptmerge.search.storage import finished_elsewhere
+
+    optuna.logging.set_verbosity(optuna.logging.CRITICAL)
+    study = optuna.create_study(direction="minimize", sampler=_FinishedWhileTelling(elsewhere))
+    with pytest.raises((optuna.exceptions.UpdateFinishedTrialError, AssertionError)):  # Optuna, unguarded
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    with finished_elsewhere():
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    assert [t.state for t in study.trials] == [elsewhere, elsewhere]
+    with pytest.raises(AssertionError, match="ours"):
+        with finished_elsewhere():
+            raise AssertionError("ours")
+
+
+def test_a_resumed_or_second_worker_draws_new_points_and_a_fresh_one_keeps_its_seed():
+    """Optuna's RandomSampler with the same seed is the reference: same draws when the study is fresh,
+    none of them again for a worker whose first trial comes later (a second worker, or a resumed study)."""
+    from ckptmerge.search.study import make_sampler
+
+    def draws(sampler, study, n):
+        study.sampler = sampler
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=n)
+        return [t.params["x"] for t in study.trials[-n:]]
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    plain = draws(optuna.samplers.RandomSampler(seed=7), optuna.create_study(), 4)
+    study = optuna.create_study()
+    assert draws(make_sampler("random", 7, 0), study, 4) == plain
+    resumed = draws(make_sampler("random", 7, 0), study, 4)
+    assert not set(resumed) & set(plain)
+    with pytest.raises(Exception, match="unknown sampler"):
+        make_sampler("grid", 7, 0)

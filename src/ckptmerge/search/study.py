@@ -39,6 +39,18 @@ class SearchConfig:
 
 
 def make_sampler(name: str, seed: int, n_baselines: int):
+    """The sampler ``name``, made at the worker's first trial and seeded per worker (``worker_sampler.py``)."""
+    from ckptmerge.search.worker_sampler import WorkerSeededSampler
+
+    if name not in SAMPLERS:
+        raise CkptMergeError(f"unknown sampler {name!r}; choose gp, gp-hedge, tpe or random")
+    return WorkerSeededSampler(lambda worker_seed: _sampler(name, worker_seed, n_baselines), seed)
+
+
+SAMPLERS = ("gp", "gp-hedge", "tpe", "random")
+
+
+def _sampler(name: str, seed: int, n_baselines: int):
     import optuna
 
     if name == "gp":  # the objective is deterministic: same windows, same weights -> same loss
@@ -49,11 +61,9 @@ def make_sampler(name: str, seed: int, n_baselines: int):
         from ckptmerge.search.gp_hedge import GPHedgeSampler
 
         return GPHedgeSampler(seed=seed, n_startup_trials=n_baselines + 2)
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise CkptMergeError(f"unknown sampler {name!r}; choose gp, gp-hedge, tpe or random")
+    if name == "tpe":  # constant liar: running trials count as bad, so parallel workers spread out
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
 def open_study(cfg: SearchConfig, space):
@@ -69,30 +79,18 @@ def open_study(cfg: SearchConfig, space):
     for name, params in baselines.items():  # evaluated first, so the result is never worse than them
         if not _baseline_owned(study, name):
             study.enqueue_trial(params, user_attrs={"baseline": name})
-    _drop_duplicate_baselines(study)  # workers starting together may both have enqueued one
     return study
 
 
 class DuplicateBaseline(Exception):
-    """A queued baseline whose twin already completed or runs (workers that started together enqueued both)."""
-
-
-def _drop_duplicate_baselines(study) -> None:
-    """Fail every queued baseline trial that has a complete, running or lower-numbered queued twin."""
-    import optuna
-    from optuna.trial import TrialState
-
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))
-    for trial in trials:
-        if trial.state == TrialState.WAITING and _twin(trials, trial) is not None:
-            try:
-                study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-            except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
-                pass  # another worker took or dropped it: the check in _evaluate_trial covers it
+    """A baseline trial with a twin that completed or was queued first (workers that started together both
+    enqueued it). The trial that pops it fails it; no worker ever changes a trial another worker runs."""
 
 
 def _twin(trials, trial):
-    """Another trial of the same baseline that wins over ``trial`` (complete, or started / queued earlier)."""
+    """Another trial of the same baseline that wins over ``trial``: complete, or numbered lower (created
+    earlier) and queued or running. Of a baseline's live trials only the lowest-numbered one runs, so two
+    twins can never both run: the later one always sees the earlier, whatever the timing."""
     from optuna.trial import TrialState
 
     name = trial.user_attrs.get("baseline")
@@ -154,7 +152,7 @@ def _evaluate_trial(trial, study, space, objective: MergeObjective, cfg: SearchC
         trial.set_user_attr("baseline", None)  # a retried trial that never had the baseline's parameters
         baseline = None
     if baseline is not None:
-        live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+        live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))
         if _twin(live, trial) is not None:
             raise DuplicateBaseline(baseline)  # failed, not retried; the twin is the baseline's trial
     coeffs = space.coeffs(params)

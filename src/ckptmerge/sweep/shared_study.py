@@ -148,10 +148,12 @@ def _run_one(study, scorer: CachedScorer, by_key: dict[str, Job]) -> None:
 
 
 def _taken(study, trial, key: str) -> bool:
-    """Whether ``key`` is already done, or running in a trial numbered before ``trial`` (that one goes on)."""
+    """Whether ``key`` is already done, or queued or running in a trial numbered before ``trial`` (that one
+    goes on: the earlier trial existed before this one, so of two twins the later always sees it)."""
     from optuna.trial import TrialState
 
-    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
+    live = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+    for other in study.get_trials(deepcopy=False, states=live):
         if other.user_attrs.get(KEY_ATTR) != key or other.number == trial.number:
             continue
         if other.state == TrialState.COMPLETE or other.number < trial.number:
