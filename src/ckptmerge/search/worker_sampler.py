@@ -31,10 +31,6 @@ class WorkerSeededSampler(optuna.samplers.BaseSampler):
         self._seed = seed
         self._inner: optuna.samplers.BaseSampler | None = None
 
-    @property
-    def inner(self) -> optuna.samplers.BaseSampler | None:
-        return self._inner
-
     def before_trial(self, study, trial) -> None:
         if self._inner is None:
             self._inner = self._make(worker_seed(self._seed, trial.number))
