@@ -62,7 +62,9 @@ def _sampler(name: str, seed: int, n_baselines: int):
 
         return GPHedgeSampler(seed=seed, n_startup_trials=n_baselines + 2)
     if name == "tpe":  # constant liar: running trials count as bad, so parallel workers spread out
-        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # Optuna 4.x only
+            return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
     return optuna.samplers.RandomSampler(seed=seed)
 
 
