@@ -66,3 +66,6 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     trainer(run_dir, [resumed]).train(resume_from_checkpoint=str(run_dir / "checkpoint-2"))
     result["resumed"] = resumed.averager.averaged_state_dict()
     torch.save(result, Path(out) / f"rank{rank}.pt")
+    # the Trainer leaves the process group up; a rank exiting with gloo's threads running can abort (SIGABRT)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

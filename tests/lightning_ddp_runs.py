@@ -76,3 +76,7 @@ def worker(rank: int, world: int, port: int, out: str, strategy: str) -> None:
     torch.save({"world_size": trainer.world_size, "sharded": callback.averager.is_sharded, "after_steps": module.after_steps,
                 "averaged": callback.averager.averaged_state_dict(), "reloaded": fresh.averager.averaged_state_dict()},
                out_dir / f"{strategy}-rank{rank}.pt")
+    # Lightning leaves the process group up; a rank that exits with gloo's threads still running can die with
+    # "terminate called without an active exception" (SIGABRT). Both ranks finish, then take it down.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
