@@ -68,3 +68,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():  # DeepSpeed leaves its gloo group up; stop its threads before exit
+        torch.distributed.destroy_process_group()
