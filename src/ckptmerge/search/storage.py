@@ -101,6 +101,21 @@ def _optuna_tell_slip(exc: AssertionError) -> bool:
         frames[-1].filename.endswith(os.path.join("optuna", "study", "_optimize.py"))
 
 
+def goes_first(study, trial, attr: str) -> bool:
+    """Whether another trial with the same ``attr`` user attribute as ``trial`` (a baseline, a sweep job)
+    goes before it: complete, or numbered lower (created earlier) and queued or running. Of such twins only
+    the lowest-numbered live one runs: the later one always sees the earlier, whatever the timing, so two
+    never both run, and the worker that pops a later twin drops it itself."""
+    from optuna.trial import TrialState
+
+    value = trial.user_attrs.get(attr)
+    if value is None:
+        return False
+    live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))
+    return any(t.number != trial.number and t.user_attrs.get(attr) == value and
+               (t.state == TrialState.COMPLETE or t.number < trial.number) for t in live)
+
+
 def fail_dead_trials(study, heartbeat_s: float) -> None:
     """Fail and re-queue the RUNNING trials whose worker is gone: a dead process on this host at once, any
     other worker once its heartbeat is silent for the grace period (``grace_period(heartbeat_s)``)."""

@@ -14,6 +14,7 @@ from ckptmerge.search.storage import (
     claim,
     fail_dead_trials,
     finished_elsewhere,
+    goes_first,
     grace_period,
     open_storage,
     reap_dead_workers,
@@ -89,19 +90,6 @@ class DuplicateBaseline(Exception):
     enqueued it). The trial that pops it fails it; no worker ever changes a trial another worker runs."""
 
 
-def _twin(trials, trial):
-    """Another trial of the same baseline that wins over ``trial``: complete, or numbered lower (created
-    earlier) and queued or running. Of a baseline's live trials only the lowest-numbered one runs, so two
-    twins can never both run: the later one always sees the earlier, whatever the timing."""
-    from optuna.trial import TrialState
-
-    name = trial.user_attrs.get("baseline")
-    if name is None:
-        return None
-    return next((t for t in trials if t.number != trial.number and t.user_attrs.get("baseline") == name and
-                 (t.state == TrialState.COMPLETE or t.number < trial.number)), None)
-
-
 def _baseline_owned(study, name: str) -> bool:
     """A trial of baseline ``name`` is complete, queued, or running (a dead worker's is re-queued by the retry)."""
     from optuna.trial import TrialState
@@ -145,7 +133,6 @@ POLL_S = 0.5
 
 def _evaluate_trial(trial, study, space, objective: MergeObjective, cfg: SearchConfig, log) -> float:
     import optuna
-    from optuna.trial import TrialState
 
     claim(trial)
     params = space.suggest(trial)
@@ -154,8 +141,7 @@ def _evaluate_trial(trial, study, space, objective: MergeObjective, cfg: SearchC
         trial.set_user_attr("baseline", None)  # a retried trial that never had the baseline's parameters
         baseline = None
     if baseline is not None:
-        live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))
-        if _twin(live, trial) is not None:
+        if goes_first(study, trial, "baseline"):
             raise DuplicateBaseline(baseline)  # failed, not retried; the twin is the baseline's trial
     coeffs = space.coeffs(params)
     if cfg.objective.startswith("lm-eval:"):

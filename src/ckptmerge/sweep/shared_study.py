@@ -26,6 +26,7 @@ from ckptmerge.search.storage import (
     claim,
     fail_dead_trials,
     finished_elsewhere,
+    goes_first,
     open_storage,
 )
 from ckptmerge.sweep.cache import result_fields, result_from_fields
@@ -135,7 +136,7 @@ def _run_one(study, scorer: CachedScorer, by_key: dict[str, Job]) -> None:
             trial.set_user_attr("idle", True)
             raise _Skip
         claim(trial)
-        if _taken(study, trial, key):
+        if goes_first(study, trial, KEY_ATTR):
             trial.set_user_attr("duplicate", True)  # queued twice by workers that started together
             raise _Skip
         scorer.scorer.forget(keep=job.refs)
@@ -145,20 +146,6 @@ def _run_one(study, scorer: CachedScorer, by_key: dict[str, Job]) -> None:
 
     with finished_elsewhere():
         study.optimize(evaluate, n_trials=1, catch=(_Skip,))  # any other error: the trial is FAIL, then raised
-
-
-def _taken(study, trial, key: str) -> bool:
-    """Whether ``key`` is already done, or queued or running in a trial numbered before ``trial`` (that one
-    goes on: the earlier trial existed before this one, so of two twins the later always sees it)."""
-    from optuna.trial import TrialState
-
-    live = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
-    for other in study.get_trials(deepcopy=False, states=live):
-        if other.user_attrs.get(KEY_ATTR) != key or other.number == trial.number:
-            continue
-        if other.state == TrialState.COMPLETE or other.number < trial.number:
-            return True
-    return False
 
 
 def _job_of(trial) -> Job | None:
