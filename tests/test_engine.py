@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from ckptmerge import compute_coeffs, discover, merge
 from ckptmerge.io.layout import open_checkpoint
 from ckptmerge.merging.checkpoint import CheckpointRef
-from ckptmerge.merging.engine import ReadSettings, run_engine
+from ckptmerge.merging.chunk_steps import ReadSettings
+from ckptmerge.merging.engine import run_engine
 from ckptmerge.merging.memory import DictSink
 from ckptmerge.merging.plan import build_plan
 from ckptmerge.merging.schedules import SCHEDULES

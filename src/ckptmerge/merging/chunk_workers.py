@@ -1,9 +1,9 @@
 """The CPU merge's workers: one thread per core, each merging every W-th chunk and writing it at its place.
 
 No worker waits for another until the end, so reading (each worker's own page-ahead thread), page
-faults, summing and writing all run on every core. Each chunk is merged exactly as the ordered loop
-in ``merging/engine.py`` merges it (``_merge_chunk``), so the bits do not depend on which worker
-merged it. Used by ``run_engine`` when accumulating on the CPU from byte ranges into a sink that
+faults, summing and writing all run on every core. Each chunk is merged by the same steps as in the
+ordered loop of ``merging/engine.py`` (``merging/chunk_steps.py``), so the bits do not depend on which
+worker merged it. Used by ``run_engine`` when accumulating on the CPU from byte ranges into a sink that
 places chunks by row (``write_rows``).
 """
 
@@ -19,12 +19,12 @@ import torch
 
 from ckptmerge.io.tensor_info import CheckpointReader
 from ckptmerge.merging.device import Stage
-from ckptmerge.merging.engine import (EngineStats, ReadSettings, TensorSink, _Chunk, _copy_chunk, _Inputs,
-                                      _merge_chunk, _read_bytes)
+from ckptmerge.merging.chunk_steps import (Chunk, ChunkInputs, EngineStats, ReadSettings, TensorSink,
+                                           chunk_input_bytes, copy_chunk, merge_chunk)
 from ckptmerge.merging.plan import MergePlan
 
 
-def worker_count(plan: MergePlan, readers: Sequence[CheckpointReader], chunks: list[_Chunk], sink: TensorSink,
+def worker_count(plan: MergePlan, readers: Sequence[CheckpointReader], chunks: list[Chunk], sink: TensorSink,
                   target: torch.device, home: torch.device, workers: int | None) -> int:
     """Threads that can merge side by side: 1 unless accumulating on the CPU from byte ranges into a sink
     that places chunks by row."""
@@ -55,7 +55,7 @@ class _FirstFailure:
         return self.stopped or index > self.index
 
 
-def run_workers(plan: MergePlan, readers: Sequence[CheckpointReader], sink: TensorSink, chunks: list[_Chunk],
+def run_workers(plan: MergePlan, readers: Sequence[CheckpointReader], sink: TensorSink, chunks: list[Chunk],
                  workers: int, reads: ReadSettings, allow_nonfinite: bool,
                  on_bytes: Callable[[int], None] | None) -> EngineStats:
     """``workers`` threads merge every ``workers``-th float chunk and write it in place; this thread
@@ -79,8 +79,8 @@ def run_workers(plan: MergePlan, readers: Sequence[CheckpointReader], sink: Tens
             try:
                 for chunk in chunks:
                     if not chunk.task.merged:
-                        sink.write_rows(chunk.task.name, chunk.start, _copy_chunk(plan, readers, chunk, stats))
-                        progress(_read_bytes(plan, readers, chunk))
+                        sink.write_rows(chunk.task.name, chunk.start, copy_chunk(plan, readers, chunk, stats))
+                        progress(chunk_input_bytes(plan, readers, chunk))
                 for future in futures:
                     future.result()
             except BaseException:
@@ -94,7 +94,7 @@ def run_workers(plan: MergePlan, readers: Sequence[CheckpointReader], sink: Tens
 
 
 def _merge_share(plan: MergePlan, readers: Sequence[CheckpointReader], sink: TensorSink,
-                 share: list[tuple[int, _Chunk]], reads: ReadSettings, allow_nonfinite: bool,
+                 share: list[tuple[int, Chunk]], reads: ReadSettings, allow_nonfinite: bool,
                  progress: Callable[[int], None], failure: _FirstFailure) -> None:
     """One worker: merge its chunks in order, their inputs' pages brought in ahead, each written at its place."""
     index = -1  # a failure before the first chunk ranks first
@@ -102,12 +102,12 @@ def _merge_share(plan: MergePlan, readers: Sequence[CheckpointReader], sink: Ten
         with ExitStack() as stack:
             cpu = torch.device("cpu")
             stage = stack.enter_context(Stage(cpu, cpu, threads=1))
-            inputs = _Inputs(plan, readers, [chunk for _, chunk in share], reads, stage, stack)
+            inputs = ChunkInputs(plan, readers, [chunk for _, chunk in share], reads, stage, stack)
             for index, chunk in share:
                 if failure.skips(index):
                     return
                 sink.write_rows(chunk.task.name, chunk.start,
-                                _merge_chunk(plan, readers, inputs, chunk, stage, allow_nonfinite))
-                progress(_read_bytes(plan, readers, chunk))
+                                merge_chunk(plan, readers, inputs, chunk, stage, allow_nonfinite))
+                progress(chunk_input_bytes(plan, readers, chunk))
     except BaseException as exc:  # reported by the caller, earliest chunk first
         failure.record(index, exc)
