@@ -38,7 +38,7 @@ def test_ema_alpha_follows_pma_recursion_seeded_with_first():
 def test_ema_half_life_handles_irregular_spacing():
     # gaps 100 and 300 steps, half-life 100: beta = 0.5 then 0.125
     # M2 = .5 t2 + .5 t1 ; M3 = .875 t3 + .125 M2
-    close(compute_coeffs("ema", refs([100, 200, 500]), half_life_steps=100), [0.0625, 0.0625, 0.875])
+    close(compute_coeffs("ema", refs([100, 200, 500]), half_life=100), [0.0625, 0.0625, 0.875])
 
 
 def test_ema_half_life_in_tokens_equals_alpha_form_when_regular():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 from ckptmerge.errors import ScheduleError, UnknownNameError
@@ -17,6 +18,7 @@ from ckptmerge.merging.checkpoint import CheckpointRef
 Schedule = Callable[..., list[float]]
 SCHEDULES: dict[str, Schedule] = {}
 SUM_TOLERANCE = 1e-6
+RENAMED_PARAMS = {"half_life_steps": "half_life"}  # old keyword -> new; the old one warns for a release
 
 
 def register(fn: Schedule) -> Schedule:
@@ -42,17 +44,17 @@ def wma(refs: Sequence[CheckpointRef]) -> list[float]:
 
 
 @register
-def ema(refs: Sequence[CheckpointRef], alpha: float | None = None, half_life_steps: float | None = None,
+def ema(refs: Sequence[CheckpointRef], alpha: float | None = None, half_life: float | None = None,
         half_life_tokens: float | None = None) -> list[float]:
     """Exponential moving average over checkpoints, seeded with the first (PMA's recursion).
 
     With ``alpha``: M_1 = theta_1, M_i = alpha * theta_i + (1 - alpha) * M_{i-1}, so
     c_1 = (1-alpha)^(N-1) and c_i = alpha (1-alpha)^(N-i) for i >= 2; the coefficients sum to 1.
-    With a half-life H in steps (or tokens), each gap of length d between neighbours decays the
-    older mass by beta = 0.5^(d / H): exact for irregular spacing, and equal to the alpha form
+    With a half-life H in steps (``half_life``; or ``half_life_tokens``), each gap of length d between
+    neighbours decays the older mass by beta = 0.5^(d / H): exact for irregular spacing, and equal to the alpha form
     with alpha = 1 - 0.5^(V/H) when every gap is V.
     """
-    given = [p for p in (alpha, half_life_steps, half_life_tokens) if p is not None]
+    given = [p for p in (alpha, half_life, half_life_tokens) if p is not None]
     if len(given) != 1:
         raise ScheduleError("ema needs exactly one of --alpha, --half-life (steps) or --half-life-tokens")
     if alpha is not None:
@@ -60,11 +62,12 @@ def ema(refs: Sequence[CheckpointRef], alpha: float | None = None, half_life_ste
             raise ScheduleError(f"ema alpha must be in (0, 1], got {alpha}")
         betas = [1.0 - alpha] * (len(refs) - 1)
     else:
-        half_life = half_life_steps if half_life_steps is not None else half_life_tokens
-        if half_life <= 0:
-            raise ScheduleError(f"ema half-life must be positive, got {half_life}")
-        positions = _positions(refs, "steps" if half_life_steps is not None else "tokens")
-        betas = [0.5 ** ((b - a) / half_life) for a, b in zip(positions, positions[1:])]
+        unit = "steps" if half_life is not None else "tokens"
+        length = half_life if half_life is not None else half_life_tokens
+        if length <= 0:
+            raise ScheduleError(f"ema half-life must be positive, got {length}")
+        positions = _positions(refs, unit)
+        betas = [0.5 ** ((b - a) / length) for a, b in zip(positions, positions[1:])]
     coeffs = [1.0]
     for beta in betas:
         coeffs = [c * beta for c in coeffs] + [1.0 - beta]
@@ -171,6 +174,7 @@ def compute_coeffs(name: str, refs: Sequence[CheckpointRef], *, normalize: bool 
     """
     if not refs:
         raise ScheduleError("no checkpoints selected")
+    params = _renamed(params)
     accepted = schedule_params(name)
     unknown = sorted(k for k, v in params.items() if v is not None and k not in accepted)
     if unknown:
@@ -178,6 +182,20 @@ def compute_coeffs(name: str, refs: Sequence[CheckpointRef], *, normalize: bool 
     coeffs = get_schedule(name)(refs, **{k: v for k, v in params.items() if v is not None and k in accepted})
     return check_coeffs(coeffs, normalize=normalize, allow_unnormalized=allow_unnormalized,
                         allow_negative=allow_negative)
+
+
+def _renamed(params: dict) -> dict:
+    """Old keyword names (``half_life_steps``) under their new names, each with a DeprecationWarning."""
+    out = dict(params)
+    for old, new in RENAMED_PARAMS.items():
+        if out.get(old) is None:
+            out.pop(old, None)
+            continue
+        if out.get(new) is not None:
+            raise ScheduleError(f"give {new}, not both {new} and its old name {old}")
+        warnings.warn(f"{old}= is deprecated; use {new}=", DeprecationWarning, stacklevel=3)
+        out[new] = out.pop(old)
+    return out
 
 
 def check_coeffs(coeffs: Sequence[float], *, normalize: bool = False, allow_unnormalized: bool = False,
