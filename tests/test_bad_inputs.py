@@ -17,7 +17,7 @@ from ckptmerge.errors import (
     PlanMismatchError,
     UnsafeCheckpointError,
 )
-from ckptmerge.io.layout import open_checkpoint
+from ckptmerge.io.dispatch import open_checkpoint
 
 
 def assert_nothing_written(tmp_path, out_name="out"):

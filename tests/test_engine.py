@@ -9,7 +9,7 @@ from conftest import FLOAT_DTYPES, make_state, write_series
 from safetensors.torch import load_file
 
 from ckptmerge import compute_coeffs, discover, merge
-from ckptmerge.io.layout import open_checkpoint
+from ckptmerge.io.dispatch import open_checkpoint
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.chunk_steps import ReadSettings
 from ckptmerge.merging.engine import run_engine

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ckptmerge.errors import ShardLayoutError
-from ckptmerge.io.layout import open_checkpoint
+from ckptmerge.io.dispatch import open_checkpoint
 from ckptmerge.online import EMA
 from ckptmerge.online.state_files import load_state
 

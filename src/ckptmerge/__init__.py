@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 from ckptmerge.errors import CkptMergeError
 from ckptmerge.evaluation.api import evaluate
-from ckptmerge.io.layout import open_checkpoint
+from ckptmerge.io.dispatch import open_checkpoint
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import Discovery, discover, parse_step
 from ckptmerge.merging.offline import MergeResult, merge

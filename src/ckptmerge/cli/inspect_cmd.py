@@ -6,8 +6,8 @@ import argparse
 from collections import Counter
 
 from ckptmerge.console import format_bytes, print_table
+from ckptmerge.io.dispatch import open_checkpoint
 from ckptmerge.io.fingerprint import checkpoint_files
-from ckptmerge.io.layout import open_checkpoint
 from ckptmerge.merging.discover import discover
 
 

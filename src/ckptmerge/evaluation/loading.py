@@ -21,7 +21,7 @@ import torch
 from ckptmerge.errors import ModelLoadError
 from ckptmerge.evaluation.devices import resolve_device, resolve_dtype
 from ckptmerge.evaluation.keymap import fit_state, parse_key_map
-from ckptmerge.io.layout import open_checkpoint
+from ckptmerge.io.dispatch import open_checkpoint
 
 
 def load_model(path, *, device: str | torch.device | None = "cpu", dtype: str | torch.dtype = "float32",

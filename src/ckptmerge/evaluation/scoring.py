@@ -26,7 +26,7 @@ from ckptmerge.evaluation.keymap import fit_state, parse_key_map
 from ckptmerge.evaluation.runner import default_context
 from ckptmerge.errors import TokenizerError
 from ckptmerge.evaluation.settings import EvalSettings, byte_lengths
-from ckptmerge.io.layout import open_checkpoint
+from ckptmerge.io.dispatch import open_checkpoint
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.memory import merge_state_dicts
 

@@ -1,4 +1,5 @@
-"""Choose a reader by checkpoint layout: HF folders, single files, torch files, DCP folders."""
+"""The plain checkpoint formats, whatever trainer wrote them: HF folders, single safetensors / torch files,
+DCP folders. ``io/dispatch.py`` tries the trainers' own layouts (``io/layouts/``) before these."""
 
 from __future__ import annotations
 
@@ -47,17 +48,6 @@ def detect_layout(path: Path) -> tuple[str, list[Path]] | None:
 
 def _shards_from_index(index_path: Path) -> list[Path]:
     return read_shard_index(index_path)  # validated: strings only, files confined to the folder
-
-
-def open_checkpoint(path: str | Path) -> CheckpointReader:
-    """Open any supported checkpoint for reading. Raises CheckpointFormatError naming the fix.
-
-    A trainer's own layout (io/layouts/: Lightning, DeepSpeed, Megatron, ...) is tried first.
-    """
-    from ckptmerge.io.layouts import open_framework_checkpoint
-
-    reader = open_framework_checkpoint(Path(path))
-    return reader if reader is not None else open_plain_checkpoint(path)
 
 
 def open_plain_checkpoint(path: str | Path) -> CheckpointReader:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ckptmerge.console import progress_bar
 from ckptmerge.io.fingerprint import pin_checkpoint
-from ckptmerge.io.layout import open_checkpoint
+from ckptmerge.io.dispatch import open_checkpoint
 from ckptmerge.io.publish import atomic_folder
 from ckptmerge.io.safetensors_writer import (
     StreamingSafetensorsWriter,

@@ -14,7 +14,7 @@ import torch
 from ckptmerge.console import progress_bar
 from ckptmerge.errors import CkptMergeError, OutputExistsError
 from ckptmerge.io.fingerprint import pin_checkpoint
-from ckptmerge.io.layout import open_checkpoint
+from ckptmerge.io.dispatch import open_checkpoint
 from ckptmerge.io.publish import atomic_folder, check_destination
 from ckptmerge.io.safetensors_writer import StreamingSafetensorsWriter
 from ckptmerge.io.sidecars import copy_sidecars

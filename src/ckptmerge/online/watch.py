@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from ckptmerge.errors import CkptMergeError
+from ckptmerge.io.dispatch import open_checkpoint
 from ckptmerge.io.fingerprint import checkpoint_files
-from ckptmerge.io.layout import open_checkpoint
 from ckptmerge.io.publish import atomic_file, atomic_folder
 from ckptmerge.io.safetensors_writer import StreamingSafetensorsWriter
 from ckptmerge.io.sidecars import copy_sidecars

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ckptmerge.evaluation.evaluator import load_state_into
-from ckptmerge.io.layout import open_checkpoint
+from ckptmerge.io.dispatch import open_checkpoint
 
 OPTIMIZER_POLICIES = ("keep", "reset")
 
