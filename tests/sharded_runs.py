@@ -81,7 +81,7 @@ def fsdp_model() -> torch.nn.Module:
 
 
 def averagers() -> dict:
-    return {"ema": EMA(EMA_DECAY), "lawa": LAWA(k=LAWA_K, every=LAWA_EVERY)}
+    return {"ema": EMA(EMA_DECAY), "lawa": LAWA(n=LAWA_K, every=LAWA_EVERY)}
 
 
 def fsdp_run(out: Path, name: str, *, stop_at: int = STEPS, resume_from: Path | None = None) -> None:

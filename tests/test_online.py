@@ -74,8 +74,8 @@ def test_swa_equals_averaged_model_from_start_step():
 
 
 def test_ema_half_life_equals_per_gap_decay_and_is_exact_for_irregular_spacing():
-    by_half_life, by_decay = EMA(half_life_steps=3.0), EMA(0.5 ** (1 / 3))
-    irregular = EMA(half_life_steps=3.0)
+    by_half_life, by_decay = EMA(half_life=3.0), EMA(0.5 ** (1 / 3))
+    irregular = EMA(half_life=3.0)
     expected = None
     last = None
     for step, model in trajectory(12):
@@ -134,7 +134,7 @@ def test_swapped_puts_average_in_and_restores_training_weights():
 @pytest.mark.parametrize("rule,schedule,params", [("lawa", "sma", {}), ("pma", "wma", {}), ("pma", "ema", {"alpha": 0.3})])
 def test_snapshot_averagers_equal_offline_merge_of_saved_checkpoints(tmp_path, rule, schedule, params):
     every, n = 3, 4
-    online = LAWA(k=n, every=every) if rule == "lawa" else PMA(schedule, n, every=every, **params)
+    online = LAWA(n=n, every=every) if rule == "lawa" else PMA(schedule, n, every=every, **params)
     for step, model in trajectory(20):
         online.update(model, step)
         if step % every == 0:
@@ -152,7 +152,7 @@ def test_snapshot_averagers_equal_offline_merge_of_saved_checkpoints(tmp_path, r
         assert torch.equal(averaged[name], reader.get(name)), name  # bit-identical: one merge path
 
 
-@pytest.mark.parametrize("make", [lambda: EMA(half_life_steps=4), lambda: SWA(start_step=3), lambda: LAWA(k=3, every=2),
+@pytest.mark.parametrize("make", [lambda: EMA(half_life=4), lambda: SWA(start_step=3), lambda: LAWA(n=3, every=2),
                                   lambda: PMA("ema", 3, every=2, alpha=0.4)])
 def test_interrupted_and_resumed_average_equals_uninterrupted(tmp_path, make):
     full = make()
@@ -195,7 +195,7 @@ def test_save_writes_a_folder_that_eval_and_merge_read(tmp_path):
 
 def test_spec_parsing():
     assert isinstance(parse_average_spec("ema:half_life=500"), EMA)
-    lawa = parse_average_spec("lawa:k=5,every=200")
+    lawa = parse_average_spec("lawa:n=5,every=200")
     assert (lawa.n, lawa.every) == (5, 200)
     from ckptmerge.errors import ConfigError
 
@@ -203,6 +203,19 @@ def test_spec_parsing():
         parse_average_spec("lawa:alpha=1")
     with pytest.raises(ConfigError, match="unknown kind"):
         parse_average_spec("polyak")
+
+
+def test_old_keyword_names_still_work_with_a_notice():
+    with pytest.warns(DeprecationWarning, match=r"lawa:k=5,every=200'.*k= is deprecated; use n="):
+        lawa = parse_average_spec("lawa:k=5,every=200")
+    assert (lawa.n, lawa.every, lawa.params()) == (5, 200, {"every": 200, "n": 5})
+    with pytest.warns(DeprecationWarning, match=r"LAWA\(k=\) is deprecated; use LAWA\(n=\)"):
+        assert LAWA(k=3).n == 3
+    with pytest.warns(DeprecationWarning, match=r"EMA\(half_life_steps=\) is deprecated; use EMA\(half_life=\)"):
+        old = EMA(half_life_steps=4.0)
+    assert old.params() == EMA(half_life=4.0).params()
+    with pytest.raises(ValueError, match="not both half_life and its old name half_life_steps"):
+        EMA(half_life=4.0, half_life_steps=4.0)
 
 
 def test_single_process_dcp_save_loads_with_dcp_and_unknown_format_is_refused(tmp_path):

@@ -105,3 +105,11 @@ def test_bad_parameters_are_named():
         compute_coeffs("ema", [CheckpointRef(Path("a"), step=1), CheckpointRef(Path("b"), step=2)], half_life_tokens=5)
     with pytest.raises(UnknownNameError, match="choose one of: sma"):
         compute_coeffs("lawa", FIVE)
+
+
+def test_old_half_life_steps_keyword_warns_and_gives_the_same_coefficients():
+    with pytest.warns(DeprecationWarning, match="half_life_steps= is deprecated; use half_life="):
+        old = compute_coeffs("ema", refs([100, 200, 500]), half_life_steps=100)
+    close(old, [0.0625, 0.0625, 0.875])
+    with pytest.raises(ScheduleError, match="not both half_life and its old name"):
+        compute_coeffs("ema", FIVE, half_life=100, half_life_steps=100)

@@ -161,7 +161,7 @@ def test_fork_killed_before_its_first_checkpoint_resumes_from_the_parent(tmp_pat
 def test_trainer_averages_match_offline_merge_and_survive_resume(tmp_path, corpus, monkeypatch):
     from ckptmerge import compute_coeffs, merge, open_checkpoint, select_last
 
-    config = tiny_config(corpus, average=["lawa:k=2,every=4", "ema:decay=0.8"], eval_every=4, eval_tokens=256)
+    config = tiny_config(corpus, average=["lawa:n=2,every=4", "ema:decay=0.8"], eval_every=4, eval_tokens=256)
     train(config, tmp_path / "full", progress=False)
     final = tmp_path / "full" / "step-000012"
     refs = select_last(discover(tmp_path / "full").checkpoints, 2, every_steps=4)

@@ -1,6 +1,6 @@
 """The Averager surface shared by every online rule (EMA, SWA, LAWA, PMA).
 
-    avg = EMA(half_life_steps=500)
+    avg = EMA(half_life=500)
     for step in range(1, steps + 1):
         ...; optimizer.step()
         avg.update(model, step)                  # after the optimizer step; repeated calls per step are ignored

@@ -2,7 +2,7 @@
 
     from ckptmerge.online import EMA
     from ckptmerge.online.hf_callback import AveragingCallback
-    trainer = Trainer(..., callbacks=[AveragingCallback(EMA(half_life_steps=500))])
+    trainer = Trainer(..., callbacks=[AveragingCallback(EMA(half_life=500))])
 
 - after every optimizer step (``on_step_end``, once per step under gradient accumulation) the
   averager folds in the model's weights;

@@ -2,7 +2,7 @@
 
     from ckptmerge.online import EMA
     from ckptmerge.online.lightning_callback import AveragingCallback
-    trainer = L.Trainer(callbacks=[AveragingCallback(EMA(half_life_steps=500))])
+    trainer = L.Trainer(callbacks=[AveragingCallback(EMA(half_life=500))])
 
 Follows Lightning's ``WeightAveraging`` contract: the average is updated after every optimizer step,
 swapped into the module for validation and swapped back after, stored in Lightning checkpoints (so a

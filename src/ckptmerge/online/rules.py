@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from pathlib import Path
 
@@ -44,31 +45,33 @@ class _Running(Averager):
 class EMA(_Running):
     """Exponential moving average: avg <- decay * avg + (1 - decay) * weights, seeded with the first update.
 
-    Give exactly one of ``decay`` (per update), ``half_life_steps`` or ``half_life_tokens``; with a half-life
+    Give exactly one of ``decay`` (per update), ``half_life`` (steps) or ``half_life_tokens``; with a half-life
     H the decay of a gap of d steps (or tokens) is 0.5^(d/H), so it is exact for any update spacing.
     ``warmup=True`` caps the decay at (1 + n) / (10 + n) after n updates, so early weights fade fast.
     """
 
     kind = "ema"
 
-    def __init__(self, decay: float | None = None, *, half_life_steps: float | None = None,
-                 half_life_tokens: float | None = None, warmup: bool = False, every: int = 1, offload: bool = False):
+    def __init__(self, decay: float | None = None, *, half_life: float | None = None,
+                 half_life_tokens: float | None = None, warmup: bool = False, every: int = 1, offload: bool = False,
+                 half_life_steps: float | None = None):
         super().__init__(every=every, offload=offload)
-        if sum(x is not None for x in (decay, half_life_steps, half_life_tokens)) != 1:
-            raise ValueError("EMA needs exactly one of decay, half_life_steps, half_life_tokens")
+        half_life = _renamed("EMA", "half_life_steps", half_life_steps, "half_life", half_life)
+        if sum(x is not None for x in (decay, half_life, half_life_tokens)) != 1:
+            raise ValueError("EMA needs exactly one of decay, half_life, half_life_tokens")
         if decay is not None and not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
-        self.decay, self.half_life_steps, self.half_life_tokens, self.warmup = decay, half_life_steps, half_life_tokens, warmup
+        self.decay, self.half_life, self.half_life_tokens, self.warmup = decay, half_life, half_life_tokens, warmup
 
     def params(self) -> dict:
-        return {**super().params(), "decay": self.decay, "half_life_steps": self.half_life_steps,
+        return {**super().params(), "decay": self.decay, "half_life": self.half_life,
                 "half_life_tokens": self.half_life_tokens, "warmup": self.warmup}
 
     def current_decay(self, step: int, tokens_seen: int | None) -> float:
         if self.decay is not None:
             decay = self.decay
-        elif self.half_life_steps is not None:
-            decay = 0.5 ** ((step - self.last_step) / self.half_life_steps)
+        elif self.half_life is not None:
+            decay = 0.5 ** ((step - self.last_step) / self.half_life)
         else:
             if tokens_seen is None or self.last_tokens is None:
                 raise ValueError("EMA(half_life_tokens=...) needs update(model, step, tokens_seen=...)")
@@ -143,12 +146,23 @@ class PMA(Averager):
 
 
 class LAWA(PMA):
-    """LAWA (Sanyal et al.): the uniform average of the latest ``k`` snapshots spaced ``every`` steps apart."""
+    """LAWA (Sanyal et al.): the uniform average of the latest ``n`` snapshots spaced ``every`` steps apart."""
 
     kind = "lawa"
 
-    def __init__(self, k: int = 5, *, every: int = 1, offload: bool = False):
-        super().__init__("sma", k, every=every, offload=offload)
+    def __init__(self, n: int = 5, *, every: int = 1, offload: bool = False, k: int | None = None):
+        n = _renamed("LAWA", "k", k, "n", n, default=5)
+        super().__init__("sma", n, every=every, offload=offload)
 
     def params(self) -> dict:
-        return {"every": self.every, "k": self.n}
+        return {"every": self.every, "n": self.n}
+
+
+def _renamed(owner: str, old: str, old_value, new: str, new_value, default=None):
+    """The value of a keyword given under its old name (with a DeprecationWarning) or its new one."""
+    if old_value is None:
+        return new_value
+    if new_value != default:
+        raise ValueError(f"{owner}: give {new}, not both {new} and its old name {old}")
+    warnings.warn(f"{owner}({old}=) is deprecated; use {owner}({new}=)", DeprecationWarning, stacklevel=3)
+    return old_value

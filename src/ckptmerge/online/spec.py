@@ -1,15 +1,23 @@
-"""Averager specs on the command line: ``ema:half_life=500``, ``lawa:k=5,every=200``, ``pma:schedule=wma,n=8``."""
+"""Averager specs on the command line: ``ema:half_life=500``, ``lawa:n=5,every=200``, ``pma:schedule=wma,n=8``.
+
+The text is split by ``merging/method_spec.split_spec``, the tokenizer of the one method language; the keys
+are checked here, against each averager's own keywords.
+"""
 
 from __future__ import annotations
 
+import warnings
+
 from ckptmerge.errors import ConfigError
+from ckptmerge.merging.method_spec import split_spec
 
 _KEYS = {
     "ema": {"decay": float, "half_life": float, "half_life_tokens": float, "warmup": bool, "every": int},
     "swa": {"start_step": int, "every": int},
-    "lawa": {"k": int, "every": int},
+    "lawa": {"n": int, "every": int},
     "pma": {"schedule": str, "n": int, "every": int, "alpha": float},
 }
+_RENAMED = {("lawa", "k"): "n"}  # old key -> new key; the old one warns for a release
 
 
 def _value(text: str, kind: type):
@@ -22,12 +30,12 @@ def parse_average_spec(spec: str):
     """Build an averager from ``kind:key=value,...``."""
     from ckptmerge.online.rules import EMA, LAWA, PMA, SWA
 
-    kind, _, rest = spec.partition(":")
+    kind, raw = split_spec(spec, what="--average")
     if kind not in _KEYS:
         raise ConfigError(f"--average {spec!r}: unknown kind {kind!r}; choose one of {', '.join(_KEYS)}")
     params = {}
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
+    for key, value in raw.items():
+        key = _new_key(spec, kind, key)
         if key not in _KEYS[kind]:
             raise ConfigError(f"--average {spec!r}: {kind} takes {', '.join(_KEYS[kind])}, not {key!r}")
         try:
@@ -35,10 +43,14 @@ def parse_average_spec(spec: str):
         except ValueError as exc:
             raise ConfigError(f"--average {spec!r}: bad value for {key}: {value!r}") from exc
     try:
-        if kind == "ema":
-            if "half_life" in params:
-                params["half_life_steps"] = params.pop("half_life")
-            return EMA(**params)
-        return {"swa": SWA, "lawa": LAWA, "pma": PMA}[kind](**params)
+        return {"ema": EMA, "swa": SWA, "lawa": LAWA, "pma": PMA}[kind](**params)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"--average {spec!r}: {exc}") from exc
+
+
+def _new_key(spec: str, kind: str, key: str) -> str:
+    new = _RENAMED.get((kind, key))
+    if new is None:
+        return key
+    warnings.warn(f"--average {spec!r}: {key}= is deprecated; use {new}=", DeprecationWarning, stacklevel=3)
+    return new
