@@ -3,7 +3,7 @@
     ckptmerge train --preset tiny --steps 2000 --lr 3e-3 --schedule constant --save-every 100 -o runs/a
     ckptmerge train --resume runs/a                     # continue the identical trajectory
     ckptmerge train --fork-from runs/a/step-001600 --schedule wsd --steps 2000 --decay-steps 400 -o runs/a-anneal
-    ckptmerge train --average ema:half_life=200 --average lawa:k=5,every=100 ...   # online averages
+    ckptmerge train --average ema:half_life=200 --average lawa:n=5,every=100 ...   # online averages
     ckptmerge train --fork-from runs/a/step-001600 --init-from out/sma --optimizer-state reset -o runs/a-pma-init
 
 Batches are a pure function of (seed, step), so resuming reproduces the same losses.
