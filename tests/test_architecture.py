@@ -71,3 +71,78 @@ def test_no_module_imports_the_public_api_package_root():
     offenders = [str(rel) for rel, room, target in _imports() if target == "__init__" and room != "__init__"]
     allowed = {"cli/main.py", "merging/manifest.py"}  # they read __version__ only
     assert set(offenders) <= allowed, offenders
+
+
+def _module_name(path: Path, package: Path) -> str:
+    parts = list(path.relative_to(package.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _runtime_imports(tree: ast.Module) -> list[str]:
+    """Every module an ``import`` names, at any depth (functions too), except under ``if TYPE_CHECKING:``."""
+    typing_only = {id(node) for stmt in ast.walk(tree)
+                   if isinstance(stmt, ast.If) and ast.unparse(stmt.test).endswith("TYPE_CHECKING")
+                   for inner in stmt.body for node in ast.walk(inner)}
+    names = []
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]  # a name may be a module
+    return names
+
+
+def _module_edges(package: Path) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (a package's own ``__init__`` only when named)."""
+    paths = {_module_name(path, package): path for path in package.rglob("*.py")}
+    return {module: {name for name in _runtime_imports(ast.parse(path.read_text())) if name in paths and name != module}
+            for module, path in paths.items()}
+
+
+def _import_cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for target in sorted(edges[module]):
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            component = stack[stack.index(module):]
+            del stack[stack.index(module):]
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in sorted(edges):
+        if module not in index:
+            visit(module)
+    return cycles
+
+
+def test_cycle_search_finds_a_cycle_through_a_function_level_import(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "room").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "room" / "__init__.py").write_text("")
+    (package / "room" / "a.py").write_text("from pkg.room.b import g\n")
+    (package / "room" / "b.py").write_text("def g():\n    from pkg.room import a\n")
+    (package / "room" / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import pkg.room.d\n")
+    (package / "room" / "d.py").write_text("import pkg.room.c\n")
+    assert _import_cycles(_module_edges(package)) == [["pkg.room.a", "pkg.room.b"]]
+
+
+def test_no_file_level_import_cycles():
+    """No two files import each other, directly or through others, even from inside a function (issue 22):
+    a circle means the modules are one job split in two, and one of them sees the other half-initialised."""
+    cycles = _import_cycles(_module_edges(PACKAGE))
+    assert not cycles, "\n".join(" <-> ".join(cycle) for cycle in cycles)
