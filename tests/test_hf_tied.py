@@ -62,7 +62,7 @@ def test_untied_model_keeps_both_matrices(tmp_path):
     for step, model in zip((1, 2), models):
         model.save_pretrained(tmp_path / "run" / f"step-{step}")
     refs = discover(tmp_path / "run").checkpoints
-    merge(refs, compute_coeffs("pair", refs, lam=0.75), tmp_path / "merged", dtype=torch.bfloat16, progress=False)
+    merge(refs, compute_coeffs("pair", refs, lam=0.75), tmp_path / "merged", out_dtype="bfloat16", progress=False)
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)

@@ -75,11 +75,11 @@ def test_output_dtype_override_and_fp64_accumulation(tmp_path):
     write_series(tmp_path / "run", states)
     refs = discover(tmp_path / "run").checkpoints
     coeffs = compute_coeffs("ema", refs, alpha=0.4)
-    merge(refs, coeffs, tmp_path / "f32", dtype=torch.float32, progress=False)
+    merge(refs, coeffs, tmp_path / "f32", out_dtype="float32", progress=False)
     out = load_output(tmp_path / "f32")
     assert out["embed.weight"].dtype == torch.float32 and out["buffers.step"].dtype == torch.int64
     assert_matches_reference(out, states, coeffs)
-    merge(refs, coeffs, tmp_path / "f64acc", dtype=torch.float32, accum_dtype=torch.float64, progress=False)
+    merge(refs, coeffs, tmp_path / "f64acc", out_dtype="float32", accum_dtype="float64", progress=False)
     assert_matches_reference(load_output(tmp_path / "f64acc"), states, coeffs, accum=torch.float64)
 
 

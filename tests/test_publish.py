@@ -173,7 +173,7 @@ def test_manifest_hash_is_of_the_bytes_merged(tmp_path, series):
     import hashlib
 
     run_dir, _, paths = series
-    result = merge_all(run_dir, tmp_path / "out", hash_mode="full")
+    result = merge_all(run_dir, tmp_path / "out", hash="full")
     for entry, path in zip(result.manifest["inputs"], paths):
         digest = hashlib.sha256()
         data = (path / "model.safetensors").read_bytes()

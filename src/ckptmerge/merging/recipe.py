@@ -8,18 +8,24 @@ keys are rejected and every problem is reported in one ConfigError. Example ``re
     schedule: sma
     last: 10
     every: 200
-    dtype: bfloat16
+    out_dtype: bfloat16
+
+The options of accumulation and output (``out_dtype`` ... ``as_checkpoint``) are the fields of
+``MergeOptions`` (merging/options.py), under the same names; ``MergeRecipe.options()`` builds that value.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptmerge.io.yaml_config import dataclass_from_dict, read_yaml
+from ckptmerge.merging.options import ACCUM_DTYPE_NAMES, DTYPE_NAMES, HASH_MODES, MergeOptions
 
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
+# Keys of earlier releases -> their names now (accepted with a deprecation notice).
+RENAMED_KEYS = {"dtype": "out_dtype", "unnormalized": "allow_unnormalized", "extrapolate": "allow_negative"}
 
 
 @dataclass
@@ -47,10 +53,10 @@ class MergeRecipe:
     start_step: int | None = None
     start_fraction: float | None = None
     normalize: bool = False
-    unnormalized: bool = False
-    extrapolate: bool = False
-    # output
-    dtype: str | None = None
+    allow_unnormalized: bool = False
+    allow_negative: bool = False
+    # output (MergeOptions)
+    out_dtype: str | None = None
     accum_dtype: str = "float32"
     device: str = "cpu"
     max_shard_size: str = "5GB"
@@ -67,6 +73,14 @@ class MergeRecipe:
         return {"alpha": self.alpha, "half_life_steps": self.half_life, "half_life_tokens": self.half_life_tokens,
                 "lam": self.lam, "weights": self.weights, "start_step": self.start_step,
                 "start_fraction": self.start_fraction}
+
+    def options(self, *, progress: bool = True) -> MergeOptions:
+        """The ``MergeOptions`` of this recipe (sizes parsed: ``"5GB"`` -> bytes)."""
+        return MergeOptions(out_dtype=self.out_dtype, accum_dtype=self.accum_dtype, device=self.device,
+                            chunk_bytes=parse_size(self.chunk_size), allow_nonfinite=self.allow_nonfinite,
+                            allow_unnormalized=self.allow_unnormalized, allow_negative=self.allow_negative,
+                            max_shard_bytes=parse_size(self.max_shard_size), direct_io=self.direct_io,
+                            hash=self.hash, force=self.force, as_checkpoint=self.as_checkpoint, progress=progress)
 
 
 def parse_size(text: str | int) -> int:
@@ -87,6 +101,13 @@ def recipe_from_yaml(path: str | Path) -> MergeRecipe:
 
 
 def recipe_from_dict(data: dict, *, source: str = "recipe") -> MergeRecipe:
+    data = dict(data)
+    for old, new in RENAMED_KEYS.items():
+        if old in data:
+            warnings.warn(f"{source}: key {old!r} is deprecated; use {new!r}", DeprecationWarning, stacklevel=2)
+            if new not in data or data[new] in (None, False):
+                data[new] = data[old]
+            del data[old]
     return dataclass_from_dict(MergeRecipe, data, source=source, validate=validate)
 
 
@@ -95,10 +116,12 @@ def validate(recipe: MergeRecipe) -> list[str]:
     problems = []
     if not recipe.inputs:
         problems.append("inputs: give a run directory or checkpoint paths")
-    if recipe.dtype is not None and recipe.dtype not in DTYPE_NAMES:
-        problems.append(f"dtype: {recipe.dtype!r} is not one of {DTYPE_NAMES}")
-    if recipe.accum_dtype not in ("float32", "float64"):
+    if recipe.out_dtype is not None and recipe.out_dtype not in DTYPE_NAMES:
+        problems.append(f"out_dtype: {recipe.out_dtype!r} is not one of {DTYPE_NAMES}")
+    if recipe.accum_dtype not in ACCUM_DTYPE_NAMES:
         problems.append(f"accum_dtype: {recipe.accum_dtype!r} is not float32 or float64")
+    if recipe.hash not in HASH_MODES:
+        problems.append(f"hash: {recipe.hash!r} is not one of {HASH_MODES}")
     windows = [k for k in ("last", "steps", "step_range") if getattr(recipe, k) is not None]
     if len(windows) > 1:
         problems.append(f"choose one window selection, not {windows}")
@@ -106,8 +129,8 @@ def validate(recipe: MergeRecipe) -> list[str]:
         problems.append("every / every_tokens / end_step need last (N checkpoints)")
     if recipe.step_range is not None and len(recipe.step_range) != 2:
         problems.append("step_range: give [start, stop]")
-    if recipe.normalize and recipe.unnormalized:
-        problems.append("normalize and unnormalized contradict each other")
+    if recipe.normalize and recipe.allow_unnormalized:
+        problems.append("normalize and allow_unnormalized contradict each other")
     for key in ("max_shard_size", "chunk_size"):
         try:
             if parse_size(getattr(recipe, key)) <= 0:

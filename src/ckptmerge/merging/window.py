@@ -5,18 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from ckptmerge.errors import ConfigError
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import describe_path, discover, is_run_dir
-from ckptmerge.merging.offline import MergeResult, merge
-from ckptmerge.merging.recipe import MergeRecipe, parse_size, validate
+from ckptmerge.merging.offline import merge
+from ckptmerge.merging.output import MergeResult
+from ckptmerge.merging.recipe import MergeRecipe, validate
 from ckptmerge.merging.schedules import compute_coeffs
 from ckptmerge.merging.select import select_last, select_range, select_steps
 from ckptmerge.parallel.agree import phase
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 @dataclass
@@ -42,7 +39,7 @@ def resolve_window(recipe: MergeRecipe) -> Window:
     elif recipe.step_range is not None:
         refs = select_range(refs, *recipe.step_range)
     coeffs = compute_coeffs(recipe.schedule, refs, normalize=recipe.normalize,
-                            allow_unnormalized=recipe.unnormalized, allow_negative=recipe.extrapolate,
+                            allow_unnormalized=recipe.allow_unnormalized, allow_negative=recipe.allow_negative,
                             **recipe.schedule_params())
     return Window(refs, coeffs, skipped)
 
@@ -65,13 +62,8 @@ def run_recipe(recipe: MergeRecipe, *, progress: bool = True) -> MergeResult:
     window = None
     with phase():  # on many ranks: a bad window is reported once, by rank 0, and stops every rank
         window = resolve_window(recipe)
-    return merge(window.refs, window.coeffs, recipe.output,
-                 dtype=_DTYPES[recipe.dtype] if recipe.dtype else None, accum_dtype=_DTYPES[recipe.accum_dtype],
-                 max_shard_bytes=parse_size(recipe.max_shard_size), chunk_bytes=parse_size(recipe.chunk_size),
-                 force=recipe.force, allow_nonfinite=recipe.allow_nonfinite,
-                 allow_unnormalized=recipe.unnormalized, allow_negative=recipe.extrapolate,
-                 hash_mode=recipe.hash, progress=progress, recipe=_recipe_record(recipe, window),
-                 as_checkpoint=recipe.as_checkpoint, device=recipe.device, direct_io=recipe.direct_io)
+    return merge(window.refs, window.coeffs, recipe.output, recipe.options(progress=progress),
+                 recipe=_recipe_record(recipe, window))
 
 
 def _recipe_record(recipe: MergeRecipe, window: Window) -> dict:

@@ -1,0 +1,82 @@
+"""What one merge and the distributed merge share around the engine: checks before, the finished folder after.
+
+``check_arguments`` runs before anything is opened or written; ``finish_output`` completes the temporary
+folder (sidecars, step metadata, the hand-back, ``merge.json``) just before it is published. Both merges
+import this module, neither imports the other's internals.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckptmerge.errors import CkptMergeError, OutputExistsError
+from ckptmerge.io.publish import check_destination
+from ckptmerge.io.sidecars import copy_sidecars
+from ckptmerge.merging.checkpoint import CheckpointRef
+from ckptmerge.merging.discover import META_FILE, describe_path
+from ckptmerge.merging.handback import check_write_back, write_back
+from ckptmerge.merging.manifest import build_manifest, write_manifest
+from ckptmerge.merging.options import MergeOptions
+from ckptmerge.merging.plan import MergePlan
+from ckptmerge.merging.schedules import check_coeffs
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    plan: MergePlan
+    manifest: dict
+
+
+def check_arguments(checkpoints, coeffs, output, options: MergeOptions
+                    ) -> tuple[list[CheckpointRef], list[float], Path]:
+    """Refs, checked coefficients and the output path; raises before anything is opened or written."""
+    refs = [c if isinstance(c, CheckpointRef) else describe_path(c) for c in checkpoints]
+    coeffs = check_coeffs(coeffs, allow_unnormalized=options.allow_unnormalized,
+                          allow_negative=options.allow_negative)
+    if len(coeffs) != len(refs):
+        raise CkptMergeError(f"{len(coeffs)} coefficients for {len(refs)} checkpoints")
+    output = Path(output)
+    _check_not_an_input(output, refs)
+    check_destination(output, options.force)
+    if options.as_checkpoint:
+        check_write_back(refs[-1])
+    return refs, coeffs, output
+
+
+def finish_output(tmp: Path, plan: MergePlan, options: MergeOptions, *, pins: list, recipe: dict,
+                  differing_buffers: list[str], stats: dict, started: float, world_size: int = 1) -> dict:
+    """Sidecars, the step metadata, the hand-back and ``merge.json`` beside the written shards; returns the manifest.
+
+    ``pins`` (io/fingerprint.py) hashed the inputs before they were read; they are verified here, so the
+    manifest's hashes describe the bytes that were merged."""
+    out_dtype, _ = options.torch_dtypes()
+    sidecars = copy_sidecars(plan.refs[-1].path, tmp, out_dtype)
+    newest = plan.refs[-1]
+    for pin in pins:  # every file read is still the one hashed: same inode, size and mtime
+        pin.verify()
+    fingerprints = [pin.fingerprint for pin in pins]
+    (tmp / META_FILE).write_text(json.dumps({"step": newest.step, "tokens_seen": newest.tokens_seen,
+                                             "lr": newest.lr, "merged": True}, indent=2) + "\n")
+    manifest = build_manifest(plan, fingerprints=fingerprints, recipe=recipe, tied=plan.aliases,
+                              differing_buffers=differing_buffers, world_size=world_size,
+                              stats={**stats, "total_seconds": round(time.monotonic() - started, 4),
+                                     "sidecars_copied": sidecars})
+    manifest["options"] = options.record()
+    write_manifest(tmp, manifest)
+    if options.as_checkpoint:  # every shard is written (by every rank): the trainer's checkpoint beside them
+        write_back(newest, tmp)
+    return manifest
+
+
+def _check_not_an_input(output: Path, refs: Sequence[CheckpointRef]) -> None:
+    out = output.resolve()
+    for ref in refs:
+        src = ref.path.resolve()
+        if out == src or src.is_relative_to(out) or out.is_relative_to(src):
+            raise OutputExistsError(f"{output}: overlaps input checkpoint {ref.path}; inputs are never modified. "
+                                    f"Choose an output folder outside the inputs.")
