@@ -48,7 +48,7 @@ def _loss_of_numpy_average(root, steps, data):
 
 def test_sweep_numbers_match_an_independent_average_and_reruns_hit_the_cache(runs, tmp_path):
     data = str(runs / "val.txt")
-    cfg = SweepConfig(methods=["sma", "ema:0.5"], n=[2, 3], every=[5, 10], at=[20, 40], data=[data], n_tokens=1024)
+    cfg = SweepConfig(methods=["sma", "ema:alpha=0.5"], n=[2, 3], every=[5, 10], at=[20, 40], data=[data], n_tokens=1024)
     report = sweep(runs / "stable", cfg, tmp_path / "out", progress=False, log=lambda *_: None)
     row = next(r for r in report["rows"] if r["recipe"] == "sma N=3 V=10" and r["step"] == 40)
     assert row["loss"][data] == pytest.approx(_loss_of_numpy_average(runs, [20, 30, 40], data), abs=2e-5)

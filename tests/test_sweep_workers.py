@@ -26,7 +26,7 @@ from ckptmerge.sweep.run import SweepConfig, sweep  # noqa: E402
 from ckptmerge.sweep.shared_study import KEY_ATTR  # noqa: E402
 from ckptmerge.train.trainer import TrainConfig, train  # noqa: E402
 
-GRID = dict(methods=["sma", "ema:0.5"], n=[2, 3], every=[5, 10], at=[20, 30, 40], n_tokens=2048)
+GRID = dict(methods=["sma", "ema:alpha=0.5"], n=[2, 3], every=[5, 10], at=[20, 30, 40], n_tokens=2048)
 # fewer, longer evaluations (8x the tokens): a kill lands inside one more often than between two
 SLOW_GRID = dict(methods=["sma"], n=[2, 3], every=[5, 10], at=[30, 40], n_tokens=16384)
 
@@ -55,7 +55,7 @@ def _command(run: Path, storage: str, study: str, out: Path, grid: dict = GRID) 
         return ",".join(str(v) for v in values)
 
     return [sys.executable, "-m", "ckptmerge", "sweep", str(run / "stable"), "--data", str(run / "val.txt"),
-            "--methods", commas(grid["methods"]), "--n", commas(grid["n"]), "--every", commas(grid["every"]),
+            *[f"--method={m}" for m in grid["methods"]], "--last", commas(grid["n"]), "--every", commas(grid["every"]),
             "--at", commas(grid["at"]), "--tokens", str(grid["n_tokens"]), "--storage", storage, "--study", study,
             "-o", str(out), "--heartbeat", "5", "--quiet"]
 

@@ -5,25 +5,28 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ckptmerge.cli.deprecated import add_renamed
 from ckptmerge.demo.run import DemoConfig, run_demo
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="what merging gives a real tiny pre-training run (table + plot)")
-    p.add_argument("--out", help="folder for runs, merges and the report (default runs/demo, runs/demo-quick)")
+    p.add_argument("-o", "--output", help="folder for runs, merges and the report (default runs/demo, runs/demo-quick)")
+    add_renamed(p, "--out", "--output")
     p.add_argument("--quick", action="store_true", help="a short smoke version (about a minute)")
-    p.add_argument("--data", help="training data (default: shakespeare)")
-    p.add_argument("--eval-data", action="append", help="held-out data, repeatable (first is in-domain)")
+    p.add_argument("--train-data", help="training data (default: shakespeare)")
+    p.add_argument("--data", action="append", help="held-out data, repeatable (first is in-domain)")
+    add_renamed(p, "--eval-data", "--data")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = {"out": args.out} if args.out else {}
+    overrides = {"out": args.output} if args.output else {}
+    if args.train_data:
+        overrides["data"] = args.train_data
     if args.data:
-        overrides["data"] = args.data
-    if args.eval_data:
-        overrides["eval_data"] = args.eval_data
+        overrides["eval_data"] = args.data
     cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
     run_demo(cfg, progress=not args.quiet)
     report = Path(cfg.out) / "report.md"

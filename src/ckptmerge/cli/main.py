@@ -46,12 +46,18 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line, before or after the subcommand
-    args = build_parser().parse_args([a for a in argv if a != "--debug"])
-    args.debug = debug
+    with warnings.catch_warnings():  # restores the caller's warning display on exit
+        warnings.showwarning = _show_warning
+        # old spellings (cli/deprecated.py, method and averager keywords): one line each, once per run
+        warnings.filterwarnings("default", category=DeprecationWarning, module="ckptmerge")
+        args = build_parser().parse_args([a for a in argv if a != "--debug"])
+        args.debug = debug
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
-        with warnings.catch_warnings():  # restores the caller's warning display on exit
-            warnings.showwarning = _show_warning
-            return args.run(args) or 0
+        return args.run(args) or 0
     except KeyboardInterrupt:
         print(f"ckptmerge {args.command}: interrupted; nothing was published", file=sys.stderr)
         return 130

@@ -1,6 +1,7 @@
 """The sweep grid: merge methods, window sizes N and spacings V, and the points along a run.
 
-Methods are written like ``--average`` specs: ``sma``, ``wma``, ``ema:0.2`` (EMA with alpha 0.2).
+Methods are written in the one method language (``merging/method_spec.py``): ``sma``, ``wma``,
+``ema:alpha=0.2``, ``minus_sqrt``; the window sizes and spacings come from the grid, not the method.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 from ckptmerge.errors import ConfigError, SelectionError
 from ckptmerge.merging.checkpoint import CheckpointRef
-from ckptmerge.merging.schedules import compute_coeffs
+from ckptmerge.merging.method_spec import MethodSpec, parse_method
 from ckptmerge.merging.select import select_last
 
 
@@ -34,32 +35,24 @@ class MergeSpec:
             return None
 
     def coeffs(self, window: Sequence[CheckpointRef]) -> list[float]:
-        schedule, params = parse_method(self.method)
-        return compute_coeffs(schedule, window, **params)
+        return parse_method(self.method).coeffs(window)
 
 
-def parse_method(method: str) -> tuple[str, dict]:
-    """``"ema:0.2"`` -> ``("ema", {"alpha": 0.2})``; ``"sma"`` -> ``("sma", {})``."""
-    name, _, arg = method.partition(":")
-    if name in ("sma", "wma") and not arg:
-        return name, {}
-    if name == "ema":
-        try:
-            alpha = float(arg)
-        except ValueError:
-            raise ConfigError(f"method {method!r}: write EMA as ema:ALPHA, e.g. ema:0.2") from None
-        if not 0.0 < alpha <= 1.0:
-            raise ConfigError(f"method {method!r}: alpha must be in (0, 1]")
-        return "ema", {"alpha": alpha}
-    raise ConfigError(f"unknown method {method!r}; choose sma, wma or ema:ALPHA")
+def parse_sweep_method(text: str) -> MethodSpec:
+    """A method of the grid: ``parse_method``, refusing a window of its own (the grid's ``--last`` / ``--every``)."""
+    spec = parse_method(text)
+    if spec.n is not None or spec.every is not None:
+        raise ConfigError(f"sweep method {text!r}: give window sizes with --last and spacings with --every, "
+                          f"not inside the method (write {MethodSpec(spec.name, spec.params)})")
+    return spec
 
 
 def make_grid(methods: Sequence[str], ns: Sequence[int], every: Sequence[int]) -> list[MergeSpec]:
-    for method in methods:
-        parse_method(method)
+    """Every (method, N, V); methods are kept in their canonical text (``ema:0.2`` -> ``ema:alpha=0.2``)."""
+    canonical = [str(parse_sweep_method(m)) for m in methods]
     if any(n < 2 for n in ns) or any(v < 1 for v in every):
-        raise ConfigError("--n values must be at least 2 and --every values at least 1 step")
-    return [MergeSpec(m, n, v) for m in methods for n in ns for v in every]
+        raise ConfigError("--last values must be at least 2 and --every values at least 1 step")
+    return [MergeSpec(m, n, v) for m in canonical for n in ns for v in every]
 
 
 def base_spacing(refs: Sequence[CheckpointRef]) -> int:

@@ -59,7 +59,7 @@ def _scale(row: dict, d: str, metric: str) -> float:
 def render_markdown(report: dict) -> str:
     d, rows = _main_data(report), report["rows"]
     cfg = report["config"]
-    metric = cfg.get("metric", "loss")
+    metric = cfg.get("objective", cfg.get("metric", "loss"))  # reports written before the rename say metric
     lines = [f"# What merging gives `{report['run']}`", "",
              f"Held-out loss on **{d}** in {UNITS[metric]} (lower is better). Merges: {', '.join(cfg['methods'])} "
              f"over the last N = {cfg['n']} checkpoints spaced V = {cfg['every']} steps. Gains are paired "

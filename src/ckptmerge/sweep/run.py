@@ -1,11 +1,11 @@
 """Sweep a run: raw checkpoints and merges at points along it, and merged-constant vs annealed.
 
     ckptmerge sweep runs/demo/stable --data shakespeare-val --data bible
-    ckptmerge sweep path/to/hf-run --methods sma,ema:0.2 --n 3,5,10 --every 500,1000 --at 4000,8000,12000
+    ckptmerge sweep path/to/hf-run --method sma --method ema:alpha=0.2 --last 3,5,10 --every 500,1000 --at 4000,8000
     ckptmerge sweep RUN --storage postgresql://user@db/ckptmerge --study run7 -o RUN-sweep   # on every worker
 
 Every evaluation goes through one cached scorer, so a rerun (more points, another method, a new
-checkpoint) scores only what it has not seen. Outputs go to ``--out`` (never into the run). With
+checkpoint) scores only what it has not seen. Outputs go to ``--output`` (never into the run). With
 ``--storage``, the evaluations are trials of one Optuna study that any number of workers running the same
 command share (``sweep/shared_study.py``); each builds the report from the study's results.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ckptmerge.console import progress_bar
@@ -26,7 +26,7 @@ from ckptmerge.merging.discover import discover
 from ckptmerge.parallel.world import refuse_ranks
 from ckptmerge.search.storage import DEFAULT_HEARTBEAT_S
 from ckptmerge.sweep.evaluator import CachedScorer
-from ckptmerge.sweep.grid import MergeSpec, base_spacing, choose_points, make_grid
+from ckptmerge.sweep.grid import MergeSpec, base_spacing, choose_points, make_grid, parse_sweep_method
 from ckptmerge.sweep.shared_study import score_in_study, study_jobs
 
 CACHE_FILE = "evals.jsonl"
@@ -34,7 +34,7 @@ CACHE_FILE = "evals.jsonl"
 
 @dataclass
 class SweepConfig:
-    methods: list[str] = field(default_factory=lambda: ["sma", "wma", "ema:0.2"])
+    methods: list[str] = field(default_factory=lambda: ["sma", "wma", "ema:alpha=0.2"])  # merging/method_spec.py
     n: list[int] = field(default_factory=lambda: [3, 5, 10])
     every: list[int] = field(default_factory=list)   # V in steps; empty: the save interval and twice it
     at: list[int] = field(default_factory=list)      # evaluation points; empty: ``points`` spread evenly
@@ -42,7 +42,7 @@ class SweepConfig:
     data: list[str] = field(default_factory=lambda: ["shakespeare-val"])
     n_tokens: int = 16384
     anneal: list[str] = field(default_factory=list)  # anneal branches; empty: runs forked from this one
-    metric: str = "loss"                             # rank merges by ``loss`` (nats/token) or ``bits_per_byte``
+    objective: str = "loss"                          # rank merges by ``loss`` (nats/token) or ``bits_per_byte``
     storage: str | None = None                       # an Optuna storage URL: workers share the evaluations
     study: str = "ckptmerge-sweep"
     heartbeat_s: float = DEFAULT_HEARTBEAT_S
@@ -56,6 +56,7 @@ def sweep(run_dir: str | Path, cfg: SweepConfig, out: str | Path, *, progress: b
 
     run_dir, out = Path(run_dir), Path(out)
     _check_out(run_dir, out)
+    cfg = replace(cfg, methods=[str(parse_sweep_method(m)) for m in cfg.methods])  # canonical; the caller's kept
     refs = discover(run_dir).checkpoints
     every = cfg.every or [base_spacing(refs), 2 * base_spacing(refs)]
     grid = make_grid(cfg.methods, cfg.n, every)
@@ -83,8 +84,8 @@ def sweep(run_dir: str | Path, cfg: SweepConfig, out: str | Path, *, progress: b
 def _check_out(run_dir: Path, out: Path) -> None:
     run, target = run_dir.resolve(), out.resolve()
     if target == run or run in target.parents:
-        raise ConfigError(f"--out {out} is inside the run {run_dir}; sweeps never write into a run. "
-                          f"Choose another folder, e.g. --out {run_dir.name}-sweep")
+        raise ConfigError(f"--output {out} is inside the run {run_dir}; sweeps never write into a run. "
+                          f"Choose another folder, e.g. --output {run_dir.name}-sweep")
 
 
 def find_forks(run_dir: Path) -> list[Path]:
