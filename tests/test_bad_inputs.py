@@ -52,7 +52,7 @@ def test_shape_and_dtype_mismatches_name_tensor_and_checkpoints(tmp_path):
         merge_all(tmp_path / "run", tmp_path / "out")
     msg = str(err.value)
     assert "layers.1.mlp.weight" in msg and "(4, 8)" in msg and "step-000100" in msg
-    assert "embed.weight" in msg and "--dtype" in msg
+    assert "embed.weight" in msg and "--out-dtype" in msg
     assert_nothing_written(tmp_path)
 
 

@@ -85,7 +85,7 @@ def test_policy_rejects_unnormalized_and_negative_unless_opted_in():
         compute_coeffs("custom", FIVE[:3], weights=[1, 2, 3])
     close(compute_coeffs("custom", FIVE[:3], weights=[1, 2, 3], normalize=True), [1 / 6, 2 / 6, 3 / 6])
     close(compute_coeffs("custom", FIVE[:3], weights=[1, 2, 3], allow_unnormalized=True), [1, 2, 3])
-    with pytest.raises(ScheduleError, match="--extrapolate"):
+    with pytest.raises(ScheduleError, match="--allow-negative"):
         compute_coeffs("pair", FIVE[:2], lam=1.5)
     close(compute_coeffs("pair", FIVE[:2], lam=1.5, allow_negative=True), [-0.5, 1.5])
     with pytest.raises(ScheduleError):

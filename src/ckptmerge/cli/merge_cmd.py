@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
+from ckptmerge.cli.deprecated import add_renamed
 from ckptmerge.console import format_bytes, print_table
 from ckptmerge.merging.recipe import DTYPE_NAMES, MergeRecipe, recipe_from_dict, recipe_from_yaml
 from ckptmerge.merging.schedules import SCHEDULES
@@ -45,10 +46,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--start-step", type=int, help="swa: first step averaged")
     s.add_argument("--start-fraction", type=float, help="swa: first step as a fraction of the newest step")
     s.add_argument("--normalize", action="store_true", default=None, help="rescale coefficients to sum to 1")
-    s.add_argument("--unnormalized", action="store_true", default=None, help="allow coefficients not summing to 1")
-    s.add_argument("--extrapolate", action="store_true", default=None, help="allow negative coefficients")
+    s.add_argument("--allow-unnormalized", action="store_true", default=None,
+                   help="allow coefficients not summing to 1")
+    s.add_argument("--allow-negative", action="store_true", default=None,
+                   help="allow negative coefficients (extrapolation)")
+    add_renamed(s, "--unnormalized", "--allow-unnormalized")
+    add_renamed(s, "--extrapolate", "--allow-negative")
     o = p.add_argument_group("output")
-    o.add_argument("--dtype", choices=DTYPE_NAMES, help="output dtype of float tensors (default: the inputs')")
+    o.add_argument("--out-dtype", choices=DTYPE_NAMES, help="output dtype of float tensors (default: the inputs')")
+    add_renamed(o, "--dtype", "--out-dtype")
     o.add_argument("--accum-dtype", choices=("float32", "float64"), help="accumulation dtype (default float32)")
     o.add_argument("--device", help="accumulate on cpu (default, every core) or an accelerator, e.g. cuda")
     o.add_argument("--max-shard-size", help="shard size cap, e.g. 5GB (default)")

@@ -184,7 +184,7 @@ def check_cast_finite(name: str, out: torch.Tensor, stage: Stage) -> None:
     if out.is_floating_point() and not stage.all_finite(out):
         raise NonFiniteTensorError(f"tensor {name!r}: the merged value overflows the output dtype {out.dtype} "
                                    f"(finite in the accumulator, Inf after the cast); nothing was written. "
-                                   f"Choose a wider --dtype (bfloat16 or float32), or pass --allow-nonfinite.")
+                                   f"Choose a wider --out-dtype (bfloat16 or float32), or pass --allow-nonfinite.")
 
 
 def _chunk_numel(chunk: Chunk) -> int:

@@ -119,7 +119,7 @@ def _tensor_problem(name: str, infos: list[TensorInfo], readers: Sequence[Checkp
         return f"tensor {name!r}: float in some checkpoints, not in others: {_by_reader(name, readers, lambda i: i.dtype)}"
     if len({i.dtype for i in infos}) > 1 and (out_dtype is None or not infos[0].is_float):
         return (f"tensor {name!r}: dtypes differ: {_by_reader(name, readers, lambda i: i.dtype)}; "
-                f"pass --dtype float32|bfloat16|float16 to choose the output dtype")
+                f"pass --out-dtype float32|bfloat16|float16 to choose the output dtype")
     return None
 
 

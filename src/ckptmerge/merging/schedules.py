@@ -206,7 +206,7 @@ def check_coeffs(coeffs: Sequence[float], *, normalize: bool = False, allow_unno
         raise ScheduleError(f"coefficients must be finite, got {coeffs}")
     if any(c < 0 for c in coeffs) and not allow_negative:
         raise ScheduleError(f"negative coefficients {coeffs} extrapolate beyond the checkpoints; "
-                            f"pass --extrapolate to allow it")
+                            f"pass --allow-negative to allow it")
     total = sum(coeffs)
     if normalize:
         if abs(total) < 1e-12:
@@ -214,5 +214,5 @@ def check_coeffs(coeffs: Sequence[float], *, normalize: bool = False, allow_unno
         return [c / total for c in coeffs]
     if abs(total - 1.0) > SUM_TOLERANCE and not allow_unnormalized:
         raise ScheduleError(f"coefficients sum to {total:.8g}, not 1: {coeffs}. Pass --normalize to rescale "
-                            f"them, or --unnormalized to merge with this sum on purpose")
+                            f"them, or --allow-unnormalized to merge with this sum on purpose")
     return coeffs
