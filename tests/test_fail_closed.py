@@ -323,15 +323,16 @@ def test_full_disk(tmp_path, run, capsys, monkeypatch, where):
     import ctypes
 
     import ckptmerge.io.output_file as output_mod
+    from ckptmerge.io import libc
 
     def no_room(*_):
         ctypes.set_errno(errno.ENOSPC)
         return -1
 
     if where == "reserving the output":
-        monkeypatch.setattr(output_mod, "_fallocate", no_room)
+        monkeypatch.setattr(libc, "fallocate", no_room)
     else:  # a filesystem without fallocate: plain writes, the disk fills after the header
-        monkeypatch.setattr(output_mod, "_fallocate", None)
+        monkeypatch.setattr(libc, "fallocate", None)
         real_write, written = output_mod._write_all, []
 
         def fill_up(fd, src, offset, path):

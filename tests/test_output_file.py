@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import ckptmerge.io.output_file as output_mod
+from ckptmerge.io import libc
 from ckptmerge.io.output_file import OutputFile
 
 
@@ -47,7 +48,7 @@ def mode(request, monkeypatch, tmp_path):
     test knows they ran."""
     mode = Mode(request.param)
     if mode.name == "no fallocate":  # a filesystem without fallocate
-        monkeypatch.setattr(output_mod, "_fallocate", None)
+        monkeypatch.setattr(libc, "fallocate", None)
     if mode.name in ("pwrite", "no fallocate"):
         _count_calls(mode, monkeypatch, output_mod._MappedWrites)  # none may happen
     if mode.name == "pwrite":
@@ -114,7 +115,7 @@ def test_the_disk_is_reserved_before_anything_is_written(tmp_path, monkeypatch):
         ctypes.set_errno(errno.ENOSPC)
         return -1
 
-    monkeypatch.setattr(output_mod, "_fallocate", fake_fallocate)
+    monkeypatch.setattr(libc, "fallocate", fake_fallocate)
     with pytest.raises(OSError) as info:
         OutputFile(tmp_path / "big.bin", 123456)
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "big.bin")
@@ -126,7 +127,7 @@ def test_a_filesystem_without_fallocate_falls_back_to_writes(tmp_path, monkeypat
         ctypes.set_errno(errno.EOPNOTSUPP)
         return -1
 
-    monkeypatch.setattr(output_mod, "_fallocate", unsupported)
+    monkeypatch.setattr(libc, "fallocate", unsupported)
     with OutputFile(tmp_path / "f.bin", 3) as out:
         assert not out.reserved
         out.write(b"abc")

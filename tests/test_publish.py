@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from ckptmerge import compute_coeffs, discover, merge
 from ckptmerge.cli.main import main
 from ckptmerge.errors import CheckpointFormatError, OutputExistsError
-from ckptmerge.io import publish
+from ckptmerge.io.process_liveness import process_state, start_ticks
 from ckptmerge.io.publish import atomic_folder, remove_stale, temp_name
 
 
@@ -95,7 +95,7 @@ def test_stale_temporaries_of_dead_owners_are_removed_live_ones_kept(tmp_path):
     assert remove_stale(tmp_path, "out") == [dead]
     assert live.exists() and other_dest.exists()
     reused = tmp_path / stale_name("other", os.getpid()).replace(
-        f"-{publish._start_ticks(os.getpid())}-", "-12345-")  # our pid, another start time: a reused pid
+        f"-{start_ticks(os.getpid())}-", "-12345-")  # our pid, another start time: a reused pid
     reused.mkdir()
     assert sorted(remove_stale(tmp_path)) == sorted([other_dest, reused])
     assert live.exists()
@@ -106,14 +106,14 @@ def test_a_killed_but_unreaped_owner_counts_as_gone(tmp_path):
 
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        while publish._start_ticks(proc.pid) == "0" and proc.poll() is None:
+        while start_ticks(proc.pid) == "0" and proc.poll() is None:
             pass
-        name = stale_name("out", proc.pid).replace(f"-{publish._start_ticks(os.getpid())}-",
-                                                   f"-{publish._start_ticks(proc.pid)}-")
+        name = stale_name("out", proc.pid).replace(f"-{start_ticks(os.getpid())}-",
+                                                   f"-{start_ticks(proc.pid)}-")
         (tmp_path / name).mkdir()
         assert remove_stale(tmp_path) == []  # alive
         os.kill(proc.pid, signal.SIGKILL)
-        while publish._proc_stat(proc.pid)[0] not in ("Z", "X", "?"):
+        while process_state(proc.pid)[0] not in ("Z", "X", "?"):
             pass
         assert remove_stale(tmp_path) == [tmp_path / name]  # a zombie: killed, not reaped yet
     finally:

@@ -34,11 +34,9 @@ non-Linux systems) the same writes simply grow the file; the bytes are the same.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
-import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,6 +44,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ckptmerge.io import libc
+from ckptmerge.io.libc import filesystem_type
 
 WRITEBACK_BYTES = 32 << 20  # start writeback each time this much more is written
 DIRECT_ALIGN = 4096  # direct writes cover whole pages (a multiple of any usual logical block size)
@@ -59,7 +60,6 @@ MAPPED_BELOW_BYTES_PER_S = 2e9  # map when those pwrites copied slower than this
 # out of: ext2/3/4 and XFS. Copy-on-write ones (btrfs, ZFS) need fresh blocks for every write. tmpfs
 # would be safe too, but there a map costs more than pwrite (bench_output_write.py --work /dev/shm/...).
 _MAPPABLE_FILESYSTEMS = {0xEF53: "ext4", 0x58465342: "xfs"}
-_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
 _NO_RESERVE = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
@@ -270,16 +270,6 @@ class _MappedWrites:
         os.close(self._fd)
 
 
-def filesystem_type(fd: int) -> int | None:
-    """The ``statfs`` magic number of the filesystem holding ``fd`` (Linux), else None."""
-    if _fstatfs is None:
-        return None
-    buffer = ctypes.create_string_buffer(256)  # struct statfs: 120 bytes on 64-bit Linux; f_type comes first
-    if _fstatfs(fd, buffer) != 0:
-        return None
-    return ctypes.c_long.from_buffer(buffer).value & 0xFFFFFFFF
-
-
 def _as_bytes(data: torch.Tensor | bytes) -> torch.Tensor:
     if isinstance(data, (bytes, bytearray, memoryview)):
         return torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
@@ -302,11 +292,11 @@ def _write_all(fd: int, src: torch.Tensor, offset: int, path: Path) -> None:
 def reserve(fd: int, nbytes: int, path: Path) -> bool:
     """Allocate ``nbytes`` of disk for ``fd``: True when done, False when this filesystem cannot; an
     OSError naming ``path`` when the disk (or quota) has no room."""
-    if _fallocate is None:
+    if libc.fallocate is None:
         return False
-    if _fallocate(fd, 0, 0, nbytes) == 0:
+    if libc.fallocate(fd, 0, 0, nbytes) == 0:
         return True
-    err = ctypes.get_errno()
+    err = libc.last_errno()
     if err in _NO_RESERVE:
         return False
     raise OSError(err, f"{os.strerror(err)} (reserving {nbytes / 1e9:.2f} GB for the output)", str(path))
@@ -314,25 +304,11 @@ def reserve(fd: int, nbytes: int, path: Path) -> bool:
 
 def start_writeback(fd: int, offset: int, nbytes: int, path: Path) -> None:
     """Ask the kernel to start writing ``[offset, offset + nbytes)`` to disk, without waiting for it."""
-    if _sync_file_range is not None:
-        if _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE) == 0:
+    if libc.sync_file_range is not None:
+        if libc.sync_file_range(fd, offset, nbytes, libc.SYNC_FILE_RANGE_WRITE) == 0:
             return
-        err = ctypes.get_errno()
+        err = libc.last_errno()
         if err not in _NO_RESERVE:
             raise OSError(err, os.strerror(err), str(path))
     elif hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)  # starts writeback on Linux
-
-
-def _libc_function(name: str, argtypes: tuple):
-    try:
-        fn = getattr(ctypes.CDLL(None, use_errno=True), name)  # ctypes releases the GIL during the call
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = argtypes, ctypes.c_int
-    return fn
-
-
-_fstatfs = _libc_function("fstatfs", (ctypes.c_int, ctypes.c_char_p)) if sys.platform == "linux" else None
-_fallocate = _libc_function("fallocate", (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64))
-_sync_file_range = _libc_function("sync_file_range", (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint))

@@ -16,7 +16,6 @@ and the faults happen on that thread, in parallel with the accumulation on the o
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import queue
 import threading
@@ -25,7 +24,8 @@ from typing import Any
 
 import torch
 
-_MADV_POPULATE_READ = 22  # linux/mman.h
+from ckptmerge.io import libc
+
 _PAGE_BYTES = mmap.PAGESIZE
 _DONE = object()
 
@@ -84,21 +84,7 @@ def make_resident(view: torch.Tensor) -> None:
         return
     start = view.data_ptr() & ~(_PAGE_BYTES - 1)
     length = view.data_ptr() + nbytes - start
-    if _madvise is not None and _madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_POPULATE_READ) == 0:
+    if libc.madvise is not None and libc.madvise(start, length, libc.MADV_POPULATE_READ) == 0:
         return
     flat = view.reshape(-1).view(torch.uint8)  # an older kernel or another OS: touch one byte per page
     flat[::_PAGE_BYTES].sum()
-
-
-def _libc_madvise():
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)  # ctypes releases the GIL during the call
-        fn = libc.madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_madvise = _libc_madvise()

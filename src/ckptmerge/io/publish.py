@@ -27,7 +27,6 @@ Guarantees:
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import re
@@ -39,12 +38,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ckptmerge.errors import OutputExistsError
+from ckptmerge.io import libc
+from ckptmerge.io.process_liveness import process_alive, start_ticks
 
 TMP_KIND, OLD_KIND = "tmp", "old"
 _NAME_CHARS = 120  # keeps temporary names under the 255-byte limit
 _TEMP_RE = re.compile(r"^\.(?P<name>.*)\.(?:tmp|old)-(?P<pid>\d+)-(?P<start>\d+)-(?P<host>[0-9a-f]{8})-[0-9a-f]{8}$")
-_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
-_AT_FDCWD = -100
 
 
 def check_destination(dest: Path, force: bool) -> None:
@@ -126,7 +125,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def temp_name(dest_name: str, kind: str = TMP_KIND) -> str:
     """``.<dest>.<kind>-<pid>-<start>-<host>-<random>``: a hidden name that records its owner."""
-    return f".{dest_name[:_NAME_CHARS]}.{kind}-{os.getpid()}-{_start_ticks(os.getpid())}-{_host_id()}-{secrets.token_hex(4)}"
+    return f".{dest_name[:_NAME_CHARS]}.{kind}-{os.getpid()}-{start_ticks(os.getpid())}-{_host_id()}-{secrets.token_hex(4)}"
 
 
 def remove_stale(folder: Path, name: str | None = None) -> list[Path]:
@@ -161,30 +160,7 @@ def owner_alive(pid: int, start: str, host: str) -> bool:
     """False only when the owner surely exited: same host, and no process with that pid and start time."""
     if host != _host_id():
         return True  # another machine's process: cannot tell, keep its files
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by another user
-    state, now = _proc_stat(pid)
-    if state in ("Z", "X"):
-        return False  # killed, not yet reaped by its parent
-    return now == start or "0" in (now, start)  # unknown start time: the pid alone decides
-
-
-def _start_ticks(pid: int) -> str:
-    """The process's start time in clock ticks after boot (Linux), "0" where unknown."""
-    return _proc_stat(pid)[1]
-
-
-def _proc_stat(pid: int) -> tuple[str, str]:
-    """(state letter, start ticks) from ``/proc/PID/stat``; ("?", "0") where there is no /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return fields[0], fields[19]
-    except (OSError, IndexError):
-        return "?", "0"
+    return process_alive(pid, start)
 
 
 def _host_id() -> str:
@@ -208,7 +184,7 @@ def _publish(tmp: Path, dest: Path, force: bool) -> None:
                                     f"it was left as it is and nothing was published. Pass --force to replace it.")
         if os.path.lexists(dest):
             check_destination(dest, force=True)
-            if not _rename2(tmp, dest, _RENAME_EXCHANGE):
+            if not _rename2(tmp, dest, libc.RENAME_EXCHANGE):
                 old = dest.parent / temp_name(dest.name, OLD_KIND)
                 os.rename(dest, old)
                 os.rename(tmp, dest)
@@ -221,7 +197,7 @@ def _publish(tmp: Path, dest: Path, force: bool) -> None:
 
 def _rename_new(tmp: Path, dest: Path) -> None:
     try:
-        if not _rename2(tmp, dest, _RENAME_NOREPLACE):
+        if not _rename2(tmp, dest, libc.RENAME_NOREPLACE):
             os.rename(tmp, dest)
     except (FileExistsError, IsADirectoryError, NotADirectoryError) as exc:
         raise OutputExistsError(f"{dest}: appeared while this output was being written; nothing was published. "
@@ -235,14 +211,11 @@ def _rename_new(tmp: Path, dest: Path) -> None:
 
 def _rename2(src: Path, dst: Path, flags: int) -> bool:
     """Linux ``renameat2``; False where the kernel, libc or filesystem lacks it (caller falls back)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
+    if libc.renameat2 is None:
         return False
-    if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+    if libc.renameat2(libc.AT_FDCWD, os.fsencode(src), libc.AT_FDCWD, os.fsencode(dst), flags) == 0:
         return True
-    errno = ctypes.get_errno()
+    errno = libc.last_errno()
     if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: flag unsupported here
         return False
     raise OSError(errno, os.strerror(errno), str(src), None, str(dst))

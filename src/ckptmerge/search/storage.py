@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Iterator
 
 from ckptmerge.errors import CkptMergeError
+from ckptmerge.io.process_liveness import process_alive, start_ticks
 
 DEFAULT_HEARTBEAT_S = 10.0
 MAX_RETRY = 3
@@ -157,7 +158,7 @@ def retry_callback():
 
 def worker_id() -> str:
     """``host:pid:start`` of this process (the start time tells a reused pid apart)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_start_ticks(os.getpid())}"
+    return f"{socket.gethostname()}:{os.getpid()}:{start_ticks(os.getpid())}"
 
 
 def worker_gone(worker: str | None) -> bool:
@@ -167,7 +168,7 @@ def worker_gone(worker: str | None) -> bool:
     host, pid, start = worker.rsplit(":", 2)
     if host != socket.gethostname():
         return False  # another machine: the heartbeat decides
-    return _start_ticks(int(pid)) != start
+    return not process_alive(int(pid), start)
 
 
 def claim(trial) -> None:
@@ -209,23 +210,6 @@ def reap_dead_workers(study, grace_s: float) -> list[int]:
     for trial in failed:
         retry_callback()(study, storage.get_trial(trial._trial_id))
     return [t.number for t in failed]
-
-
-def _start_ticks(pid: int) -> str:
-    """The process's start time in clock ticks since boot (Linux), "alive" elsewhere, or "gone"."""
-    if os.path.isdir("/proc/self"):
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                return f.read().rsplit(b")", 1)[1].split()[19].decode()
-        except OSError:
-            return "gone"
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return "gone"
-    except PermissionError:
-        pass
-    return "alive"
 
 
 def _redact(url: str) -> str:
