@@ -114,7 +114,7 @@ def test_killed_merges_leave_nothing_and_the_next_run_cleans_up(tmp_path):
     assert tree_digest(run_dir) == inputs
 
 
-TRAIN_FLAGS = ["--preset", "tiny", "--steps", "8", "--lr", "3e-3", "--warmup-steps", "2", "--batch-size", "4",
+TRAIN_FLAGS = ["--preset", "tiny", "--max-steps", "8", "--lr", "3e-3", "--warmup-steps", "2", "--batch-size", "4",
                "--context", "32", "--save-every", "4", "--log-every", "1", "--seed", "3", "--quiet"]
 TRAIN_POINTS = {
     "between checkpoints": ("ckptmerge.train.trainer:_train_step", "before", 6),

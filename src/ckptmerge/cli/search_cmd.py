@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ckptmerge.cli.deprecated import add_renamed
 from ckptmerge.cli.eval_flags import add_eval_flags, settings_from_args
 from ckptmerge.console import print_table
 from ckptmerge.merging.recipe import MergeRecipe
@@ -20,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--last", type=int, help="window: the last N checkpoints (pair uses the two newest)")
     p.add_argument("--every", type=int, help="window spacing in steps")
     p.add_argument("--space", choices=("pair", "simplex", "schedule"), default="pair")
-    p.add_argument("--alpha", type=float, default=0.0, help="pair: lower bound of lambda (default 0)")
+    p.add_argument("--min-lambda", type=float, default=0.0, help="pair: lower bound of lambda (default 0)")
+    add_renamed(p, "--alpha", "--min-lambda")
     p.add_argument("--data", default="shakespeare-val", help="tuning data: domain or file")
     p.add_argument("--report-data", action="append", default=[], help="other domains to report, repeatable")
     p.add_argument("--tokens", type=int, default=16384, help="held-out tokens per evaluation")
@@ -54,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     window = resolve_window(MergeRecipe(inputs=args.inputs, last=args.last, every=args.every))
     cfg = SearchConfig(space=args.space, data=args.data, trials=args.trials, sampler=args.sampler, seed=args.seed,
-                       storage=args.storage, study_name=args.study, alpha=args.alpha,
+                       storage=args.storage, study_name=args.study, min_lambda=args.min_lambda,
                        prune_after=args.prune_after, prune_margin=args.prune_margin, objective=args.objective,
                        lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit,
                        heartbeat_s=args.heartbeat)

@@ -31,7 +31,7 @@ def gp_posterior(x: np.ndarray, y: np.ndarray, grid: np.ndarray) -> tuple[np.nda
     return mu + sd * (k_star @ alpha), sd * np.sqrt(var)
 
 
-def plot_pair(trials: list[dict], path: Path, alpha: float = 0.0) -> None:
+def plot_pair(trials: list[dict], path: Path, min_lambda: float = 0.0) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,7 +40,7 @@ def plot_pair(trials: list[dict], path: Path, alpha: float = 0.0) -> None:
     lam = np.array([t["weights"][1] for t in trials])
     loss = np.array([t["loss"] for t in trials])
     order = np.unique(lam, return_index=True)[1]  # repeated lambdas would make the kernel singular
-    grid = np.linspace(alpha, 1.0, 200)
+    grid = np.linspace(min_lambda, 1.0, 200)
     mean, sd = gp_posterior(lam[order], loss[order], grid)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.fill_between(grid, mean - 2 * sd, mean + 2 * sd, alpha=0.2, label="GP mean ± 2 sd (display fit)")

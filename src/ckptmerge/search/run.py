@@ -39,7 +39,7 @@ def search(refs: list[CheckpointRef], cfg: SearchConfig, *, n_tokens: int = 1638
            log=None, settings: EvalSettings | None = None) -> SearchResult:
     """Run (or resume) the study, then write the best merge and the cross-domain comparison."""
     refuse_ranks("search", "start the same command once per worker with one --storage (docs/scale.md)")
-    space = make_space(cfg.space, len(refs), alpha=cfg.alpha)
+    space = make_space(cfg.space, len(refs), min_lambda=cfg.min_lambda)
     if cfg.space == "pair":
         refs = refs[-2:]
     if workers > 1 and cfg.storage is None:
@@ -68,7 +68,7 @@ def _write_plots(folder: Path, cfg: SearchConfig, refs: list[CheckpointRef], res
 
     folder.mkdir(parents=True, exist_ok=True)
     if cfg.space == "pair":
-        plot_pair(result.trials, folder / "loss_vs_lambda.png", alpha=cfg.alpha)
+        plot_pair(result.trials, folder / "loss_vs_lambda.png", min_lambda=cfg.min_lambda)
     plot_weights(result.best_weights, [r.name for r in refs], folder / "best_weights.png")
 
 
@@ -101,7 +101,7 @@ def _unit(metric: str) -> str:
 def _worker(paths: list[str], cfg: SearchConfig, n_tokens: int, threads: int, settings: EvalSettings | None) -> None:
     torch.set_num_threads(threads)
     refs = [describe_path(p) for p in paths]
-    space = make_space(cfg.space, len(refs), alpha=cfg.alpha)
+    space = make_space(cfg.space, len(refs), min_lambda=cfg.min_lambda)
     run_trials(open_study(cfg, space), space, MergeObjective(refs, n_tokens=n_tokens, settings=settings), cfg)
 
 

@@ -1,6 +1,7 @@
 """Search spaces: raw parameters (what the sampler sees) <-> merge coefficients over the window.
 
-- ``pair``: lambda in [alpha, 1] on the newer of the two newest checkpoints (the paper's setting).
+- ``pair``: lambda in [min_lambda, 1] on the newer of the two newest checkpoints (the paper's setting; its
+  lower bound is the paper's alpha).
 - ``simplex``: free weights over N checkpoints by stick-breaking: v_1..v_{N-1} in [0, 1],
   w_N = v_1, w_{N-1} = (1 - v_1) v_2, ..., w_1 = the rest. Bijective on the open simplex, and the
   closed cube reaches its vertices, so every baseline (newest, uniform, WMA, EMA) is exactly representable.
@@ -14,7 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckptmerge.merging.checkpoint import CheckpointRef
+from ckptmerge.merging.method_spec import parse_method
 from ckptmerge.merging.schedules import compute_coeffs
+
+# the simplex space's named baselines besides the newest checkpoint, in the one method language
+SIMPLEX_BASELINES = {"uniform": "sma", "wma": "wma", "ema a=0.2": "ema:alpha=0.2"}
 
 
 def _fake_refs(n: int) -> list[CheckpointRef]:
@@ -23,19 +28,19 @@ def _fake_refs(n: int) -> list[CheckpointRef]:
 
 @dataclass
 class PairSpace:
-    alpha: float = 0.0
+    min_lambda: float = 0.0
     n: int = 2
     name = "pair"
 
     def suggest(self, trial) -> dict[str, float]:
-        return {"lam": trial.suggest_float("lam", self.alpha, 1.0)}
+        return {"lam": trial.suggest_float("lam", self.min_lambda, 1.0)}
 
     def coeffs(self, params: dict) -> list[float]:
         return [1.0 - params["lam"], params["lam"]]
 
     def baselines(self) -> dict[str, dict]:
         named = {"newest": {"lam": 1.0}, "uniform": {"lam": 0.5}, "wma": {"lam": 2 / 3}}
-        return {k: v for k, v in named.items() if v["lam"] >= self.alpha}
+        return {k: v for k, v in named.items() if v["lam"] >= self.min_lambda}
 
 
 @dataclass
@@ -64,8 +69,8 @@ class SimplexSpace:
 
     def baselines(self) -> dict[str, dict]:
         refs = _fake_refs(self.n)
-        named = {"newest": [0.0] * (self.n - 1) + [1.0], "uniform": compute_coeffs("sma", refs),
-                 "wma": compute_coeffs("wma", refs), "ema a=0.2": compute_coeffs("ema", refs, alpha=0.2)}
+        named = {"newest": [0.0] * (self.n - 1) + [1.0],
+                 **{label: parse_method(spec).coeffs(refs) for label, spec in SIMPLEX_BASELINES.items()}}
         return {k: self.params_for(c) for k, c in named.items()}
 
 
@@ -87,9 +92,9 @@ class ScheduleSpace:
         return {"newest": {"alpha": 1.0, "last": 1}, "ema a=0.2": {"alpha": 0.2, "last": self.n}}
 
 
-def make_space(name: str, n: int, *, alpha: float = 0.0):
+def make_space(name: str, n: int, *, min_lambda: float = 0.0):
     if name == "pair":
-        return PairSpace(alpha=alpha)
+        return PairSpace(min_lambda=min_lambda)
     if name == "simplex":
         return SimplexSpace(n)
     if name == "schedule":

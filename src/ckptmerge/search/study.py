@@ -30,7 +30,7 @@ class SearchConfig:
     seed: int = 0
     storage: str | None = None
     study_name: str = "ckptmerge-search"
-    alpha: float = 0.0
+    min_lambda: float = 0.0       # pair: lower bound of lambda (the BO-merging paper's alpha)
     prune_after: int = 0          # batches; 0 turns pruning off
     prune_margin: float = 0.02    # relative: prune when 2% worse than the best trial on the same batches
     objective: str = "loss"       # minimise ``loss`` (nats/token) or ``bits_per_byte``; or ``lm-eval:TASK:METRIC``
