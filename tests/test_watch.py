@@ -85,3 +85,48 @@ def test_watch_cli_once(tmp_path):
     assert main(["watch", str(run), "-o", str(tmp_path / "w"), "--last", "2", "--every", "100", "--once",
                  "--settle-s", "1"]) == 0
     assert_same_as_offline(tmp_path, run, tmp_path / "w", "sma", n=2)
+
+
+def test_watch_method_spec_equals_offline_merge(tmp_path):
+    run = tmp_path / "run"
+    for i in range(4):
+        add_checkpoint(run, 100 * (i + 1), seed=i)
+    add_checkpoint(run, 450, seed=9)  # off the every=100 grid: never merged
+    assert main(["watch", str(run), "-o", str(tmp_path / "w"), "--method", "sma:n=3,every=100", "--once",
+                 "--settle-s", "1"]) == 0
+    (run / "step-000450" / "model.safetensors").unlink()
+    (run / "step-000450").rmdir()
+    assert_same_as_offline(tmp_path, run, tmp_path / "w", "sma", n=3)
+    assert main(["watch", str(run), "-o", str(tmp_path / "e"), "--method", "ema:alpha=0.3", "--once",
+                 "--settle-s", "1"]) == 0
+    assert_same_as_offline(tmp_path, run, tmp_path / "e", "ema", alpha=0.3)
+
+
+def test_watch_old_flags_still_work_with_one_notice_each(tmp_path, capsys):
+    run = tmp_path / "run"
+    for i in range(3):
+        add_checkpoint(run, 10 * (i + 1), seed=i)
+    assert main(["watch", str(run), "-o", str(tmp_path / "w"), "--schedule", "ema", "--alpha", "0.3",
+                 "--eval-tokens", "64", "--once", "--settle-s", "1"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "deprecated" in line]
+    assert warnings == ["ckptmerge: warning: --schedule is deprecated; use --method sma or --method ema:alpha=A",
+                        "ckptmerge: warning: --alpha is deprecated; use --method ema:alpha=A",
+                        "ckptmerge: warning: --eval-tokens is deprecated; use --tokens"]
+    assert_same_as_offline(tmp_path, run, tmp_path / "w", "ema", alpha=0.3)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--method", "wma"], "watch supports the methods sma and ema, not 'wma'"),
+    (["--method", "sma", "--method", "ema:alpha=0.2"], "give one --method, not 2"),
+    (["--method", "ema:half_life=100"], "watch's ema takes alpha"),
+    (["--method", "ema:alpha=0.2", "--last", "3"], "n (--last) applies to sma only"),
+    (["--method", "sma:n=3", "--last", "4"], "--last 4 disagrees with n=3"),
+    (["--method", "sma", "--schedule", "ema"], "without the old --schedule / --alpha"),
+    (["--schedule", "sma", "--alpha", "0.2"], "sma takes none"),
+])
+def test_watch_refuses_what_it_cannot_do_in_one_line(tmp_path, capsys, flags, words):
+    add_checkpoint(tmp_path / "run", 10, seed=0)
+    assert main(["watch", str(tmp_path / "run"), "-o", str(tmp_path / "w"), *flags, "--once"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and words in errors[0], errors
+    assert not (tmp_path / "w" / "current").exists()

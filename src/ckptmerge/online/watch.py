@@ -1,14 +1,14 @@
 """``ckptmerge watch``: keep a merged model of a run up to date while the run trains.
 
-    ckptmerge watch runs/a -o runs/a-watch --schedule sma --last 5 --every 100 --eval shakespeare-val
+    ckptmerge watch runs/a -o runs/a-watch --method sma:n=5,every=100 --data shakespeare-val
 
-- ``ema`` (``--alpha``): M <- alpha * theta_new + (1 - alpha) * M, seeded with the first checkpoint
+- ``ema`` (``--method ema:alpha=A``): M <- alpha * theta_new + (1 - alpha) * M, seeded with the first checkpoint
   watched: one read per new checkpoint; equals the offline ``ema`` schedule over every checkpoint seen.
-- ``sma`` (``--last N``): a sliding window; the running sum adds the newest checkpoint and subtracts the
+- ``sma`` (``--method sma:n=N``, or ``--last N``): a sliding window; the running sum adds the newest checkpoint and subtracts the
   one leaving (two reads per update), and is recomputed exactly every ``--recompute-every`` updates so
   floating-point drift stays bounded. Equals the offline ``sma`` of the same window.
 
-Only checkpoints on the ``--every`` grid (step % V == 0) are taken. A checkpoint is read only once its
+Only checkpoints on the ``every`` grid (step % V == 0) are taken. A checkpoint is read only once its
 files have not changed for ``--settle-s`` seconds (and open as a complete checkpoint), so one still being
 written is never read. Each update is published atomically to ``OUT/current``; held-out loss of the
 newest raw checkpoint and of the merge goes to ``OUT/watch.jsonl``; the state in ``OUT/.watch-state.pt``
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ckptmerge.errors import CkptMergeError
+from ckptmerge.errors import CkptMergeError, ConfigError
 from ckptmerge.io.dispatch import open_checkpoint
 from ckptmerge.io.fingerprint import checkpoint_files
 from ckptmerge.io.publish import atomic_file, atomic_folder
@@ -34,6 +34,7 @@ from ckptmerge.io.sidecars import copy_sidecars
 from ckptmerge.io.tensor_info import TensorInfo
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import META_FILE, discover
+from ckptmerge.merging.method_spec import MethodSpec
 
 STATE_FILE = ".watch-state.pt"
 LOG_FILE = "watch.jsonl"
@@ -47,12 +48,32 @@ class WatchConfig:
     last: int = 5
     every: int | None = None
     alpha: float = 0.2
-    eval_data: list[str] = field(default_factory=list)
-    eval_tokens: int = 16384
+    data: list[str] = field(default_factory=list)  # held-out data scored after each update
+    tokens: int = 16384                            # held-out tokens per data set
     poll_s: float = 30.0
     settle_s: float = 10.0
     recompute_every: int = 8
     tokens_per_step: int | None = None
+
+
+WATCH_METHODS = ("sma", "ema")
+
+
+def watch_config(run_dir: str, output: str, method: MethodSpec, **options) -> WatchConfig:
+    """A ``WatchConfig`` from a parsed method (``sma:n=5,every=100``, ``ema:alpha=0.2``); refuses what watch lacks."""
+    if method.name not in WATCH_METHODS:
+        raise ConfigError(f"watch supports the methods {' and '.join(WATCH_METHODS)}, not {str(method)!r}; "
+                          f"merge other schedules with `ckptmerge merge`")
+    allowed = {"sma": set(), "ema": {"alpha"}}[method.name]
+    if set(method.params) - allowed or (method.name == "ema" and "alpha" not in method.params):
+        raise ConfigError(f"watch method {str(method)!r}: watch's {method.name} takes "
+                          f"{'alpha (ema:alpha=0.2)' if allowed else 'no parameters'} besides n and every")
+    if method.name == "ema" and method.n is not None:
+        raise ConfigError(f"watch method {str(method)!r}: watch's ema runs over every checkpoint seen; "
+                          f"n (--last) applies to sma only")
+    window = {"last": method.n} if method.n is not None else {}
+    return WatchConfig(run_dir, output, schedule=method.name, every=method.every,
+                       alpha=method.params.get("alpha", 0.2), **window, **options)
 
 
 @dataclass
@@ -66,8 +87,8 @@ class _WatchState:
 
 class Watcher:
     def __init__(self, cfg: WatchConfig):
-        if cfg.schedule not in ("sma", "ema"):
-            raise CkptMergeError(f"watch supports --schedule sma or ema, not {cfg.schedule!r}")
+        if cfg.schedule not in WATCH_METHODS:
+            raise CkptMergeError(f"watch supports the methods sma and ema, not {cfg.schedule!r}")
         self.cfg = cfg
         self.out = Path(cfg.output)
         self.state = self._load_state()
@@ -184,10 +205,10 @@ class Watcher:
 
     def _log(self, ref: CheckpointRef) -> None:
         record = {"step": ref.step, "window": [step for step, _ in self.state.window], "time": time.time()}
-        if self.cfg.eval_data:
+        if self.cfg.data:
             from ckptmerge.evaluation.runner import evaluate_paths
 
-            results = evaluate_paths([ref.path, self.out / "current"], self.cfg.eval_data, n_tokens=self.cfg.eval_tokens)
+            results = evaluate_paths([ref.path, self.out / "current"], self.cfg.data, n_tokens=self.cfg.tokens)
             raw, merged = results.values()
             record.update({f"raw_{d}": r.loss for d, r in raw.items()})
             record.update({f"merged_{d}": r.loss for d, r in merged.items()})
