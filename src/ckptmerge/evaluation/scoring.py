@@ -4,10 +4,16 @@
     raw = scorer.score([ref], [1.0], "heldout.jsonl")
     sma = scorer.score(window, [1 / len(window)] * len(window), "heldout.jsonl")
 
+    scorer = Scorer.resident(build_model("tiny", 0), context=64, n_tokens=4096)   # weights held in memory
+    merged = merge_vectors([flat_a, flat_b], [0.5, 0.5])                           # fp64 sum, fp32 result
+    scorer.score_vector(merged, "shakespeare-val").window_losses
+
 Sweeps, the weight search and the reproduction experiments all evaluate through this class, so a
 merge is always the engine's fp32 weighted sum and every model sees the same windows, tokenized
-with the model's own tokenizer. On a GPU the checkpoints' tensors are moved to the device once, so
-each trial's weighted sum is built there and copied into the resident model, never back to the CPU.
+with the model's own tokenizer (a resident model built in memory has no folder to find one in: its
+data are read with the byte tokenizer). On a GPU the checkpoints' tensors are moved to the device
+once, so each trial's weighted sum is built there and copied into the resident model, never back to
+the CPU.
 """
 
 from __future__ import annotations
@@ -31,6 +37,16 @@ from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.memory import merge_state_dicts
 
 
+def merge_vectors(vectors: Sequence[torch.Tensor], coeffs: Sequence[float]) -> torch.Tensor:
+    """``sum_i coeffs[i] * vectors[i]`` of flat weight vectors, accumulated in fp64 and returned in fp32."""
+    if len(vectors) != len(coeffs) or not vectors:
+        raise ValueError(f"merge_vectors: {len(vectors)} vectors and {len(coeffs)} coefficients; give one per vector")
+    out = torch.zeros_like(vectors[0], dtype=torch.float64)
+    for vector, c in zip(vectors, coeffs):
+        out.add_(vector.double(), alpha=float(c))
+    return out.float()
+
+
 class Scorer:
     """Holds checkpoint tensors and scores coefficient vectors over any subset of them.
 
@@ -51,6 +67,14 @@ class Scorer:
         self._windows: dict[str, torch.Tensor] = {}
         self.tokenizer: TextTokenizer | TokenizerError | None = None
         self.model: torch.nn.Module | None = None
+
+    @classmethod
+    def resident(cls, model: torch.nn.Module, *, context: int, n_tokens: int = 16384,
+                 batch_size: int | None = None) -> "Scorer":
+        """A scorer of weights held in memory (``score_vector``) for a model the caller built."""
+        scorer = cls(n_tokens=n_tokens, batch_size=batch_size, context=context)
+        scorer.model, scorer.device = model, next(model.parameters()).device
+        return scorer
 
     def state(self, ref: CheckpointRef) -> dict[str, torch.Tensor]:
         path = Path(ref.path)
@@ -96,7 +120,17 @@ class Scorer:
         return fit_state(state, self.model, key_map=parse_key_map(self.settings.key_map), source=str(ref.path))
 
     def score(self, refs: Sequence[CheckpointRef], coeffs: Sequence[float], data: str, stop=None) -> EvalResult:
-        model = self.load(refs, coeffs)
+        return self._evaluate(self.load(refs, coeffs), data, stop)
+
+    def score_vector(self, flat: torch.Tensor, data: str) -> EvalResult:
+        """Score the flat weights ``flat`` (``parameters_to_vector`` order) in the resident model."""
+        if self.model is None:
+            raise RuntimeError("score_vector needs a model: build the scorer with Scorer.resident(model, ...)")
+        params = list(self.model.parameters())
+        torch.nn.utils.vector_to_parameters(flat.to(device=params[0].device, dtype=params[0].dtype), params)
+        return self._evaluate(self.model, data)
+
+    def _evaluate(self, model: torch.nn.Module, data: str, stop=None) -> EvalResult:
         return evaluate_sharded(model, self.windows(data), data=data, batch_size=self.batch_size, stop=stop,
                                 byte_lengths=byte_lengths(self.tokenizer),
                                 max_batch_tokens=self.settings.max_batch_tokens,

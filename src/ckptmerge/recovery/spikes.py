@@ -7,12 +7,18 @@ A step is a spike when its loss exceeds the median of the previous ``window`` lo
 than ``loss_jump`` nats, or its gradient norm exceeds ``grad_factor`` times their median gradient
 norm. The median ignores earlier spikes, so one bad step does not hide the next. Consecutive spike
 steps form one event, reported at its first step.
+
+``SmoothedRise`` is the online rule the reproduction stops a diverging run with (docs/methods.md):
+the mean of the last 10 losses 0.5 nats above its running minimum; ``first_smoothed_rise`` applies
+it to a finished log.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,4 +74,57 @@ def _spike_reason(record: dict, trailing: list[dict], loss_jump: float, grad_fac
         median_norm = statistics.median(norms)
         if record["grad_norm"] > grad_factor * median_norm:
             return f"grad norm {record['grad_norm']:.2f} is {record['grad_norm'] / median_norm:.1f}x the trailing median {median_norm:.2f}"
+    return None
+
+
+class SmoothedRise:
+    """Online spike rule: the mean of the last ``smooth_steps`` losses rises ``rise`` nats above its running minimum.
+
+    A non-finite loss fires too, once the first full window has set a minimum. The rule fires once;
+    ``fired_step`` then holds the step. Feed every step's loss in order with ``update``; ``state_dict``
+    and ``load_state_dict`` carry it through a restart, so a resumed run fires at the same step.
+
+        rule = SmoothedRise(smooth_steps=10, rise=0.5)
+        for step, loss in enumerate(losses, start=1):
+            if rule.update(step, loss):
+                print("spike at", step)
+    """
+
+    def __init__(self, smooth_steps: int = 10, rise: float = 0.5):
+        if smooth_steps < 1:
+            raise ValueError(f"smooth_steps must be at least 1, got {smooth_steps}")
+        self.smooth_steps, self.rise = smooth_steps, rise
+        self._recent: deque[float] = deque(maxlen=smooth_steps)
+        self.best_mean = math.inf
+        self.fired_step: int | None = None
+
+    def update(self, step: int, loss: float) -> bool:
+        """Take one step's training loss; True at the step the rule fires (once)."""
+        self._recent.append(loss)
+        finite = math.isfinite(loss)
+        if self.fired_step is not None or (len(self._recent) < self.smooth_steps and finite):
+            return False
+        mean = sum(self._recent) / len(self._recent) if finite else math.inf
+        if mean > self.best_mean + self.rise:
+            self.fired_step = step
+            return True
+        self.best_mean = min(self.best_mean, mean)
+        return False
+
+    def state_dict(self) -> dict:
+        return {"recent": list(self._recent), "best_mean": self.best_mean, "fired_step": self.fired_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._recent = deque(state["recent"], maxlen=self.smooth_steps)
+        self.best_mean, self.fired_step = state["best_mean"], state["fired_step"]
+
+
+def first_smoothed_rise(records: list[dict], *, smooth_steps: int = 10, rise: float = 0.5) -> Spike | None:
+    """The first step of a training log (``read_log``) where ``SmoothedRise`` fires, or None."""
+    rule = SmoothedRise(smooth_steps, rise)
+    for record in records:
+        if rule.update(record["step"], record["loss"]):
+            return Spike(record["step"], record["loss"], record.get("grad_norm"),
+                         f"the {smooth_steps}-step mean loss rose more than {rise:g} above its running minimum "
+                         f"{rule.best_mean:.3f}" if math.isfinite(record["loss"]) else "non-finite loss")
     return None

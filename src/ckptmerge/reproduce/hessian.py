@@ -12,12 +12,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ckptmerge.evaluation.scoring import merge_vectors
 from ckptmerge.reproduce.context import LOSS_MARGIN, Context
 from ckptmerge.reproduce.design import window
+from ckptmerge.reproduce.halves import half
 from ckptmerge.reproduce.pma import N_DEFAULT, WsdRun
 from ckptmerge.reproduce.pma import setup as pma_setup
 from ckptmerge.reproduce.report import Experiment, markdown_table
-from ckptmerge.reproduce.scoring import half, merge
 from ckptmerge.reproduce.stats import Claim
 
 GROUPS = 4  # half-B windows are split into groups; the SE is over groups
@@ -44,7 +45,7 @@ def quad_forms(model: torch.nn.Module, center: torch.Tensor, deltas: list[torch.
 def cross_term(ctx: Context, run: str, steps: list[int]) -> tuple[tuple[float, float], tuple[float, float]]:
     """Per window group: C / (2N) and (measured gain - predicted gain); each (mean, SE over groups)."""
     snaps = [ctx.traj(run).snaps[t] for t in steps]
-    center = merge(snaps, [1 / len(snaps)] * len(snaps))
+    center = merge_vectors(snaps, [1 / len(snaps)] * len(snaps))
     deltas = [s - center for s in snaps]
     windows = half(ctx.scorer.windows(ctx.in_domain), "B")
     model = ctx.scorer.model

@@ -1,16 +1,18 @@
 """Training runs of the reproduction, with weight snapshots kept in memory at exactly the steps the claims need.
 
-A run is described by a ``RunSpec``; ``train_run`` trains it with the trainer's optimizer, clipping
-and batches, keeps flat fp32 snapshots of the weights (and of per-step EMAs) at ``snap_steps``, and
-publishes ``WORK/<name>/trajectory.pt`` when done. Every ``resume_every`` steps it writes
-``resume.pt`` atomically, so a run cut off picks up where it stopped. ``train_many`` runs specs two at
-a time in single-thread worker processes.
+A run is described by a ``RunSpec``; ``train_run`` trains it with the project's trainer loop
+(``train/loop.py``: the same optimizer, clipping, LR schedules and batches as ``ckptmerge train``),
+per-step EMAs kept by ``online/`` averagers, and the spike rule of ``recovery/spikes.py``. A callback
+keeps flat fp32 snapshots of the weights (and of the EMAs) at ``snap_steps``; ``WORK/<name>/trajectory.pt``
+is published when the run is done. Every ``resume_every`` steps it writes ``resume.pt`` (the trainer's
+resumable state plus the trajectory so far), so a run cut off picks up where it stopped. Files are
+written through ``io/publish.py``, so ``ckptmerge clean`` knows a killed writer's temporaries.
+``train_many`` runs specs two at a time in single-thread worker processes.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -18,7 +20,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+from ckptmerge.errors import ConfigError
+from ckptmerge.evaluation.scoring import merge_vectors
+from ckptmerge.io.publish import atomic_file
+from ckptmerge.online.rules import EMA
+from ckptmerge.recovery.spikes import SmoothedRise
+from ckptmerge.train.config import TrainConfig
+from ckptmerge.train.loop import TrainState, make_optimizer, optimizer_state_copy, run_steps
 
 TRAJECTORY, RESUME = "trajectory.pt", "resume.pt"
 SPIKE_SMOOTH, SPIKE_RISE = 10, 0.5  # spike: 10-step mean training loss 0.5 nats above its running minimum
@@ -45,14 +54,16 @@ class RunSpec:
     ema_decays: tuple[float, ...] = ()
     start_from: str | None = None           # "run:step" whose state (weights + Adam) this run starts from
     init_weights: tuple[tuple[str, float], ...] = ()  # ("run:step", coeff): weights replaced by this merge
-    watch_spikes: bool = False              # stop SPIKE_SMOOTH * 5 steps after a detected spike; keep pre-spike states
+    watch_spikes: bool = False              # stop post_spike_steps after a detected spike; keep pre-spike states
     post_spike_steps: int = 0
 
-    def schedule_fn(self):
-        from ckptmerge.train.lr_schedules import LrSchedule
-
-        return LrSchedule(self.schedule, self.lr, self.warmup, self.steps, decay_steps=self.decay_steps,
-                          min_lr_ratio=self.min_lr_ratio if self.schedule == "cosine" else 0.0)
+    def train_config(self) -> TrainConfig:
+        """The trainer's settings for this run (AdamW and weight decay at the trainer's defaults)."""
+        return TrainConfig(preset=self.preset, steps=self.steps, lr=self.lr, schedule=self.schedule,
+                           warmup_steps=self.warmup, decay_steps=self.decay_steps,
+                           min_lr_ratio=self.min_lr_ratio if self.schedule == "cosine" else 0.0,
+                           batch_size=self.batch_size, context=self.context, seed=self.seed,
+                           data_seed=self.data_seed, data=self.data, grad_clip=self.grad_clip)
 
 
 @dataclass
@@ -75,74 +86,73 @@ def load_trajectory(work: Path, name: str) -> Trajectory:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
 
 
-def _initial(spec: RunSpec, work: Path):
-    from ckptmerge.train.config import TrainConfig
-    from ckptmerge.train.presets import build_model
-    from ckptmerge.train.trainer import make_optimizer
-
-    model = build_model(spec.preset, spec.seed)
-    optimizer = make_optimizer(model, TrainConfig(lr=spec.lr))
-    start = 0
-    if spec.start_from:
-        run, step = spec.start_from.rsplit(":", 1)
-        state = load_trajectory(work, run).states[int(step)]
-        torch.nn.utils.vector_to_parameters(state["weights"], model.parameters())
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(step)
-    if spec.init_weights:
-        flat = sum(c * _snapshot(work, ref) for ref, c in spec.init_weights).float()
-        torch.nn.utils.vector_to_parameters(flat, model.parameters())
-    return model, optimizer, start
+def _flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
 
 
-def _snapshot(work: Path, ref: str) -> torch.Tensor:
-    run, step = ref.rsplit(":", 1)
-    return load_trajectory(work, run).snaps[int(step)].double()
+def _ema_name(decay: float) -> str:
+    return f"ema-{decay:g}"
 
 
-@dataclass
-class SpikeWatch:
-    """The spike detector: a 10-step mean training loss 0.5 nats above its running minimum (or a non-finite
-    loss). Until it fires it keeps the full states at the latest snapshot steps, the pre-spike candidates."""
+def _ema_flat(averager: EMA, model: torch.nn.Module) -> torch.Tensor:
+    """The average's parameters as one flat vector, in ``model.parameters()`` order."""
+    averaged = averager.averaged_state_dict()
+    return torch.cat([averaged[name].reshape(-1) for name, _ in model.named_parameters()])
 
-    smooth: deque = field(default_factory=lambda: deque(maxlen=SPIKE_SMOOTH))
-    recent: deque = field(default_factory=lambda: deque(maxlen=SPIKE_SMOOTH + 4))  # covers pre_spike()
-    best_smooth: float = math.inf
 
-    def update(self, traj: Trajectory, step: int, value: float, snapped: bool, state) -> None:
-        """Feed one step's loss; ``state()`` is called for the full state when ``snapped``."""
-        self.smooth.append(value)
-        if snapped and traj.spike_step is None:
-            self.recent.append((step, state()))
-        mean = sum(self.smooth) / len(self.smooth) if math.isfinite(value) else math.inf
-        if traj.spike_step is None and (len(self.smooth) == SPIKE_SMOOTH or not math.isfinite(value)):
-            if mean > self.best_smooth + SPIKE_RISE:
-                traj.spike_step = step
-                traj.states.update({s: st for s, st in self.recent})
-            self.best_smooth = min(self.best_smooth, mean)
+class _Recorder:
+    """The callback after each step: the log, snapshots, fork states, the spike rule, resume files."""
+
+    def __init__(self, spec: RunSpec, folder: Path, traj: Trajectory):
+        self.spec, self.folder, self.traj = spec, folder, traj
+        self.snap_steps, self.state_steps = set(spec.snap_steps), set(spec.state_steps)
+        self.resume_every = max(50, spec.steps // 4)
+        self.detector = SmoothedRise(SPIKE_SMOOTH, SPIKE_RISE)
+        self.recent: deque = deque(maxlen=SPIKE_SMOOTH + 4)  # pre-spike candidates; covers design.pre_spike()
+
+    def __call__(self, state: TrainState, record: dict) -> bool:
+        step, value, traj = record["step"], record["loss"], self.traj
+        traj.log.append([step, value, record["grad_norm"]])
+        self._keep(state, step)
+        if self.spec.watch_spikes and self._watch(state, step, value):
+            return True
+        if not math.isfinite(value):
+            traj.diverged = True
+            return True
+        if step % self.resume_every == 0 and step < self.spec.steps:
+            _save_resume(self.spec, self.folder, state, self)
+        return False
+
+    def _keep(self, state: TrainState, step: int) -> None:
+        if step in self.snap_steps:
+            self.traj.snaps[step] = _flat(state.model)
+            for d in self.spec.ema_decays:
+                self.traj.emas[d][step] = _ema_flat(state.averagers[_ema_name(d)], state.model)
+        if step in self.state_steps:
+            self.traj.states[step] = {"weights": _flat(state.model), "optimizer": optimizer_state_copy(state.optimizer)}
+
+    def _watch(self, state: TrainState, step: int, value: float) -> bool:
+        """Feed the spike rule; until it fires keep the full states at the latest snapshot steps. True: stop."""
+        traj = self.traj
+        if step in self.snap_steps and traj.spike_step is None:
+            self.recent.append((step, {"weights": _flat(state.model),
+                                       "optimizer": optimizer_state_copy(state.optimizer)}))
+        if self.detector.update(step, value):
+            traj.spike_step = step
+            traj.states.update(dict(self.recent))
+        return traj.spike_step is not None and step >= traj.spike_step + self.spec.post_spike_steps
 
     def state_dict(self) -> dict:
-        return {"smooth": list(self.smooth), "recent": list(self.recent), "best_smooth": self.best_smooth}
+        return {"trajectory": asdict(self.traj), "detector": self.detector.state_dict(), "recent": list(self.recent)}
 
     def load_state_dict(self, saved: dict) -> None:
-        self.smooth.extend(saved["smooth"])
+        self.traj = Trajectory(**saved["trajectory"])
+        self.detector.load_state_dict(saved["detector"])
         self.recent.extend(tuple(r) for r in saved["recent"])
-        self.best_smooth = saved["best_smooth"]
-
-
-@dataclass
-class _Progress:
-    """What a run carries from step to step (and through ``resume.pt``)."""
-
-    step: int
-    traj: Trajectory
-    emas: dict
-    watch: SpikeWatch
 
 
 def train_run(spec: RunSpec, work: str | Path) -> str:
@@ -155,84 +165,59 @@ def train_run(spec: RunSpec, work: str | Path) -> str:
         return spec.name
     folder.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    model, optimizer, run = _start_or_resume(spec, work, folder)
-    tokens, schedule = load_tokens(spec.data), spec.schedule_fn()
-    snap_steps, state_steps = set(spec.snap_steps), set(spec.state_steps)
-    resume_every = max(50, spec.steps // 4)
-    while run.step < spec.steps:
-        value, grad_norm = _train_step(spec, model, optimizer, tokens, schedule(run.step), run.step)
-        run.step += 1
-        step, traj = run.step, run.traj
-        traj.log.append([step, value, grad_norm])
-        flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
-        for d, ema in run.emas.items():
-            ema.mul_(d).add_(flat, alpha=1 - d)
-        if step in snap_steps:
-            traj.snaps[step] = flat.clone()
-            for d in spec.ema_decays:
-                traj.emas[d][step] = run.emas[d].clone()
-        if step in state_steps:
-            traj.states[step] = {"weights": flat.clone(), "optimizer": optimizer.state_dict()}
-        if spec.watch_spikes:
-            run.watch.update(traj, step, value, step in snap_steps,
-                             lambda: {"weights": flat.clone(), "optimizer": _copy_state(optimizer)})
-            if traj.spike_step is not None and step >= traj.spike_step + spec.post_spike_steps:
-                break
-        if not math.isfinite(value):
-            traj.diverged = True
-            break
-        if step % resume_every == 0 and step < spec.steps:
-            _save_resume(spec, folder, flat, optimizer, run)
-    run.traj.final_step = run.step
-    _atomic_save(asdict(run.traj), folder / TRAJECTORY)
+    config = spec.train_config()
+    state, recorder = _start_or_resume(spec, work, folder)
+    run_steps(config, state, load_tokens(spec.data), [recorder])
+    recorder.traj.final_step = state.step
+    _atomic_save(asdict(recorder.traj), folder / TRAJECTORY)
     (folder / RESUME).unlink(missing_ok=True)
     return spec.name
 
 
-def _train_step(spec: RunSpec, model, optimizer, tokens, lr: float, step: int) -> tuple[float, float]:
-    """One optimizer step at ``lr`` on the batch of ``step``; returns the loss and the gradient norm."""
-    from ckptmerge.data.batches import train_batch
-    from ckptmerge.train.trainer import clip_gradients
+def _initial(spec: RunSpec, work: Path) -> TrainState:
+    """The seeded model (or the state it forks from), its optimizer, and EMAs seeded with its weights."""
+    from ckptmerge.train.presets import build_model
 
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    x, y = train_batch(tokens, seed=spec.seed if spec.data_seed is None else spec.data_seed, step=step, micro=0,
-                       batch_size=spec.batch_size, context=spec.context)
-    loss = F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten())
-    loss.backward()
-    grad_norm = clip_gradients(model.parameters(), spec.grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item(), grad_norm
+    model = build_model(spec.preset, spec.seed)
+    state = TrainState(model, make_optimizer(model, spec.train_config()), 0,
+                       averagers={_ema_name(d): EMA(decay=d) for d in spec.ema_decays})
+    if spec.start_from:
+        run, step = spec.start_from.rsplit(":", 1)
+        saved = load_trajectory(work, run).states[int(step)]
+        torch.nn.utils.vector_to_parameters(saved["weights"], model.parameters())
+        state.optimizer.load_state_dict(saved["optimizer"])
+        state.step = int(step)
+    if spec.init_weights:
+        snaps = [_snapshot(work, ref) for ref, _ in spec.init_weights]
+        merged = merge_vectors(snaps, [c for _, c in spec.init_weights])
+        torch.nn.utils.vector_to_parameters(merged, model.parameters())
+    for averager in state.averagers.values():  # the EMA starts from the initial weights (step 0 of the sum)
+        averager.update(model, state.step)
+    return state
 
 
-def _start_or_resume(spec: RunSpec, work: Path, folder: Path):
-    """The model, its optimizer and the run's progress: fresh, or as ``resume.pt`` left them."""
-    model, optimizer, step = _initial(spec, work)
-    emas = {d: torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone() for d in spec.ema_decays}
-    run = _Progress(step, Trajectory(emas={d: {} for d in spec.ema_decays}), emas, SpikeWatch())
+def _snapshot(work: Path, ref: str) -> torch.Tensor:
+    run, step = ref.rsplit(":", 1)
+    return load_trajectory(work, run).snaps[int(step)]
+
+
+def _start_or_resume(spec: RunSpec, work: Path, folder: Path) -> tuple[TrainState, _Recorder]:
+    """The trainer's state and the run's recorder: fresh, or as ``resume.pt`` left them."""
+    state = _initial(spec, work)
+    recorder = _Recorder(spec, folder, Trajectory(emas={d: {} for d in spec.ema_decays}))
     if (folder / RESUME).is_file():
         saved = torch.load(folder / RESUME, map_location="cpu", weights_only=True)
+        if "train" not in saved:  # written by the loop this one replaced: train the run again from the start
+            return state, recorder
         if saved["spec"] != asdict(spec):
-            raise ValueError(f"{folder} holds a run with other settings; remove it")
-        torch.nn.utils.vector_to_parameters(saved["weights"], model.parameters())
-        optimizer.load_state_dict(saved["optimizer"])
-        run = _Progress(saved["step"], Trajectory(**saved["trajectory"]), saved["emas"], SpikeWatch())
-        if "watch" in saved:  # files from before the detector's state was saved restart it
-            run.watch.load_state_dict(saved["watch"])
-    return model, optimizer, run
+            raise ConfigError(f"{folder} holds a run with other settings; remove it or use another --work")
+        state.load_state_dict(saved["train"])
+        recorder.load_state_dict(saved)
+    return state, recorder
 
 
-def _save_resume(spec: RunSpec, folder: Path, flat: torch.Tensor, optimizer, run: _Progress) -> None:
-    _atomic_save({"spec": asdict(spec), "weights": flat.clone(), "optimizer": optimizer.state_dict(),
-                  "trajectory": asdict(run.traj), "emas": run.emas, "step": run.step,
-                  "watch": run.watch.state_dict()}, folder / RESUME)
-
-
-def _copy_state(optimizer: torch.optim.Optimizer) -> dict:
-    state = optimizer.state_dict()
-    return {"state": {k: {n: t.clone() if torch.is_tensor(t) else t for n, t in v.items()}
-                      for k, v in state["state"].items()}, "param_groups": state["param_groups"]}
+def _save_resume(spec: RunSpec, folder: Path, state: TrainState, recorder: _Recorder) -> None:
+    _atomic_save({"spec": asdict(spec), "train": state.state_dict(), **recorder.state_dict()}, folder / RESUME)
 
 
 def train_many(specs: Sequence[RunSpec], work: Path, workers: int = 2, log=print) -> None:

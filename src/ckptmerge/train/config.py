@@ -28,7 +28,8 @@ class TrainConfig:
     context: int | None = None
     grad_accum: int = 1
     save_every: int = 100
-    seed: int = 0
+    seed: int = 0             # the model's initialization and (unless data_seed) the batch order
+    data_seed: int | None = None  # the batch order on its own: forks that see other batches from one start
     data: str = "shakespeare"
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -47,6 +48,10 @@ class TrainConfig:
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len * self.grad_accum
+
+    @property
+    def batch_seed(self) -> int:
+        return self.seed if self.data_seed is None else self.data_seed
 
     @property
     def seq_len(self) -> int:

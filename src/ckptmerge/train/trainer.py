@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ckptmerge.console import progress_bar
-from ckptmerge.data.batches import eval_windows, train_batch
+from ckptmerge.data.batches import eval_windows
 from ckptmerge.data.tokens import load_tokens
 from ckptmerge.errors import ConfigError
 from ckptmerge.evaluation.evaluator import evaluate_model
@@ -36,19 +35,13 @@ from ckptmerge.train.checkpointing import (
 )
 from ckptmerge.train.config import TrainConfig, config_from_dict
 from ckptmerge.train.init_from import init_from_merged
+from ckptmerge.train.loop import TrainState, clip_gradients, make_optimizer, run_steps
 from ckptmerge.train.presets import build_model
 
 RUN_CONFIG = "run.json"
 METRICS = "metrics.jsonl"
-
-
-@dataclass
-class _State:
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    step: int
-    parent: str | None
-    averagers: dict = field(default_factory=dict)
+__all__ = ["TrainConfig", "averager_names", "clip_gradients", "config_from_dict", "make_optimizer", "read_run_config",
+           "train", "train_or_resume"]
 
 
 def averager_names(specs: list[str]) -> list[str]:
@@ -84,7 +77,7 @@ def train_or_resume(config: TrainConfig, run_dir: str | Path, *, progress: bool 
     run_dir = Path(run_dir)
     if not (run_dir / RUN_CONFIG).exists():
         return train(config, run_dir, progress=progress)
-    if read_run_config(run_dir) != asdict(config):
+    if asdict(config_from_dict(read_run_config(run_dir), str(run_dir / RUN_CONFIG))) != asdict(config):
         raise ConfigError(f"{run_dir} holds a run with other settings; remove it or choose another output folder")
     return train(config, run_dir, resume=True, progress=progress)
 
@@ -104,10 +97,10 @@ def read_run_config(run_dir: Path) -> dict:
     return data
 
 
-def _initial_state(config: TrainConfig) -> _State:
+def _initial_state(config: TrainConfig) -> TrainState:
     """A new model (seeded), or the fork parent's weights and (policy permitting) optimizer state."""
     model = build_model(config.preset, config.seed)
-    optimizer = _optimizer(model, config)
+    optimizer = make_optimizer(model, config)
     averagers = dict(zip(averager_names(config.average), map(parse_average_spec, config.average)))
     step, parent = 0, None
     if config.fork_from:
@@ -123,7 +116,7 @@ def _initial_state(config: TrainConfig) -> _State:
             step = _meta_step(Path(config.init_from))
     elif config.optimizer_state == "reset":
         optimizer.state.clear()
-    return _State(model, optimizer, step, parent, averagers)
+    return TrainState(model, optimizer, step, parent, averagers)
 
 
 def _meta_step(folder: Path) -> int:
@@ -132,7 +125,7 @@ def _meta_step(folder: Path) -> int:
     return read_meta(folder).get("step") or 0
 
 
-def _fresh_state(config: TrainConfig, run_dir: Path) -> _State:
+def _fresh_state(config: TrainConfig, run_dir: Path) -> TrainState:
     state = _initial_state(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / RUN_CONFIG, json.dumps(asdict(config), indent=2) + "\n")
@@ -140,7 +133,7 @@ def _fresh_state(config: TrainConfig, run_dir: Path) -> _State:
     return state
 
 
-def _resume_state(config: TrainConfig, run_dir: Path) -> _State:
+def _resume_state(config: TrainConfig, run_dir: Path) -> TrainState:
     latest = latest_resumable(run_dir)
     if latest is None:  # killed before the first checkpoint: start over, from the parent for a fork
         write_text_atomic(run_dir / METRICS, "")
@@ -155,14 +148,7 @@ def _resume_state(config: TrainConfig, run_dir: Path) -> _State:
             averager.load_state_dict(trainer_state["averagers"][name])
     meta = read_meta(latest)
     _truncate_metrics(run_dir / METRICS, meta["step"])
-    return _State(state.model, state.optimizer, meta["step"], meta.get("parent"), state.averagers)
-
-
-def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and embeddings; not norms or biases
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+    return TrainState(state.model, state.optimizer, meta["step"], meta.get("parent"), state.averagers)
 
 
 def _tokenizer_dir(run_dir: Path) -> Path:
@@ -191,74 +177,39 @@ def _metrics_step(line: str) -> float:
     return step if isinstance(step, int) else float("inf")
 
 
-def _train_step(config: TrainConfig, state: _State, tokens, step: int) -> tuple[float, float]:
-    state.model.train()
-    loss_sum = 0.0
-    for micro in range(config.grad_accum):
-        x, y = train_batch(tokens, seed=config.seed, step=step, micro=micro, batch_size=config.batch_size,
-                           context=config.seq_len)
-        logits = state.model(input_ids=x).logits
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten()) / config.grad_accum
-        loss.backward()
-        loss_sum += loss.item()
-    grad_norm = clip_gradients(state.model.parameters(), config.grad_clip)
-    state.optimizer.step()
-    state.optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm
-
-
-def clip_gradients(parameters, max_norm: float) -> float:
-    """Clip the gradients' global norm to ``max_norm`` and return the norm before clipping.
-
-    ``max_norm <= 0`` turns clipping off (the norm is still measured); it never scales gradients by 0.
-    """
-    limit = max_norm if max_norm > 0 else float("inf")
-    return float(torch.nn.utils.clip_grad_norm_(parameters, limit))
-
-
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices and embeddings only (the trainer's optimizer)."""
-    return _optimizer(model, config)
-
-
-def _loop(config: TrainConfig, run_dir: Path, state: _State, tokens, tokenizer_dir: Path, progress: bool) -> None:
-    schedule = config.lr_schedule()
+def _loop(config: TrainConfig, run_dir: Path, state: TrainState, tokens, tokenizer_dir: Path, progress: bool) -> None:
     windows = (eval_windows(load_tokens(config.eval_data), n_tokens=config.eval_tokens, context=config.seq_len)
                if config.eval_every else None)
     bar = progress_bar(config.steps - state.step, "train", unit="step", enabled=progress)
     started, start_step = time.monotonic(), state.step
     board = _tensorboard(run_dir)
+
+    def after_step(state: TrainState, record: dict) -> bool:
+        if windows is not None and state.step % config.eval_every == 0:
+            record.update(_held_out(state, windows))
+        if state.step % config.log_every == 0 or "val_loss" in record or state.step == config.steps:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            if board is not None:
+                for key, value in record.items():
+                    if key in ("loss", "lr", "grad_norm") or key.startswith("val_loss"):
+                        board.add_scalar(key, value, state.step)
+        if state.step % config.save_every == 0 or state.step == config.steps:
+            _save(run_dir, config, state, record, tokenizer_dir)
+        tokens_per_s = (state.step - start_step) * config.tokens_per_step / (time.monotonic() - started)
+        bar.set_postfix_str(f"loss {record['loss']:.3f} lr {record['lr']:.2e} {tokens_per_s / 1000:.1f}k tokens/s",
+                            refresh=False)
+        bar.update(1)
+        return False
+
     with open(run_dir / METRICS, "a") as metrics:
-        while state.step < config.steps:
-            lr = schedule(state.step)
-            for group in state.optimizer.param_groups:
-                group["lr"] = lr
-            loss, grad_norm = _train_step(config, state, tokens, state.step)
-            state.step += 1
-            record = {"step": state.step, "tokens_seen": state.step * config.tokens_per_step, "lr": lr,
-                      "loss": loss, "grad_norm": grad_norm}
-            for averager in state.averagers.values():
-                averager.update(state.model, state.step, tokens_seen=record["tokens_seen"])
-            if windows is not None and state.step % config.eval_every == 0:
-                record.update(_held_out(state, windows))
-            if state.step % config.log_every == 0 or "val_loss" in record or state.step == config.steps:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                if board is not None:
-                    for key, value in record.items():
-                        if key in ("loss", "lr", "grad_norm") or key.startswith("val_loss"):
-                            board.add_scalar(key, value, state.step)
-            if state.step % config.save_every == 0 or state.step == config.steps:
-                _save(run_dir, config, state, record, tokenizer_dir)
-            tokens_per_s = (state.step - start_step) * config.tokens_per_step / (time.monotonic() - started)
-            bar.set_postfix_str(f"loss {loss:.3f} lr {lr:.2e} {tokens_per_s / 1000:.1f}k tokens/s", refresh=False)
-            bar.update(1)
+        run_steps(config, state, tokens, [after_step])
     bar.close()
     if board is not None:
         board.close()
 
 
-def _held_out(state: _State, windows) -> dict[str, float]:
+def _held_out(state: TrainState, windows) -> dict[str, float]:
     """Held-out loss of the training weights and of each average (swapped in, then swapped back)."""
     losses = {"val_loss": evaluate_model(state.model, windows).loss}
     for name, averager in state.averagers.items():
@@ -277,7 +228,7 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def _save(run_dir: Path, config: TrainConfig, state: _State, record: dict, tokenizer_dir: Path) -> None:
+def _save(run_dir: Path, config: TrainConfig, state: TrainState, record: dict, tokenizer_dir: Path) -> None:
     meta = {"step": state.step, "tokens_seen": record["tokens_seen"], "lr": record["lr"], "train_loss": record["loss"],
             "grad_norm": record["grad_norm"], "seed": config.seed, "data": config.data,
             "data_position": {"step": state.step, "micro_batches": state.step * config.grad_accum},
