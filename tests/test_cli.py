@@ -11,6 +11,27 @@ from safetensors.torch import load_file
 from ckptmerge.cli.main import main
 
 
+def test_merge_method_language_matches_reference_and_the_flags(tmp_path, series, capsys):
+    """``--schedule ema:alpha=0.3,n=3,every=100`` is the same merge as the separate flags; clashes are refused."""
+    run_dir, states, _ = series
+    assert main(["merge", str(run_dir), "-o", str(tmp_path / "spec"), "--schedule", "ema:alpha=0.3,n=3,every=100",
+                 "--quiet"]) == 0
+    a = 0.3
+    want = reference_merge(states[1:], [(1 - a) ** 2, a * (1 - a), a])
+    got = load_file(tmp_path / "spec" / "model.safetensors")
+    for name, value in want.items():
+        np.testing.assert_allclose(to_f64(got[name]), value, rtol=1e-6, atol=1e-7)
+    recipe = json.loads((tmp_path / "spec" / "merge.json").read_text())["recipe"]
+    assert (recipe["schedule"], recipe["alpha"], recipe["last"], recipe["every"]) == ("ema", 0.3, 3, 100)
+    capsys.readouterr()
+    assert main(["merge", str(run_dir), "-o", str(tmp_path / "x"), "--schedule", "sma:n=3", "--last", "2"]) == 2
+    assert "disagree on n=3 vs --last 2" in capsys.readouterr().err
+    assert main(["merge", str(run_dir), "-o", str(tmp_path / "x"), "--schedule", "ema:beta=0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "not 'beta'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
 def test_merge_by_flags_matches_reference_and_records_recipe(tmp_path, series, capsys):
     run_dir, states, _ = series
     code = main(["merge", str(run_dir), "-o", str(tmp_path / "out"), "--schedule", "ema", "--alpha", "0.3",

@@ -27,7 +27,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="*", help="a run directory, or checkpoint folders/files (oldest first)")
     p.add_argument("-o", "--output", help="destination folder (written atomically)")
     p.add_argument("--config", help="YAML recipe with the same options (snake_case keys)")
-    p.add_argument("--schedule", choices=list(SCHEDULES), help="coefficient schedule (default sma)")
+    p.add_argument("--schedule", metavar="METHOD",
+                   help=f"coefficient schedule, with its parameters and window in the method language: NAME or "
+                        f"NAME:key=value,... e.g. sma:n=5, ema:alpha=0.2, ema:half_life=2000, minus_sqrt:n=8, "
+                        f"custom:weights=0.2/0.3/0.5 (NAME: {', '.join(SCHEDULES)}; default sma)")
     w = p.add_argument_group("window")
     w.add_argument("--last", type=int, help="merge the last N checkpoints")
     w.add_argument("--every", type=int, help="spacing between merged checkpoints, in steps")

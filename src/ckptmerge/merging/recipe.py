@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptmerge.io.yaml_config import dataclass_from_dict, read_yaml
+from ckptmerge.errors import ConfigError
+from ckptmerge.merging.method_spec import parse_method, split_spec
 from ckptmerge.merging.options import ACCUM_DTYPE_NAMES, DTYPE_NAMES, HASH_MODES, MergeOptions
 
 # Keys of earlier releases -> their names now (accepted with a deprecation notice).
@@ -70,7 +72,7 @@ class MergeRecipe:
 
     def schedule_params(self) -> dict[str, object]:
         """Parameters in the names ``ckptmerge.merging.schedules`` uses."""
-        return {"alpha": self.alpha, "half_life_steps": self.half_life, "half_life_tokens": self.half_life_tokens,
+        return {"alpha": self.alpha, "half_life": self.half_life, "half_life_tokens": self.half_life_tokens,
                 "lam": self.lam, "weights": self.weights, "start_step": self.start_step,
                 "start_fraction": self.start_fraction}
 
@@ -122,6 +124,10 @@ def validate(recipe: MergeRecipe) -> list[str]:
         problems.append(f"accum_dtype: {recipe.accum_dtype!r} is not float32 or float64")
     if recipe.hash not in HASH_MODES:
         problems.append(f"hash: {recipe.hash!r} is not one of {HASH_MODES}")
+    try:
+        recipe = with_method(recipe)  # the checks below see the window and parameters the method names
+    except ConfigError as exc:
+        return problems + [str(exc)]
     windows = [k for k in ("last", "steps", "step_range") if getattr(recipe, k) is not None]
     if len(windows) > 1:
         problems.append(f"choose one window selection, not {windows}")
@@ -138,3 +144,33 @@ def validate(recipe: MergeRecipe) -> list[str]:
         except ValueError as exc:
             problems.append(f"{key}: {exc}")
     return problems
+
+
+def with_method(recipe: MergeRecipe) -> MergeRecipe:
+    """The recipe with ``schedule`` written in the method language (``ema:alpha=0.2,n=5``) spelled out:
+    the schedule's name, its parameters and the window (``n`` -> ``last``, ``every``) in their own fields.
+    A value given both in the method and by a flag must agree; otherwise one ConfigError names both."""
+    import dataclasses
+
+    name, raw = split_spec(recipe.schedule, "schedule")
+    if not raw:
+        return recipe
+    flags = {k: v for k, v in {**recipe.schedule_params(), "n": recipe.last, "every": recipe.every}.items()
+             if v is not None}
+    extra = [f"{k}={_spec_value(v)}" for k, v in flags.items() if k not in raw]
+    spec = parse_method(",".join([recipe.schedule, *extra]))
+    given = {**spec.params, "n": spec.n, "every": spec.every}
+    clashes = [f"{k}={raw[k]} vs --{_FLAG_OF.get(k, k).replace('_', '-')} {flags[k]}" for k in raw
+               if k in flags and _spec_value(flags[k]) != _spec_value(given[k])]
+    if clashes:
+        raise ConfigError(f"schedule {recipe.schedule!r} and the flags disagree on {', '.join(clashes)}; "
+                          f"give each value once")
+    changes = {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.params.items()}
+    return dataclasses.replace(recipe, schedule=name, last=spec.n, every=spec.every, **changes)
+
+
+_FLAG_OF = {"n": "last", "lam": "lambda"}  # method key -> the flag that sets the same value
+
+
+def _spec_value(value) -> str:
+    return "/".join(repr(float(v)) for v in value) if isinstance(value, (list, tuple)) else repr(value)

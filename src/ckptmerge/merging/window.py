@@ -10,7 +10,7 @@ from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import describe_path, discover, is_run_dir
 from ckptmerge.merging.offline import merge
 from ckptmerge.merging.output import MergeResult
-from ckptmerge.merging.recipe import MergeRecipe, validate
+from ckptmerge.merging.recipe import MergeRecipe, validate, with_method
 from ckptmerge.merging.schedules import compute_coeffs
 from ckptmerge.merging.select import select_last, select_range, select_steps
 from ckptmerge.parallel.agree import phase
@@ -30,6 +30,7 @@ def resolve_window(recipe: MergeRecipe) -> Window:
     problems = validate(recipe)
     if problems:
         raise ConfigError("invalid merge options:\n  " + "\n  ".join(problems))
+    recipe = with_method(recipe)  # ``--schedule ema:alpha=0.2,n=5``: name, parameters and window
     refs, skipped = _candidates(recipe)
     if recipe.last is not None:
         refs = select_last(refs, recipe.last, every_steps=recipe.every, every_tokens=recipe.every_tokens,
@@ -63,7 +64,7 @@ def run_recipe(recipe: MergeRecipe, *, progress: bool = True) -> MergeResult:
     with phase():  # on many ranks: a bad window is reported once, by rank 0, and stops every rank
         window = resolve_window(recipe)
     return merge(window.refs, window.coeffs, recipe.output, recipe.options(progress=progress),
-                 recipe=_recipe_record(recipe, window))
+                 recipe=_recipe_record(with_method(recipe), window))
 
 
 def _recipe_record(recipe: MergeRecipe, window: Window) -> dict:
