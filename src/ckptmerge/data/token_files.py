@@ -68,11 +68,6 @@ def _looks_like_uint32(tokens: np.ndarray) -> bool:
     return len(head) >= 64 and not head[1::2].any() and head[0::2].any()
 
 
-def read_sidecar(path: Path) -> dict:
-    sidecar = sidecar_path(path)
-    return json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-
-
 def write_token_file(path: str | Path, chunks: Iterable[np.ndarray], *, dtype: str, about: dict) -> int:
     """Stream ``chunks`` of ids into ``path`` (atomically, with its sidecar); returns the token count."""
     path = Path(path)

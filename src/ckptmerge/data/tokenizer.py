@@ -19,10 +19,6 @@ def encode_bytes(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8).astype(TOKEN_DTYPE)
 
 
-def decode_tokens(tokens) -> str:
-    return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
-
-
 @lru_cache(maxsize=1)
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable unicode map, used by HF byte-level tokenizers."""

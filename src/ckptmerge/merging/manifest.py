@@ -42,8 +42,3 @@ def build_manifest(plan: MergePlan, *, fingerprints: list[str | None], recipe: d
 
 def write_manifest(folder: Path, manifest: dict) -> None:
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def read_manifest(folder: Path) -> dict | None:
-    path = Path(folder) / MANIFEST_NAME
-    return json.loads(path.read_text()) if path.is_file() else None
