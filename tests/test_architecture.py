@@ -146,3 +146,23 @@ def test_no_file_level_import_cycles():
     a circle means the modules are one job split in two, and one of them sees the other half-initialised."""
     cycles = _import_cycles(_module_edges(PACKAGE))
     assert not cycles, "\n".join(" <-> ".join(cycle) for cycle in cycles)
+
+
+def _modules_that(predicate) -> set[str]:
+    return {str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
+            if any(predicate(node) for node in ast.walk(ast.parse(path.read_text())))}
+
+
+def test_one_module_per_low_level_helper():
+    """ctypes (C-library calls) only in io/libc.py; "is this pid alive" (``os.kill(pid, 0)``) only in
+    io/process_liveness.py (issue 22: one helper per job)."""
+    def imports_ctypes(node):
+        return (isinstance(node, ast.Import) and any(a.name == "ctypes" for a in node.names)) or \
+            (isinstance(node, ast.ImportFrom) and node.module == "ctypes")
+
+    def probes_a_pid(node):
+        return isinstance(node, ast.Call) and ast.unparse(node.func) == "os.kill" and len(node.args) == 2 and \
+            isinstance(node.args[1], ast.Constant) and node.args[1].value == 0
+
+    assert _modules_that(imports_ctypes) == {"io/libc.py"}
+    assert _modules_that(probes_a_pid) == {"io/process_liveness.py"}
