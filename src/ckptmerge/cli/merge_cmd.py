@@ -6,8 +6,9 @@ import argparse
 from dataclasses import fields
 
 from ckptmerge.cli.deprecated import add_renamed
+from ckptmerge.cli.merge_flags import add_output_flags
 from ckptmerge.console import format_bytes, print_table
-from ckptmerge.merging.recipe import DTYPE_NAMES, MergeRecipe, recipe_from_dict, recipe_from_yaml
+from ckptmerge.merging.recipe import MergeRecipe, recipe_from_dict, recipe_from_yaml
 from ckptmerge.merging.schedules import SCHEDULES
 from ckptmerge.merging.window import resolve_window, run_recipe
 from ckptmerge.parallel.world import rank
@@ -56,21 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_renamed(s, "--unnormalized", "--allow-unnormalized")
     add_renamed(s, "--extrapolate", "--allow-negative")
     o = p.add_argument_group("output")
-    o.add_argument("--out-dtype", choices=DTYPE_NAMES, help="output dtype of float tensors (default: the inputs')")
-    add_renamed(o, "--dtype", "--out-dtype")
-    o.add_argument("--accum-dtype", choices=("float32", "float64"), help="accumulation dtype (default float32)")
-    o.add_argument("--device", help="accumulate on cpu (default, every core) or an accelerator, e.g. cuda")
-    o.add_argument("--max-shard-size", help="shard size cap, e.g. 5GB (default)")
-    o.add_argument("--chunk-size", help="merge tensors larger than this in row slices (default 16MB)")
-    o.add_argument("--direct-io", action="store_true", default=None,
-                   help="write the output's large chunks past the page cache (O_DIRECT, where the filesystem allows): "
-                        "nothing is evicted for it; faster only where filling the page cache is slow (docs/benchmarks.md)")
-    o.add_argument("--allow-nonfinite", action="store_true", default=None, help="merge inputs with NaN/Inf")
-    o.add_argument("--hash", choices=("sampled", "full", "none"), help="input fingerprint for merge.json")
-    o.add_argument("--force", action="store_true", default=None, help="replace an existing output")
-    o.add_argument("--as-checkpoint", action="store_true", default=None,
-                   help="also write the merge as the newest input's trainer checkpoint (its optimizer, scheduler and "
-                        "loop state beside the merged weights) so the trainer resumes from it; see docs/trainers.md")
+    add_output_flags(o)
     o.add_argument("--dry-run", action="store_true", default=None, help="print the plan; read no tensors")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)

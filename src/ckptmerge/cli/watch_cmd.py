@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 
 from ckptmerge.cli.deprecated import add_deprecated, add_renamed
+from ckptmerge.cli.merge_flags import add_output_flags, options_from_args
 from ckptmerge.errors import ConfigError
+
+# The MergeOptions watch honours for current/ (it merges in memory on the CPU and writes no merge.json).
+WATCH_OUTPUT_FLAGS = ("out_dtype", "accum_dtype", "max_shard_size", "direct_io", "allow_nonfinite", "as_checkpoint")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recompute-every", type=int, default=8, help="sma: exact recompute every K updates (default 8)")
     p.add_argument("--tokens-per-step", type=int)
     p.add_argument("--once", action="store_true", help="process what is there now, then exit")
+    add_output_flags(p.add_argument_group("output of current/ (as in merge)"), WATCH_OUTPUT_FLAGS)
     p.set_defaults(run=run)
 
 
@@ -36,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     options = {k: getattr(args, k) for k in ("data", "tokens", "poll_s", "settle_s", "recompute_every",
                                              "tokens_per_step")}
+    options["options"] = options_from_args(args, WATCH_OUTPUT_FLAGS)
     Watcher(watch_config(args.run_dir, args.output, method_from_args(args), **options)).run(once=args.once)
     return 0
 

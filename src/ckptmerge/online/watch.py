@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ckptmerge.errors import CkptMergeError, ConfigError
+from ckptmerge.errors import CkptMergeError, ConfigError, NonFiniteTensorError
 from ckptmerge.io.dispatch import open_checkpoint
 from ckptmerge.io.fingerprint import checkpoint_files
 from ckptmerge.io.publish import atomic_file, atomic_folder
@@ -34,7 +34,9 @@ from ckptmerge.io.sidecars import copy_sidecars
 from ckptmerge.io.tensor_info import TensorInfo
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import META_FILE, discover
+from ckptmerge.merging.handback import check_write_back, write_back
 from ckptmerge.merging.method_spec import MethodSpec
+from ckptmerge.merging.options import MergeOptions
 
 STATE_FILE = ".watch-state.pt"
 LOG_FILE = "watch.jsonl"
@@ -54,9 +56,13 @@ class WatchConfig:
     settle_s: float = 10.0
     recompute_every: int = 8
     tokens_per_step: int | None = None
+    options: MergeOptions = field(default_factory=MergeOptions)  # out_dtype, shards, hand-back, ... of current/
 
 
 WATCH_METHODS = ("sma", "ema")
+# MergeOptions that watch cannot honour (it merges in memory on the CPU and writes no merge.json): refused.
+UNSUPPORTED_OPTIONS = {"device": "watch accumulates on the CPU", "chunk_bytes": "watch merges whole tensors",
+                       "hash": "watch writes no merge.json"}
 
 
 def watch_config(run_dir: str, output: str, method: MethodSpec, **options) -> WatchConfig:
@@ -89,6 +95,11 @@ class Watcher:
     def __init__(self, cfg: WatchConfig):
         if cfg.schedule not in WATCH_METHODS:
             raise CkptMergeError(f"watch supports the methods sma and ema, not {cfg.schedule!r}")
+        refused = [f"{k} ({why})" for k, why in UNSUPPORTED_OPTIONS.items() if k in cfg.options.changed()]
+        if refused:
+            raise ConfigError(f"watch cannot honour the merge option(s) {'; '.join(refused)}; leave them at their "
+                              f"defaults or use `ckptmerge merge`")
+        self._out_dtype, self._accum_dtype = cfg.options.torch_dtypes()
         self.cfg = cfg
         self.out = Path(cfg.output)
         self.state = self._load_state()
@@ -141,11 +152,12 @@ class Watcher:
         try:
             new = {k: reader.get(k) for k in reader.keys() if reader.info(k).is_float}
             if not s.total:
-                s.total = {k: v.to(torch.float32, copy=True) for k, v in new.items()}
+                s.total = {k: v.to(self._accum_dtype, copy=True) for k, v in new.items()}
             elif self.cfg.schedule == "ema":
-                torch._foreach_lerp_([s.total[k] for k in new], [v.float() for v in new.values()], self.cfg.alpha)
+                torch._foreach_lerp_([s.total[k] for k in new], [self._accum(v) for v in new.values()],
+                                     self.cfg.alpha)
             else:
-                torch._foreach_add_([s.total[k] for k in new], [v.float() for v in new.values()])
+                torch._foreach_add_([s.total[k] for k in new], [self._accum(v) for v in new.values()])
             s.other = {k: reader.get(k).clone() for k in reader.keys() if not reader.info(k).is_float}
             self._dtypes = {k: reader.info(k).dtype for k in reader.keys()}  # of the newest: the output's dtypes
         finally:
@@ -161,7 +173,7 @@ class Watcher:
             _, leaving = s.window.popleft()
             reader = open_checkpoint(leaving)
             try:
-                torch._foreach_sub_([s.total[k] for k in s.total], [reader.get(k).float() for k in s.total])
+                torch._foreach_sub_([s.total[k] for k in s.total], [self._accum(reader.get(k)) for k in s.total])
             finally:
                 reader.close()
         s.since_recompute += 1
@@ -175,10 +187,13 @@ class Watcher:
         for _, path in s.window:
             reader = open_checkpoint(path)
             try:
-                torch._foreach_add_([fresh[k] for k in fresh], [reader.get(k).float() for k in fresh])
+                torch._foreach_add_([fresh[k] for k in fresh], [self._accum(reader.get(k)) for k in fresh])
             finally:
                 reader.close()
         s.total, s.since_recompute = fresh, 0
+
+    def _accum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self._accum_dtype)
 
     def merged(self) -> dict[str, torch.Tensor]:
         s = self.state
@@ -188,19 +203,29 @@ class Watcher:
 
     # --- publishing, logging, state -------------------------------------------------------------
     def _publish(self, ref: CheckpointRef) -> None:
-        tensors = {**{k: v.to(self._dtypes[k]) for k, v in self.merged().items()}, **self.state.other}
+        options = self.cfg.options
+        if options.as_checkpoint:
+            check_write_back(ref)
+        merged = {k: v.to(self._out_dtype or self._dtypes[k]) for k, v in self.merged().items()}
+        if not options.allow_nonfinite:
+            _check_finite(merged, ref)
+        tensors = {**merged, **self.state.other}
         names = sorted(tensors)
         with atomic_folder(self.out / "current", force=True) as tmp:
             entries = [(k, TensorInfo(tensors[k].dtype, tuple(tensors[k].shape))) for k in names]
-            with StreamingSafetensorsWriter(tmp, entries, max_shard_bytes=5 * 1000**3) as writer:
+            with StreamingSafetensorsWriter(tmp, entries, max_shard_bytes=options.max_shard_bytes,
+                                            direct_io=options.direct_io) as writer:
                 for k in names:
                     writer.write(k, tensors[k])
                 writer.close()
-            copy_sidecars(ref.path, tmp, None)
+            copy_sidecars(ref.path, tmp, self._out_dtype)
+            if options.as_checkpoint:  # the newest checkpoint's trainer state beside the merged weights
+                write_back(ref, tmp)
             meta = {"step": ref.step, "tokens_seen": ref.tokens_seen, "merged": True,
                     "watch": {"schedule": self.cfg.schedule, "last": self.cfg.last, "every": self.cfg.every,
                               "alpha": self.cfg.alpha if self.cfg.schedule == "ema" else None,
-                              "window_steps": [step for step, _ in self.state.window]}}
+                              "window_steps": [step for step, _ in self.state.window],
+                              "options": self.cfg.options.record()}}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     def _log(self, ref: CheckpointRef) -> None:
@@ -232,8 +257,19 @@ class Watcher:
             if saved["config"][key] != getattr(self.cfg, key):
                 raise CkptMergeError(f"{path}: this watch was started with {key}={saved['config'][key]!r}; "
                                      f"use the same settings or a new -o folder")
+        started = saved["config"].get("options", {}).get("accum_dtype", "float32")
+        if started != self.cfg.options.accum_dtype:
+            raise CkptMergeError(f"{path}: this watch accumulates in {started}; use --accum-dtype {started} "
+                                 f"or a new -o folder")
         return _WatchState(deque(tuple(w) for w in saved["window"]), saved["total"], saved["other"],
                            saved["last_step"], saved["since_recompute"])
+
+
+def _check_finite(merged: dict[str, torch.Tensor], ref: CheckpointRef) -> None:
+    bad = [k for k, v in merged.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise NonFiniteTensorError(f"{ref.path}: the merge up to step {ref.step} holds NaN/Inf in {', '.join(bad[:5])}; "
+                                   f"current/ is left as it was. Check the checkpoint, or pass --allow-nonfinite")
 
 
 def _read_state_file(path: Path) -> dict:
