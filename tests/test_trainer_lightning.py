@@ -79,3 +79,26 @@ def test_lightning_resumes_from_the_merge(lightning_run, tmp_path):
     newest_state = torch.load(newest, weights_only=False)["optimizer_states"][0]["state"]
     for got, want in zip(probe.exp_avg, [s["exp_avg"] for s in newest_state.values()]):
         assert torch.equal(got, want)  # the newest checkpoint's optimizer state, unchanged
+
+
+def test_two_rank_merge_writes_the_same_hand_back(lightning_run, tmp_path):
+    """``torchrun --nproc-per-node 2 -m ckptmerge merge ... --as-checkpoint``: the hand-back is written (it was
+    silently dropped under torchrun), and Lightning's own loader reads the merged weights from it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "merged2"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "ckptmerge", "merge", str(lightning_run), "-o", str(out), "--last", "3",
+                           "--schedule", "sma", "--as-checkpoint", "--quiet"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = [next(lightning_run.glob(f"epoch=*-step={s}.ckpt")) for s in (10, 15, 20)]
+    reference = fp64_mean([TinyModule.load_from_checkpoint(f).model.state_dict() for f in files])
+    handed = TinyModule.load_from_checkpoint(out / files[-1].name).model.state_dict()  # Lightning's own loader
+    for name, want in reference.items():
+        torch.testing.assert_close(handed[name].double(), torch.from_numpy(want), rtol=0, atol=1e-6)
