@@ -34,9 +34,8 @@ from ckptmerge.merging.chunk_steps import (ChunkInputs, EngineStats, ReadSetting
                                            copy_chunk, merge_chunk, plan_chunks)
 from ckptmerge.merging.chunk_workers import run_workers, worker_count
 from ckptmerge.merging.device import Stage, input_device
+from ckptmerge.merging.options import DEFAULT_CHUNK_BYTES
 from ckptmerge.merging.plan import MergePlan
-
-DEFAULT_CHUNK_BYTES = 16 << 20  # small chunks: even shares across the workers, a short start and end
 
 
 def run_engine(plan: MergePlan, readers: Sequence[CheckpointReader], sink: TensorSink, *,

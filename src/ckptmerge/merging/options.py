@@ -22,7 +22,7 @@ from ckptmerge.errors import ConfigError
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 ACCUM_DTYPE_NAMES = ("float32", "float64")
 HASH_MODES = ("sampled", "full", "none")
-DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
+DEFAULT_CHUNK_BYTES = 16 << 20  # small chunks: even shares across the engine's workers, a short start and end
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 
 # Keywords of earlier releases -> the field that replaced them (accepted with a DeprecationWarning).
