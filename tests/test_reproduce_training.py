@@ -1,5 +1,9 @@
-"""A reproduction run cut off and resumed ends exactly as the run trained in one go (weights, log, spike)."""
+"""Reproduction runs: a run cut off and resumed ends exactly as the run trained in one go (weights, log, spike);
+a fork state is the optimizer state of its own step; the per-step EMA is the fp64 reference EMA."""
 
+from dataclasses import replace
+
+import numpy as np
 import pytest
 import torch
 
@@ -46,3 +50,31 @@ def test_cut_and_resumed_run_equals_the_run_in_one_go(tmp_path, monkeypatch):
         assert torch.equal(resumed.emas[0.9][step], whole.emas[0.9][step])
     for step, state in whole.states.items():
         assert torch.equal(resumed.states[step]["weights"], state["weights"])
+
+
+def test_fork_state_holds_the_optimizer_state_of_its_own_step(tmp_path):
+    # reference: a run that ends at the fork step, whose optimizer is not stepped after the state is taken
+    short = RunSpec(name="short", lr=4e-3, steps=30, schedule="constant", warmup=5, seed=1, batch_size=2, context=16,
+                    state_steps=(30,))
+    train_run(short, tmp_path)
+    train_run(replace(short, name="long", steps=60), tmp_path)
+    ended, forked = load_trajectory(tmp_path, "short").states[30], load_trajectory(tmp_path, "long").states[30]
+    assert torch.equal(forked["weights"], ended["weights"])
+    assert ended["optimizer"]["state"].keys() == forked["optimizer"]["state"].keys()
+    for key, moments in ended["optimizer"]["state"].items():
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(forked["optimizer"]["state"][key][name], moments[name]), (key, name)
+
+
+def test_per_step_ema_matches_an_fp64_reference_seeded_with_the_initial_weights(tmp_path):
+    from ckptmerge.train.presets import build_model
+
+    decay, steps = 0.9, 12
+    spec = RunSpec(name="ema", lr=4e-3, steps=steps, schedule="constant", warmup=5, seed=2, batch_size=2, context=16,
+                   snap_steps=tuple(range(1, steps + 1)), ema_decays=(decay,))
+    train_run(spec, tmp_path)
+    traj = load_trajectory(tmp_path, "ema")
+    reference = torch.nn.utils.parameters_to_vector(build_model("tiny", 2).parameters()).detach().double().numpy()
+    for step in range(1, steps + 1):
+        reference = decay * reference + (1 - decay) * traj.snaps[step].double().numpy()
+        assert np.abs(traj.emas[decay][step].double().numpy() - reference).max() < 2e-6, step

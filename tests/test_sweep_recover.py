@@ -17,7 +17,7 @@ from ckptmerge.data.tokens import load_tokens  # noqa: E402
 from ckptmerge.errors import ConfigError  # noqa: E402
 from ckptmerge.evaluation.evaluator import evaluate_model, load_model  # noqa: E402
 from ckptmerge.recovery.recover import RecoverConfig, recover  # noqa: E402
-from ckptmerge.recovery.spikes import detect_spikes  # noqa: E402
+from ckptmerge.recovery.spikes import SmoothedRise, detect_spikes, first_smoothed_rise  # noqa: E402
 from ckptmerge.sweep.run import SweepConfig, sweep  # noqa: E402
 from ckptmerge.train.checkpointing import checkpoint_name  # noqa: E402
 from ckptmerge.train.trainer import TrainConfig, train  # noqa: E402
@@ -80,6 +80,40 @@ def test_spike_detector_finds_injected_spikes_and_nothing_in_noise():
     found = detect_spikes(records)
     assert [s.step for s in found] == [150, 220]
     assert "loss" in found[0].reason and "grad norm" in found[1].reason
+
+
+def _first_rise_reference(losses: np.ndarray, smooth: int, rise: float) -> int | None:
+    """fp64 NumPy: the first step whose trailing mean exceeds the minimum of the earlier trailing means + rise."""
+    means = np.convolve(losses, np.ones(smooth) / smooth, mode="valid")  # means[i] ends at step i + smooth
+    for i in range(1, len(means)):
+        if means[i] > means[:i].min() + rise:
+            return i + smooth
+    return None
+
+
+def test_smoothed_rise_fires_where_the_numpy_reference_does_and_survives_a_restart():
+    rng = np.random.default_rng(1)
+    steps = np.arange(1, 301)
+    calm = 3.0 - 0.003 * steps + 0.05 * rng.standard_normal(300)
+    rising = calm + np.where(steps > 180, 0.04 * (steps - 180), 0.0)  # a slow climb from step 181
+    expected = _first_rise_reference(rising, 10, 0.5)
+    assert _first_rise_reference(calm, 10, 0.5) is None and expected is not None and expected > 190
+    whole = SmoothedRise(10, 0.5)
+    assert [s for s, x in zip(steps, calm) if whole.update(int(s), float(x))] == []
+    first, resumed = SmoothedRise(10, 0.5), SmoothedRise(10, 0.5)
+    fired = [s for s, x in zip(steps[:150], rising[:150]) if first.update(int(s), float(x))]
+    resumed.load_state_dict(first.state_dict())   # a restart at step 150, mid-window
+    fired += [s for s, x in zip(steps[150:], rising[150:]) if resumed.update(int(s), float(x))]
+    assert fired == [expected] and resumed.fired_step == expected
+    spike = first_smoothed_rise([{"step": int(s), "loss": float(x)} for s, x in zip(steps, rising)])
+    assert spike is not None and spike.step == expected and "running minimum" in spike.reason
+
+
+def test_smoothed_rise_fires_on_a_non_finite_loss_once_a_window_has_filled():
+    early, late = SmoothedRise(10, 0.5), SmoothedRise(10, 0.5)
+    assert not early.update(1, float("nan"))  # no minimum yet: nothing to rise above
+    assert not any(late.update(s, 2.0) for s in range(1, 31))
+    assert late.update(31, float("inf")) and late.fired_step == 31
 
 
 def test_recover_restarts_from_the_numpy_average_of_pre_spike_checkpoints(runs, tmp_path):
