@@ -1,13 +1,19 @@
 """Weight search on a tiny real series: pair vs a dense grid, never worse than baselines, resumable, parallel."""
 
+import copy
+import json
+
 import numpy as np
 import pytest
+import torch
 from conftest import write_word_corpus
 
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("transformers")
 
 from ckptmerge import discover  # noqa: E402
+from ckptmerge.data.batches import PAD  # noqa: E402
+from ckptmerge.errors import ConfigError, OutputExistsError  # noqa: E402
 from ckptmerge.search.objective import MergeObjective  # noqa: E402
 from ckptmerge.search.run import search  # noqa: E402
 from ckptmerge.search.spaces import SimplexSpace  # noqa: E402
@@ -50,13 +56,47 @@ def test_pair_search_lands_within_noise_of_a_dense_grid(series):
     assert result.best_loss <= min(grid_losses) * 1.002  # within 0.2% of the grid optimum
 
 
-def test_simplex_search_is_never_worse_than_its_baselines(series, tmp_path):
+def _reference_loss(refs, weights, windows: torch.Tensor) -> float:
+    """Independent of ckptmerge's merge and evaluator: an fp64 NumPy weighted sum of the checkpoints'
+    safetensors, loaded into transformers' own model, scored with torch's cross-entropy (PAD targets skipped)."""
+    from safetensors.numpy import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    states = [load_file(ref.path / "model.safetensors") for ref in refs]
+    merged = {k: sum(np.float64(w) * s[k].astype(np.float64) for w, s in zip(weights, states)) for k in states[-1]}
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(refs[-1].path)).float().eval()
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(v.astype(np.float32)) for k, v in merged.items()},
+                                                strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected  # the head is tied to the embedding
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in windows:
+            inputs, targets = row[:-1].clamp(min=0), row[1:]
+            losses = torch.nn.functional.cross_entropy(model(inputs[None]).logits[0].double(), targets,
+                                                       ignore_index=PAD, reduction="sum")
+            total, count = total + float(losses), count + int((targets != PAD).sum())
+    return total / count
+
+
+def test_simplex_search_reports_its_best_trial_and_real_baselines(series, tmp_path):
+    """The baselines ran at their schedules' weights (fp64 formulas), every reported loss is what an independent
+    merge and evaluation give, and the reported best is the best trial of the study."""
     root, refs = series
-    cfg = SearchConfig(space="simplex", data=str(root / "val.txt"), trials=9, seed=0)
+    data = str(root / "val.txt")
+    cfg = SearchConfig(space="simplex", data=data, trials=9, seed=0)
     result = search(refs, cfg, n_tokens=2048, output=tmp_path / "best", report_data=[str(root / "other.txt")])
-    baselines = {r["baseline"]: r["loss"] for r in result.trials if r["baseline"]}
-    assert set(baselines) == {"newest", "uniform", "wma", "ema a=0.2"}
-    assert result.best_loss <= min(baselines.values())
+    n, a = len(refs), 0.2
+    ramp = np.arange(1, n + 1, dtype=np.float64)
+    want = {"newest": np.eye(n)[-1], "uniform": np.full(n, 1 / n), "wma": ramp / ramp.sum(),
+            "ema a=0.2": np.array([(1 - a) ** (n - 1)] + [a * (1 - a) ** (n - 1 - i) for i in range(1, n)])}
+    baselines = {r["baseline"]: r for r in result.trials if r["baseline"]}
+    assert set(baselines) == set(want)
+    windows = MergeObjective(refs, n_tokens=2048).windows(data)
+    for name, row in baselines.items():
+        np.testing.assert_allclose(row["weights"], want[name], rtol=0, atol=1e-12)
+        assert row["loss"] == pytest.approx(_reference_loss(refs, want[name], windows), rel=1e-5), name
+    assert len(result.trials) == 9 and result.best_loss == min(r["loss"] for r in result.trials)
+    assert result.best_loss == pytest.approx(_reference_loss(refs, result.best_weights, windows), rel=1e-5)
     assert (tmp_path / "best" / "merge.json").is_file()
     assert set(result.generalization) == {str(root / "val.txt"), str(root / "other.txt")}
 
@@ -138,8 +178,10 @@ def test_gp_hedge_drives_a_pair_search(series):
     root, refs = series
     cfg = SearchConfig(space="pair", data=str(root / "val.txt"), trials=7, sampler="gp-hedge")
     result = search(refs, cfg, n_tokens=1024)
-    baselines = [r["loss"] for r in result.trials if r["baseline"]]
-    assert len(result.trials) == 7 and result.best_loss <= min(baselines)
+    assert len(result.trials) == 7 and sum(1 for r in result.trials if r["baseline"]) == 3
+    windows = MergeObjective(refs[-2:], n_tokens=1024).windows(cfg.data)
+    assert result.best_loss == pytest.approx(_reference_loss(refs[-2:], result.best_weights, windows), rel=1e-5)
+    assert result.best_loss == min(r["loss"] for r in result.trials)
 
 
 def test_stopped_evaluation_equals_the_first_windows_of_the_full_one(series):
@@ -159,7 +201,9 @@ def test_pruning_stops_clearly_worse_trials_and_keeps_the_best(series):
     study_rows = result.trials
     assert len(study_rows) < 12  # some trials were pruned (only complete trials are listed)
     baselines = [r["loss"] for r in study_rows if r["baseline"]]
-    assert len(baselines) == 3 and result.best_loss <= min(baselines)
+    assert len(baselines) == 3
+    windows = MergeObjective(refs[-2:], n_tokens=8192).windows(cfg.data)  # a full evaluation, never a pruned head
+    assert result.best_loss == pytest.approx(_reference_loss(refs[-2:], result.best_weights, windows), rel=1e-5)
 
 
 def test_objective_holds_file_backed_views_and_matches_a_file_merge(series, tmp_path):
@@ -174,3 +218,69 @@ def test_objective_holds_file_backed_views_and_matches_a_file_merge(series, tmp_
 
     want = evaluate_model(load_model(tmp_path / "m"), objective.windows(str(root / "val.txt"))).loss
     assert objective(coeffs, str(root / "val.txt")).loss == pytest.approx(want, rel=1e-6)
+
+
+def test_search_refuses_an_existing_output_before_any_trial(series, tmp_path):
+    root, refs = series
+    out = tmp_path / "best"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    cfg = SearchConfig(space="pair", data=str(root / "val.txt"), trials=3, storage=storage, study_name="o")
+    with pytest.raises(OutputExistsError, match="--force"):
+        search(refs, cfg, n_tokens=1024, output=out)
+    assert (out / "keep.txt").read_text() == "mine"
+    assert "o" not in optuna.get_all_study_names(storage)  # refused before the study was even opened
+    result = search(refs, cfg, n_tokens=1024, output=out, force=True)
+    assert not (out / "keep.txt").exists() and len(result.trials) == 3
+    assert json.loads((out / "merge.json").read_text())["recipe"]["weights"] == result.best_weights
+
+
+def test_search_cli_refuses_an_existing_output_in_one_line(series, tmp_path, capsys):
+    from ckptmerge.cli.main import main
+
+    root, refs = series
+    out = tmp_path / "best"
+    out.mkdir()
+    code = main(["search", *[str(r.path) for r in refs[-2:]], "--data", str(root / "val.txt"), "--trials", "3",
+                 "--tokens", "1024", "-o", str(out)])
+    captured = capsys.readouterr()
+    assert code == 2 and "trial" not in captured.out
+    assert captured.err.count("\n") == 1 and str(out) in captured.err and "--force" in captured.err
+
+
+def test_search_leaves_the_callers_config_alone(series, monkeypatch):
+    """Two workers without --storage get a temporary SQLite study: on a copy of the config, never the caller's."""
+    import ckptmerge.search.run as search_run
+
+    def workers_in_this_process(refs, cfg, n_tokens, workers, settings=None):
+        search_run._worker([str(r.path) for r in refs], cfg, n_tokens, torch.get_num_threads(), settings)
+
+    monkeypatch.setattr(search_run, "_run_workers", workers_in_this_process)
+    root, refs = series
+    cfg = SearchConfig(space="pair", data=str(root / "val.txt"), trials=3)
+    before = copy.deepcopy(cfg)
+    result = search(refs, cfg, n_tokens=1024, workers=2)
+    assert len(result.trials) == 3
+    assert cfg == before
+
+
+def test_an_unknown_objective_is_refused_before_any_trial(series, tmp_path):
+    root, refs = series
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    cfg = SearchConfig(space="pair", data=str(root / "val.txt"), trials=3, storage=storage, study_name="m",
+                       objective="bpb")
+    with pytest.raises(ConfigError, match="bpb.*loss, bits_per_byte"):
+        search(refs, cfg, n_tokens=1024)
+    assert "m" not in optuna.get_all_study_names(storage)
+
+
+def test_an_unknown_metric_name_is_an_error_not_the_loss():
+    from ckptmerge.evaluation.evaluator import summarize
+
+    result = summarize("d", np.array([2.0, 3.0]), np.array([10, 10]), n_bytes=40)
+    assert result.metric("loss") == 2.5
+    assert result.metric("bits_per_byte") == pytest.approx(2.5 * 20 / (40 * np.log(2)))
+    with pytest.raises(ConfigError) as err:
+        result.metric("perplexity")
+    assert "\n" not in str(err.value) and "'perplexity'" in str(err.value) and "loss, bits_per_byte" in str(err.value)

@@ -42,6 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--study", default="ckptmerge-search", help="study name in the storage")
     p.add_argument("--workers", type=int, default=1, help="local worker processes on one study")
     p.add_argument("-o", "--output", help="write the best merge here (atomic merge path, merge.json records the search)")
+    p.add_argument("--force", action="store_true", help="replace an existing -o folder")
     p.add_argument("--json", help="write all trials and the generalization table here")
     p.add_argument("--plots", help="folder for loss_vs_lambda.png (pair) and best_weights.png")
     p.add_argument("--objective", default="loss",
@@ -61,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
                        lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit,
                        heartbeat_s=args.heartbeat)
     result = search(window.refs, cfg, n_tokens=args.tokens, workers=args.workers, output=args.output,
-                    report_data=args.report_data, plots=args.plots, log=print, settings=settings_from_args(args))
+                    report_data=args.report_data, plots=args.plots, log=print, settings=settings_from_args(args),
+                    force=args.force)
     unit = {"loss": "nats/token", "bits_per_byte": "bits/byte"}.get(args.objective, f"-({args.objective})")
     print(f"best: {unit} {result.best_loss:.5f} with weights {[round(w, 4) for w in result.best_weights]} "
           f"(oldest first) after {len(result.trials)} trials")

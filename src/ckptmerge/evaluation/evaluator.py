@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ckptmerge.data.batches import PAD
-from ckptmerge.errors import DataError
+from ckptmerge.errors import ConfigError, DataError
 from ckptmerge.evaluation.loading import load_model, load_state_into, model_vocab_size
 
 __all__ = ["EvalResult", "evaluate_model", "load_model", "load_state_into", "paired_difference", "summarize", "verdict"]
@@ -57,7 +57,8 @@ class EvalResult:
         return self.tokens_requested is not None and self.tokens < self.tokens_requested
 
     def metric(self, name: str) -> float | None:
-        """``loss`` (nats/token) or ``bits_per_byte``."""
+        """``loss`` (nats/token) or ``bits_per_byte``; any other name is a ConfigError listing these."""
+        check_metric(name)
         return self.bits_per_byte if name == "bits_per_byte" else self.loss
 
     def to_dict(self) -> dict:
@@ -67,6 +68,13 @@ class EvalResult:
 
 
 METRICS = ("loss", "bits_per_byte")
+
+
+def check_metric(name: str, flag: str = "--objective") -> str:
+    """``name`` when it is one of ``METRICS``; otherwise a one-line ConfigError naming ``flag`` and the known names."""
+    if name not in METRICS:
+        raise ConfigError(f"{flag} {name!r}: unknown metric; choose one of {', '.join(METRICS)}")
+    return name
 
 
 def evaluate_model(model: torch.nn.Module, windows: torch.Tensor, *, data: str = "", batch_size: int = 16,

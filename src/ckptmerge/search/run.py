@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from ckptmerge.evaluation.evaluator import paired_difference
+from ckptmerge.evaluation.evaluator import check_metric, paired_difference
 from ckptmerge.evaluation.settings import EvalSettings
+from ckptmerge.io.publish import check_destination
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import describe_path
 from ckptmerge.merging.offline import merge
@@ -36,14 +37,20 @@ class SearchResult:
 
 def search(refs: list[CheckpointRef], cfg: SearchConfig, *, n_tokens: int = 16384, workers: int = 1,
            output: str | Path | None = None, report_data: list[str] | None = None, plots: str | Path | None = None,
-           log=None, settings: EvalSettings | None = None) -> SearchResult:
-    """Run (or resume) the study, then write the best merge and the cross-domain comparison."""
+           log=None, settings: EvalSettings | None = None, force: bool = False) -> SearchResult:
+    """Run (or resume) the study, then write the best merge and the cross-domain comparison.
+
+    An existing ``output`` is refused before any trial runs unless ``force``; ``cfg`` is never modified.
+    """
     refuse_ranks("search", "start the same command once per worker with one --storage (docs/scale.md)")
+    _check_objective(cfg.objective)
+    if output:
+        check_destination(Path(output), force)
     space = make_space(cfg.space, len(refs), min_lambda=cfg.min_lambda)
     if cfg.space == "pair":
         refs = refs[-2:]
     if workers > 1 and cfg.storage is None:
-        cfg.storage = f"sqlite:///{Path(tempfile.mkdtemp(prefix='ckptmerge-study-')) / 'study.db'}"
+        cfg = replace(cfg, storage=f"sqlite:///{Path(tempfile.mkdtemp(prefix='ckptmerge-study-')) / 'study.db'}")
     study = open_study(cfg, space)
     if workers > 1:
         _run_workers(refs, cfg, n_tokens, workers, settings)
@@ -59,8 +66,19 @@ def search(refs: list[CheckpointRef], cfg: SearchConfig, *, n_tokens: int = 1638
     if output:
         recipe = {"schedule": "custom", "weights": best["weights"], "search": {**asdict(cfg), "best_trial": best["trial"],
                                                                                  "best_loss": best["loss"]}}
+        # checked before the trials; the workers of one shared study may each publish the same best merge here
         merge(refs, best["weights"], output, force=True, progress=False, recipe=recipe, allow_unnormalized=True)
     return result
+
+
+def _check_objective(objective: str) -> None:
+    """Refuse an unknown ``--objective`` before any trial runs."""
+    if objective.startswith("lm-eval:"):
+        from ckptmerge.evaluation.lm_eval_tasks import parse_objective
+
+        parse_objective(objective)
+    else:
+        check_metric(objective, "--objective")
 
 
 def _write_plots(folder: Path, cfg: SearchConfig, refs: list[CheckpointRef], result: SearchResult) -> None:
