@@ -128,6 +128,8 @@ class StreamingSafetensorsWriter:
         begin = start_row * slot.row_bytes
         if begin + nbytes > slot.info.nbytes:
             raise RuntimeError(f"tensor {name!r}: {begin + nbytes} bytes written past its declared {slot.info.nbytes}")
+        if nbytes == 0:  # an empty tensor (or chunk) has no bytes: its header entry is all of it
+            return
         self._file(slot.shard).write_at(slot.offset + begin, data)
         self._done(slot.shard, nbytes)
 
