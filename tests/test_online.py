@@ -171,6 +171,27 @@ def test_interrupted_and_resumed_average_equals_uninterrupted(tmp_path, make):
         assert torch.equal(v, resumed.averaged_state_dict()[k]), k
 
 
+@pytest.mark.parametrize("make, old", [(lambda: EMA(half_life=4), {"half_life": "half_life_steps"}),
+                                       (lambda: LAWA(n=3, every=2), {"n": "k"})])
+def test_state_saved_under_earlier_parameter_names_resumes(tmp_path, make, old):
+    """A run that saved its averager state before ``half_life_steps`` / ``k`` were renamed resumes exactly."""
+    full = make()
+    for step, model in trajectory(12):
+        full.update(model, step)
+    first = make()
+    for step, model in trajectory(6):
+        first.update(model, step)
+    state = first.state_dict()
+    state["params"] = {old.get(k, k): v for k, v in state["params"].items()}  # as the earlier release wrote it
+    resumed = make()
+    resumed.load_state_dict(state)
+    for step, model in trajectory(12):
+        if step > 6:
+            resumed.update(model, step)
+    for k, v in full.averaged_state_dict().items():
+        assert torch.equal(v, resumed.averaged_state_dict()[k]), k
+
+
 def test_save_writes_a_folder_that_eval_and_merge_read(tmp_path):
     transformers = pytest.importorskip("transformers")
     from ckptmerge.evaluation.evaluator import load_model

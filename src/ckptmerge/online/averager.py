@@ -33,6 +33,8 @@ from ckptmerge.online.sharding import (
 )
 from ckptmerge.online.tensors import float_tensors, other_buffers
 
+_RENAMED_PARAMS = {"half_life_steps": "half_life", "k": "n"}  # saved parameter names of earlier releases
+
 
 class Averager:
     """Base class: bookkeeping, swapping, saving and state; subclasses define ``_fold`` and ``_averaged``."""
@@ -121,7 +123,8 @@ class Averager:
                 "layout": self._layout, **self._extra_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["kind"] != self.kind or state["params"] != self.params():
+        saved = {_RENAMED_PARAMS.get(k, k): v for k, v in state["params"].items()}  # states of earlier releases
+        if state["kind"] != self.kind or saved != self.params():
             raise ValueError(f"state is for {state['kind']} {state['params']}, not {self.kind} {self.params()}")
         check_same_processes(state.get("layout"), f"{self.kind} averager state")  # before changing anything
         self.n_averaged, self.last_step, self.last_tokens = state["n_averaged"], state["last_step"], state["last_tokens"]
