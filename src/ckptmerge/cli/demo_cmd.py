@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 from ckptmerge.cli.deprecated import add_renamed
@@ -27,6 +28,9 @@ def run(args: argparse.Namespace) -> int:
         overrides["data"] = args.train_data
     if args.data:
         overrides["eval_data"] = args.data
+        if not args.train_data:  # before this release, demo --data named the training corpus
+            warnings.warn(f"demo --data now names held-out data ({', '.join(args.data)}); the training corpus is "
+                          f"--train-data (default shakespeare)", UserWarning, stacklevel=1)
     cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
     run_demo(cfg, progress=not args.quiet)
     report = Path(cfg.out) / "report.md"
