@@ -5,7 +5,8 @@ torch writes DCP's ``.metadata`` as a plain pickle. ckptmerge never hands that t
 dtypes / sizes, so a tampered file fails instead of running code. Tensor chunks are then read
 straight from the ``.distcp`` files with ``torch.load(weights_only=True)`` and stitched
 together by their offsets. Optimizer, scheduler, RNG and other non-model entries are skipped
-(``skipped_keys`` lists them); a leading ``model.`` prefix is stripped.
+(``skipped_keys`` lists them); a leading ``model.`` prefix and wrapper prefixes (io/wrapper_names.py)
+are stripped.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ckptmerge.errors import CheckpointFormatError, CkptMergeError, UnsafeCheckp
 from ckptmerge.io.dcp_checks import checked_metadata, checked_storage, checked_tensor_info, chunk_view
 from ckptmerge.io.safe_pickle import loads_restricted
 from ckptmerge.io.tensor_info import TensorInfo
+from ckptmerge.io.wrapper_names import unwrap_names
 
 METADATA_FILE = ".metadata"
 NON_MODEL_PREFIXES = ("optimizer", "optim", "lr_scheduler", "scheduler", "dataloader", "train_state",
@@ -92,7 +94,8 @@ class DcpReader:
         if not model:
             raise CheckpointFormatError(f"{folder}: DCP checkpoint has no model tensors (skipped: {self.skipped_keys[:8]})")
         prefix = "model." if all(fqn.startswith("model.") for fqn in model) else ""
-        self._fqn = {fqn[len(prefix):]: fqn for fqn in model}
+        stored = {fqn[len(prefix):]: fqn for fqn in model}
+        self._fqn = {clean: stored[short] for clean, short in unwrap_names(folder, stored).items()}
         meta_path = folder / METADATA_FILE
         self._infos = {name: checked_tensor_info(meta_path, fqn, model[fqn]) for name, fqn in self._fqn.items()}
         self._chunks: dict[str, list] = {}

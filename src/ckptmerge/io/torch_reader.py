@@ -4,9 +4,10 @@ Training checkpoints nest the model: ``{"model": {...}, "optimizer": ...}``, Lig
 ``{"state_dict": ...}``, DeepSpeed's ``{"module": ...}``. ``find_weights`` descends through the
 wrapper keys ``model`` / ``state_dict`` / ``module`` / ``model_state_dict`` whenever one of them
 holds a dict, so loose top-level tensors beside the model (nanoGPT's ``best_val_loss``) are never
-taken for the model; the ``module.`` (DDP) and ``_orig_mod.`` (``torch.compile``) prefixes are
-stripped. A selection that holds under a quarter of the elements of the largest tensor dict in
-the file is refused: the weights are elsewhere, and merging what was found would lose them.
+taken for the model; wrapper prefixes (``module.`` from DDP, ``_orig_mod.`` from ``torch.compile``,
+FSDP1's ``_fsdp_wrapped_module.``: io/wrapper_names.py) are stripped. A selection that holds under a
+quarter of the elements of the largest tensor dict in the file is refused: the weights are elsewhere,
+and merging what was found would lose them.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import torch
 from ckptmerge.errors import CheckpointFormatError, UnsafeCheckpointError
 from ckptmerge.io.safe_pickle import load_torch_file_restricted
 from ckptmerge.io.state_dict_reader import StateDictReader
+from ckptmerge.io.wrapper_names import unwrap_names
 
 WRAPPER_KEYS = ("model", "state_dict", "module", "model_state_dict")
-STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 OPTIMIZER_KEYS = ("optimizer", "optimizers", "optim", "optimizer_states", "opt", "optimizer_state_dict")
 MIN_KEPT_FRACTION = 0.25
 
@@ -104,19 +105,10 @@ def _has_tensors(d: dict) -> bool:
     return any(isinstance(v, torch.Tensor) for v in d.values())
 
 
-def strip_prefixes(path: Path, tensors: dict[str, torch.Tensor],
-                   prefixes: tuple[str, ...] = STRIPPED_PREFIXES) -> dict[str, torch.Tensor]:
-    """Remove wrapper prefixes (``module.``, ``_orig_mod.``) from every name; refuse collisions."""
-    out: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        clean = name
-        while clean.startswith(prefixes):
-            clean = next(clean[len(p):] for p in prefixes if clean.startswith(p))
-        if clean in out:
-            raise CheckpointFormatError(f"{path}: keys {name!r} and another both become {clean!r} after "
-                                        f"stripping {prefixes}; the checkpoint is ambiguous")
-        out[clean] = t
-    return out
+def strip_prefixes(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove wrapper prefixes (``module.``, ``_orig_mod.``, ``_fsdp_wrapped_module.``, ...: see
+    io/wrapper_names.py) from every name; refuse two names that become one."""
+    return {clean: tensors[name] for clean, name in unwrap_names(path, tensors).items()}
 
 
 class TorchFileReader(StateDictReader):

@@ -13,6 +13,7 @@ import torch
 
 from ckptmerge.errors import PlanMismatchError
 from ckptmerge.io.tensor_info import CheckpointReader, TensorInfo
+from ckptmerge.io.wrapper_names import wrapped_names
 from ckptmerge.merging.checkpoint import CheckpointRef
 
 MAX_LISTED = 10
@@ -73,7 +74,7 @@ def build_plan(readers: Sequence[CheckpointReader], refs: Sequence[CheckpointRef
         info = newest.info(name)
         merged = info.is_float
         tasks.append(TensorTask(name, info.shape, (out_dtype or info.dtype) if merged else info.dtype, merged))
-    problems += _coverage_problems(tasks, readers)
+    problems += _coverage_problems(tasks, readers) + _wrapper_problems(newest)
     if problems:
         shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else [])
         raise PlanMismatchError("checkpoints do not match; nothing was written:\n  " + "\n  ".join(shown))
@@ -89,6 +90,16 @@ def _coverage_problems(tasks: list[TensorTask], readers: Sequence[CheckpointRead
                 f"these are counters or losses, not a model. Save the model's state_dict, or name where it is "
                 f"(a file with 'model' / 'state_dict' / 'module' holding it)."]
     return []
+
+
+def _wrapper_problems(newest: CheckpointReader) -> list[str]:
+    """Names still under a wrapper (``state_dict.``, ``_fsdp_wrapped_module.``) would load into no model."""
+    wrapped = wrapped_names(newest.keys())
+    if not wrapped:
+        return []
+    return [f"{newest.path}: {len(wrapped)} tensor name(s) still carry a wrapper prefix, e.g. {wrapped[:4]}; these are "
+            f"not the model's own names, so no model would load the merge. Fix: save the unwrapped model's "
+            f"state_dict, or report this layout to ckptmerge."]
 
 
 def _key_problems(readers: Sequence[CheckpointReader]) -> list[str]:
