@@ -17,7 +17,10 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
                                        "else the run directory)")
     g.add_argument("--text-field", default="text", help="JSONL / Parquet / datasets column with the text (default text)")
     g.add_argument("--token-dtype", choices=("uint16", "uint32"),
-                   help=".bin token files: id width (default: the FILE.bin.json sidecar, else uint16)")
+                   help=".bin token files: id width (default: the FILE.bin.json sidecar; without one, uint16 "
+                        "only for vocabularies of at most 65,536)")
+    g.add_argument("--allow-vocab-mismatch", action="store_true",
+                   help="score even when the tokenizer's size does not fit the model's embedding (a warning)")
     g.add_argument("--model-config", help="HF config folder for raw .pt / DCP checkpoints")
     g.add_argument("--model-factory", help="package.module:function returning an nn.Module (forward -> logits)")
     g.add_argument("--key-map", action="append", default=[], metavar="OLD=NEW",
@@ -30,6 +33,7 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace, *, progress: bool = True) -> EvalSettings:
     return EvalSettings(device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, text_field=args.text_field,
-                        token_dtype=args.token_dtype, model_config=args.model_config,
+                        token_dtype=args.token_dtype, allow_vocab_mismatch=args.allow_vocab_mismatch,
+                        model_config=args.model_config,
                         model_factory=args.model_factory, key_map=list(args.key_map), batch_size=args.batch_size,
                         max_batch_tokens=args.max_batch_tokens, device_map=args.device_map, progress=progress)

@@ -97,6 +97,10 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
     path = Path(path)
     if not path.exists():
         raise TokenizerError(f"--tokenizer {path}: no such file or folder (tokenizers load from local files only)")
+    if path.is_dir() and not has_tokenizer_files(path):
+        raise TokenizerError(f"--tokenizer {path}: a folder without tokenizer files (looked for "
+                             f"{', '.join(TOKENIZER_FILES)}); pass the folder the tokenizer was saved to "
+                             "(save_pretrained) or its tokenizer.json")
     try:
         hf = _load_hf(path)
     except Exception as exc:  # transformers raises many kinds; the user needs the path and the cause

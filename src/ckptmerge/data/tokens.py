@@ -21,20 +21,34 @@ from ckptmerge.data.corpora import DOMAINS, cache_dir
 from ckptmerge.data.sources import data_kind, iter_pieces, source_digest, source_size
 from ckptmerge.data.text_tokenizer import TextTokenizer, byte_tokenizer, load_tokenizer
 from ckptmerge.data.token_files import dtype_for_vocab, read_token_file, write_token_file
+from ckptmerge.errors import DataError
 
 
 def encode_source(spec: str, tokenizer: TextTokenizer, *, text_field: str = "text",
                   progress: bool = True) -> Iterator[np.ndarray]:
     """Token chunks of the text in ``spec``: documents joined by the tokenizer's separator."""
     bar = progress_bar(source_size(spec), f"tokenize {Path(spec).name}", enabled=progress)
-    separator, first = tokenizer.separator(), True
+    separator, first, count = tokenizer.separator(), True, 0
     for piece in iter_pieces(spec, text_field):
         if piece.starts_document and not first:
             yield separator
         first = False
-        yield tokenizer.encode(piece.text)
+        ids = tokenizer.encode(piece.text)
+        count += len(ids)
+        yield ids
         bar.update(piece.source_bytes)
     bar.close()
+    if count == 0:  # raised inside the writer: no empty cache file is left behind to be blamed later
+        raise DataError(f"{spec}: {_no_text(spec, text_field)}; nothing to score or tokenize. Pass data that holds text")
+
+
+def _no_text(spec: str, text_field: str) -> str:
+    kind = data_kind(spec)
+    if kind == "jsonl":
+        return f"no line has text in field {text_field!r} (the file is empty, or every value is empty)"
+    if kind in ("parquet", "datasets"):
+        return f"no row has text in column {text_field!r} (no rows, or every value is empty or null)"
+    return "the file is empty (or holds only text that encodes to no tokens)"
 
 
 def token_file(spec: str, tokenizer: TextTokenizer | None = None, *, text_field: str = "text",
@@ -51,10 +65,12 @@ def token_file(spec: str, tokenizer: TextTokenizer | None = None, *, text_field:
 
 
 def load_tokens(spec: str, tokenizer: TextTokenizer | None = None, *, text_field: str = "text",
-                token_dtype: str | None = None, progress: bool = True) -> np.ndarray:
-    """Read-only memmap of the tokens of ``spec``: a token file as it is, text through ``tokenizer``."""
+                token_dtype: str | None = None, model_vocab: int | None = None, progress: bool = True) -> np.ndarray:
+    """Read-only memmap of the tokens of ``spec``: a token file as it is, text through ``tokenizer``.
+
+    ``model_vocab``: the embedding rows of the model that reads a token file (``read_token_file``)."""
     if data_kind(spec) == "tokens":
-        return read_token_file(spec, token_dtype)
+        return read_token_file(spec, token_dtype, model_vocab=model_vocab)
     return read_token_file(token_file(spec, tokenizer, text_field=text_field, progress=progress))
 
 

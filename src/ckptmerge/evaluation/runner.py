@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 from ckptmerge.console import progress_bar
-from ckptmerge.data.batches import eval_windows, planned_tokens
+from ckptmerge.data.batches import planned_tokens
 from ckptmerge.data.text_tokenizer import TextTokenizer
 from ckptmerge.errors import TokenizerError
 from ckptmerge.evaluation.distributed import evaluate_sharded
 from ckptmerge.evaluation.evaluator import EvalResult
+from ckptmerge.evaluation.loading import model_vocab_size
 from ckptmerge.evaluation.settings import EvalSettings, byte_lengths, require_tokenizer
 
 MAX_DEFAULT_CONTEXT = 1024
@@ -46,10 +47,11 @@ def evaluate_paths(paths: list[Path], data: list[str], *, n_tokens: int = 32768,
         tokenizer = settings.tokenizer_for(path)
         require_tokenizer(tokenizer, data)  # before the model is loaded: nothing is scored without one
         model = settings.load_model(path)
+        settings.check_tokenizer(tokenizer, model, path)  # the model's own tokenizer, or nothing is scored
         ctx = context or default_context(model)
         results[str(path)] = {}
         for name in data:
-            windows = _windows(window_cache, settings, name, tokenizer, n_tokens, ctx)
+            windows = _windows(window_cache, settings, name, tokenizer, model, n_tokens, ctx)
             results[str(path)][name] = evaluate_sharded(  # one process: exactly evaluate_model
                 model, windows, data=name, batch_size=batch_size, bf16=bf16, max_batch_tokens=settings.max_batch_tokens,
                 byte_lengths=byte_lengths(tokenizer), tokens_requested=planned_tokens(n_tokens, ctx))
@@ -60,8 +62,8 @@ def evaluate_paths(paths: list[Path], data: list[str], *, n_tokens: int = 32768,
 
 
 def _windows(cache: dict, settings: EvalSettings, data: str, tokenizer: TextTokenizer | TokenizerError,
-             n_tokens: int, context: int) -> torch.Tensor:
-    key = (data, getattr(tokenizer, "fingerprint", None), n_tokens, context)
-    if key not in cache:
-        cache[key] = eval_windows(settings.tokens(data, tokenizer), n_tokens=n_tokens, context=context)
+             model: torch.nn.Module, n_tokens: int, context: int) -> torch.Tensor:
+    key = (data, getattr(tokenizer, "fingerprint", None), model_vocab_size(model), n_tokens, context)
+    if key not in cache:  # the vocabulary decides how a token file without sidecar may be read
+        cache[key] = settings.windows(data, tokenizer, model, n_tokens=n_tokens, context=context)
     return cache[key]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ckptmerge.data.batches import eval_windows, planned_tokens
+from ckptmerge.data.batches import planned_tokens
 from ckptmerge.data.text_tokenizer import TextTokenizer
 from ckptmerge.evaluation.devices import resolve_device
 from ckptmerge.evaluation.distributed import evaluate_sharded
@@ -94,8 +94,8 @@ class Scorer:
 
     def windows(self, data: str) -> torch.Tensor:
         if data not in self._windows:
-            tokens = self.settings.tokens(data, self.tokenizer)
-            self._windows[data] = eval_windows(tokens, n_tokens=self.n_tokens, context=self.context)
+            self._windows[data] = self.settings.windows(data, self.tokenizer, self.model, n_tokens=self.n_tokens,
+                                                        context=self.context)
         return self._windows[data]
 
     def load(self, refs: Sequence[CheckpointRef], coeffs: Sequence[float]) -> torch.nn.Module:
@@ -110,6 +110,7 @@ class Scorer:
     def _first_load(self, ref: CheckpointRef) -> None:
         self.tokenizer = self.settings.tokenizer_for(ref.path)  # an error here is raised for text data only
         self.model = self.settings.load_model(ref.path)
+        self.settings.check_tokenizer(self.tokenizer, self.model, ref.path)
         self._context = self._context or default_context(self.model)
 
     def _fitted(self, ref: CheckpointRef) -> dict[str, torch.Tensor]:

@@ -7,10 +7,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ckptmerge.data.batches import eval_windows
 from ckptmerge.data.text_tokenizer import TextTokenizer, resolve_tokenizer
+from ckptmerge.data.token_files import check_ids_below
 from ckptmerge.data.tokens import is_token_file, load_tokens
 from ckptmerge.errors import TokenizerError
-from ckptmerge.evaluation.loading import load_model
+from ckptmerge.evaluation.loading import load_model, model_vocab_size
+from ckptmerge.evaluation.tokenizer_fit import check_tokenizer_fits
 
 
 @dataclass
@@ -21,7 +24,9 @@ class EvalSettings:
     dtype: str = "float32"             # what the model computes in; merges are still accumulated in fp32
     tokenizer: str | None = None       # a folder or tokenizer.json; default: beside the checkpoint
     text_field: str = "text"           # JSONL / Parquet / datasets column holding the text
-    token_dtype: str | None = None     # .bin token files: uint16 or uint32 (default: sidecar, else uint16)
+    token_dtype: str | None = None     # .bin token files: uint16 or uint32 (default: the sidecar; uint16 only
+                                       # when the model's vocabulary fits it)
+    allow_vocab_mismatch: bool = False  # score with a tokenizer whose size does not fit the model (a warning)
     model_config: str | None = None    # HF config folder for raw .pt / DCP checkpoints
     model_factory: str | None = None   # package.module:function returning an nn.Module
     key_map: list[str] = field(default_factory=list)  # OLD=NEW regex renames of checkpoint keys
@@ -43,12 +48,28 @@ class EvalSettings:
                 raise
             return exc
 
-    def tokens(self, data: str, tokenizer: TextTokenizer | TokenizerError) -> np.ndarray:
-        """Token ids of ``data``: token files as they are, text through the model's tokenizer."""
+    def tokens(self, data: str, tokenizer: TextTokenizer | TokenizerError, model_vocab: int | None = None) -> np.ndarray:
+        """Token ids of ``data``: token files as they are (``model_vocab``: the reading model's embedding rows),
+        text through the model's tokenizer."""
         if is_token_file(data):
-            return load_tokens(data, token_dtype=self.token_dtype)
+            return load_tokens(data, token_dtype=self.token_dtype, model_vocab=model_vocab)
         require_tokenizer(tokenizer, [data])
         return load_tokens(data, tokenizer, text_field=self.text_field, progress=self.progress)
+
+    def windows(self, data: str, tokenizer: TextTokenizer | TokenizerError, model: torch.nn.Module | None, *,
+                n_tokens: int, context: int) -> torch.Tensor:
+        """The eval windows of ``data`` for ``model``; a token file's ids must be ids ``tokenizer`` can produce."""
+        vocab = model_vocab_size(model) if model is not None else None
+        windows = eval_windows(self.tokens(data, tokenizer, vocab), n_tokens=n_tokens, context=context)
+        if is_token_file(data) and isinstance(tokenizer, TextTokenizer):
+            check_ids_below(windows, tokenizer.vocab_size, data=data,
+                            what=f"the vocabulary of tokenizer {tokenizer.name} ({tokenizer.vocab_size:,} ids)")
+        return windows
+
+    def check_tokenizer(self, tokenizer: TextTokenizer | TokenizerError, model: torch.nn.Module, path) -> None:
+        """Refuse a tokenizer that is not ``model``'s (``evaluation/tokenizer_fit.py``) before anything is scored."""
+        if isinstance(tokenizer, TextTokenizer):
+            check_tokenizer_fits(tokenizer, model, path, allow_mismatch=self.allow_vocab_mismatch)
 
 
 def require_tokenizer(tokenizer: TextTokenizer | TokenizerError, data: list[str]) -> None:
