@@ -65,8 +65,9 @@ def finish_output(tmp: Path, plan: MergePlan, options: MergeOptions, *, pins: li
     manifest = build_manifest(plan, fingerprints=fingerprints, recipe=recipe, tied=plan.aliases,
                               differing_buffers=differing_buffers, world_size=world_size,
                               stats={**stats, "total_seconds": round(time.monotonic() - started, 4),
-                                     "sidecars_copied": sidecars})
+                                     "sidecars_copied": sidecars.names})
     manifest["options"] = options.record()
+    manifest["tokenizer_from"] = sidecars.tokenizer_from  # the checkpoint, the run directory, or None
     write_manifest(tmp, manifest)
     if options.as_checkpoint:  # every shard is written (by every rank): the trainer's checkpoint beside them
         write_back(newest, tmp)

@@ -218,10 +218,11 @@ class Watcher:
                 for k in names:
                     writer.write(k, tensors[k])
                 writer.close()
-            copy_sidecars(ref.path, tmp, self._out_dtype)
+            sidecars = copy_sidecars(ref.path, tmp, self._out_dtype)  # the tokenizer: checkpoint, else run dir
             if options.as_checkpoint:  # the newest checkpoint's trainer state beside the merged weights
                 write_back(ref, tmp)
             meta = {"step": ref.step, "tokens_seen": ref.tokens_seen, "merged": True,
+                    "tokenizer_from": sidecars.tokenizer_from,
                     "watch": {"schedule": self.cfg.schedule, "last": self.cfg.last, "every": self.cfg.every,
                               "alpha": self.cfg.alpha if self.cfg.schedule == "ema" else None,
                               "window_steps": [step for step, _ in self.state.window],
