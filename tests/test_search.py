@@ -201,7 +201,7 @@ def test_pruning_stops_clearly_worse_trials_and_keeps_the_best(series):
     study_rows = result.trials
     assert len(study_rows) < 12  # some trials were pruned (only complete trials are listed)
     baselines = [r["loss"] for r in study_rows if r["baseline"]]
-    assert len(baselines) == 3
+    assert len(baselines) == 3 and result.best_loss == min(r["loss"] for r in study_rows)
     windows = MergeObjective(refs[-2:], n_tokens=8192).windows(cfg.data)  # a full evaluation, never a pruned head
     assert result.best_loss == pytest.approx(_reference_loss(refs[-2:], result.best_weights, windows), rel=1e-5)
 
