@@ -102,6 +102,8 @@ def run_trials(study, space, objective: MergeObjective, cfg: SearchConfig, *, lo
     """Run trials until the study holds ``cfg.trials`` finished ones: COMPLETE, or PRUNED when pruning is on
     (a pruned trial is finished work; counting only completes could run forever when the sampler keeps
     proposing points that get pruned). Failed trials and the RUNNING trials of dead workers never count.
+    A point already scored (weights within ``WEIGHT_TOLERANCE``) is answered from its trial's record, is not
+    evaluated and does not count; the sampler is asked again (at most ``MAX_REPEATS_IN_A_ROW`` times in a row).
 
     Several workers (processes, machines) may run this on one study: a worker starts a trial only while
     complete + running trials fall short of ``cfg.trials``, and otherwise waits for the running ones, which
@@ -112,20 +114,64 @@ def run_trials(study, space, objective: MergeObjective, cfg: SearchConfig, *, lo
     def evaluate(trial) -> float:
         return _evaluate_trial(trial, study, space, objective, cfg, log)
 
+    repeats = [0]  # this worker's proposals in a row that were points already scored
+
+    def count_repeat(_study, trial) -> None:
+        repeats[0] = repeats[0] + 1 if is_repeat(trial) else 0
+
     bar = progress_bar(cfg.trials, "search", unit="trial", enabled=log is not None)  # the CLI's runs
     while True:
         fail_dead_trials(study, cfg.heartbeat_s)
-        complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        complete = sum(not is_repeat(t) for t in finished)  # distinct points: repeats are answered, not counted
         running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         bar.update(min(complete, cfg.trials) - bar.n)  # trials finished by every worker of the study
-        if complete >= cfg.trials:
+        if complete >= cfg.trials or repeats[0] >= MAX_REPEATS_IN_A_ROW:
             bar.close()
+            if complete < cfg.trials:
+                warnings.warn(f"search: the sampler proposed only points already scored, {repeats[0]} times in a "
+                              f"row; stopping with {complete} distinct points of --trials {cfg.trials}", stacklevel=2)
             return
         if complete + running >= cfg.trials:
             time.sleep(POLL_S)  # the last trials run elsewhere; stay to re-run any whose worker dies
             continue
         with finished_elsewhere():
-            study.optimize(evaluate, n_trials=1, catch=(DuplicateBaseline,))
+            study.optimize(evaluate, n_trials=1, catch=(DuplicateBaseline,), callbacks=[count_repeat])
+
+
+MAX_REPEATS_IN_A_ROW = 50  # the sampler has converged: it keeps asking for points it knows
+WEIGHT_TOLERANCE = 1e-6    # two trials whose merge weights differ by at most this (each) are the same point
+
+
+def is_repeat(trial) -> bool:
+    return trial.user_attrs.get("repeat_of") is not None
+
+
+def _scored_twin(study, coeffs: list[float]):
+    """A finished trial (complete or pruned) whose weights equal ``coeffs`` within ``WEIGHT_TOLERANCE``, or None."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        weights = t.user_attrs.get("coeffs")
+        if weights is not None and len(weights) == len(coeffs) and \
+                all(abs(float(a) - float(b)) <= WEIGHT_TOLERANCE for a, b in zip(weights, coeffs)):
+            return t
+    return None
+
+
+def _answer_from_record(trial, twin, coeffs: list[float], log) -> float:
+    """A repeat of ``twin``: its recorded value (the sampler learns the point is known), and no evaluation."""
+    import optuna
+    from optuna.trial import TrialState
+
+    trial.set_user_attr("repeat_of", twin.number)
+    trial.set_user_attr("coeffs", coeffs)
+    if log:
+        log(f"trial {trial.number}: weights {[round(c, 4) for c in coeffs]} already scored by trial {twin.number}; "
+            "answered from the record, not counted")
+    if twin.state == TrialState.PRUNED:
+        raise optuna.TrialPruned()
+    return twin.value
 
 
 POLL_S = 0.5
@@ -144,6 +190,9 @@ def _evaluate_trial(trial, study, space, objective: MergeObjective, cfg: SearchC
         if goes_first(study, trial, "baseline"):
             raise DuplicateBaseline(baseline)  # failed, not retried; the twin is the baseline's trial
     coeffs = space.coeffs(params)
+    twin = _scored_twin(study, coeffs) if baseline is None else None
+    if twin is not None:
+        return _answer_from_record(trial, twin, coeffs, log)
     if cfg.objective.startswith("lm-eval:"):
         return _task_value(trial, objective, coeffs, cfg, log)
     stop = _pruning_rule(study, cfg) if baseline is None else None
@@ -216,4 +265,4 @@ def trial_rows(study) -> list[dict]:
              "stderr": t.user_attrs.get("stderr"), "baseline": t.user_attrs.get("baseline"),
              "nats_per_token": t.user_attrs.get("nats_per_token"), "bits_per_byte": t.user_attrs.get("bits_per_byte"),
              "task_score": t.user_attrs.get("task_score")}
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not is_repeat(t)]
