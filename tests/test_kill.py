@@ -117,7 +117,7 @@ def test_killed_merges_leave_nothing_and_the_next_run_cleans_up(tmp_path):
 TRAIN_FLAGS = ["--preset", "tiny", "--max-steps", "8", "--lr", "3e-3", "--warmup-steps", "2", "--batch-size", "4",
                "--context", "32", "--save-every", "4", "--log-every", "1", "--seed", "3", "--quiet"]
 TRAIN_POINTS = {
-    "between checkpoints": ("ckptmerge.train.trainer:_train_step", "before", 6),
+    "between checkpoints": ("ckptmerge.train.loop:train_step", "before", 6),
     "inside a checkpoint save": ("ckptmerge.train.checkpointing:torch.save", "before", 2),
     "right after a checkpoint": ("ckptmerge.train.trainer:save_checkpoint", "after", 1),
 }

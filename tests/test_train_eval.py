@@ -13,6 +13,7 @@ from ckptmerge import discover  # noqa: E402
 from ckptmerge.data.batches import eval_windows, train_batch  # noqa: E402
 from ckptmerge.data.tokens import load_tokens  # noqa: E402
 from ckptmerge.evaluation.evaluator import evaluate_model, load_model, paired_difference  # noqa: E402
+from ckptmerge.train import loop as loop_mod  # noqa: E402
 from ckptmerge.train import trainer as trainer_mod  # noqa: E402
 from ckptmerge.train.lr_schedules import LrSchedule  # noqa: E402
 from ckptmerge.train.trainer import TrainConfig, train  # noqa: E402
@@ -37,17 +38,17 @@ def tiny_config(corpus, **kw):
 
 def kill_then_resume(config, run_dir, kill_at_step, monkeypatch):
     """Run ``config`` until the update of ``kill_at_step`` raises (like Ctrl-C), then ``--resume`` it."""
-    real_step = trainer_mod._train_step
+    real_step = loop_mod.train_step
 
-    def dying_step(cfg, state, tokens, step):
-        if step == kill_at_step:
+    def dying_step(cfg, state, tokens, lr):
+        if state.step == kill_at_step:
             raise KeyboardInterrupt
-        return real_step(cfg, state, tokens, step)
+        return real_step(cfg, state, tokens, lr)
 
-    monkeypatch.setattr(trainer_mod, "_train_step", dying_step)
+    monkeypatch.setattr(loop_mod, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         train(config, run_dir, progress=False)
-    monkeypatch.setattr(trainer_mod, "_train_step", real_step)
+    monkeypatch.setattr(loop_mod, "train_step", real_step)
     train(config, run_dir, resume=True, progress=False)
 
 
