@@ -359,11 +359,11 @@ def test_float16_overflow_is_refused_unless_allowed(tmp_path, capsys):
         (run_dir / f"step-{step:06d}").mkdir(parents=True)
         save_file({"w": torch.full((4,), 1e5)}, run_dir / f"step-{step:06d}" / "model.safetensors")
     before = tree_digest(run_dir)
-    code, err = run_cli(capsys, "merge", run_dir, "-o", tmp_path / "out", "--dtype", "float16", "--quiet")
+    code, err = run_cli(capsys, "merge", run_dir, "-o", tmp_path / "out", "--out-dtype", "float16", "--quiet")
     assert_failed_closed(code, err, tmp_path, before, run_dir, names=("'w'", "float16", "--allow-nonfinite"))
-    code, _ = run_cli(capsys, "merge", run_dir, "-o", tmp_path / "new" / "deeper" / "out", "--dtype", "float16")
+    code, _ = run_cli(capsys, "merge", run_dir, "-o", tmp_path / "new" / "deeper" / "out", "--out-dtype", "float16")
     assert code == 2 and not (tmp_path / "new").exists()  # folders made for the output are removed again
-    code, _ = run_cli(capsys, "merge", run_dir, "-o", tmp_path / "out", "--dtype", "float16", "--allow-nonfinite",
+    code, _ = run_cli(capsys, "merge", run_dir, "-o", tmp_path / "out", "--out-dtype", "float16", "--allow-nonfinite",
                       "--quiet")
     assert code == 0
     from safetensors.torch import load_file

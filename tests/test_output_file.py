@@ -225,7 +225,7 @@ def test_merge_writes_the_same_bytes_by_pwrite_maps_and_direct_io(tmp_path, monk
         monkeypatch.setattr(output_mod, "MAPPED_BELOW_BYTES_PER_S", slow_below)  # 0: pwrite is never slow
         monkeypatch.setattr(output_mod, "PROBE_WRITES", probes)  # 0: map from the first large write
         assert main(["merge", str(tmp_path / "run"), "-o", str(tmp_path / name), "--quiet", "--chunk-size", "4MB",
-                     "--dtype", dtype, "--schedule", "ema", "--alpha", "0.3", *flags]) == 0
+                     "--out-dtype", dtype, "--schedule", "ema", "--alpha", "0.3", *flags]) == 0
     probe = output_mod._DirectWrites.open(tmp_path / "direct" / "model.safetensors")
     if probe is not None:  # this filesystem takes O_DIRECT: the direct merge used it
         probe.close()

@@ -1,5 +1,6 @@
 """``watch`` keeps a merge equal to the offline merge of the same window, across its own restarts."""
 
+import json
 import os
 import time
 
@@ -22,11 +23,12 @@ def add_checkpoint(run, step, seed, age_s=60.0):
     return folder
 
 
-def assert_same_as_offline(tmp_path, run, out, schedule, n=None, **params):
+def assert_same_as_offline(tmp_path, run, out, schedule, n=None, folder="", **params):
     refs = discover(run).checkpoints
     refs = select_last(refs, n) if n else refs
     merge(refs, compute_coeffs(schedule, refs, **params), tmp_path / "offline", progress=False, force=True)
-    offline, watched = open_checkpoint(tmp_path / "offline"), open_checkpoint(out / "current")
+    watched_dir = out / "current" if (out / "current").exists() else out / folder
+    offline, watched = open_checkpoint(tmp_path / "offline"), open_checkpoint(watched_dir)
     assert set(offline.keys()) == set(watched.keys())
     for name in offline.keys():
         torch.testing.assert_close(watched.get(name), offline.get(name), rtol=1e-5, atol=1e-6, msg=name)
@@ -36,22 +38,23 @@ def test_sliding_sma_survives_restart_and_equals_offline_window(tmp_path):
     run, out = tmp_path / "run", tmp_path / "watch"
     for i in range(4):
         add_checkpoint(run, 100 * (i + 1), seed=i)
-    cfg = WatchConfig(str(run), str(out), schedule="sma", last=3, recompute_every=3, settle_s=1.0)
+    cfg = WatchConfig(str(run), str(out), methods=["sma:n=3"], settle_s=1.0)
     assert Watcher(cfg).poll() == [100, 200, 300, 400]
     assert_same_as_offline(tmp_path, run, out, "sma", n=3)
     for i in range(4, 9):  # the run goes on; a new watch process picks up where the old one stopped
         add_checkpoint(run, 100 * (i + 1), seed=i)
     assert Watcher(cfg).poll() == [500, 600, 700, 800, 900]
     assert_same_as_offline(tmp_path, run, out, "sma", n=3)
-    lines = (out / "watch.jsonl").read_text().splitlines()
-    assert len(lines) == 9 and '"window": [700, 800, 900]' in lines[-1]
+    state = json.loads((out / ".watch-state.json").read_text())
+    assert [s["step"] for s in state["seen"]] == [100 * (i + 1) for i in range(9)]
+    assert state["methods"]["sma-n=3"]["done_through"] == 900
 
 
 def test_ema_equals_offline_ema_over_every_checkpoint(tmp_path):
     run, out = tmp_path / "run", tmp_path / "watch"
     for i in range(5):
         add_checkpoint(run, 10 * (i + 1), seed=i)
-    Watcher(WatchConfig(str(run), str(out), schedule="ema", alpha=0.3, settle_s=1.0)).poll()
+    Watcher(WatchConfig(str(run), str(out), methods=["ema:alpha=0.3"], settle_s=1.0)).poll()
     assert_same_as_offline(tmp_path, run, out, "ema", alpha=0.3)
 
 
@@ -71,11 +74,11 @@ def test_checkpoint_still_being_written_is_not_read(tmp_path):
 def test_changed_settings_on_restart_are_refused(tmp_path):
     run, out = tmp_path / "run", tmp_path / "watch"
     add_checkpoint(run, 100, seed=0)
-    Watcher(WatchConfig(str(run), str(out), last=3, settle_s=1.0)).poll()
+    Watcher(WatchConfig(str(run), str(out), methods=["sma:n=3"], settle_s=1.0)).poll()
     from ckptmerge.errors import CkptMergeError
 
-    with pytest.raises(CkptMergeError, match="last=3"):
-        Watcher(WatchConfig(str(run), str(out), last=4, settle_s=1.0))
+    with pytest.raises(CkptMergeError, match="sma:n=3"):
+        Watcher(WatchConfig(str(run), str(out), methods=["sma:n=4"], settle_s=1.0))
 
 
 def test_watch_cli_once(tmp_path):
@@ -116,11 +119,10 @@ def test_watch_old_flags_still_work_with_one_notice_each(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--method", "wma"], "watch supports the methods sma and ema, not 'wma'"),
-    (["--method", "sma", "--method", "ema:alpha=0.2"], "give one --method, not 2"),
-    (["--method", "ema:half_life=100"], "watch's ema takes alpha"),
-    (["--method", "ema:alpha=0.2", "--last", "3"], "n (--last) applies to sma only"),
-    (["--method", "sma:n=3", "--last", "4"], "--last 4 disagrees with n=3"),
+    (["--method", "wma:alpha=0.2"], "wma takes n, every, not 'alpha'"),
+    (["--method", "sma", "--method", "sma"], "the same method twice"),
+    (["--method", "ema:alpha=0.2", "--last", "3"], "for a window EMA write ema:alpha=A,n=3"),
+    (["--method", "sma:n=3", "--last", "4"], "--last 4 disagrees with n in --method sma:n=3"),
     (["--method", "sma", "--schedule", "ema"], "without the old --schedule / --alpha"),
     (["--schedule", "sma", "--alpha", "0.2"], "sma takes none"),
 ])
@@ -129,4 +131,4 @@ def test_watch_refuses_what_it_cannot_do_in_one_line(tmp_path, capsys, flags, wo
     assert main(["watch", str(tmp_path / "run"), "-o", str(tmp_path / "w"), *flags, "--once"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and words in errors[0], errors
-    assert not (tmp_path / "w" / "current").exists()
+    assert not (tmp_path / "w" / "current").exists() and not list((tmp_path / "w").glob("sma*"))

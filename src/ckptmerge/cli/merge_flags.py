@@ -34,12 +34,13 @@ _FLAGS = {
 OPTION_FIELDS = {"max_shard_size": "max_shard_bytes", "chunk_size": "chunk_bytes"}  # flag dest -> MergeOptions field
 
 
-def add_output_flags(group, names=tuple(_FLAGS)) -> None:
-    """Add the MergeOptions flags ``names`` (flag destinations) to an argparse group or parser."""
+def add_output_flags(group, names=tuple(_FLAGS), *, old_spellings: bool = True) -> None:
+    """Add the MergeOptions flags ``names`` (flag destinations) to an argparse group or parser; with
+    ``old_spellings``, merge's earlier ``--dtype`` for ``--out-dtype`` too (watch's --dtype is the eval's)."""
     for name in names:
         flags, kwargs = _FLAGS[name]
         group.add_argument(*flags, dest=name, **kwargs)
-    if "out_dtype" in names:
+    if "out_dtype" in names and old_spellings:
         add_renamed(group, "--dtype", "--out-dtype")
 
 

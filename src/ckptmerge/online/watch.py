@@ -1,136 +1,255 @@
-"""``ckptmerge watch``: keep a merged model of a run up to date while the run trains.
+"""``ckptmerge watch``: keep merged models of a run up to date while the run trains, and log them beside it.
 
-    ckptmerge watch runs/a -o runs/a-watch --method sma:n=5,every=100 --data shakespeare-val
+    ckptmerge watch runs/a -o runs/a-watch --method sma:n=5 --method ema:half_life=2000 \\
+        --method minus_sqrt:n=8 --every 500 --data held.jsonl --log tensorboard:runs/a/tb
 
-- ``ema`` (``--method ema:alpha=A``): M <- alpha * theta_new + (1 - alpha) * M, seeded with the first checkpoint
-  watched: one read per new checkpoint; equals the offline ``ema`` schedule over every checkpoint seen.
-- ``sma`` (``--method sma:n=N``, or ``--last N``): a sliding window; the running sum adds the newest checkpoint and subtracts the
-  one leaving (two reads per update), and is recomputed exactly every ``--recompute-every`` updates so
-  floating-point drift stays bounded. Equals the offline ``sma`` of the same window.
+For every new checkpoint on the ``--every`` grid (step % V == 0) whose files have not changed for
+``--settle-s`` seconds and open as a complete checkpoint, in step order:
 
-Only checkpoints on the ``every`` grid (step % V == 0) are taken. A checkpoint is read only once its
-files have not changed for ``--settle-s`` seconds (and open as a complete checkpoint), so one still being
-written is never read. Each update is published atomically to ``OUT/current``; held-out loss of the
-newest raw checkpoint and of the merge goes to ``OUT/watch.jsonl``; the state in ``OUT/.watch-state.pt``
-lets a restarted ``watch`` continue where it stopped.
+1. it is mirrored under ``OUT/.retained`` (hard links; online/retain.py), so a trainer that deletes old
+   checkpoints (``save_total_limit``) never takes one a window still needs;
+2. every method's ``OUT/<method>/`` is rewritten by the streaming merge engine (online/watch_methods.py):
+   a window method merges its last n checkpoints, a running EMA folds the new checkpoint into its fp32 state
+   on disk; either way the folder equals the offline ``merge`` of the same checkpoints, in bounded memory;
+3. with ``--data``, the raw checkpoint and every method are evaluated on the same windows (the evaluation
+   settings of ``eval``), with each method's paired difference to the raw checkpoint and its standard error;
+4. ``OUT/watch.jsonl`` is rewritten and every ``--log`` tracker is sent the steps it does not hold yet.
+
+``OUT/.watch-state.json`` (online/watch_state.py) is rewritten after every piece of work: a watch killed at any
+moment and restarted redoes only what was not recorded, and sends no tracker a step twice. A method that fails,
+a tracker that fails, a run directory that disappears or a checkpoint that never settles is reported and the
+rest goes on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import time
-from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from ckptmerge.errors import CkptMergeError, ConfigError, NonFiniteTensorError
+from ckptmerge.errors import CkptMergeError, ConfigError
 from ckptmerge.io.dispatch import open_checkpoint
 from ckptmerge.io.fingerprint import checkpoint_files
-from ckptmerge.io.publish import atomic_file, atomic_folder
-from ckptmerge.io.safetensors_writer import StreamingSafetensorsWriter
-from ckptmerge.io.sidecars import copy_sidecars
-from ckptmerge.io.tensor_info import TensorInfo
+from ckptmerge.io.publish import atomic_file
 from ckptmerge.merging.checkpoint import CheckpointRef
-from ckptmerge.merging.discover import META_FILE, discover
-from ckptmerge.merging.handback import check_write_back, write_back
-from ckptmerge.merging.method_spec import MethodSpec
+from ckptmerge.merging.discover import discover
+from ckptmerge.merging.method_spec import MethodSpec, parse_method
 from ckptmerge.merging.options import MergeOptions
+from ckptmerge.online.retain import readable_path, release, retain
+from ckptmerge.online.watch_methods import WatchMethod, drop_states, publish_window, update_running
+from ckptmerge.online.watch_state import MethodProgress, WatchState, load_state, save_state
 
-STATE_FILE = ".watch-state.pt"
 LOG_FILE = "watch.jsonl"
+UNSETTLED_GRACE = 10  # a checkpoint still changing 10 x --settle-s after a newer one settled is skipped (reported)
 
 
 @dataclass
 class WatchConfig:
     run_dir: str
     output: str
-    schedule: str = "sma"
-    last: int = 5
-    every: int | None = None
-    alpha: float = 0.2
+    methods: list[str] = field(default_factory=lambda: ["sma:n=5"])  # the method language (merging/method_spec.py)
+    every: int | None = None                       # only checkpoints with step % every == 0
     data: list[str] = field(default_factory=list)  # held-out data scored after each update
     tokens: int = 16384                            # held-out tokens per data set
     poll_s: float = 30.0
     settle_s: float = 10.0
-    recompute_every: int = 8
     tokens_per_step: int | None = None
-    options: MergeOptions = field(default_factory=MergeOptions)  # out_dtype, shards, hand-back, ... of current/
+    options: MergeOptions = field(default_factory=MergeOptions)  # out_dtype, shards, hand-back, ... of OUT/<method>
+    eval_settings: object | None = None            # evaluation.settings.EvalSettings (default: its defaults)
+    log: list[str] = field(default_factory=list)   # trackers: tensorboard:DIR, mlflow[:URI], wandb[:PROJECT]
+    wandb_run_id: str | None = None
+
+    def settings(self) -> dict:
+        """What a restarted watch must be given again (compared with the saved state)."""
+        return {"run_dir": str(Path(self.run_dir).resolve()), "methods": list(self.methods), "every": self.every,
+                "data": list(self.data), "tokens": self.tokens}
 
 
-WATCH_METHODS = ("sma", "ema")
-# MergeOptions that watch cannot honour (it merges in memory on the CPU and writes no merge.json): refused.
-UNSUPPORTED_OPTIONS = {"device": "watch accumulates on the CPU", "chunk_bytes": "watch merges whole tensors",
-                       "hash": "watch writes no merge.json"}
-
-
-def watch_config(run_dir: str, output: str, method: MethodSpec, **options) -> WatchConfig:
-    """A ``WatchConfig`` from a parsed method (``sma:n=5,every=100``, ``ema:alpha=0.2``); refuses what watch lacks."""
-    if method.name not in WATCH_METHODS:
-        raise ConfigError(f"watch supports the methods {' and '.join(WATCH_METHODS)}, not {str(method)!r}; "
-                          f"merge other schedules with `ckptmerge merge`")
-    allowed = {"sma": set(), "ema": {"alpha"}}[method.name]
-    if set(method.params) - allowed or (method.name == "ema" and "alpha" not in method.params):
-        raise ConfigError(f"watch method {str(method)!r}: watch's {method.name} takes "
-                          f"{'alpha (ema:alpha=0.2)' if allowed else 'no parameters'} besides n and every")
-    if method.name == "ema" and method.n is not None:
-        raise ConfigError(f"watch method {str(method)!r}: watch's ema runs over every checkpoint seen; "
-                          f"n (--last) applies to sma only")
-    window = {"last": method.n} if method.n is not None else {}
-    return WatchConfig(run_dir, output, schedule=method.name, every=method.every,
-                       alpha=method.params.get("alpha", 0.2), **window, **options)
-
-
-@dataclass
-class _WatchState:
-    window: deque = field(default_factory=deque)  # (step, path) of the checkpoints in the merge
-    total: dict = field(default_factory=dict)     # running sum (sma) or running average (ema), fp32
-    other: dict = field(default_factory=dict)     # non-float tensors of the newest checkpoint
-    last_step: int = -1
-    since_recompute: int = 0
+def watch_config(run_dir: str, output: str, methods: list[MethodSpec], **options) -> WatchConfig:
+    """A ``WatchConfig`` from parsed methods (``sma:n=5,every=100``, ``ema:alpha=0.2``, ``minus_sqrt:n=8``)."""
+    labels = [WatchMethod(m).label for m in methods]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"watch: the same method twice ({', '.join(labels)}); give each --method once")
+    return WatchConfig(run_dir, output, methods=[str(m) for m in methods], **options)
 
 
 class Watcher:
     def __init__(self, cfg: WatchConfig):
-        if cfg.schedule not in WATCH_METHODS:
-            raise CkptMergeError(f"watch supports the methods sma and ema, not {cfg.schedule!r}")
-        refused = [f"{k} ({why})" for k, why in UNSUPPORTED_OPTIONS.items() if k in cfg.options.changed()]
-        if refused:
-            raise ConfigError(f"watch cannot honour the merge option(s) {'; '.join(refused)}; leave them at their "
-                              f"defaults or use `ckptmerge merge`")
-        self._out_dtype, self._accum_dtype = cfg.options.torch_dtypes()
-        self.cfg = cfg
-        self.out = Path(cfg.output)
-        self.state = self._load_state()
+        self.cfg, self.out, self.run_dir = cfg, Path(cfg.output), Path(cfg.run_dir)
+        self.methods = [WatchMethod(parse_method(m)) for m in cfg.methods]
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.state = load_state(self.out, cfg.settings())
+        for method in self.methods:
+            self.state.methods.setdefault(method.label, MethodProgress())
+        self._trackers: dict[str, object] = {}
+        self._pending_since: dict[int, float] = {}
+        self._reported: set[str] = set()
+        self.log = print
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def run(self, *, once: bool = False, log=print) -> None:
+        self.log = log
+        try:
+            while True:
+                for step in self.poll():
+                    done = [m.label for m in self.methods if self.state.methods[m.label].done_through >= step]
+                    log(f"watch: step {step} -> {', '.join(done) or 'no method'} in {self.out}")
+                if once:
+                    self._raise_if_failed()
+                    return
+                time.sleep(self.cfg.poll_s)
+        finally:
+            self.close()
 
     def poll(self) -> list[int]:
-        """Fold in every new, settled checkpoint; returns the steps processed."""
-        done = []
+        """Take in every new, settled checkpoint; returns the steps taken in."""
+        taken = []
         for ref in self._ready():
-            self._fold(ref)
-            self._publish(ref)
-            self._save_state()
-            self._log(ref)
-            done.append(ref.step)
-        return done
+            self._take(ref)
+            taken.append(ref.step)
+        if not taken and self.state.seen:
+            self._update_methods()  # retry methods that failed on the newest checkpoint
+        self._send_to_trackers()
+        return taken
 
-    def run(self, *, once: bool = False, log=print) -> None:
-        while True:
-            for step in self.poll():
-                log(f"watch: merged up to step {step} -> {self.out / 'current'}")
-            if once:
-                return
-            time.sleep(self.cfg.poll_s)
+    def _raise_if_failed(self) -> None:
+        """``--once``: a method left behind by an error makes the command fail (exit 2), naming each."""
+        failed = {label: p.error for label, p in self.state.methods.items() if p.error}
+        if failed:
+            raise CkptMergeError("; ".join(f"{label}: {error}" for label, error in failed.items()))
 
-    # --- finding checkpoints --------------------------------------------------------------------
+    def close(self) -> None:
+        for tracker in self._trackers.values():
+            try:
+                tracker.close()
+            except Exception as exc:  # noqa: BLE001 - a tracker never stops the watch
+                self._report(f"{tracker.name}: close failed: {exc}")
+        self._trackers.clear()
+
+    # --- one checkpoint ---------------------------------------------------------------------------
+    def _take(self, ref: CheckpointRef) -> None:
+        retain(ref.path, self.run_dir, self.out)
+        self.state.seen.append({"step": ref.step, "tokens_seen": ref.tokens_seen, "path": str(ref.path)})
+        self._save()
+        self._update_methods()
+        if self.cfg.data and str(ref.step) not in self.state.evals:
+            self._evaluate(ref)
+        self._prune()
+
+    def _update_methods(self) -> None:
+        for method in self.methods:
+            progress = self.state.methods[method.label]
+            try:
+                if method.running:
+                    self._fold_pending(method, progress)
+                else:
+                    self._publish_window(method, progress)
+                progress.error = None
+            except (CkptMergeError, OSError) as exc:  # this method waits; the others go on
+                progress.error = str(exc)
+                self._report(f"{method.label}: {exc}")
+            self._save()
+        self._point_current()
+
+    def _publish_window(self, method: WatchMethod, progress: MethodProgress) -> None:
+        window = [self._readable(r) for r in method.select(self.state.history())]
+        if not window or window[-1].step <= progress.done_through:
+            return  # no new checkpoint on this method's grid
+        publish_window(method, window, self.out / method.label, self.cfg.options,
+                       recipe=self._recipe(method, window))
+        progress.done_through = window[-1].step
+
+    def _fold_pending(self, method: WatchMethod, progress: MethodProgress) -> None:
+        """Fold every checkpoint the running EMA has not seen yet, oldest first (none may be skipped)."""
+        for ref in method.series(self.state.history()):
+            if ref.step <= progress.done_through:
+                continue
+            new = self._readable(ref)
+            state = update_running(method, progress.state_ref(), new, self.out, self.cfg.options,
+                                   recipe=self._recipe(method, [new]))
+            progress.done_through = ref.step
+            progress.state_path, progress.state_step, progress.state_tokens = str(state.path), state.step, state.tokens_seen
+            self._save()
+            drop_states(self.out, method, keep=state.path)
+
+    def _recipe(self, method: WatchMethod, window: list[CheckpointRef]) -> dict:
+        return {"watch": {"method": str(method.spec), "run_dir": str(self.run_dir), "window_steps": [r.step for r in window]}}
+
+    def _readable(self, ref: CheckpointRef) -> CheckpointRef:
+        return dataclasses.replace(ref, path=readable_path(ref.path, self.run_dir, self.out))
+
+    # --- evaluation, trackers ---------------------------------------------------------------------
+    def _evaluate(self, ref: CheckpointRef) -> None:
+        from ckptmerge.online.watch_eval import evaluate_step
+
+        outputs = {m.label: self.out / m.label for m in self.methods
+                   if self.state.methods[m.label].done_through == ref.step}
+        try:
+            metrics = evaluate_step(self._readable(ref).path, outputs, self.cfg.data, tokens=self.cfg.tokens,
+                                    settings=self.cfg.eval_settings)
+        except (CkptMergeError, OSError) as exc:
+            self._report(f"evaluation at step {ref.step}: {exc}")
+            return
+        if ref.tokens_seen is not None:
+            metrics["eval/tokens_seen"] = float(ref.tokens_seen)
+        self.state.evals[str(ref.step)] = metrics
+        self._save()
+        self._write_log()
+
+    def _send_to_trackers(self) -> None:
+        from ckptmerge.online.trackers import make_tracker
+
+        for spec in self.cfg.log:
+            try:
+                tracker = self._trackers.get(spec) or make_tracker(spec, self.out, wandb_run_id=self.cfg.wandb_run_id)
+                if spec not in self._trackers:
+                    self._trackers[spec] = tracker
+                    held = tracker.logged_steps()  # what a killed watch sent before its ledger was saved
+                    ledger = set(self.state.logged.get(spec, [])) | (held or set())
+                    self.state.logged[spec] = sorted(ledger)
+                for step in sorted(int(s) for s in self.state.evals):
+                    if step not in self.state.logged[spec]:
+                        tracker.log(step, self.state.evals[str(step)])
+                        self.state.logged[spec].append(step)
+                        self._save()
+            except ConfigError:
+                raise  # a bad --log value or a missing extra: the user's to fix
+            except Exception as exc:  # noqa: BLE001 - network down, bad key: reported, the merges go on
+                self._trackers.pop(spec, None)
+                self._report(f"{spec}: logging failed ({type(exc).__name__}: {exc}); retried at the next update")
+
+    # --- finding checkpoints ----------------------------------------------------------------------
     def _ready(self) -> list[CheckpointRef]:
-        found = discover(self.cfg.run_dir, tokens_per_step=self.cfg.tokens_per_step, skip_unparsable=True)
-        return [r for r in found.checkpoints if r.step > self.state.last_step and self._on_grid(r.step)
-                and self._settled(r.path)]
+        try:
+            found = discover(self.run_dir, tokens_per_step=self.cfg.tokens_per_step, skip_unparsable=True)
+        except (CkptMergeError, OSError) as exc:
+            self._report(f"{self.run_dir}: cannot list the run ({exc}); looking again in {self.cfg.poll_s:g} s")
+            return []
+        ready = []
+        for ref in found.checkpoints:
+            if ref.step <= self.state.last_step or not _on_grid(ref.step, self.cfg.every):
+                continue
+            if self._settled(ref.path):
+                ready.append(ref)
+                continue
+            if not self._give_up_on(ref, found.checkpoints):
+                break  # take checkpoints in step order: wait for this one
+        return ready
 
-    def _on_grid(self, step: int) -> bool:
-        return self.cfg.every is None or step % self.cfg.every == 0
+    def _give_up_on(self, ref: CheckpointRef, everything: list[CheckpointRef]) -> bool:
+        """True (reported once) when ``ref`` still changes long after a newer checkpoint settled."""
+        newer_settled = any(r.step > ref.step and self._settled(r.path) for r in everything)
+        if not newer_settled:
+            return False
+        since = self._pending_since.setdefault(ref.step, time.monotonic())
+        if time.monotonic() - since < UNSETTLED_GRACE * self.cfg.settle_s:
+            return False
+        self._report(f"{ref.path}: still changing {UNSETTLED_GRACE} x --settle-s after a newer checkpoint settled; "
+                     f"skipped")
+        return True
 
     def _settled(self, path: Path) -> bool:
         try:
@@ -145,142 +264,43 @@ class Watcher:
             return False
         return True
 
-    # --- the running merge ----------------------------------------------------------------------
-    def _fold(self, ref: CheckpointRef) -> None:
-        s = self.state
-        reader = open_checkpoint(ref.path)
-        try:
-            new = {k: reader.get(k) for k in reader.keys() if reader.info(k).is_float}
-            if not s.total:
-                s.total = {k: v.to(self._accum_dtype, copy=True) for k, v in new.items()}
-            elif self.cfg.schedule == "ema":
-                torch._foreach_lerp_([s.total[k] for k in new], [self._accum(v) for v in new.values()],
-                                     self.cfg.alpha)
-            else:
-                torch._foreach_add_([s.total[k] for k in new], [self._accum(v) for v in new.values()])
-            s.other = {k: reader.get(k).clone() for k in reader.keys() if not reader.info(k).is_float}
-            self._dtypes = {k: reader.info(k).dtype for k in reader.keys()}  # of the newest: the output's dtypes
-        finally:
-            reader.close()
-        s.window.append((ref.step, str(ref.path)))
-        s.last_step = ref.step
-        if self.cfg.schedule == "sma":
-            self._slide()
+    # --- bookkeeping ------------------------------------------------------------------------------
+    def _prune(self) -> None:
+        """Release retained checkpoints no window and no lagging running EMA can reach again."""
+        history = self.state.history()
+        keep = {r.path for m in self.methods if not m.running for r in m.select(history)}
+        for method in self.methods:
+            behind = self.state.methods[method.label].done_through
+            keep |= {r.path for r in method.series(history) if r.step > behind}
+        keep.add(history[-1].path)
+        for ref in history:
+            if ref.path not in keep:
+                release(ref.path, self.run_dir, self.out)
 
-    def _slide(self) -> None:
-        s = self.state
-        if len(s.window) > self.cfg.last:
-            _, leaving = s.window.popleft()
-            reader = open_checkpoint(leaving)
-            try:
-                torch._foreach_sub_([s.total[k] for k in s.total], [self._accum(reader.get(k)) for k in s.total])
-            finally:
-                reader.close()
-        s.since_recompute += 1
-        if s.since_recompute >= self.cfg.recompute_every:
-            self._recompute()
+    def _point_current(self) -> None:
+        """With one method, ``OUT/current`` points at its folder (what watch wrote before it kept several)."""
+        if len(self.methods) != 1 or not (self.out / self.methods[0].label).exists():
+            return
+        link = self.out / "current"
+        if link.is_symlink() and os.readlink(link) == self.methods[0].label:
+            return
+        partial = self.out / ".current.partial"
+        partial.unlink(missing_ok=True)
+        partial.symlink_to(self.methods[0].label)
+        os.replace(partial, link)
 
-    def _recompute(self) -> None:
-        """Exact sum over the window, to bound the drift of adding and subtracting."""
-        s = self.state
-        fresh = {k: torch.zeros_like(v) for k, v in s.total.items()}
-        for _, path in s.window:
-            reader = open_checkpoint(path)
-            try:
-                torch._foreach_add_([fresh[k] for k in fresh], [self._accum(reader.get(k)) for k in fresh])
-            finally:
-                reader.close()
-        s.total, s.since_recompute = fresh, 0
+    def _write_log(self) -> None:
+        lines = [json.dumps({"step": int(step), **metrics}) for step, metrics in
+                 sorted(self.state.evals.items(), key=lambda item: int(item[0]))]
+        with atomic_file(self.out / LOG_FILE) as tmp:
+            Path(tmp).write_text("".join(line + "\n" for line in lines))
 
-    def _accum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(self._accum_dtype)
+    def _save(self) -> None:
+        save_state(self.out, self.state)
 
-    def merged(self) -> dict[str, torch.Tensor]:
-        s = self.state
-        if self.cfg.schedule == "ema":
-            return dict(s.total)
-        return {k: v / len(s.window) for k, v in s.total.items()}
-
-    # --- publishing, logging, state -------------------------------------------------------------
-    def _publish(self, ref: CheckpointRef) -> None:
-        options = self.cfg.options
-        if options.as_checkpoint:
-            check_write_back(ref)
-        merged = {k: v.to(self._out_dtype or self._dtypes[k]) for k, v in self.merged().items()}
-        if not options.allow_nonfinite:
-            _check_finite(merged, ref)
-        tensors = {**merged, **self.state.other}
-        names = sorted(tensors)
-        with atomic_folder(self.out / "current", force=True) as tmp:
-            entries = [(k, TensorInfo(tensors[k].dtype, tuple(tensors[k].shape))) for k in names]
-            with StreamingSafetensorsWriter(tmp, entries, max_shard_bytes=options.max_shard_bytes,
-                                            direct_io=options.direct_io) as writer:
-                for k in names:
-                    writer.write(k, tensors[k])
-                writer.close()
-            sidecars = copy_sidecars(ref.path, tmp, self._out_dtype)  # the tokenizer: checkpoint, else run dir
-            if options.as_checkpoint:  # the newest checkpoint's trainer state beside the merged weights
-                write_back(ref, tmp)
-            meta = {"step": ref.step, "tokens_seen": ref.tokens_seen, "merged": True,
-                    "tokenizer_from": sidecars.tokenizer_from,
-                    "watch": {"schedule": self.cfg.schedule, "last": self.cfg.last, "every": self.cfg.every,
-                              "alpha": self.cfg.alpha if self.cfg.schedule == "ema" else None,
-                              "window_steps": [step for step, _ in self.state.window],
-                              "options": self.cfg.options.record()}}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-
-    def _log(self, ref: CheckpointRef) -> None:
-        record = {"step": ref.step, "window": [step for step, _ in self.state.window], "time": time.time()}
-        if self.cfg.data:
-            from ckptmerge.evaluation.runner import evaluate_paths
-
-            results = evaluate_paths([ref.path, self.out / "current"], self.cfg.data, n_tokens=self.cfg.tokens)
-            raw, merged = results.values()
-            record.update({f"raw_{d}": r.loss for d, r in raw.items()})
-            record.update({f"merged_{d}": r.loss for d, r in merged.items()})
-        with open(self.out / LOG_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def _save_state(self) -> None:
-        s = self.state
-        payload = {"config": asdict(self.cfg), "window": [list(w) for w in s.window], "total": s.total,
-                   "other": s.other, "last_step": s.last_step, "since_recompute": s.since_recompute}
-        with atomic_file(self.out / STATE_FILE) as tmp:
-            torch.save(payload, tmp)
-
-    def _load_state(self) -> _WatchState:
-        path = self.out / STATE_FILE
-        self.out.mkdir(parents=True, exist_ok=True)
-        if not path.is_file():
-            return _WatchState()
-        saved = _read_state_file(path)
-        for key in ("schedule", "last", "every", "alpha"):
-            if saved["config"][key] != getattr(self.cfg, key):
-                raise CkptMergeError(f"{path}: this watch was started with {key}={saved['config'][key]!r}; "
-                                     f"use the same settings or a new -o folder")
-        started = saved["config"].get("options", {}).get("accum_dtype", "float32")
-        if started != self.cfg.options.accum_dtype:
-            raise CkptMergeError(f"{path}: this watch accumulates in {started}; use --accum-dtype {started} "
-                                 f"or a new -o folder")
-        return _WatchState(deque(tuple(w) for w in saved["window"]), saved["total"], saved["other"],
-                           saved["last_step"], saved["since_recompute"])
+    def _report(self, message: str) -> None:
+        self.log(f"watch: {message}")
 
 
-def _check_finite(merged: dict[str, torch.Tensor], ref: CheckpointRef) -> None:
-    bad = [k for k, v in merged.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise NonFiniteTensorError(f"{ref.path}: the merge up to step {ref.step} holds NaN/Inf in {', '.join(bad[:5])}; "
-                                   f"current/ is left as it was. Check the checkpoint, or pass --allow-nonfinite")
-
-
-def _read_state_file(path: Path) -> dict:
-    """The watch's own state, loaded with ``weights_only=True``; any damage is a CkptMergeError, not a traceback."""
-    fix = "remove it (and current/) to start the watch over"
-    try:
-        saved = torch.load(path, weights_only=True)
-    except Exception as exc:  # truncated, corrupt, or a foreign pickle (UnpicklingError: nothing executed)
-        raise CkptMergeError(f"{path}: unreadable watch state ({type(exc).__name__}); {fix}") from exc
-    keys = {"config", "window", "total", "other", "last_step", "since_recompute"}
-    if not isinstance(saved, dict) or not keys <= set(saved) or not isinstance(saved["config"], dict):
-        raise CkptMergeError(f"{path}: not a ckptmerge watch state; {fix}")
-    return saved
+def _on_grid(step: int, every: int | None) -> bool:
+    return every is None or step % every == 0
