@@ -54,9 +54,11 @@ def check_tokenizer_fits(tokenizer: TextTokenizer, model: torch.nn.Module, model
 
 def vocab_verdict(ids: int, base: int, rows: int) -> str:
     """``fits``, ``padded`` (plausible padding or added tokens: warn) or ``mismatch`` (refuse)."""
-    if rows == ids or any(rows == _round_up(n, m) for n in {ids, base} for m in PADDING_MULTIPLES):
+    if rows == ids:
         return "fits"
     if rows > ids:
+        if any(rows == _round_up(n, m) for n in {ids, base} for m in PADDING_MULTIPLES):
+            return "fits"
         return "padded" if rows - ids <= max(SLACK_ROWS, SLACK_FRACTION * rows) else "mismatch"
     return "padded" if base <= rows else "mismatch"  # only added tokens lie past the rows
 
