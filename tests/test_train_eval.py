@@ -195,3 +195,21 @@ def test_pma_init_starts_from_merged_weights_with_the_optimizer_policy(tmp_path,
         assert torch.equal(params[name].detach(), merged.get(name)), name
     assert state.step == 8
     assert (len(state.optimizer.state) > 0) == (policy == "keep")
+
+
+def test_data_seed_sets_the_batch_order_apart_from_the_initialization(tmp_path, corpus):
+    import torch.nn.functional as F
+
+    from ckptmerge.train.presets import build_model
+
+    train(tiny_config(corpus, steps=1, save_every=1, data_seed=9), tmp_path / "run", progress=False)
+    logged = read_metrics(tmp_path / "run")[0]["loss"]
+    model = build_model("tiny", 3)  # the initialization still follows seed=3
+
+    def first_loss(batch_seed):
+        x, y = train_batch(load_tokens(corpus), seed=batch_seed, step=0, micro=0, batch_size=4, context=32)
+        with torch.no_grad():
+            return F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten()).item()
+
+    assert logged == pytest.approx(first_loss(9), rel=1e-6)
+    assert abs(logged - first_loss(3)) > 1e-3  # the seed's own batch order would give another loss
