@@ -1,5 +1,5 @@
 """A small, deterministic pre-training loop that writes real HF checkpoint series on CPU, and PMA-init.
 
-May import ``online``, ``evaluation``, ``merging``, ``io``, ``data``, ``errors`` and ``console``.
+``loop.py`` is the step loop (with step callbacks and a resumable state) that ``trainer.py`` and the
+reproduction share. May import ``online``, ``evaluation``, ``merging``, ``io``, ``data``, ``errors`` and ``console``.
 """
-
