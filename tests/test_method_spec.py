@@ -74,7 +74,7 @@ def test_params_use_the_schedules_own_names():
 
 @pytest.mark.parametrize("text, words", [
     ("bogus:n=3", ["unknown method 'bogus'", "sma", "ema", "minus_sqrt"]),
-    ("ema:beta=0.3", ["ema takes alpha, half_life, half_life_tokens, n, every", "'beta'"]),
+    ("ema:beta=0.3", ["ema takes alpha, half_life, half_life_tokens, half_life_fraction, n, every", "'beta'"]),
     ("ema:alpha=abc", ["bad value for alpha", "'abc'"]),
     ("ema:alpha=1.5", ["alpha must be in (0, 1]"]),
     ("ema", ["exactly one of"]),

@@ -18,6 +18,8 @@ class CheckpointRef:
         layout: reader layout name (``safetensors``, ``torch``, ``dcp``); see ``ckptmerge.io.detect_layout``.
         framework: the trainer layout recognised (``lightning``, ``deepspeed``, ...; io/layouts/), or "".
         meta_source: where step / tokens / lr came from (``name``, ``trainer_state.json``, ...).
+        ema_gamma: for a power-function EMA snapshot (``train --average phema:...``), its profile's exponent
+            (``ckptmerge.json``'s ``averaged.gamma``); None for training weights.
     """
 
     path: Path
@@ -27,6 +29,7 @@ class CheckpointRef:
     layout: str = ""
     meta_source: tuple[str, ...] = field(default_factory=tuple)
     framework: str = ""
+    ema_gamma: float | None = None
 
     @property
     def name(self) -> str:

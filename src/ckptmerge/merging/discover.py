@@ -155,14 +155,28 @@ def _apply_own_metadata(ref: CheckpointRef, path: Path) -> CheckpointRef:
         return ref
     check_types(path, meta, {"step": is_count, "tokens_seen": is_count, "lr": is_number})
     return replace(ref, step=meta.get("step", ref.step), tokens_seen=meta.get("tokens_seen", ref.tokens_seen),
-                   lr=meta.get("lr", ref.lr), meta_source=ref.meta_source + (path.name,))
+                   lr=meta.get("lr", ref.lr), meta_source=ref.meta_source + (path.name,),
+                   ema_gamma=_power_ema_gamma(path, meta))
+
+
+def _power_ema_gamma(path: Path, meta: dict) -> float | None:
+    """The profile exponent of a power-function EMA snapshot (``averaged.kind == "power_ema"``), else None."""
+    averaged = meta.get("averaged")
+    if not isinstance(averaged, dict) or averaged.get("kind") != "power_ema":
+        return None
+    gamma = averaged.get("gamma")
+    if not is_number(gamma) or not gamma > 0:
+        raise DiscoveryError(f"{path}: averaged.gamma must be a positive number, got {gamma!r}; "
+                             f"restore the file or remove the snapshot")
+    return float(gamma)
 
 
 def _check_duplicates(run_dir: Path, refs: list[CheckpointRef]) -> None:
-    by_step: dict[int, list[str]] = {}
+    """Two checkpoints of one step are refused, unless they are power-EMA snapshots of different profiles."""
+    by_step: dict[tuple, list[str]] = {}
     for ref in refs:
-        by_step.setdefault(ref.step, []).append(ref.name)
-    dups = {s: names for s, names in by_step.items() if len(names) > 1}
+        by_step.setdefault((ref.step, ref.ema_gamma), []).append(ref.name)
+    dups = {s: names for (s, _), names in by_step.items() if len(names) > 1}
     if dups:
         listing = "; ".join(f"step {s}: {', '.join(n)}" for s, n in sorted(dups.items()))
         raise DiscoveryError(f"{run_dir}: several checkpoints claim the same step ({listing}). "

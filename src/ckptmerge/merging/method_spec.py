@@ -1,6 +1,7 @@
 """One language for "a merge method with parameters": ``NAME[:key=value[,key=value...]]``.
 
     sma:n=5    ema:alpha=0.2    ema:half_life=2000    minus_sqrt:n=8    custom:weights=0.2/0.3/0.5
+    ema:half_life_fraction=0.05    minus_sqrt:n=8,reverse=1    phema:sigma_rel=0.07
 
 NAME is a registered schedule (``merging/schedules.py``); the keys are that schedule's own keyword
 arguments (from its signature; lists written with ``/``), plus ``n`` (window size: the last n
@@ -133,8 +134,8 @@ def _dry_run(text: str, spec: MethodSpec) -> None:
     weights = spec.params.get("weights")
     count = len(weights) if weights else 2 if spec.name == "pair" else max(spec.n or 3, 1)
     top = 10**15  # a far newest step: any start_step the user gives lies inside the stand-in run
-    refs = [CheckpointRef(Path(f"c{i}"), step=top * (i + 1) // count, tokens_seen=top * (i + 1) // count)
-            for i in range(count)]
+    refs = [CheckpointRef(Path(f"c{i}"), step=top * (i + 1) // count, tokens_seen=top * (i + 1) // count,
+                          ema_gamma=(6.94, 16.97)[i % 2]) for i in range(count)]  # phema: snapshots of two profiles
     try:
         get_schedule(spec.name)(refs, **spec.params)
     except ScheduleError as exc:

@@ -54,6 +54,11 @@ class MergeRecipe:
     weights: list[float] | None = None
     start_step: int | None = None
     start_fraction: float | None = None
+    half_life_fraction: float | None = None
+    sigma_rel: float | None = None
+    gamma: float | None = None
+    reverse: int | None = None
+    scramble: int | None = None
     normalize: bool = False
     allow_unnormalized: bool = False
     allow_negative: bool = False
@@ -74,7 +79,8 @@ class MergeRecipe:
         """Parameters in the names ``ckptmerge.merging.schedules`` uses."""
         return {"alpha": self.alpha, "half_life": self.half_life, "half_life_tokens": self.half_life_tokens,
                 "lam": self.lam, "weights": self.weights, "start_step": self.start_step,
-                "start_fraction": self.start_fraction}
+                "start_fraction": self.start_fraction, "half_life_fraction": self.half_life_fraction,
+                "sigma_rel": self.sigma_rel, "gamma": self.gamma, "reverse": self.reverse, "scramble": self.scramble}
 
     def options(self, *, progress: bool = True) -> MergeOptions:
         """The ``MergeOptions`` of this recipe (sizes parsed: ``"5GB"`` -> bytes)."""

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import inspect
 import math
+import random
 import warnings
 from collections.abc import Callable, Sequence
 
 from ckptmerge.errors import ScheduleError, UnknownNameError
 from ckptmerge.merging.checkpoint import CheckpointRef
+from ckptmerge.merging.power_profiles import PosthocFit, profile_gamma, solve_posthoc
 
 Schedule = Callable[..., list[float]]
 SCHEDULES: dict[str, Schedule] = {}
 SUM_TOLERANCE = 1e-6
 RENAMED_PARAMS = {"half_life_steps": "half_life"}  # old keyword -> new; the old one warns for a release
+SIGNED = frozenset({"phema"})  # least-squares coefficients: negative ones allowed, sum about (not exactly) 1
 
 
 def register(fn: Schedule) -> Schedule:
@@ -45,7 +48,7 @@ def wma(refs: Sequence[CheckpointRef]) -> list[float]:
 
 @register
 def ema(refs: Sequence[CheckpointRef], alpha: float | None = None, half_life: float | None = None,
-        half_life_tokens: float | None = None) -> list[float]:
+        half_life_tokens: float | None = None, half_life_fraction: float | None = None) -> list[float]:
     """Exponential moving average over checkpoints, seeded with the first (PMA's recursion).
 
     With ``alpha``: M_1 = theta_1, M_i = alpha * theta_i + (1 - alpha) * M_{i-1}, so
@@ -53,14 +56,20 @@ def ema(refs: Sequence[CheckpointRef], alpha: float | None = None, half_life: fl
     With a half-life H in steps (``half_life``; or ``half_life_tokens``), each gap of length d between
     neighbours decays the older mass by beta = 0.5^(d / H): exact for irregular spacing, and equal to the alpha form
     with alpha = 1 - 0.5^(V/H) when every gap is V.
+    With ``half_life_fraction`` f (the anytime EMA), the half-life at step t is f * t: a gap s -> t decays by
+    2^(-(1/(s+1) + ... + 1/t) / f), the product of the per-step decays 2^(-1/(f r)) of the online rule.
     """
-    given = [p for p in (alpha, half_life, half_life_tokens) if p is not None]
+    given = [p for p in (alpha, half_life, half_life_tokens, half_life_fraction) if p is not None]
     if len(given) != 1:
-        raise ScheduleError("ema needs exactly one of --alpha, --half-life (steps) or --half-life-tokens")
+        raise ScheduleError("ema needs exactly one of alpha, half_life (steps), half_life_tokens or "
+                            "half_life_fraction, e.g. ema:half_life=2000")
     if alpha is not None:
         if not 0.0 < alpha <= 1.0:
             raise ScheduleError(f"ema alpha must be in (0, 1], got {alpha}")
         betas = [1.0 - alpha] * (len(refs) - 1)
+    elif half_life_fraction is not None:
+        steps = _positions(refs, "steps")
+        betas = [anytime_decay(a, b, half_life_fraction) for a, b in zip(steps, steps[1:])]
     else:
         unit = "steps" if half_life is not None else "tokens"
         length = half_life if half_life is not None else half_life_tokens
@@ -72,6 +81,15 @@ def ema(refs: Sequence[CheckpointRef], alpha: float | None = None, half_life: fl
     for beta in betas:
         coeffs = [c * beta for c in coeffs] + [1.0 - beta]
     return coeffs
+
+
+def anytime_decay(last_step: int, step: int, half_life_fraction: float) -> float:
+    """The anytime EMA's decay over the steps last_step+1 ... step: prod_r 2^(-1/(f r)) = 2^(-sum_r 1/r / f)."""
+    if not half_life_fraction > 0:
+        raise ScheduleError(f"half_life_fraction must be positive, got {half_life_fraction}")
+    if not 0 <= last_step <= step:
+        raise ScheduleError(f"anytime EMA: steps must increase and start at 0 or later, got {last_step} -> {step}")
+    return 2.0 ** (-math.fsum(1.0 / r for r in range(last_step + 1, step + 1)) / half_life_fraction)
 
 
 @register
@@ -98,26 +116,54 @@ def swa(refs: Sequence[CheckpointRef], start_step: int | None = None,
 
 
 @register
-def linear_decay(refs: Sequence[CheckpointRef]) -> list[float]:
+def linear_decay(refs: Sequence[CheckpointRef], reverse: int | None = None,
+                 scramble: int | None = None) -> list[float]:
     """Weights that emulate a linear LR decay over the window (WSM): f(x) = 1 - x.
 
     Coefficients are the drops of f at the checkpoint positions, c_k = f(k/N) - f((k+1)/N) with
     f(1) := 0, so the tail sum over checkpoints k..N is the LR multiplier the merge emulates for
     the updates between checkpoints k-1 and k. For linear decay every drop is 1/N (equal to sma).
+    ``reverse=1`` gives the weights in the opposite order (newest largest), ``scramble=SEED`` a fixed
+    shuffle of them (Megatron's ``__reverse`` / ``__scramble`` ablations of WSM).
     """
-    return _decay_weights(lambda x: 1.0 - x, len(refs))
+    return _reordered(_decay_weights(lambda x: 1.0 - x, len(refs)), reverse, scramble)
 
 
 @register
-def minus_sqrt(refs: Sequence[CheckpointRef]) -> list[float]:
-    """Weights that emulate a 1 - sqrt(x) LR decay (WSM, Megatron's weighted merge); oldest largest."""
-    return _decay_weights(lambda x: 1.0 - math.sqrt(x), len(refs))
+def minus_sqrt(refs: Sequence[CheckpointRef], reverse: int | None = None,
+               scramble: int | None = None) -> list[float]:
+    """Weights that emulate a 1 - sqrt(x) LR decay (WSM, Megatron's weighted merge); oldest largest.
+    ``reverse`` / ``scramble`` as for ``linear_decay``."""
+    return _reordered(_decay_weights(lambda x: 1.0 - math.sqrt(x), len(refs)), reverse, scramble)
 
 
 @register
-def cosine_decay(refs: Sequence[CheckpointRef]) -> list[float]:
-    """Weights that emulate a cosine LR decay, f(x) = (1 + cos(pi x)) / 2 (WSM family)."""
-    return _decay_weights(lambda x: 0.5 * (1.0 + math.cos(math.pi * x)), len(refs))
+def cosine_decay(refs: Sequence[CheckpointRef], reverse: int | None = None,
+                 scramble: int | None = None) -> list[float]:
+    """Weights that emulate a cosine LR decay, f(x) = (1 + cos(pi x)) / 2 (WSM family).
+    ``reverse`` / ``scramble`` as for ``linear_decay``."""
+    return _reordered(_decay_weights(lambda x: 0.5 * (1.0 + math.cos(math.pi * x)), len(refs)), reverse, scramble)
+
+
+@register
+def phema(refs: Sequence[CheckpointRef], sigma_rel: float | None = None, gamma: float | None = None) -> list[float]:
+    """Post-hoc power-function EMA (EDM2): the least-squares combination of power-EMA snapshots
+    (``train --average phema:...``; each ref's ``ema_gamma``) whose profile best matches the power EMA of
+    ``sigma_rel`` (or ``gamma``) at the newest snapshot's step. Coefficients may be negative and sum to about 1
+    (``merging/power_profiles.py``; merge.json records the fit)."""
+    return phema_fit(refs, sigma_rel, gamma).coeffs
+
+
+def phema_fit(refs: Sequence[CheckpointRef], sigma_rel: float | None = None,
+              gamma: float | None = None) -> PosthocFit:
+    """The post-hoc fit behind ``phema``: coefficients and relative residual of the profile match."""
+    target = profile_gamma(sigma_rel, gamma, owner="phema")
+    missing = [r.name for r in refs if r.ema_gamma is None]
+    if missing:
+        raise ScheduleError(f"phema needs power-EMA snapshots (ckptmerge.json averaged.gamma); {missing[:4]} are "
+                            f"plain checkpoints. Train with --average phema:sigma_rel=0.05/0.10,every=K and merge "
+                            f"RUN/phema")
+    return solve_posthoc(_positions(refs, "steps"), [r.ema_gamma for r in refs], target)
 
 
 @register
@@ -136,6 +182,23 @@ def custom(refs: Sequence[CheckpointRef], weights: Sequence[float] | None = None
     if len(weights) != len(refs):
         raise ScheduleError(f"custom: {len(weights)} weights for {len(refs)} checkpoints")
     return [float(w) for w in weights]
+
+
+def _reordered(coeffs: list[float], reverse: int | None, scramble: int | None) -> list[float]:
+    """``coeffs`` reversed (``reverse=1``) or shuffled by ``random.Random(scramble)`` (``scramble=SEED``)."""
+    if reverse not in (None, 0, 1):
+        raise ScheduleError(f"reverse is 0 or 1, got {reverse}")
+    if scramble is not None and scramble < 0:
+        raise ScheduleError(f"scramble is a seed (a non-negative integer; 0 leaves the order), got {scramble}")
+    if reverse and scramble:
+        raise ScheduleError("give reverse=1 or scramble=SEED, not both")
+    if reverse:
+        return coeffs[::-1]
+    if scramble:
+        order = list(range(len(coeffs)))
+        random.Random(scramble).shuffle(order)
+        return [coeffs[i] for i in order]
+    return coeffs
 
 
 def _decay_weights(f: Callable[[float], float], n: int) -> list[float]:
@@ -159,6 +222,12 @@ def get_schedule(name: str) -> Schedule:
     return SCHEDULES[key]
 
 
+def is_signed(name: str) -> bool:
+    """Whether schedule ``name`` solves for its coefficients (negative ones, a sum near 1) rather than
+    choosing non-negative ones that sum to 1."""
+    return name.replace("-", "_").partition(":")[0] in SIGNED
+
+
 def schedule_params(name: str) -> list[str]:
     """Parameter names a schedule accepts (besides the checkpoints)."""
     return list(inspect.signature(get_schedule(name)).parameters)[1:]
@@ -180,6 +249,8 @@ def compute_coeffs(name: str, refs: Sequence[CheckpointRef], *, normalize: bool 
     if unknown:
         raise ScheduleError(f"schedule {name!r} does not take {unknown}; it takes {accepted or 'no parameters'}")
     coeffs = get_schedule(name)(refs, **{k: v for k, v in params.items() if v is not None and k in accepted})
+    if is_signed(name) and not normalize:
+        allow_negative = allow_unnormalized = True
     return check_coeffs(coeffs, normalize=normalize, allow_unnormalized=allow_unnormalized,
                         allow_negative=allow_negative)
 

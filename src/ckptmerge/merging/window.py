@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from ckptmerge.merging.discover import describe_path, discover, is_run_dir
 from ckptmerge.merging.offline import merge
 from ckptmerge.merging.output import MergeResult
 from ckptmerge.merging.recipe import MergeRecipe, validate, with_method
-from ckptmerge.merging.schedules import compute_coeffs
+from ckptmerge.merging.schedules import compute_coeffs, is_signed, phema_fit
 from ckptmerge.merging.select import select_last, select_range, select_steps
 from ckptmerge.parallel.agree import phase
 
@@ -63,12 +64,17 @@ def run_recipe(recipe: MergeRecipe, *, progress: bool = True) -> MergeResult:
     window = None
     with phase():  # on many ranks: a bad window is reported once, by rank 0, and stops every rank
         window = resolve_window(recipe)
-    return merge(window.refs, window.coeffs, recipe.output, recipe.options(progress=progress),
-                 recipe=_recipe_record(with_method(recipe), window))
+    options = recipe.options(progress=progress)
+    recipe = with_method(recipe)
+    if is_signed(recipe.schedule) and not recipe.normalize:  # phema: least-squares coefficients, as solved
+        options = dataclasses.replace(options, allow_negative=True, allow_unnormalized=True)
+    return merge(window.refs, window.coeffs, recipe.output, options, recipe=_recipe_record(recipe, window))
 
 
 def _recipe_record(recipe: MergeRecipe, window: Window) -> dict:
     record = {k: v for k, v in asdict(recipe).items() if v not in (None, False, [])}
     record.pop("dry_run", None)
     record["skipped"] = [{"path": str(p), "why": why} for p, why in window.skipped]
+    if recipe.schedule.replace("-", "_") == "phema":  # the post-hoc EMA: coefficients and the profile match
+        record["posthoc_fit"] = phema_fit(window.refs, recipe.sigma_rel, recipe.gamma).record()
     return record

@@ -1,4 +1,4 @@
-"""Online averaging rules: EMA and SWA (running averages), PMA and LAWA (snapshot ring buffers)."""
+"""Online averaging rules: EMA, power EMA and SWA (running averages), PMA and LAWA (snapshot ring buffers)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from pathlib import Path
 
 import torch
 
+from ckptmerge.errors import ScheduleError
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.memory import merge_state_dicts
-from ckptmerge.merging.schedules import compute_coeffs
+from ckptmerge.merging.power_profiles import gamma_to_sigma_rel, profile_gamma
+from ckptmerge.merging.schedules import anytime_decay, compute_coeffs
 from ckptmerge.online.averager import Averager
 
 
@@ -45,8 +47,11 @@ class _Running(Averager):
 class EMA(_Running):
     """Exponential moving average: avg <- decay * avg + (1 - decay) * weights, seeded with the first update.
 
-    Give exactly one of ``decay`` (per update), ``half_life`` (steps) or ``half_life_tokens``; with a half-life
-    H the decay of a gap of d steps (or tokens) is 0.5^(d/H), so it is exact for any update spacing.
+    Give exactly one of ``decay`` (per update), ``half_life`` (steps), ``half_life_tokens`` or
+    ``half_life_fraction``; with a half-life H the decay of a gap of d steps (or tokens) is 0.5^(d/H), so it is
+    exact for any update spacing. ``half_life_fraction`` f is the anytime EMA (arXiv 2602.03702): the half-life is
+    f times the current step, the decay of step t is 2^(-1/(f t)), and a gap s -> t decays by the product of its
+    steps' decays, 2^(-(1/(s+1) + ... + 1/t)/f).
     ``warmup=True`` caps the decay at (1 + n) / (10 + n) after n updates, so early weights fade fast.
     """
 
@@ -54,24 +59,30 @@ class EMA(_Running):
 
     def __init__(self, decay: float | None = None, *, half_life: float | None = None,
                  half_life_tokens: float | None = None, warmup: bool = False, every: int = 1, offload: bool = False,
-                 half_life_steps: float | None = None):
+                 half_life_steps: float | None = None, half_life_fraction: float | None = None):
         super().__init__(every=every, offload=offload)
         half_life = _renamed("EMA", "half_life_steps", half_life_steps, "half_life", half_life)
-        if sum(x is not None for x in (decay, half_life, half_life_tokens)) != 1:
-            raise ValueError("EMA needs exactly one of decay, half_life, half_life_tokens")
+        if sum(x is not None for x in (decay, half_life, half_life_tokens, half_life_fraction)) != 1:
+            raise ValueError("EMA needs exactly one of decay, half_life, half_life_tokens, half_life_fraction")
         if decay is not None and not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        if half_life_fraction is not None and not half_life_fraction > 0:
+            raise ValueError(f"EMA half_life_fraction must be positive, got {half_life_fraction}")
         self.decay, self.half_life, self.half_life_tokens, self.warmup = decay, half_life, half_life_tokens, warmup
+        self.half_life_fraction = half_life_fraction
 
     def params(self) -> dict:
+        fraction = {"half_life_fraction": self.half_life_fraction} if self.half_life_fraction is not None else {}
         return {**super().params(), "decay": self.decay, "half_life": self.half_life,
-                "half_life_tokens": self.half_life_tokens, "warmup": self.warmup}
+                "half_life_tokens": self.half_life_tokens, "warmup": self.warmup, **fraction}
 
     def current_decay(self, step: int, tokens_seen: int | None) -> float:
         if self.decay is not None:
             decay = self.decay
         elif self.half_life is not None:
             decay = 0.5 ** ((step - self.last_step) / self.half_life)
+        elif self.half_life_fraction is not None:
+            decay = anytime_decay(self.last_step, step, self.half_life_fraction)
         else:
             if tokens_seen is None or self.last_tokens is None:
                 raise ValueError("EMA(half_life_tokens=...) needs update(model, step, tokens_seen=...)")
@@ -80,6 +91,34 @@ class EMA(_Running):
 
     def _weight_of_new(self, step, tokens_seen) -> float:
         return 1.0 - self.current_decay(step, tokens_seen)
+
+
+class PowerEMA(_Running):
+    """Power-function EMA (EDM2, Karras et al. 2024): avg <- beta * avg + (1 - beta) * weights with
+    beta = (1 - 1/t)^(gamma + 1) at step t, so the average weighs step s by s^(gamma+1) - (s-1)^(gamma+1).
+
+    Give ``sigma_rel`` (the profile's relative width: 0.05, 0.10, ...) or ``gamma``. A gap from step s to t
+    decays by (s/t)^(gamma + 1), the product of its steps' betas; the first update seeds the average.
+    """
+
+    kind = "power_ema"
+
+    def __init__(self, sigma_rel: float | None = None, *, gamma: float | None = None, every: int = 1,
+                 offload: bool = False):
+        super().__init__(every=every, offload=offload)
+        try:
+            self.gamma = profile_gamma(sigma_rel, gamma, owner="power_ema")
+        except ScheduleError as exc:
+            raise ValueError(str(exc)) from None
+        self.sigma_rel = sigma_rel if sigma_rel is not None else gamma_to_sigma_rel(self.gamma)
+
+    def params(self) -> dict:
+        return {**super().params(), "sigma_rel": self.sigma_rel, "gamma": self.gamma}
+
+    def _weight_of_new(self, step, tokens_seen) -> float:
+        if step < 1:
+            raise ValueError(f"power_ema: steps start at 1, got step {step}")
+        return 1.0 - (self.last_step / step) ** (self.gamma + 1.0)
 
 
 class SWA(_Running):

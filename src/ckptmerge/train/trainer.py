@@ -4,6 +4,7 @@
     ckptmerge train --resume runs/a                     # continue the identical trajectory
     ckptmerge train --fork-from runs/a/step-001600 --schedule wsd --steps 2000 --decay-steps 400 -o runs/a-anneal
     ckptmerge train --average ema:half_life=200 --average lawa:n=5,every=100 ...   # online averages
+    ckptmerge train --average phema:sigma_rel=0.05/0.10,every=100 ...   # power-EMA snapshots in RUN/phema/
     ckptmerge train --fork-from runs/a/step-001600 --init-from out/sma --optimizer-state reset -o runs/a-pma-init
 
 Batches are a pure function of (seed, step), so resuming reproduces the same losses.
@@ -12,6 +13,7 @@ Batches are a pure function of (seed, step), so resuming reproduces the same los
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -196,6 +198,7 @@ def _loop(config: TrainConfig, run_dir: Path, state: TrainState, tokens, tokeniz
                         board.add_scalar(key, value, state.step)
         if state.step % config.save_every == 0 or state.step == config.steps:
             _save(run_dir, config, state, record, tokenizer_dir)
+        _save_snapshots(run_dir, state, tokenizer_dir)
         tokens_per_s = (state.step - start_step) * config.tokens_per_step / (time.monotonic() - started)
         bar.set_postfix_str(f"loss {record['loss']:.3f} lr {record['lr']:.2e} {tokens_per_s / 1000:.1f}k tokens/s",
                             refresh=False)
@@ -226,6 +229,16 @@ def _tensorboard(run_dir: Path):
     except ImportError:
         return None
     return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _save_snapshots(run_dir: Path, state: TrainState, tokenizer_dir: Path) -> None:
+    """Power-EMA snapshots (``--average phema:...,every=K``) into ``RUN/phema/`` (``RUN/phema-2/`` for a second)."""
+    for name, averager in state.averagers.items():
+        if hasattr(averager, "snapshot_due") and averager.snapshot_due(state.step):
+            for folder in averager.save_snapshots(run_dir / name.removeprefix("avg-"), state.model,
+                                                  extra_meta={"parent": state.parent}):
+                for file in tokenizer_dir.iterdir():
+                    shutil.copyfile(file, folder / file.name)
 
 
 def _save(run_dir: Path, config: TrainConfig, state: TrainState, record: dict, tokenizer_dir: Path) -> None:
