@@ -1,10 +1,12 @@
 """Train a tiny model with DeepSpeed on CPU and save checkpoints with its own ``save_checkpoint``.
 
 Usage: python deepspeed_run.py train RUN_DIR STAGE DTYPE   (writes RUN_DIR/checkpoints and RUN_DIR/reference.pt)
+       (one process per rank, RANK and WORLD_SIZE set, for a run on several gloo ranks)
        python deepspeed_run.py resume RUN_DIR STAGE DTYPE CKPT_DIR TAG  (load_checkpoint, then train 2 steps)
 
 The reference is the fp64 mean of the last three checkpoints' module weights, each loaded by
-DeepSpeed's own ``engine.load_checkpoint``. Runs in its own process: DeepSpeed needs a process group.
+DeepSpeed's own ``engine.load_checkpoint`` (ZeRO 3: consolidated by DeepSpeed's own
+``get_fp32_state_dict_from_zero_checkpoint``). Runs in its own process: DeepSpeed needs a process group.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import sys
 
 import torch
 
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"), RANK="0",
-                  WORLD_SIZE="1", LOCAL_RANK="0", DS_ACCELERATOR="cpu")
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"), DS_ACCELERATOR="cpu")
+for var, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", os.environ.get("RANK", "0"))):
+    os.environ.setdefault(var, default)  # the test starts one process per rank with RANK / WORLD_SIZE set
 import deepspeed  # noqa: E402
 
 sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # skip a C++ build the test does not need
@@ -24,8 +27,8 @@ sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # skip a C++ bu
 
 def make_engine(stage: int, dtype: str):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
-    config = {"train_batch_size": 4, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+    model = torch.nn.Sequential(torch.nn.Linear(8, 15), torch.nn.Tanh(), torch.nn.Linear(15, 3))  # odd sizes: ZeRO pads
+    config = {"train_batch_size": 4 * int(os.environ["WORLD_SIZE"]), "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
               "zero_optimization": {"stage": stage, "load_from_fp32_weights": False}, "bf16": {"enabled": dtype == "bf16"},
               "steps_per_print": 1000}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
@@ -33,7 +36,7 @@ def make_engine(stage: int, dtype: str):
 
 
 def train_steps(engine, steps: int, ckpt_dir=None, every: int = 0) -> float:
-    g = torch.Generator().manual_seed(engine.global_steps)
+    g = torch.Generator().manual_seed(1000 * engine.global_steps + int(os.environ["RANK"]))  # each rank its own batch
     dtype = next(engine.module.parameters()).dtype
     for _ in range(steps):
         loss = engine(torch.randn(4, 8, generator=g).to(dtype)).float().pow(2).mean()
@@ -44,12 +47,26 @@ def train_steps(engine, steps: int, ckpt_dir=None, every: int = 0) -> float:
     return float(loss)
 
 
+def save_zero3_reference(ckpt_dir: str, run_dir: str) -> None:
+    """The fp64 mean of the last three checkpoints as DeepSpeed's own zero_to_fp32 consolidates them."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    torch.distributed.barrier()  # every rank's files are written
+    if int(os.environ["RANK"]) == 0:
+        states = [get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=f"global_step{s}") for s in (4, 6, 8)]
+        mean = {k: sum(s[k].detach().to(torch.float64) for s in states) / 3 for k in states[0]}
+        torch.save(mean, os.path.join(run_dir, "reference.pt"))
+    torch.distributed.barrier()
+
+
 def main() -> None:
     mode, run_dir, stage, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     engine = make_engine(stage, dtype)
     if mode == "train":
         ckpt_dir = os.path.join(run_dir, "checkpoints")
         train_steps(engine, 8, ckpt_dir, every=2)
+        if stage == 3:
+            return save_zero3_reference(ckpt_dir, run_dir)
         states = []
         for tag in ("global_step4", "global_step6", "global_step8"):
             engine.load_checkpoint(ckpt_dir, tag=tag)

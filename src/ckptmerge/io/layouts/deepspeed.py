@@ -1,9 +1,12 @@
 """DeepSpeed ``save_checkpoint``: ``global_stepN/mp_rank_00_model_states.pt`` and a ``latest`` tag file.
 
-The weights are ``module`` in the model-states file, in the training dtype (bf16 runs store bf16
-there; the fp32 masters live in the ZeRO optimizer shards). Half-precision weights are read as
+ZeRO 0/1/2: the weights are ``module`` in the model-states file, in the training dtype (bf16 runs store
+bf16 there; the fp32 masters live in the ZeRO optimizer shards). Half-precision weights are read as
 fp32 (exactly), so a merge of a bf16 run is written in fp32, like DeepSpeed's own ``zero_to_fp32``
-export, and keeps the mean's precision. The step is ``global_steps``.
+export, and keeps the mean's precision.
+ZeRO 3: each rank writes ``zero_pp_rank_R_mp_rank_00_model_states.pt`` whose ``module`` holds empty
+placeholders; the weights are the fp32 masters gathered from every rank's optimizer file
+(io/deepspeed_zero.py). The step is ``global_steps``.
 Tensor / pipeline parallel checkpoints (``mp_rank_01``, ``layer_*``) are not read.
 """
 
@@ -14,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ckptmerge.errors import CheckpointFormatError
+from ckptmerge.io.deepspeed_zero import ZeroMastersReader
 from ckptmerge.io.layouts.base import (
     Layout,
     StepInfo,
@@ -26,10 +30,19 @@ from ckptmerge.io.layouts.base import (
 from ckptmerge.io.torch_reader import check_kept_fraction
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
+ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+
+
+def _is_zero3(path: Path) -> bool:
+    return not (path / MODEL_STATES).is_file() and (path / ZERO3_MODEL_STATES).is_file()
+
+
+def _model_states(path: Path) -> Path:
+    return path / (ZERO3_MODEL_STATES if _is_zero3(path) else MODEL_STATES)
 
 
 def detect(path: Path) -> bool:
-    return path.is_dir() and (path / MODEL_STATES).is_file()
+    return path.is_dir() and ((path / MODEL_STATES).is_file() or (path / ZERO3_MODEL_STATES).is_file())
 
 
 def pointer(path: Path) -> str | None:
@@ -41,17 +54,20 @@ def pointer(path: Path) -> str | None:
 
 
 def read_step(path: Path) -> StepInfo:
-    state = payload(path / MODEL_STATES)
+    state = payload(_model_states(path))
     step = as_int(state.get("global_steps")) if isinstance(state, dict) else None
     if step is not None:
-        return StepInfo(step, source=f"{MODEL_STATES}:global_steps")
+        return StepInfo(step, source=f"{_model_states(path).name}:global_steps")
     return StepInfo(step_from_name(path, r"(\d+)$"))
 
 
 def open_checkpoint(path: Path):
-    if any(path.glob("mp_rank_0[1-9]*_model_states.pt")) or any(path.glob("layer_*-model_states.pt")):
-        raise CheckpointFormatError(f"{path}: tensor- or pipeline-parallel DeepSpeed checkpoint; ckptmerge reads "
-                                    f"single-rank model states only. Fix: run DeepSpeed's zero_to_fp32.py first.")
+    if any(path.glob("*mp_rank_0[1-9]*_model_states.pt")) or any(path.glob("layer_*-model_states.pt")):
+        raise CheckpointFormatError(f"{path}: a tensor- or pipeline-parallel DeepSpeed checkpoint (mp_rank_01 / "
+                                    f"layer_* files), which ckptmerge cannot read yet. Fix: consolidate it with "
+                                    f"DeepSpeed's ds_to_universal.py first.")
+    if _is_zero3(path):
+        return ZeroMastersReader(path, path / ZERO3_MODEL_STATES)
     state = payload(path / MODEL_STATES)
     module = state.get("module") if isinstance(state, dict) else None
     if not isinstance(module, dict):
@@ -81,6 +97,9 @@ def write_back(path: Path, merged: dict, dest: Path) -> None:
     """
     import shutil
 
+    if _is_zero3(path):
+        raise CheckpointFormatError(f"{path}: --as-checkpoint cannot write a DeepSpeed ZeRO 3 checkpoint yet; "
+                                    f"merge without it and load the merged model.safetensors into your model")
     tag = dest / path.name
     shutil.copytree(path, tag, ignore=shutil.ignore_patterns(MODEL_STATES))
     write_back_torch_file(path / MODEL_STATES, tag / MODEL_STATES, lambda state: state["module"], merged)
