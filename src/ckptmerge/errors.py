@@ -1,4 +1,10 @@
-"""Exceptions raised by ckptmerge. Every message names the file, the tensor and the fix."""
+"""Exceptions raised by ckptmerge. Every message names the file, the tensor and the fix.
+
+``import_optional`` is the one way to import a package of an optional extra (Optuna, SciPy, matplotlib,
+trackers): when it is missing, the error names the extra that installs it.
+"""
+
+import importlib
 
 
 class CkptMergeError(Exception):
@@ -62,3 +68,20 @@ class TokenizerError(CkptMergeError):
 
 class ModelLoadError(CkptMergeError):
     """A model cannot be built for evaluation: missing path, missing config, keys or shapes that do not fit."""
+
+
+class MissingExtraError(CkptMergeError):
+    """An optional package is not installed; the message names the ``pip install 'ckptmerge[EXTRA]'`` that adds it."""
+
+
+def import_optional(module: str, *, extra: str, needed_by: str):
+    """``module``, imported; or MissingExtraError, e.g. "search needs the optional package optuna:
+    pip install 'ckptmerge[search]'". An ImportError raised inside an installed package is left as it is."""
+    package = module.split(".")[0]
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] != package:
+            raise
+        raise MissingExtraError(f"{needed_by} needs the optional package {package}: "
+                                f"pip install 'ckptmerge[{extra}]'") from None

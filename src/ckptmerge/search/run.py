@@ -17,6 +17,7 @@ import torch
 
 from ckptmerge.evaluation.evaluator import check_metric, paired_difference
 from ckptmerge.evaluation.settings import EvalSettings
+from ckptmerge.errors import import_optional
 from ckptmerge.io.publish import check_destination
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import describe_path
@@ -43,6 +44,7 @@ def search(refs: list[CheckpointRef], cfg: SearchConfig, *, n_tokens: int = 1638
     An existing ``output`` is refused before any trial runs unless ``force``; ``cfg`` is never modified.
     """
     refuse_ranks("search", "start the same command once per worker with one --storage (docs/scale.md)")
+    _require_extras(cfg, plots)
     _check_objective(cfg.objective)
     if output:
         check_destination(Path(output), force)
@@ -69,6 +71,15 @@ def search(refs: list[CheckpointRef], cfg: SearchConfig, *, n_tokens: int = 1638
         # checked before the trials; the workers of one shared study may each publish the same best merge here
         merge(refs, best["weights"], output, force=True, progress=False, recipe=recipe, allow_unnormalized=True)
     return result
+
+
+def _require_extras(cfg: SearchConfig, plots: str | Path | None) -> None:
+    """Optuna (and SciPy for its GP samplers, matplotlib for ``plots``): the ``search`` and ``plots`` extras."""
+    import_optional("optuna", extra="search", needed_by="search")
+    if cfg.sampler in ("gp", "gp-hedge"):
+        import_optional("scipy", extra="search", needed_by=f"search --sampler {cfg.sampler}")
+    if plots:
+        import_optional("matplotlib", extra="plots", needed_by="search --plots")
 
 
 def _check_objective(objective: str) -> None:
