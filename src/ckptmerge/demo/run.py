@@ -19,6 +19,7 @@ from pathlib import Path
 from ckptmerge.data.batches import eval_windows
 from ckptmerge.data.corpora import HELD_OUT
 from ckptmerge.data.tokens import load_tokens
+from ckptmerge.errors import import_optional
 from ckptmerge.evaluation.evaluator import EvalResult, evaluate_model, load_model, paired_difference
 from ckptmerge.merging.discover import discover
 from ckptmerge.merging.offline import merge
@@ -54,6 +55,7 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict:
     """Run every stage (reusing finished runs in ``cfg.out``) and return the report dict."""
+    import_optional("matplotlib", extra="plots", needed_by="demo (its loss-vs-step plot)")
     out = Path(cfg.out)
     stable, anneal = out / "stable", out / "anneal"
     base = TrainConfig(preset=cfg.preset, steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,

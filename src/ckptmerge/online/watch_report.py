@@ -12,7 +12,7 @@ import io
 import re
 from pathlib import Path
 
-from ckptmerge.errors import CkptMergeError
+from ckptmerge.errors import CkptMergeError, import_optional
 from ckptmerge.online.watch_state import STATE_FILE, load_recorded
 
 _LOSS = re.compile(r"^eval/(?:raw|merged/(?P<method>[^/]+))/(?P<data>.+)/loss$")
@@ -44,14 +44,9 @@ def write_report(out: Path) -> list[Path]:
 
 
 def _plot(series: dict) -> bytes:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise CkptMergeError("watch --report needs the optional package matplotlib: "
-                             "pip install 'ckptmerge[plots]'") from None
+    matplotlib = import_optional("matplotlib", extra="plots", needed_by="watch --report")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(series), figsize=(6 * len(series), 4), squeeze=False)
     for ax, (data, lines) in zip(axes[0], series.items()):
         for name, (steps, losses) in lines.items():

@@ -15,7 +15,7 @@ import math
 import time
 from pathlib import Path
 
-from ckptmerge.errors import ConfigError
+from ckptmerge.errors import ConfigError, import_optional
 from ckptmerge.reproduce import design
 from ckptmerge.reproduce.context import Context
 from ckptmerge.reproduce.report import Experiment, publish, write_index
@@ -89,6 +89,8 @@ def train_all(ctx: Context, workers: int, group: str = "all") -> dict[int, int]:
 def reproduce(group: str, *, scale: Scale, work: str | Path, reports: str | Path, workers: int = 2,
               command: str = "ckptmerge reproduce all", log=print) -> list[Experiment]:
     """Train what is missing, evaluate in memory, publish one report per experiment and the index."""
+    for package in ("optuna", "matplotlib"):  # SciPy: reproduce.stats, imported with this module
+        import_optional(package, extra="reproduce", needed_by="reproduce")
     from ckptmerge.reproduce import bo, hessian, lawa, pma
 
     if group not in (*GROUPS, "all"):

@@ -20,7 +20,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from scipy import stats as sps
+from ckptmerge.errors import import_optional
+
+sps = import_optional("scipy.stats", extra="reproduce", needed_by="reproduce (its statistics)")
 
 HOLDS, REVERSED, NO_EFFECT, INCONCLUSIVE = "holds", "reversed", "no detectable effect", "inconclusive"
 OUTCOMES = (HOLDS, REVERSED, NO_EFFECT, INCONCLUSIVE)
