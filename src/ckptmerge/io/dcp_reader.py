@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import pickle
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,6 +73,13 @@ def _is_model_key(fqn: str) -> bool:
     return not any(head == p or head.startswith(p + "_") for p in NON_MODEL_PREFIXES)
 
 
+def default_model_names(folder: Path, fqns: list[str]) -> dict[str, str]:
+    """Model name -> DCP key: a ``model.`` shared by every key and wrapper prefixes removed."""
+    prefix = "model." if all(fqn.startswith("model.") for fqn in fqns) else ""
+    stored = {fqn[len(prefix):]: fqn for fqn in fqns}
+    return {clean: stored[short] for clean, short in unwrap_names(folder, stored).items()}
+
+
 class DcpReader:
     """Model tensors of a DCP folder (all chunks of every rank), assembled lazily one tensor at a time.
 
@@ -82,7 +90,9 @@ class DcpReader:
 
     layout = "dcp"
 
-    def __init__(self, folder: Path, *, display_path: Path | None = None):
+    def __init__(self, folder: Path, *, display_path: Path | None = None,
+                 names: Callable[[Path, list[str]], dict[str, str]] = default_model_names):
+        """``names``: the model's name for each model key (a trainer layout passes its own rule)."""
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.path = folder
@@ -93,9 +103,7 @@ class DcpReader:
         model = {fqn: md for fqn, md in entries.items() if _is_model_key(fqn)}
         if not model:
             raise CheckpointFormatError(f"{folder}: DCP checkpoint has no model tensors (skipped: {self.skipped_keys[:8]})")
-        prefix = "model." if all(fqn.startswith("model.") for fqn in model) else ""
-        stored = {fqn[len(prefix):]: fqn for fqn in model}
-        self._fqn = {clean: stored[short] for clean, short in unwrap_names(folder, stored).items()}
+        self._fqn = names(folder, list(model))
         meta_path = folder / METADATA_FILE
         self._infos = {name: checked_tensor_info(meta_path, fqn, model[fqn]) for name, fqn in self._fqn.items()}
         self._chunks: dict[str, list] = {}

@@ -18,17 +18,18 @@ from pathlib import Path
 import torch
 
 from ckptmerge.errors import CheckpointFormatError
-from ckptmerge.io.dcp_reader import METADATA_FILE, DcpReader, load_dcp_metadata
+from ckptmerge.io.dcp_reader import METADATA_FILE, DcpReader, default_model_names, load_dcp_metadata
 from ckptmerge.io.safe_pickle import Placeholder
 
 
-def rewrite_dcp(src: Path, dst: Path, merged: dict[str, torch.Tensor]) -> None:
-    """Copy DCP folder ``src`` to ``dst`` (created) with the model tensors set to ``merged``."""
+def rewrite_dcp(src: Path, dst: Path, merged: dict[str, torch.Tensor], names=default_model_names) -> None:
+    """Copy DCP folder ``src`` to ``dst`` (created) with the model tensors set to ``merged``
+    (named as ``names`` named them when the folder was read: see ``DcpReader``)."""
     meta = load_dcp_metadata(src)
     if any(isinstance(v, Placeholder) for v in meta.storage_data.values()):
         raise CheckpointFormatError(f"{src}: its DCP metadata uses another library's classes; writing it back "
                                     f"is only supported for checkpoints written by torch's own FileSystemWriter")
-    reader = DcpReader(src)
+    reader = DcpReader(src, names=names)
     by_fqn = {reader.fqn(name): tensor for name, tensor in merged.items()}
     reader.close()
     dst.mkdir(parents=True)

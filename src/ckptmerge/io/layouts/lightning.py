@@ -1,8 +1,11 @@
 """PyTorch Lightning ``ModelCheckpoint``: ``epoch=E-step=S.ckpt`` files, ``last.ckpt`` a copy of the newest.
 
 The weights are ``state_dict``, named with the LightningModule's attribute (``model.``), which is
-stripped when every name shares it (and put back by ``--as-checkpoint-of``). The step is
+stripped when every name shares it (and put back by ``--as-checkpoint``). The step is
 ``global_step``.
+Sharded strategies (``ModelParallelStrategy``, ``FSDPStrategy(state_dict_type="sharded")``) write
+``epoch=E-step=S.ckpt/`` folders: DCP with the weights under ``state_dict.`` (ModelParallel) or
+``model.`` (FSDP), ``optimizer_K.`` entries (skipped), and ``meta.pt`` with ``global_step``.
 """
 
 from __future__ import annotations
@@ -10,16 +13,20 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ckptmerge.io.dcp_reader import DcpReader
+from ckptmerge.io.dcp_rewrite import rewrite_dcp
 from ckptmerge.io.layouts.base import (
     Layout,
     StepInfo,
     as_int,
     payload,
+    strip_attribute_prefix,
     weights_reader,
     write_back_torch_file,
 )
 from ckptmerge.io.layouts.parse_name import parse_step
 from ckptmerge.io.torch_reader import check_kept_fraction
+from ckptmerge.io.wrapper_names import unwrap_names
 
 LAST = re.compile(r"^last(-v\d+)?\.ckpt$")
 
@@ -29,8 +36,26 @@ def _is_lightning(state: object) -> bool:
         "pytorch-lightning_version" in state or "global_step" in state)
 
 
+SHARDED_META = "meta.pt"
+CONTAINERS = ("state_dict.", "model.")
+
+
+def _is_sharded(path: Path) -> bool:
+    return path.is_dir() and (path / ".metadata").is_file() and (path / SHARDED_META).is_file()
+
+
 def detect(path: Path) -> bool:
-    return path.is_file() and path.suffix == ".ckpt" and _is_lightning(payload(path))
+    if path.suffix != ".ckpt":
+        return False
+    return _is_sharded(path) or path.is_file() and _is_lightning(payload(path))
+
+
+def _sharded_names(folder: Path, fqns: list[str]) -> dict[str, str]:
+    """Model name -> DCP key: the container (``state_dict.`` / ``model.``), wrappers and the module attribute removed."""
+    container = next((c for c in CONTAINERS if all(f.startswith(c) for f in fqns)), "")
+    stored = unwrap_names(folder, [f[len(container):] for f in fqns])
+    named, _ = strip_attribute_prefix(stored)
+    return {name: container + short for name, short in named.items()}
 
 
 def pointer(path: Path) -> str | None:
@@ -38,17 +63,22 @@ def pointer(path: Path) -> str | None:
 
 
 def read_step(path: Path) -> StepInfo:
-    step = as_int(payload(path).get("global_step"))
+    state = payload(path / SHARDED_META if _is_sharded(path) else path)
+    step = as_int(state.get("global_step")) if isinstance(state, dict) else None
     return StepInfo(step, source="global_step") if step is not None else StepInfo(parse_step(path.name))
 
 
 def open_checkpoint(path: Path):
+    if _is_sharded(path):
+        return DcpReader(path, names=_sharded_names)
     state = payload(path)
     check_kept_fraction(path, state["state_dict"], state)
     return weights_reader(path, state["state_dict"], "lightning", strip_attribute=True)
 
 
 def write_back(path: Path, merged: dict, dest: Path) -> None:
+    if _is_sharded(path):
+        return rewrite_dcp(path, dest / path.name, merged, names=_sharded_names)
     write_back_torch_file(path, dest / path.name, lambda state: state["state_dict"], merged, strip_attribute=True)
 
 
