@@ -106,12 +106,13 @@ WEIGHT_FILE_NAMES = ("pytorch_model.bin", "model.safetensors.index.json", "pytor
                      "merge.json", "ckptmerge.json")
 
 
-def copy_folder_state(src: Path, dest: Path) -> None:
-    """Copy a checkpoint folder's non-weight files (optimizer, scheduler, RNG, trainer state) into ``dest``."""
+def copy_folder_state(src: Path, dest: Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy a checkpoint folder's non-weight files (optimizer, scheduler, RNG, trainer state) into ``dest``;
+    ``skip``: more names of weights to leave out (the layout writes them itself)."""
     import shutil
 
     for item in src.iterdir():
-        if item.name in WEIGHT_FILE_NAMES or item.suffix in WEIGHT_FILE_SUFFIXES or item.name.startswith("pytorch_model-"):
+        if item.name in WEIGHT_FILE_NAMES or item.name in skip or item.suffix in WEIGHT_FILE_SUFFIXES or item.name.startswith("pytorch_model-"):
             continue
         target = dest / item.name
         if item.is_dir():
