@@ -6,7 +6,6 @@ import argparse
 
 from ckptmerge.console import print_table
 from ckptmerge.data.corpora import DOMAINS, cache_dir
-from ckptmerge.data.tokens import prepare, tokenize_file
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # the library loads here, not when the CLI starts (ckptmerge --help imports no torch)
+    from ckptmerge.data.tokens import prepare, tokenize_file
+
     if args.action == "tokenize":
         if len(args.sources) != 1 or not args.tokenizer or not args.output:
             raise SystemExit("usage: ckptmerge data tokenize FILE --tokenizer DIR -o tokens.bin")

@@ -7,7 +7,6 @@ import warnings
 from pathlib import Path
 
 from ckptmerge.cli.deprecated import add_renamed
-from ckptmerge.demo.run import DemoConfig, run_demo
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # the library loads here, not when the CLI starts (ckptmerge --help imports no torch)
+    from ckptmerge.demo.run import DemoConfig, run_demo
+
     overrides = {"out": args.output} if args.output else {}
     if args.train_data:
         overrides["data"] = args.train_data

@@ -9,9 +9,6 @@ from pathlib import Path
 from ckptmerge.cli.eval_flags import add_eval_flags, settings_from_args
 from ckptmerge.console import print_table
 from ckptmerge.data.corpora import HELD_OUT
-from ckptmerge.evaluation.runner import evaluate_paths
-from ckptmerge.parallel.agree import phase
-from ckptmerge.parallel.world import rank
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +31,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # the library loads here, not when the CLI starts (ckptmerge --help imports no torch)
+    from ckptmerge.evaluation.runner import evaluate_paths
+    from ckptmerge.parallel.agree import phase
+    from ckptmerge.parallel.world import rank
+
     data = args.data or list(HELD_OUT)
     settings = settings_from_args(args, progress=not args.quiet)
     results = None

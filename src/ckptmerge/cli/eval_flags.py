@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from ckptmerge.evaluation.devices import DEVICES, DTYPES
-from ckptmerge.evaluation.settings import EvalSettings
+from ckptmerge.evaluation.device_names import DEVICES, DTYPE_NAMES as DTYPES  # torch-free names
+
+if TYPE_CHECKING:
+    from ckptmerge.evaluation.settings import EvalSettings
 
 
 def add_eval_flags(p: argparse.ArgumentParser) -> None:
@@ -32,6 +35,8 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace, *, progress: bool = True) -> EvalSettings:
+    from ckptmerge.evaluation.settings import EvalSettings  # torch: not at the CLI's start-up
+
     return EvalSettings(device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, text_field=args.text_field,
                         token_dtype=args.token_dtype, allow_vocab_mismatch=args.allow_vocab_mismatch,
                         model_config=args.model_config,

@@ -10,8 +10,6 @@ from ckptmerge.cli.merge_flags import add_output_flags
 from ckptmerge.console import format_bytes, print_table
 from ckptmerge.merging.recipe import MergeRecipe, recipe_from_dict, recipe_from_yaml
 from ckptmerge.merging.schedules import SCHEDULES
-from ckptmerge.merging.window import resolve_window, run_recipe
-from ckptmerge.parallel.world import rank
 
 
 def _floats(text: str) -> list[float]:
@@ -77,6 +75,10 @@ def recipe_from_args(args: argparse.Namespace) -> MergeRecipe:
 
 
 def run(args: argparse.Namespace) -> int:
+    # the library loads here, not when the CLI starts (ckptmerge --help imports no torch)
+    from ckptmerge.merging.window import resolve_window, run_recipe
+    from ckptmerge.parallel.world import rank
+
     recipe = recipe_from_args(args)
     if recipe.dry_run:
         window = resolve_window(recipe)

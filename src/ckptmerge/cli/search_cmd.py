@@ -8,11 +8,7 @@ from pathlib import Path
 from ckptmerge.cli.deprecated import add_renamed
 from ckptmerge.cli.eval_flags import add_eval_flags, settings_from_args
 from ckptmerge.console import print_table
-from ckptmerge.merging.recipe import MergeRecipe
-from ckptmerge.merging.window import resolve_window
-from ckptmerge.search.run import search, write_results
 from ckptmerge.search.storage import DEFAULT_HEARTBEAT_S
-from ckptmerge.search.study import SearchConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -55,6 +51,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # the library loads here, not when the CLI starts (ckptmerge --help imports no torch)
+    from ckptmerge.merging.recipe import MergeRecipe
+    from ckptmerge.merging.window import resolve_window
+    from ckptmerge.search.run import search, write_results
+    from ckptmerge.search.study import SearchConfig
+
     window = resolve_window(MergeRecipe(inputs=args.inputs, last=args.last, every=args.every))
     cfg = SearchConfig(space=args.space, data=args.data, trials=args.trials, sampler=args.sampler, seed=args.seed,
                        storage=args.storage, study_name=args.study, min_lambda=args.min_lambda,

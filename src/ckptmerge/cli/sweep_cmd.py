@@ -8,7 +8,6 @@ from pathlib import Path
 from ckptmerge.cli.deprecated import add_deprecated, add_renamed
 from ckptmerge.cli.eval_flags import add_eval_flags, settings_from_args
 from ckptmerge.search.storage import DEFAULT_HEARTBEAT_S
-from ckptmerge.sweep.run import SweepConfig, sweep
 
 
 def _ints(text: str) -> list[int]:
@@ -51,6 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # the library loads here, not when the CLI starts (ckptmerge --help imports no torch)
+    from ckptmerge.sweep.run import SweepConfig, sweep
+
     run_dir = Path(args.run_dir)
     cfg = SweepConfig(methods=_methods(args), n=args.last, every=args.every, at=args.at,
                       points=args.points, data=args.data or ["shakespeare-val"], n_tokens=args.tokens,
@@ -63,5 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _methods(args: argparse.Namespace) -> list[str]:
     """``--method`` specs and the old ``--methods a,b,c`` list, in order (both: the old list first)."""
+    # the library loads here, not when the CLI starts (ckptmerge --help imports no torch)
+    from ckptmerge.sweep.run import SweepConfig
+
     old = [m for m in (getattr(args, "methods_list", None) or "").split(",") if m]
     return [*old, *args.method] or SweepConfig().methods

@@ -9,7 +9,7 @@ from dataclasses import asdict, fields
 from ckptmerge.cli.deprecated import add_renamed
 from ckptmerge.errors import ConfigError
 from ckptmerge.io.yaml_config import read_yaml
-from ckptmerge.train.trainer import TrainConfig, config_from_dict, train
+from ckptmerge.train.config import TrainConfig, config_from_dict  # torch-free: the flags come from it
 
 _HELP = {
     "preset": "model preset: tiny (~0.8M), small (~3M), base (~10M), pythia-tiny",
@@ -57,6 +57,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # the library loads here, not when the CLI starts (ckptmerge --help imports no torch)
+    from ckptmerge.train.trainer import train
+
     if args.resume:
         train(TrainConfig(), args.resume, resume=True, progress=not args.quiet)
         print(f"resumed and finished {args.resume}")

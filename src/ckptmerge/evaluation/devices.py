@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 from ckptmerge.errors import ConfigError
+from ckptmerge.evaluation.device_names import DEVICES, DTYPE_NAMES
 from ckptmerge.parallel.world import local_device
 
-DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:

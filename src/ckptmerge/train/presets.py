@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ckptmerge.data.tokenizer import VOCAB_SIZE
 from ckptmerge.errors import UnknownNameError
+
+if TYPE_CHECKING:
+    import torch
 
 # name: (architecture, hidden, layers, heads, ffn, context)
 PRESETS = {
@@ -43,6 +46,7 @@ def build_config(name: str):
 
 def build_model(name: str, seed: int) -> torch.nn.Module:
     """A freshly initialized model of preset ``name``; the same seed gives the same weights."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
