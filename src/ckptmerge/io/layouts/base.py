@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ckptmerge.io.state_dict_reader import StateDictReader
 from ckptmerge.io.tensor_info import CheckpointReader
-from ckptmerge.io.torch_reader import load_torch_payload, strip_prefixes
+
+if TYPE_CHECKING:
+    import torch
+
+# Readers (and torch) load inside the functions that open or rewrite checkpoints: discovery stays torch-free.
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ def step_from_name(path: Path, pattern: str) -> int | None:
 
 @functools.lru_cache(maxsize=4)
 def _cached_payload(path: str, mtime_ns: int, size: int) -> object:
+    from ckptmerge.io.torch_reader import load_torch_payload
+
     return load_torch_payload(Path(path))
 
 
@@ -73,7 +78,8 @@ def payload(path: Path) -> object:
 
 def as_int(value: object) -> int | None:
     """An int from an int, a 0-dim / 1-element tensor, or a float with no fraction; else None."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
+    torch = sys.modules.get("torch")  # no value is a tensor before torch is imported
+    if torch is not None and isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or value is None:
         return None
@@ -94,6 +100,9 @@ def strip_attribute_prefix(weights: dict[str, torch.Tensor]) -> tuple[dict[str, 
 def weights_reader(path: Path, weights: dict[str, torch.Tensor], framework: str, *,
                    strip_attribute: bool = False) -> CheckpointReader:
     """A reader over ``weights`` (DDP / compile prefixes stripped, optionally the wrapper's attribute too)."""
+    from ckptmerge.io.state_dict_reader import StateDictReader
+    from ckptmerge.io.torch_reader import strip_prefixes
+
     weights = strip_prefixes(path, weights)
     prefix = ""
     if strip_attribute:
@@ -130,6 +139,7 @@ def write_back_torch_file(src: Path, dst: Path, weights_of: Callable[[object], d
     """
     from ckptmerge.errors import CheckpointFormatError
     from ckptmerge.io.torch_file_rewrite import load_tensor_refs, rewrite_tensors
+    from ckptmerge.io.torch_reader import strip_prefixes
 
     refs = weights_of(load_tensor_refs(src))
     names = strip_prefixes(src, {k: k for k in refs})

@@ -20,8 +20,8 @@ from ckptmerge.io.layouts.base import (
     write_back_torch_file,
 )
 from ckptmerge.io.layouts.parse_name import parse_step
-from ckptmerge.io.safe_pickle import Placeholder, state_fields
-from ckptmerge.io.torch_reader import check_kept_fraction
+
+# Readers (and torch) load inside the functions that open or rewrite checkpoints: discovery stays torch-free.
 
 LATEST = re.compile(r"^latest-rank\d+\.pt$")
 
@@ -41,6 +41,8 @@ def pointer(path: Path) -> str | None:
 
 
 def read_step(path: Path) -> StepInfo:
+    from ckptmerge.io.safe_pickle import Placeholder, state_fields
+
     stamp = _state(path).get("timestamp")
     if isinstance(stamp, Placeholder):
         stamp = state_fields(stamp)
@@ -52,6 +54,8 @@ def read_step(path: Path) -> StepInfo:
 
 
 def open_checkpoint(path: Path):
+    from ckptmerge.io.torch_reader import check_kept_fraction
+
     state = _state(path)
     check_kept_fraction(path, state["model"], payload(path))
     return weights_reader(path, state["model"], "composer", strip_attribute=True)

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from ckptmerge.errors import CheckpointFormatError
-from ckptmerge.io.deepspeed_zero import ZeroMastersReader
 from ckptmerge.io.layouts.base import (
     Layout,
     StepInfo,
@@ -27,7 +24,8 @@ from ckptmerge.io.layouts.base import (
     weights_reader,
     write_back_torch_file,
 )
-from ckptmerge.io.torch_reader import check_kept_fraction
+
+# Readers (and torch) load inside the functions that open or rewrite checkpoints: discovery stays torch-free.
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
@@ -62,6 +60,9 @@ def read_step(path: Path) -> StepInfo:
 
 
 def open_checkpoint(path: Path):
+    from ckptmerge.io.deepspeed_zero import ZeroMastersReader
+    from ckptmerge.io.torch_reader import check_kept_fraction
+
     if any(path.glob("*mp_rank_0[1-9]*_model_states.pt")) or any(path.glob("layer_*-model_states.pt")):
         raise CheckpointFormatError(f"{path}: a tensor- or pipeline-parallel DeepSpeed checkpoint (mp_rank_01 / "
                                     f"layer_* files), which ckptmerge cannot read yet. Fix: consolidate it with "
@@ -78,6 +79,8 @@ def open_checkpoint(path: Path):
 
 def _half_to_fp32(module: dict) -> dict:
     """bf16 / fp16 tensors as fp32 copies; tensors that share storage (tied weights) keep sharing it."""
+    import torch
+
     copies: dict[tuple, torch.Tensor] = {}
     out = {}
     for name, t in module.items():

@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from ckptmerge.errors import CheckpointFormatError
-from ckptmerge.io.dcp_reader import DcpReader
 from ckptmerge.io.json_fields import check_log_history, check_types, is_count, load_json
 from ckptmerge.io.layout import detect_layout, open_plain_checkpoint
 from ckptmerge.io.layouts.base import (
@@ -24,7 +23,8 @@ from ckptmerge.io.layouts.base import (
     step_from_name,
     write_back_torch_file,
 )
-from ckptmerge.io.torch_reader import TorchFileReader
+
+# Readers (and torch) load inside the functions that open or rewrite checkpoints: discovery stays torch-free.
 
 STATE_FILE = "trainer_state.json"
 FSDP_SHARDED = "pytorch_model_fsdp_0"
@@ -43,6 +43,9 @@ def detect(path: Path) -> bool:
 
 
 def open_checkpoint(path: Path):
+    from ckptmerge.io.dcp_reader import DcpReader
+    from ckptmerge.io.torch_reader import TorchFileReader
+
     if detect_layout(path) is not None:
         return open_plain_checkpoint(path)
     weights = _fsdp_weights(path)

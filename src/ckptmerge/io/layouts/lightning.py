@@ -13,8 +13,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ckptmerge.io.dcp_reader import DcpReader
-from ckptmerge.io.dcp_rewrite import rewrite_dcp
 from ckptmerge.io.layouts.base import (
     Layout,
     StepInfo,
@@ -25,8 +23,9 @@ from ckptmerge.io.layouts.base import (
     write_back_torch_file,
 )
 from ckptmerge.io.layouts.parse_name import parse_step
-from ckptmerge.io.torch_reader import check_kept_fraction
 from ckptmerge.io.wrapper_names import unwrap_names
+
+# Readers (and torch) load inside the functions that open or rewrite checkpoints: discovery stays torch-free.
 
 LAST = re.compile(r"^last(-v\d+)?\.ckpt$")
 
@@ -69,6 +68,9 @@ def read_step(path: Path) -> StepInfo:
 
 
 def open_checkpoint(path: Path):
+    from ckptmerge.io.dcp_reader import DcpReader
+    from ckptmerge.io.torch_reader import check_kept_fraction
+
     if _is_sharded(path):
         return DcpReader(path, names=_sharded_names)
     state = payload(path)
@@ -77,6 +79,8 @@ def open_checkpoint(path: Path):
 
 
 def write_back(path: Path, merged: dict, dest: Path) -> None:
+    from ckptmerge.io.dcp_rewrite import rewrite_dcp
+
     if _is_sharded(path):
         return rewrite_dcp(path, dest / path.name, merged, names=_sharded_names)
     write_back_torch_file(path, dest / path.name, lambda state: state["state_dict"], merged, strip_attribute=True)

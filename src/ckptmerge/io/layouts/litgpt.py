@@ -18,7 +18,8 @@ from ckptmerge.io.layouts.base import (
     weights_reader,
     write_back_torch_file,
 )
-from ckptmerge.io.torch_reader import find_weights
+
+# Readers (and torch) load inside the functions that open or rewrite checkpoints: discovery stays torch-free.
 
 WEIGHTS = "lit_model.pth"
 
@@ -36,6 +37,8 @@ def read_step(path: Path) -> StepInfo:
 
 
 def open_checkpoint(path: Path):
+    from ckptmerge.io.torch_reader import find_weights
+
     return weights_reader(path, find_weights(path / WEIGHTS, payload(path / WEIGHTS)), "litgpt")
 
 

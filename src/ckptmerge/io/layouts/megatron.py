@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ckptmerge.io.dcp_reader import DcpReader
 from ckptmerge.io.layouts.base import Layout, StepInfo, as_int, payload, step_from_name
-from ckptmerge.io.safe_pickle import Placeholder, state_fields
+
+# Readers (and torch) load inside the functions that open or rewrite checkpoints: discovery stays torch-free.
 
 COMMON = "common.pt"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -29,6 +29,8 @@ def pointer(path: Path) -> str | None:
 
 
 def read_step(path: Path) -> StepInfo:
+    from ckptmerge.io.safe_pickle import Placeholder, state_fields
+
     common = payload(path / COMMON)
     step = as_int(common.get("iteration")) if isinstance(common, dict) else None
     if step is None:
@@ -40,6 +42,8 @@ def read_step(path: Path) -> StepInfo:
 
 
 def open_checkpoint(path: Path):
+    from ckptmerge.io.dcp_reader import DcpReader
+
     return DcpReader(path)
 
 

@@ -17,7 +17,8 @@ from ckptmerge.io.layouts.base import (
     write_back_torch_file,
 )
 from ckptmerge.io.layouts.parse_name import SUFFIXES, parse_step
-from ckptmerge.io.torch_reader import find_weights
+
+# Readers (and torch) load inside the functions that open or rewrite checkpoints: discovery stays torch-free.
 
 
 def detect(path: Path) -> bool:
@@ -33,6 +34,8 @@ def read_step(path: Path) -> StepInfo:
 
 
 def open_checkpoint(path: Path):
+    from ckptmerge.io.torch_reader import find_weights
+
     return weights_reader(path, find_weights(path, payload(path)), "nanogpt")
 
 

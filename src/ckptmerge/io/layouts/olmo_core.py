@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ckptmerge.io.dcp_reader import DcpReader
 from ckptmerge.io.layouts.base import Layout, StepInfo, as_int, payload, step_from_name
+
+# Readers (and torch) load inside the functions that open or rewrite checkpoints: discovery stays torch-free.
 
 MODEL_DIR = "model_and_optim"
 TRAIN_STATE = Path("train") / "rank0.pt"
@@ -31,6 +32,8 @@ def read_step(path: Path) -> StepInfo:
 
 
 def open_checkpoint(path: Path):
+    from ckptmerge.io.dcp_reader import DcpReader
+
     return DcpReader(path / MODEL_DIR, display_path=path)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ckptmerge.io.dcp_reader import DcpReader
 from ckptmerge.io.layouts.base import Layout, StepInfo
 from ckptmerge.io.layouts.parse_name import parse_step
 
@@ -22,10 +21,16 @@ def read_step(path: Path) -> StepInfo:
     return StepInfo(parse_step(path.name))
 
 
+def open_checkpoint(path: Path):
+    from ckptmerge.io.dcp_reader import DcpReader  # torch: only when a checkpoint is opened
+
+    return DcpReader(path)
+
+
 def write_back(path: Path, merged: dict, dest: Path) -> None:
     from ckptmerge.io.dcp_rewrite import rewrite_dcp
 
     rewrite_dcp(path, dest / path.name, merged)
 
 
-LAYOUT = Layout("torchtitan/dcp", detect, read_step, DcpReader, write_back=write_back)
+LAYOUT = Layout("torchtitan/dcp", detect, read_step, open_checkpoint, write_back=write_back)
