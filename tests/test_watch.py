@@ -47,7 +47,7 @@ def test_sliding_sma_survives_restart_and_equals_offline_window(tmp_path):
     assert_same_as_offline(tmp_path, run, out, "sma", n=3)
     state = json.loads((out / ".watch-state.json").read_text())
     assert [s["step"] for s in state["seen"]] == [100 * (i + 1) for i in range(9)]
-    assert state["methods"]["sma-n=3"]["done_through"] == 900
+    assert state["methods"]["sma-n3"]["done_through"] == 900
 
 
 def test_ema_equals_offline_ema_over_every_checkpoint(tmp_path):

@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=16384, help="held-out tokens per data set (default 16384)")
     add_renamed(p, "--eval-tokens", "--tokens")
     p.add_argument("--log", action="append", default=[], metavar="TRACKER",
-                   help="tensorboard:DIR, mlflow[:URI] (default OUT/mlruns) or wandb[:PROJECT], repeatable "
+                   help="tensorboard:DIR, mlflow[:URI] (default sqlite:///OUT/mlflow.db) or wandb[:PROJECT], repeatable "
                         "(each an optional extra)")
     p.add_argument("--wandb-run-id", help="attach W&B logging to this run (default: $WANDB_RUN_ID, else a new run)")
     p.add_argument("--poll-s", type=float, default=30.0, help="seconds between scans (default 30)")

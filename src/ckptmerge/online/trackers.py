@@ -1,7 +1,7 @@
 """Experiment trackers a watch logs to, through each tracker's own client (each an optional extra).
 
     --log tensorboard:DIR     TensorBoard event files (``pip install 'ckptmerge[tensorboard]'``)
-    --log mlflow[:URI]        an MLflow tracking URI or local store (default ``OUT/mlruns``; ``[mlflow]``)
+    --log mlflow[:URI]        an MLflow tracking URI (default ``sqlite:///OUT/mlflow.db``; ``[mlflow]``)
     --log wandb[:PROJECT]     Weights & Biases; attaches to ``--wandb-run-id`` / ``WANDB_RUN_ID`` (resume="allow")
                               or starts a run of its own; ``WANDB_MODE=offline`` works (``[wandb]``)
 
@@ -34,7 +34,7 @@ def make_tracker(spec: str, out: Path, *, wandb_run_id: str | None = None):
             raise ConfigError("--log tensorboard needs a folder: --log tensorboard:DIR")
         return TensorBoardTracker(Path(where))
     if name == "mlflow":
-        return MlflowTracker(where or (out / "mlruns").resolve().as_uri(), tag=str(out.resolve()))
+        return MlflowTracker(where or f"sqlite:///{(out / 'mlflow.db').resolve()}", tag=str(out.resolve()))
     return WandbTracker(where or "ckptmerge-watch", run_id=wandb_run_id or os.environ.get("WANDB_RUN_ID"),
                         folder=out)
 

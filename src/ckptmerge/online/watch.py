@@ -106,12 +106,12 @@ class Watcher:
 
     def poll(self) -> list[int]:
         """Take in every new, settled checkpoint; returns the steps taken in."""
+        if self.state.seen:
+            self._complete()  # what a killed watch left undone for its newest checkpoint; failed methods again
         taken = []
         for ref in self._ready():
             self._take(ref)
             taken.append(ref.step)
-        if not taken and self.state.seen:
-            self._update_methods()  # retry methods that failed on the newest checkpoint
         self._send_to_trackers()
         return taken
 
@@ -134,9 +134,14 @@ class Watcher:
         retain(ref.path, self.run_dir, self.out)
         self.state.seen.append({"step": ref.step, "tokens_seen": ref.tokens_seen, "path": str(ref.path)})
         self._save()
+        self._complete()
+
+    def _complete(self) -> None:
+        """Bring every method up to the newest checkpoint taken in, then evaluate it (each step once)."""
+        newest = self.state.history()[-1]
         self._update_methods()
-        if self.cfg.data and str(ref.step) not in self.state.evals:
-            self._evaluate(ref)
+        if self.cfg.data and str(newest.step) not in self.state.evals:
+            self._evaluate(newest)
         self._prune()
 
     def _update_methods(self) -> None:

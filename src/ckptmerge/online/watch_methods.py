@@ -40,8 +40,9 @@ class WatchMethod:
 
     @property
     def label(self) -> str:
-        """``sma:n=5`` -> ``sma-n=5``: the folder under OUT and the name in metric keys."""
-        return str(self.spec).replace(":", "-").replace(",", "-").replace("/", "_")
+        """``sma:n=5`` -> ``sma-n5``, ``ema:alpha=0.3`` -> ``ema-alpha0.3``: the folder under OUT and the name in
+        metric keys (trackers such as MLflow allow no ``=`` in metric names)."""
+        return str(self.spec).replace(":", "-").replace(",", "-").replace("=", "").replace("/", "_")
 
     @property
     def running(self) -> bool:
