@@ -6,9 +6,6 @@ import argparse
 from collections import Counter
 
 from ckptmerge.console import format_bytes, print_table
-from ckptmerge.io.dispatch import open_checkpoint
-from ckptmerge.io.fingerprint import checkpoint_files
-from ckptmerge.merging.discover import discover
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,14 +17,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # the library loads here, not when the CLI starts; a safetensors run is inspected without torch
+    from ckptmerge.io.fingerprint import checkpoint_files
+    from ckptmerge.merging.discover import discover
+
     found = discover(args.run_dir, tokens_per_step=args.tokens_per_step, skip_unparsable=args.skip_unparsable)
     rows = []
     for ref in found.checkpoints:
-        reader = open_checkpoint(ref.path)
-        try:
-            dtypes = Counter(str(reader.info(k).dtype).removeprefix("torch.") for k in reader.keys())
-        finally:
-            reader.close()
+        dtypes = _stored_dtypes(ref)
         size = sum(f.stat().st_size for f in checkpoint_files(ref.path))
         rows.append([ref.name, ref.step, _or_dash(ref.tokens_seen), _or_dash(ref.lr, ".3g"), ref.framework or "-",
                      ref.layout,
@@ -37,6 +34,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped {path.name}: {why}")
     print(f"{len(found.checkpoints)} checkpoints")
     return 0
+
+
+def _stored_dtypes(ref) -> Counter:
+    """How many tensors of each dtype: from the safetensors headers alone (no torch), else from a reader."""
+    from ckptmerge.io.layout import detect_layout
+    from ckptmerge.io.safetensors_header import stored_dtypes
+
+    found = detect_layout(ref.path) if ref.layout == "safetensors" else None
+    if found is not None and found[0] == "safetensors":
+        return Counter(dtype for file in found[1] for dtype in stored_dtypes(file).values())
+    from ckptmerge.io.dispatch import open_checkpoint
+
+    reader = open_checkpoint(ref.path)
+    try:
+        return Counter(str(reader.info(k).dtype).removeprefix("torch.") for k in reader.keys())
+    finally:
+        reader.close()
 
 
 def _or_dash(value: object, spec: str = "") -> str:

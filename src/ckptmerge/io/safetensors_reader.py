@@ -9,7 +9,6 @@ read them itself, ahead of use and in large requests (``ckptmerge.io.read_ahead`
 from __future__ import annotations
 
 import mmap
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +16,10 @@ from pathlib import Path
 import torch
 
 from ckptmerge.errors import CheckpointFormatError
-from ckptmerge.io.safetensors_header import DTYPES as _DTYPES
-from ckptmerge.io.safetensors_header import checked_entries, checked_metadata, parse_header
+from ckptmerge.io.safetensors_header import checked_entries, checked_metadata, read_header, torch_dtypes
 from ckptmerge.io.tensor_info import FileRange, TensorInfo
 
-SAFETENSORS_DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in _DTYPES.items()}
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
+SAFETENSORS_DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in torch_dtypes().items()}
 
 
 @dataclass(frozen=True)
@@ -35,24 +32,6 @@ class _Entry:
     def row_bytes(self) -> int:
         shape = self.info.shape
         return self.info.nbytes // shape[0] if shape and shape[0] else self.info.nbytes
-
-
-def read_header(path: Path) -> tuple[dict, int]:
-    """Return (header dict, absolute offset of the data section) of a safetensors file.
-
-    Only the JSON syntax is checked here; ``checked_entries`` / ``checked_metadata`` validate the content.
-    """
-    with open(path, "rb") as f:
-        raw_len = f.read(8)
-        if len(raw_len) != 8:
-            raise CheckpointFormatError(f"{path}: too short to be a safetensors file (truncated write?)")
-        (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > _MAX_HEADER_BYTES:
-            raise CheckpointFormatError(f"{path}: header length {header_len} is implausible; not safetensors")
-        raw = f.read(header_len)
-    if len(raw) != header_len:
-        raise CheckpointFormatError(f"{path}: header is cut short ({len(raw)} of {header_len} bytes); truncated copy?")
-    return parse_header(path, raw), 8 + header_len
 
 
 class SafetensorsReader:
