@@ -226,3 +226,15 @@ def test_a_tokenizer_folder_without_tokenizer_files_lists_what_was_looked_for(ru
     (folder / "README.md").write_text("nothing here")
     _refused(*_eval(capsys, run["folders"][-1], "--data", run["root"] / "heldout.txt", "--tokenizer", folder),
              str(folder), "tokenizer.json", "tokenizer.model", "--tokenizer")
+
+
+def test_watch_publishes_the_root_tokenizer_and_eval_needs_no_flag(run, tmp_path, capsys):
+    out = tmp_path / "w"
+    assert main(["watch", str(run["run"]), "-o", str(out), "--last", "2", "--every", "10", "--once",
+                 "--settle-s", "0"]) == 0
+    capsys.readouterr()
+    current = out / "current"
+    assert (current / "tokenizer.json").read_bytes() == (run["run"] / "tokenizer.json").read_bytes()
+    assert json.loads((current / "merge.json").read_text())["tokenizer_from"]["where"] == "run directory"
+    want, _ = reference_loss(merged_hf(run["folders"], [0.5, 0.5]), run["ids"], context=CONTEXT)
+    assert _loss(tmp_path, capsys, current, run["root"] / "heldout.txt") == pytest.approx(want, abs=1e-5)
