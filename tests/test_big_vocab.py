@@ -238,3 +238,24 @@ def test_watch_publishes_the_root_tokenizer_and_eval_needs_no_flag(run, tmp_path
     assert json.loads((current / "merge.json").read_text())["tokenizer_from"]["where"] == "run directory"
     want, _ = reference_loss(merged_hf(run["folders"], [0.5, 0.5]), run["ids"], context=CONTEXT)
     assert _loss(tmp_path, capsys, current, run["root"] / "heldout.txt") == pytest.approx(want, abs=1e-5)
+
+
+def test_padded_rows_fit_and_a_different_config_eos_is_a_warning(tmp_path):
+    import warnings
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ckptmerge.data.text_tokenizer import load_tokenizer
+    from ckptmerge.evaluation.tokenizer_fit import check_tokenizer_fits
+
+    unigram_tokenizer(SMALL_VOCAB).save_pretrained(tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")
+    assert tok.vocab_size == SMALL_VOCAB and tok.eos_id == 2
+    for eos, warned in ((2, False), (1, True)):
+        config = LlamaConfig(vocab_size=1536, hidden_size=8, intermediate_size=16, num_hidden_layers=1,  # 1,500 padded
+                             num_attention_heads=2, num_key_value_heads=2, eos_token_id=eos, bos_token_id=1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            check_tokenizer_fits(tok, LlamaForCausalLM(config), "m")
+        assert any("eos_token_id" in str(w.message) for w in caught) == warned
+        assert not any("size" in str(w.message) for w in caught)  # 1,536 rows = 1,500 rounded up to 512
