@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ckptmerge import compute_coeffs, discover, merge, open_checkpoint, select_last
+from ckptmerge.errors import ConfigError
 from ckptmerge.online import EMA, LAWA, PMA, SWA, parse_average_spec
 
 
@@ -256,3 +257,57 @@ def test_single_process_dcp_save_loads_with_dcp_and_unknown_format_is_refused(tm
     with pytest.raises(ConfigError, match="unknown save format"):
         ema.save(tmp_path / "other", model, format="npz")
     assert not (tmp_path / "other").exists()
+
+
+def anytime_reference(history: list[tuple[int, dict]], fraction: float) -> dict:
+    """fp64 anytime EMA (arXiv 2602.03702): each step r decays the average by 2^(-1/(f r)); an update after a gap
+    s -> t applies the gap's steps' decays in turn, giving the new weights the rest of the mass."""
+    (first_step, average), rest = history[0], history[1:]
+    last = first_step
+    for step, current in rest:
+        beta = 1.0
+        for r in range(last + 1, step + 1):
+            beta *= 2.0 ** (-1.0 / (fraction * r))
+        average = {k: beta * average[k] + (1.0 - beta) * current[k] for k in average}
+        last = step
+    return average
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.3])
+@pytest.mark.parametrize("steps_kept", ["every step", "irregular"])
+def test_anytime_ema_online_equals_offline_profile_and_fp64(tmp_path, fraction, steps_kept):
+    kept = set(range(1, 31)) if steps_kept == "every step" else {1, 2, 3, 5, 9, 10, 17, 24, 30}
+    online, history = EMA(half_life_fraction=fraction), []
+    for step, model in trajectory(30):
+        if step not in kept:
+            continue
+        online.update(model, step)
+        history.append((step, {k: v.detach().double().clone() for k, v in model.named_parameters()}))
+        folder = tmp_path / "run" / f"step-{step:06d}"
+        folder.mkdir(parents=True)
+        state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if k != "head.weight"}
+        save_file(state, folder / "model.safetensors")
+    refs = discover(tmp_path / "run").checkpoints
+    assert [r.step for r in refs] == sorted(kept)
+    merge(refs, compute_coeffs("ema", refs, half_life_fraction=fraction), tmp_path / "offline", accum_dtype="float64",
+          progress=False)
+    reader, averaged = open_checkpoint(tmp_path / "offline"), online.averaged_state_dict()
+    expected = anytime_reference(history, fraction)
+    for name in expected:
+        torch.testing.assert_close(averaged[name].double(), expected[name], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(reader.get(name).double(), averaged[name].double(), rtol=1e-6, atol=1e-6)
+
+
+def test_anytime_ema_spec_and_resume():
+    ema = parse_average_spec("ema:half_life_fraction=0.05")
+    assert ema.half_life_fraction == 0.05
+    with pytest.raises(ConfigError, match="exactly one of"):
+        parse_average_spec("ema:half_life_fraction=0.05,decay=0.9")
+    first, resumed, whole = EMA(half_life_fraction=0.1), EMA(half_life_fraction=0.1), EMA(half_life_fraction=0.1)
+    for step, model in trajectory(12):
+        whole.update(model, step)
+        (first if step <= 7 else resumed).update(model, step)
+        if step == 7:
+            resumed.load_state_dict(first.state_dict())
+    for name, value in whole.averaged_state_dict().items():
+        assert torch.equal(value, resumed.averaged_state_dict()[name]), name

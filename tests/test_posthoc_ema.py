@@ -220,3 +220,11 @@ def test_phema_schedule_refuses_plain_checkpoints_and_bad_widths(tmp_path, phema
     folder = phema_run[0]
     assert cli(["merge", str(folder / "phema"), "-o", str(tmp_path / "x"), "--schedule", "phema", "--quiet"]) != 0
     assert not (tmp_path / "x").exists()
+
+
+def test_other_schedules_refuse_a_folder_of_several_profiles(phema_run, tmp_path):
+    folder = phema_run[0]
+    code = cli(["merge", str(folder / "phema"), "-o", str(tmp_path / "sma"), "--schedule", "sma:n=2", "--quiet"])
+    assert code != 0 and not (tmp_path / "sma").exists()
+    one_profile = sorted(str(p) for p in (folder / "phema").glob("sigma_rel-0.050-*"))[-2:]
+    assert cli(["merge", *one_profile, "-o", str(tmp_path / "sma"), "--schedule", "sma", "--quiet"]) == 0

@@ -113,3 +113,56 @@ def test_old_half_life_steps_keyword_warns_and_gives_the_same_coefficients():
     close(old, [0.0625, 0.0625, 0.875])
     with pytest.raises(ScheduleError, match="not both half_life and its old name"):
         compute_coeffs("ema", FIVE, half_life=100, half_life_steps=100)
+
+
+def megatron_weights(kind, n):
+    """Megatron's weighted merge (WSM, arXiv 2507.17634): checkpoint i of n (oldest first) gets the drop of the
+    decay curve over its interval, g(i/n) - g((i+1)/n), with g(x) = 1 - x ("linear") or 1 - sqrt(x) ("minus-sqrt")."""
+    curve = {"linear": lambda x: 1 - x, "minus_sqrt": lambda x: 1 - x ** 0.5}[kind]
+    return [curve(i / n) - curve((i + 1) / n) for i in range(n)]
+
+
+@pytest.mark.parametrize("n", range(2, 17))
+def test_decay_schedules_equal_megatrons_weighted_merge_with_reverse_and_scramble(n):
+    window = refs(range(100, 100 * (n + 1), 100))
+    for name, kind in (("linear_decay", "linear"), ("minus_sqrt", "minus_sqrt")):
+        expected = megatron_weights(kind, n)
+        close(compute_coeffs(name, window), expected)
+        close(compute_coeffs(name, window, reverse=1), expected[::-1])
+        scrambled = compute_coeffs(name, window, scramble=7)
+        assert sorted(scrambled) == pytest.approx(sorted(expected), abs=1e-12)
+        assert compute_coeffs(name, window, scramble=7) == scrambled  # a fixed shuffle per seed
+        close(compute_coeffs(name, window, scramble=0), expected)
+    if n >= 4:  # some seed moves a weight (a no-op shuffle would pass the checks above)
+        assert any(compute_coeffs("minus_sqrt", window, scramble=s) != megatron_weights("minus_sqrt", n)
+                   for s in range(1, 4))
+
+
+def test_reverse_and_scramble_in_the_method_language():
+    from ckptmerge.errors import ConfigError
+    from ckptmerge.merging.method_spec import parse_method
+
+    spec = parse_method("minus_sqrt:n=8,reverse=1")
+    assert spec.params == {"reverse": 1} and spec.n == 8
+    close(spec.coeffs(refs(range(100, 900, 100))), megatron_weights("minus_sqrt", 8)[::-1])
+    for text, words in [("minus_sqrt:reverse=2", "reverse is 0 or 1"), ("linear_decay:scramble=-1", "seed"),
+                        ("minus_sqrt:reverse=1,scramble=3", "not both"), ("sma:reverse=1", "not 'reverse'")]:
+        with pytest.raises(ConfigError, match=words):
+            parse_method(text)
+
+
+def test_anytime_ema_over_long_gaps_is_the_product_of_per_step_decays():
+    """Gaps of 1 to 60,000 steps (the long ones take the digamma form): each gap s -> t decays the older mass by
+    prod_{r=s+1..t} 2^(-1/(f r)), multiplied out here in fp64 step by step."""
+    steps, fraction = [1, 2, 40, 25_000, 85_000, 85_001], 5.0  # a long memory: every coefficient matters
+    betas = []
+    for s, t in zip(steps, steps[1:]):
+        log2_beta = 0.0
+        for r in range(s + 1, t + 1):
+            log2_beta -= 1.0 / (fraction * r)
+        betas.append(2.0 ** log2_beta)
+    expected = [1.0]
+    for beta in betas:
+        expected = [c * beta for c in expected] + [1.0 - beta]
+    got = compute_coeffs("ema", refs(steps), half_life_fraction=fraction)
+    assert got == pytest.approx(expected, rel=1e-9, abs=1e-15)

@@ -89,7 +89,23 @@ def anytime_decay(last_step: int, step: int, half_life_fraction: float) -> float
         raise ScheduleError(f"half_life_fraction must be positive, got {half_life_fraction}")
     if not 0 <= last_step <= step:
         raise ScheduleError(f"anytime EMA: steps must increase and start at 0 or later, got {last_step} -> {step}")
-    return 2.0 ** (-math.fsum(1.0 / r for r in range(last_step + 1, step + 1)) / half_life_fraction)
+    return 2.0 ** (-_harmonic_gap(last_step, step) / half_life_fraction)
+
+
+def _harmonic_gap(start: int, stop: int) -> float:
+    """1/(start+1) + ... + 1/stop: summed for gaps up to 10,000 steps, else psi(stop+1) - psi(start+1)."""
+    if stop - start <= 10_000:
+        return math.fsum(1.0 / r for r in range(start + 1, stop + 1))
+    low, high = start + 1, stop + 1
+    shift = math.fsum(1.0 / x for x in range(low, 100)) if low < 100 else 0.0  # psi(x) = psi(x + 1) - 1/x
+    low = max(low, 100)
+    return math.log1p((high - low) / low) + _psi_tail(high) - _psi_tail(low) + shift
+
+
+def _psi_tail(x: float) -> float:
+    """psi(x) - ln(x) for x >= 100, to about 1e-18 (the asymptotic series)."""
+    inv2 = 1.0 / (x * x)
+    return -0.5 / x - inv2 * (1.0 / 12 - inv2 * (1.0 / 120 - inv2 / 252))
 
 
 @register

@@ -33,6 +33,7 @@ def resolve_window(recipe: MergeRecipe) -> Window:
         raise ConfigError("invalid merge options:\n  " + "\n  ".join(problems))
     recipe = with_method(recipe)  # ``--schedule ema:alpha=0.2,n=5``: name, parameters and window
     refs, skipped = _candidates(recipe)
+    _check_one_profile(recipe, refs)
     if recipe.last is not None:
         refs = select_last(refs, recipe.last, every_steps=recipe.every, every_tokens=recipe.every_tokens,
                            end_step=recipe.end_step)
@@ -44,6 +45,16 @@ def resolve_window(recipe: MergeRecipe) -> Window:
                             allow_unnormalized=recipe.allow_unnormalized, allow_negative=recipe.allow_negative,
                             **recipe.schedule_params())
     return Window(refs, coeffs, skipped)
+
+
+def _check_one_profile(recipe: MergeRecipe, refs: list[CheckpointRef]) -> None:
+    """Snapshots of several power-EMA profiles (``RUN/phema``) are merged by ``phema`` only: any other schedule
+    would treat two profiles of one step as two checkpoints of the run."""
+    gammas = {r.ema_gamma for r in refs if r.ema_gamma is not None}
+    if len(gammas) > 1 and recipe.schedule.replace("-", "_") != "phema":
+        raise ConfigError(f"{', '.join(recipe.inputs)}: power-EMA snapshots of {len(gammas)} profiles (each step "
+                          f"{len(gammas)} times); reconstruct an EMA with --schedule phema:sigma_rel=S, or give one "
+                          f"profile's snapshots as paths")
 
 
 def _candidates(recipe: MergeRecipe) -> tuple[list[CheckpointRef], list[tuple[Path, str]]]:
