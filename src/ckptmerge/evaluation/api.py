@@ -14,7 +14,8 @@ def evaluate(models: list[str | Path], data: list[str], *, n_tokens: int = 32768
     """``{model: {data: EvalResult}}`` (nats/token, bits/byte, tokens, bytes, standard errors).
 
     ``options`` are ``EvalSettings`` fields: ``device``, ``dtype``, ``tokenizer``, ``text_field``,
-    ``token_dtype``, ``model_config``, ``model_factory``, ``key_map``, ``batch_size``, ``max_batch_tokens``.
+    ``token_dtype``, ``allow_vocab_mismatch``, ``model_config``, ``model_factory``, ``key_map``, ``batch_size``,
+    ``max_batch_tokens``.
 
     Example::
 
