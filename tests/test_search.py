@@ -273,14 +273,3 @@ def test_an_unknown_objective_is_refused_before_any_trial(series, tmp_path):
     with pytest.raises(ConfigError, match="bpb.*loss, bits_per_byte"):
         search(refs, cfg, n_tokens=1024)
     assert "m" not in optuna.get_all_study_names(storage)
-
-
-def test_an_unknown_metric_name_is_an_error_not_the_loss():
-    from ckptmerge.evaluation.evaluator import summarize
-
-    result = summarize("d", np.array([2.0, 3.0]), np.array([10, 10]), n_bytes=40)
-    assert result.metric("loss") == 2.5
-    assert result.metric("bits_per_byte") == pytest.approx(2.5 * 20 / (40 * np.log(2)))
-    with pytest.raises(ConfigError) as err:
-        result.metric("perplexity")
-    assert "\n" not in str(err.value) and "'perplexity'" in str(err.value) and "loss, bits_per_byte" in str(err.value)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ckptmerge.console import progress_bar
 from ckptmerge.errors import ConfigError, import_optional
-from ckptmerge.evaluation.evaluator import EvalResult, paired_difference
+from ckptmerge.evaluation.evaluator import EvalResult, check_metric, paired_difference
 from ckptmerge.evaluation.settings import EvalSettings
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import discover
@@ -52,6 +52,7 @@ def sweep(run_dir: str | Path, cfg: SweepConfig, out: str | Path, *, progress: b
           settings: EvalSettings | None = None) -> dict:
     """Score the grid, write ``report.json``, ``report.md`` and PNGs into ``out``; return the report dict."""
     refuse_ranks("sweep", "run it as one process (docs/scale.md)")
+    check_metric(cfg.objective, "--objective")  # an unknown name was ranked as loss
     import_optional("matplotlib", extra="plots", needed_by="sweep (its report's plots)")
     if cfg.storage:
         import_optional("optuna", extra="search", needed_by="sweep --storage")
