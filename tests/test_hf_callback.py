@@ -1,5 +1,7 @@
 """The HF Trainer callback keeps the same EMA as a hand-computed one over the same optimizer steps."""
 
+import math
+
 import pytest
 import torch
 
@@ -78,3 +80,87 @@ def test_trainer_callback_under_ddp_updates_every_rank_saves_once_and_resumes(tm
     assert sorted(p.name for p in checkpoint.glob("averager_state*")) == ["averager_state.pt"]  # rank 0 alone
     saved = load_model(checkpoint / "averaged")
     torch.testing.assert_close(saved.model.embed_tokens.weight, ranks[0]["averaged"]["model.embed_tokens.weight"])
+
+
+def _held_out_text(path):
+    """A held-out text file; with the byte tokenizer its tokens are exactly its UTF-8 bytes."""
+    g = torch.Generator().manual_seed(7)
+    words = ["merge", "average", "weights", "loss", "step", "tokens", "model", "train"]
+    text = " ".join(words[int(i)] for i in torch.randint(0, len(words), (200,), generator=g))
+    path.write_text(text)
+    return path
+
+
+def _reference_windows(text: bytes, n_windows: int, context: int) -> torch.Tensor:
+    """Evenly spaced, non-overlapping windows of context + 1 byte ids (the evaluator's rule, rebuilt here)."""
+    ids = torch.tensor(list(text), dtype=torch.int64)
+    starts = torch.linspace(0, len(ids) - context - 1, n_windows).round().long()
+    assert int(starts.diff().min()) >= context
+    return torch.stack([ids[s:s + context + 1] for s in starts])
+
+
+def _transformers_losses(config, weights: dict, windows: torch.Tensor) -> torch.Tensor:
+    """transformers' own loss of a fresh model holding ``weights``, one window at a time (fp64 out)."""
+    model = transformers.LlamaForCausalLM(config)
+    model.load_state_dict({k: v.float() for k, v in weights.items()})
+    model.eval()
+    with torch.no_grad():
+        return torch.tensor([float(model(input_ids=w[None], labels=w[None].clone()).loss) for w in windows],
+                            dtype=torch.float64)
+
+
+class WeightsAt(transformers.TrainerCallback):
+    """Reference: the training weights after each optimizer step (fp64), and a hand-folded fp64 EMA of them."""
+
+    def __init__(self, decay):
+        self.decay, self.weights, self.ema = decay, {}, {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        current = {k: v.detach().double().clone() for k, v in model.state_dict().items()}
+        previous = self.ema.get(state.global_step - 1)
+        self.weights[state.global_step] = current
+        self.ema[state.global_step] = current if previous is None else {
+            k: self.decay * previous[k] + (1 - self.decay) * current[k] for k in current}
+
+
+def test_trainer_callback_logs_periodic_eval_of_average_and_raw_through_trainer_log(tmp_path, monkeypatch):
+    from ckptmerge.data.tokenizer import save_hf_tokenizer
+    from ckptmerge.errors import ConfigError
+
+    monkeypatch.setenv("CKPTMERGE_CACHE", str(tmp_path / "cache"))
+    save_hf_tokenizer(tmp_path / "tok")  # the model's own tokenizer reaches the callback as processing_class
+    held = _held_out_text(tmp_path / "held.txt")
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4,
+                                          learning_rate=5e-2, save_strategy="no", logging_strategy="steps",
+                                          logging_steps=1, report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0)
+    before, after = WeightsAt(0.6), WeightsAt(0.6)
+    averaging = AveragingCallback(EMA(0.6), save_averaged=False, eval_every=2, data=[str(held)], tokens=128)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[before, averaging, after],
+                                   data_collator=transformers.default_data_collator,
+                                   processing_class=transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path / "tok"))
+    with pytest.raises(ConfigError, match="attach"):  # no trainer to log through: refused before any step
+        trainer.train()
+    averaging.attach(trainer)
+    assert trainer.callback_handler.callbacks.count(averaging) == 1
+    trainer.train()
+
+    key = f"eval/merged/ema/{held.name}"
+    logged = {e["step"]: e for e in trainer.state.log_history if key + "/loss" in e}
+    assert sorted(logged) == [2, 4]
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [1, 2, 3, 4]  # training logs kept
+    windows = _reference_windows(held.read_bytes(), n_windows=128 // 32, context=32)
+    for step, entry in logged.items():
+        raw = _transformers_losses(config, before.weights[step], windows)
+        merged = _transformers_losses(config, before.ema[step], windows)
+        assert abs(entry[f"eval/raw/{held.name}/loss"] - raw.mean()) < 1e-5
+        assert abs(entry[key + "/loss"] - merged.mean()) < 1e-5
+        assert abs(entry[key + "/delta_vs_raw"] - (merged - raw).mean()) < 1e-5
+        assert abs(entry[key + "/delta_vs_raw_se"] - (merged - raw).std() / 2) < 1e-5  # sqrt(4 windows)
+        assert abs(entry[key + "/bits_per_byte"] - merged.mean() / math.log(2)) < 1e-5  # one byte per token
+        assert entry[key + "/delta_vs_raw"] != 0  # the average and the training weights differ at step 2 and 4
+        for name, value in before.weights[step].items():  # the training weights came back after the swap
+            assert torch.equal(after.weights[step][name], value), name

@@ -6,6 +6,7 @@
         avg.update(model, step)                  # after the optimizer step; repeated calls per step are ignored
         with avg.swapped(model):                 # averaged weights in, training weights back after
             evaluate(model)
+        metrics = avg.evaluate(model, step, evaluation)  # PeriodicEval: averaged vs training weights, when due
     avg.save("runs/a/avg-ema", model)            # an HF folder that `ckptmerge eval` / `merge` read
     torch.save(avg.state_dict(), "avg.pt")       # resume: avg.load_state_dict(torch.load(..., weights_only=True))
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,6 +34,9 @@ from ckptmerge.online.sharding import (
     shard_layout,
 )
 from ckptmerge.online.tensors import float_tensors, other_buffers
+
+if TYPE_CHECKING:
+    from ckptmerge.online.periodic_eval import PeriodicEval
 
 _RENAMED_PARAMS = {"half_life_steps": "half_life", "k": "n"}  # saved parameter names of earlier releases
 
@@ -102,6 +107,15 @@ class Averager:
             with torch.no_grad():
                 for name, tensor in live.items():
                     tensor.copy_(backup[name])
+
+    def evaluate(self, model: torch.nn.Module, step: int, evaluation: PeriodicEval, *,
+                 label: str | None = None) -> dict[str, float]:
+        """When ``step`` is due for ``evaluation`` (``online/periodic_eval.py``) and the average has an update: the
+        loss of the training weights and of this average (swapped in, then out) on the same held-out windows,
+        under watch's metric names (``eval/merged/<label or kind>/...``); ``{}`` otherwise."""
+        if self.n_averaged == 0 or not evaluation.is_due(step):
+            return {}
+        return evaluation.evaluate(model, {label or self.kind: self})
 
     @property
     def is_sharded(self) -> bool:

@@ -15,7 +15,11 @@
   and publishes the averaged folder. A sharded model (FSDP2) gets one state file per rank
   (``averager_state.rank{r}-of-{w}.pt``), resumable on the same world size (``online/state_files.py``);
 - the live model always keeps its training weights; evaluate the average with
-  ``with callback.averager.swapped(trainer.model): trainer.evaluate()``.
+  ``with callback.averager.swapped(trainer.model): trainer.evaluate()``;
+- with ``eval_every=N, data=[...], tokens=T`` (``online/periodic_eval.py``) every N-th step scores the training
+  weights and the average on the same held-out windows and logs ``eval/raw/...`` and ``eval/merged/<kind>/...``
+  through ``Trainer.log``, so they land in ``state.log_history`` and every ``report_to`` integration. Callbacks are
+  not given the trainer: bind it with ``callback.attach(trainer)`` (which also adds the callback when absent).
 """
 
 from __future__ import annotations
@@ -24,19 +28,36 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from ckptmerge.errors import ConfigError
+from ckptmerge.evaluation.settings import EvalSettings
 from ckptmerge.online.averager import Averager
+from ckptmerge.online.periodic_eval import PeriodicEval
 from ckptmerge.online.state_files import STEM, load_state, save_state
 
 STATE_FILE = f"{STEM}.pt"
 
 
 class AveragingCallback(TrainerCallback):
-    def __init__(self, averager: Averager, *, save_averaged: bool = True, save_format: str = "hf"):
+    def __init__(self, averager: Averager, *, save_averaged: bool = True, save_format: str = "hf",
+                 eval_every: int | None = None, data=(), tokens: int = 32768, tokenizer=None,
+                 eval_settings: EvalSettings | None = None):
         self.averager = averager
         self.save_averaged = save_averaged
         self.save_format = save_format
+        self.evaluation = PeriodicEval.from_options(eval_every, data, tokens, tokenizer, eval_settings)
+        self._trainer = None
+
+    def attach(self, trainer) -> AveragingCallback:
+        """Log the periodic evaluation through ``trainer.log``; adds this callback to ``trainer`` when absent."""
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        self._trainer = trainer
+        return self
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if self.evaluation is not None and self._trainer is None:
+            raise ConfigError("AveragingCallback(eval_every=...): the trainer to log through is unknown (callbacks are "
+                              "not given it). Fix: callback.attach(trainer) before trainer.train()")
         if state.global_step == 0:  # a fresh run; on resume, Trainer has restored the step already
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -45,8 +66,14 @@ class AveragingCallback(TrainerCallback):
             if candidate is not None and candidate.is_dir() and load_state(self.averager, candidate):
                 return
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         self.averager.update(model, state.global_step, tokens_seen=getattr(state, "num_input_tokens_seen", None) or None)
+        if self.evaluation is not None and self.evaluation.is_due(state.global_step) and self.averager.n_averaged:
+            metrics = self.evaluation.evaluate(model, {self.averager.kind: self.averager},
+                                               default_tokenizer=processing_class)
+            should_log = control.should_log  # Trainer.log clears it; the step's own training log is still due
+            self._trainer.log(metrics)  # log_history, then on_log of every callback (report_to integrations)
+            control.should_log = should_log
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if self.averager.n_averaged == 0:
