@@ -110,3 +110,18 @@ def test_import_optional_names_the_extra_but_leaves_an_installed_package_s_own_i
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ModuleNotFoundError, match="missing_dependency_zz"):  # installed, but broken: not our extra
         import_optional("broken_pkg_zz", extra="plots", needed_by="demo")
+
+
+def test_trackers_and_data_readers_name_their_extra(monkeypatch, tmp_path):
+    from ckptmerge.data.sources import _parquet_pieces
+    from ckptmerge.errors import MissingExtraError
+    from ckptmerge.online.trackers import make_tracker
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(MissingExtraError, match=r"^--log wandb needs the optional package wandb: "
+                                                r"pip install 'ckptmerge\[wandb\]'$"):
+        make_tracker("wandb", tmp_path)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(MissingExtraError, match=r"x\.parquet: reading Parquet needs the optional package pyarrow: "
+                                                r"pip install 'ckptmerge\[data\]'$"):
+        next(_parquet_pieces(tmp_path / "x.parquet", "text"))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckptmerge.data.corpora import DOMAINS, domain_text
-from ckptmerge.errors import DataError
+from ckptmerge.errors import DataError, import_optional
 
 TOKEN_SUFFIXES = (".bin", ".npy")
 PIECE_BYTES = 1 << 20
@@ -138,10 +138,7 @@ def _jsonl_pieces(path: Path, text_field: str) -> Iterator[Piece]:
 
 
 def _parquet_pieces(path: Path, text_field: str) -> Iterator[Piece]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install 'ckptmerge[data]'") from None
+    pq = import_optional("pyarrow.parquet", extra="data", needed_by=f"{path}: reading Parquet")
     table = pq.ParquetFile(path)
     if text_field not in table.schema_arrow.names:
         raise DataError(f"{path}: no column {text_field!r} (has: {', '.join(table.schema_arrow.names)}); "
@@ -153,10 +150,8 @@ def _parquet_pieces(path: Path, text_field: str) -> Iterator[Piece]:
 
 
 def _datasets_pieces(path: Path, text_field: str) -> Iterator[Piece]:
-    try:
-        from datasets import Dataset, load_from_disk
-    except ImportError:
-        raise DataError(f"{path}: reading a saved dataset needs datasets: pip install 'ckptmerge[data]'") from None
+    datasets = import_optional("datasets", extra="data", needed_by=f"{path}: reading a saved dataset")
+    Dataset, load_from_disk = datasets.Dataset, datasets.load_from_disk
     dataset = load_from_disk(str(path))
     if not isinstance(dataset, Dataset):
         raise DataError(f"{path}: a dataset with splits {', '.join(dataset)}; pass one split's folder, "

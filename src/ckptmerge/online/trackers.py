@@ -17,7 +17,7 @@ import os
 import time
 from pathlib import Path
 
-from ckptmerge.errors import ConfigError
+from ckptmerge.errors import ConfigError, import_optional
 
 MARKER = "watch/step"  # logged last in every record
 EXTRAS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
@@ -41,10 +41,7 @@ def make_tracker(spec: str, out: Path, *, wandb_run_id: str | None = None):
 
 def _require(name: str) -> None:
     module, extra = EXTRAS[name]
-    try:
-        __import__(module)
-    except ImportError:
-        raise ConfigError(f"--log {name} needs the optional package {module}: pip install 'ckptmerge[{extra}]'") from None
+    import_optional(module, extra=extra, needed_by=f"--log {name}")
 
 
 class TensorBoardTracker:
