@@ -1,5 +1,6 @@
 """DeepSpeed runs written by ``engine.save_checkpoint`` on CPU: ZeRO 0 fp32, ZeRO 1 fp32, ZeRO 2 bf16 on one rank;
-ZeRO 3 fp32 and bf16 on one and two gloo ranks, checked against DeepSpeed's own ``zero_to_fp32``."""
+ZeRO 2 and ZeRO 3 fp32 and bf16 on two gloo ranks (ZeRO 3 on one too), checked against DeepSpeed's own
+``zero_to_fp32``; hand-backs resumed under DeepSpeed's default config (masters from the optimizer files)."""
 
 from __future__ import annotations
 
@@ -85,11 +86,88 @@ def test_zero3_run_merges_the_fp32_masters(zero3_run, tmp_path):
     assert_merge_matches(run_dir / "checkpoints", tmp_path / "out", reference, [2, 4, 6, 8], "deepspeed")
 
 
-def test_zero3_as_checkpoint_is_refused_in_one_line(zero3_run, tmp_path, capsys):
+def resume_under_default_config(run_dir: Path, tmp_path: Path, stage: int, dtype: str, world: int,
+                                port: int, *flags: str) -> dict:
+    """merge --last 3 --as-checkpoint, then DeepSpeed's own load_checkpoint under its default config on
+    ``world`` ranks: the module and fp32 masters after loading and after one step with lr 0."""
     from trainer_checks import run_cli
 
-    run_dir, _ = zero3_run
-    code, _ = run_cli("merge", run_dir / "checkpoints", "-o", tmp_path / "out", "--last", "3", "--as-checkpoint",
-                      "--quiet")
-    assert code == 2 and not (tmp_path / "out").exists()
-    assert "ZeRO 3" in capsys.readouterr().err
+    out = tmp_path / "merged"
+    code, printed = run_cli("merge", run_dir / "checkpoints", "-o", out, "--last", "3", "--as-checkpoint",
+                            "--quiet", *flags)
+    assert code == 0 and (out / "latest").read_text() == "global_step8"
+    assert "moments" in printed.splitlines()[1] and "global_step8" in printed.splitlines()[1], printed
+    run_script("resume-default", tmp_path, stage, dtype, out, "global_step8", port=port, world=world)
+    return torch.load(tmp_path / "resumed_default.pt")
+
+
+def assert_resumed_at(resumed: dict, masters_want: dict, dtype: str) -> None:
+    """Masters equal the fp64 reference (1e-6); the module too (fp32) or its bf16 rounding (bf16), at both points."""
+    for point in ("loaded", "stepped"):
+        for name, want in masters_want.items():
+            want32 = want.to(torch.float32).to(torch.float64)
+            torch.testing.assert_close(resumed[point]["masters"][name], want32, rtol=0, atol=1e-6, msg=f"{point} {name}")
+            module_want = want32 if dtype == "fp32" else want.to(torch.float32).to(torch.bfloat16).to(torch.float64)
+            bf16_slack = 0 if dtype == "fp32" else 2.0 ** -8  # an fp32-ulp difference may flip one bf16 rounding
+            torch.testing.assert_close(resumed[point]["module"][name], module_want, rtol=bf16_slack, atol=1e-6,
+                                       msg=f"{point} module {name}")
+
+
+ZERO2 = ["fp32", "bf16"]
+
+
+@pytest.fixture(scope="module", params=ZERO2, ids=[f"zero2-2rank-{d}" for d in ZERO2])
+def zero2_run(request, tmp_path_factory):
+    dtype = request.param
+    run_dir = tmp_path_factory.mktemp(f"ds22{dtype}")
+    run_script("train", run_dir, 2, dtype, port=29580 + (dtype == "bf16"), world=2)
+    return run_dir, dtype
+
+
+def test_zero2_hand_back_resumes_from_the_merge_under_the_default_config(zero2_run, tmp_path):
+    """Module and fp32 masters equal the fp64 mean of the module weights DeepSpeed loads, after loading and after
+    a step with lr 0 (which would copy stale masters into the module)."""
+    run_dir, dtype = zero2_run
+    resumed = resume_under_default_config(run_dir, tmp_path, 2, dtype, 2, 29582 + (dtype == "bf16"))
+    assert resumed["step"] == 9
+    reference = torch.load(run_dir / "reference.pt")
+    assert_resumed_at(resumed, reference, dtype)
+
+
+def test_fp32_masters_merge_the_masters_and_hand_them_back(zero2_run, tmp_path):
+    """--fp32-masters equals the fp64 mean of DeepSpeed's get_fp32_state_dict_from_zero_checkpoint; handed back,
+    DeepSpeed resumes with exactly those masters."""
+    from trainer_checks import merged_tensors
+
+    run_dir, dtype = zero2_run
+    if dtype == "fp32":
+        pytest.skip("in an fp32 run the masters are the module weights (the other test)")
+    resumed = resume_under_default_config(run_dir, tmp_path, 2, dtype, 2, 29584, "--fp32-masters")
+    reference = torch.load(run_dir / "reference_masters.pt")
+    merged = merged_tensors(tmp_path / "merged")
+    assert sorted(merged) == sorted(reference)
+    for name, want in reference.items():
+        np.testing.assert_allclose(merged[name].double().numpy(), want.numpy(), rtol=0, atol=1e-6, err_msg=name)
+    assert_resumed_at(resumed, reference, dtype)
+
+
+def test_fp32_masters_is_refused_for_checkpoints_without_masters(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from trainer_checks import run_cli
+
+    for step in (1, 2):
+        save_file({"w": torch.ones(4, 4) * step}, str(tmp_path / f"step-{step}.safetensors"))
+    code, _ = run_cli("merge", tmp_path, "-o", tmp_path / "out", "--fp32-masters", "--quiet")
+    err = capsys.readouterr().err
+    assert code == 2 and not (tmp_path / "out").exists() and len(err.strip().splitlines()) == 1
+    assert "step-1.safetensors" in err and "drop --fp32-masters" in err
+
+
+def test_zero3_hand_back_resumes_from_the_merge_under_the_default_config(zero3_run, tmp_path):
+    run_dir, world = zero3_run
+    dtype = "bf16" if "bf16" in run_dir.name else "fp32"
+    if world != 2:
+        pytest.skip("one ZeRO 3 hand-back per dtype, on 2 ranks")
+    resumed = resume_under_default_config(run_dir, tmp_path, 3, dtype, 2, 29590 + (dtype == "bf16"))
+    assert_resumed_at(resumed, torch.load(run_dir / "reference.pt"), dtype)

@@ -3,10 +3,14 @@
 Usage: python deepspeed_run.py train RUN_DIR STAGE DTYPE   (writes RUN_DIR/checkpoints and RUN_DIR/reference.pt)
        (one process per rank, RANK and WORLD_SIZE set, for a run on several gloo ranks)
        python deepspeed_run.py resume RUN_DIR STAGE DTYPE CKPT_DIR TAG  (load_checkpoint, then train 2 steps)
+       python deepspeed_run.py resume-default RUN_DIR STAGE DTYPE CKPT_DIR TAG  (DeepSpeed's default config:
+           masters restored from the optimizer files; module and fp32 masters after loading and after one
+           step with lr 0, in RUN_DIR/resumed_default.pt)
 
 The reference is the fp64 mean of the last three checkpoints' module weights, each loaded by
 DeepSpeed's own ``engine.load_checkpoint`` (ZeRO 3: consolidated by DeepSpeed's own
-``get_fp32_state_dict_from_zero_checkpoint``). Runs in its own process: DeepSpeed needs a process group.
+``get_fp32_state_dict_from_zero_checkpoint``); ZeRO 1/2 also write ``reference_masters.pt``, the fp64 mean
+of the fp32 masters as ``get_fp32_state_dict_from_zero_checkpoint`` consolidates them. Runs in its own process: DeepSpeed needs a process group.
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ import deepspeed  # noqa: E402
 sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # skip a C++ build the test does not need
 
 
-def make_engine(stage: int, dtype: str):
+def make_engine(stage: int, dtype: str, default_resume: bool = False):
+    """``default_resume``: DeepSpeed's default ``load_from_fp32_weights`` (true), else false (masters from the module)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 15), torch.nn.Tanh(), torch.nn.Linear(15, 3))  # odd sizes: ZeRO pads
+    zero = {"stage": stage} if default_resume else {"stage": stage, "load_from_fp32_weights": False}
     config = {"train_batch_size": 4 * int(os.environ["WORLD_SIZE"]), "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
-              "zero_optimization": {"stage": stage, "load_from_fp32_weights": False}, "bf16": {"enabled": dtype == "bf16"},
-              "steps_per_print": 1000}
+              "zero_optimization": zero, "bf16": {"enabled": dtype == "bf16"}, "steps_per_print": 1000}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     return engine
 
@@ -47,7 +52,7 @@ def train_steps(engine, steps: int, ckpt_dir=None, every: int = 0) -> float:
     return float(loss)
 
 
-def save_zero3_reference(ckpt_dir: str, run_dir: str) -> None:
+def save_masters_reference(ckpt_dir: str, path: str) -> None:
     """The fp64 mean of the last three checkpoints as DeepSpeed's own zero_to_fp32 consolidates them."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -55,23 +60,52 @@ def save_zero3_reference(ckpt_dir: str, run_dir: str) -> None:
     if int(os.environ["RANK"]) == 0:
         states = [get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=f"global_step{s}") for s in (4, 6, 8)]
         mean = {k: sum(s[k].detach().to(torch.float64) for s in states) / 3 for k in states[0]}
-        torch.save(mean, os.path.join(run_dir, "reference.pt"))
+        torch.save(mean, path)
     torch.distributed.barrier()
+
+
+def module_and_masters(engine) -> dict:
+    """The module weights and DeepSpeed's own view of each parameter's fp32 master (every rank takes part)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = {name: safe_get_full_fp32_param(p).detach().to(torch.float64) for name, p in engine.module.named_parameters()}
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()),
+                                           enabled=engine.zero_optimization_stage() == 3):  # ZeRO 3: whole params
+        module = {k: v.detach().to(torch.float64) for k, v in engine.module.named_parameters()}
+    return {"module": module, "masters": masters}
+
+
+def resume_default(engine, run_dir: str, ckpt_dir: str, tag: str) -> None:
+    """Load under the default config, then one step with lr 0: module and masters after each."""
+    engine.load_checkpoint(ckpt_dir, tag=tag)
+    loaded = module_and_masters(engine)
+    for group in engine.optimizer.param_groups:
+        group["lr"] = 0.0
+    train_steps(engine, 1)
+    stepped = module_and_masters(engine)
+    if int(os.environ["RANK"]) == 0:
+        torch.save({"loaded": loaded, "stepped": stepped, "step": engine.global_steps},
+                   os.path.join(run_dir, "resumed_default.pt"))
 
 
 def main() -> None:
     mode, run_dir, stage, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    engine = make_engine(stage, dtype)
+    engine = make_engine(stage, dtype, default_resume=mode == "resume-default")
     if mode == "train":
         ckpt_dir = os.path.join(run_dir, "checkpoints")
         train_steps(engine, 8, ckpt_dir, every=2)
         if stage == 3:
-            return save_zero3_reference(ckpt_dir, run_dir)
+            return save_masters_reference(ckpt_dir, os.path.join(run_dir, "reference.pt"))
+        if stage > 0:
+            save_masters_reference(ckpt_dir, os.path.join(run_dir, "reference_masters.pt"))
         states = []
         for tag in ("global_step4", "global_step6", "global_step8"):
             engine.load_checkpoint(ckpt_dir, tag=tag)
             states.append({k: v.to(torch.float64) for k, v in engine.module.state_dict().items()})
-        torch.save({k: sum(s[k] for s in states) / 3 for k in states[0]}, os.path.join(run_dir, "reference.pt"))
+        if int(os.environ["RANK"]) == 0:
+            torch.save({k: sum(s[k] for s in states) / 3 for k in states[0]}, os.path.join(run_dir, "reference.pt"))
+    elif mode == "resume-default":
+        resume_default(engine, run_dir, sys.argv[5], sys.argv[6])
     else:
         ckpt_dir, tag = sys.argv[5], sys.argv[6]
         engine.load_checkpoint(ckpt_dir, tag=tag)

@@ -39,6 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--step-range", type=_ints, help="all checkpoints with START <= step <= STOP, as START:STOP")
     w.add_argument("--tokens-per-step", type=int, help="tokens per step when no metadata gives tokens")
     w.add_argument("--skip-unparsable", action="store_true", default=None, help="skip checkpoints with no step")
+    w.add_argument("--fp32-masters", action="store_true", default=None,
+                   help="DeepSpeed ZeRO runs: merge the fp32 master weights kept in the optimizer files instead of "
+                        "the module weights (bf16 in a bf16 run); refused for checkpoints without them")
     s = p.add_argument_group("schedule parameters")
     s.add_argument("--alpha", type=float, help="ema: weight of each newer checkpoint")
     s.add_argument("--half-life", type=float, help="ema: half-life in steps")
@@ -94,4 +97,8 @@ def run(args: argparse.Namespace) -> int:
     stats = result.manifest["stats"]
     print(f"wrote {result.output} ({len(result.plan.refs)} checkpoints, {format_bytes(stats['bytes_read'])} read, "
           f"{format_bytes(stats['bytes_written'])} written, {stats['total_seconds']:.1f} s)")
+    if recipe.as_checkpoint:
+        newest = result.plan.refs[-1]
+        print(f"hand-back: the trainer resumes from the merged weights; the optimizer's moments (Adam exp_avg / "
+              f"exp_avg_sq) and step counts are kept from the newest checkpoint, {newest.path} (step {newest.step})")
     return 0

@@ -222,6 +222,15 @@ class ZeroMastersReader:
         """Each (unwrapped) parameter name's place in the partitions: used to write merged masters back."""
         return {name: self._placements[stored] for name, stored in self._names.items()}
 
+    def stored_spans(self) -> list[list[Span]]:
+        """For each rank, where each flat tensor of its optimizer file lies in the vectors that spans index:
+        ZeRO 3, the rank's own vector (its groups end to end); ZeRO 1/2, its group's (ranks end to end)."""
+        if self.stage == 3:
+            return [[Span(rank, sum(p.numel() for p in groups[:g]), groups[g].numel()) for g in range(len(groups))]
+                    for rank, groups in enumerate(self._flats)]
+        return [[Span(g, sum(p.numel() for p in pieces[:rank]), pieces[rank].numel())
+                 for g, pieces in enumerate(self._flats)] for rank in range(len(self._flats[0]))]
+
 
 def _buffers_and_frozen(folder: Path, state: dict, stage: int, world: int) -> dict[str, torch.Tensor]:
     module = state.get("module") if isinstance(state.get("module"), dict) else {}

@@ -16,17 +16,25 @@ from safetensors.torch import load_file
 
 from ckptmerge.errors import CkptMergeError
 from ckptmerge.io.layout import detect_layout
-from ckptmerge.io.layouts import match_layout
+from ckptmerge.io.layouts import deepspeed, match_layout
 from ckptmerge.io.layouts.base import copy_folder_state
 from ckptmerge.merging.checkpoint import CheckpointRef
 
 
 def check_write_back(newest: CheckpointRef) -> None:
-    """Raise before any work when the newest checkpoint's layout cannot be written back."""
+    """Raise before any work when the newest checkpoint's layout cannot be written back, or when it keeps a
+    second copy of the weights (one the trainer resumes from) that the hand-back would leave unmerged."""
     layout = match_layout(newest.path)
     if layout is not None and layout.write_back is None:
         raise CkptMergeError(f"{newest.path}: --as-checkpoint is not supported for {layout.name} checkpoints yet; "
                              f"merge without it and load the merged safetensors into your model instead")
+    if layout is deepspeed.LAYOUT:
+        deepspeed.check_write_back(newest.path)
+    nested = [p.name for p in newest.path.glob("global_step*") if deepspeed.detect(p)] if newest.path.is_dir() else []
+    if layout is not deepspeed.LAYOUT and nested:
+        raise CkptMergeError(f"{newest.path}: {nested[0]}/ holds DeepSpeed's own copy of the weights (module and "
+                             f"fp32 masters), which the trainer resumes from and --as-checkpoint cannot rewrite "
+                             f"here; merge without it and load the merged model.safetensors into your model")
     if layout is None and not (newest.path.is_dir() and detect_layout(newest.path)):
         raise CkptMergeError(f"{newest.path}: --as-checkpoint needs a trainer checkpoint ckptmerge knows "
                              f"(HF Trainer / Accelerate folder, Lightning, DeepSpeed, nanoGPT, litgpt, Composer)")

@@ -46,6 +46,7 @@ class MergeRecipe:
     step_range: list[int] | None = None
     tokens_per_step: int | None = None
     skip_unparsable: bool = False
+    fp32_masters: bool = False  # DeepSpeed ZeRO: merge the fp32 masters of the optimizer files, not the module
     # schedule parameters
     alpha: float | None = None
     half_life: float | None = None

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ckptmerge.errors import ConfigError
+from ckptmerge.io.layouts.deepspeed import masters_entry
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import describe_path, discover, is_run_dir
 from ckptmerge.merging.offline import merge
@@ -41,6 +42,8 @@ def resolve_window(recipe: MergeRecipe) -> Window:
         refs = select_steps(refs, recipe.steps)
     elif recipe.step_range is not None:
         refs = select_range(refs, *recipe.step_range)
+    if recipe.fp32_masters:  # each DeepSpeed tag named by rank 0's optimizer file: it opens as the fp32 masters
+        refs = [dataclasses.replace(r, path=masters_entry(r.path)) for r in refs]
     coeffs = compute_coeffs(recipe.schedule, refs, normalize=recipe.normalize,
                             allow_unnormalized=recipe.allow_unnormalized, allow_negative=recipe.allow_negative,
                             **recipe.schedule_params())
