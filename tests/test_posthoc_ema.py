@@ -228,3 +228,44 @@ def test_other_schedules_refuse_a_folder_of_several_profiles(phema_run, tmp_path
     assert code != 0 and not (tmp_path / "sma").exists()
     one_profile = sorted(str(p) for p in (folder / "phema").glob("sigma_rel-0.050-*"))[-2:]
     assert cli(["merge", *one_profile, "-o", str(tmp_path / "sma"), "--schedule", "sma", "--quiet"]) == 0
+
+
+# --- ckptmerge train --average phema:... ---------------------------------------------------------------------------
+def test_trainer_saves_phema_snapshots_that_resume_exactly(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from ckptmerge.train import loop as loop_mod
+    from ckptmerge.train.trainer import TrainConfig, train
+
+    monkeypatch.setenv("CKPTMERGE_CACHE", str(tmp_path / "cache"))
+    words = np.random.default_rng(0).choice(["the", "king", "doth", "speak", "and", "queen", "not", "so"], 6000)
+    (tmp_path / "corpus.txt").write_text(" ".join(words) + "\n")
+    config = TrainConfig(preset="tiny", steps=8, lr=3e-3, warmup_steps=2, batch_size=4, context=16, save_every=4,
+                         data=str(tmp_path / "corpus.txt"), log_every=1, seed=3,
+                         average=["phema:sigma_rel=0.05/0.10,every=4", "power_ema:sigma_rel=0.07"])
+    train(config, tmp_path / "full", progress=False)
+    refs = discover(tmp_path / "full" / "phema").checkpoints
+    assert [r.step for r in refs] == [4, 4, 8, 8] and all(r.ema_gamma for r in refs)
+    assert [r.step for r in discover(tmp_path / "full").checkpoints] == [4, 8]  # the series lives apart
+
+    real_step = loop_mod.train_step
+
+    def dying_step(cfg, state, tokens, lr):
+        if state.step == 6:
+            raise KeyboardInterrupt
+        return real_step(cfg, state, tokens, lr)
+
+    monkeypatch.setattr(loop_mod, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "killed", progress=False)
+    monkeypatch.setattr(loop_mod, "train_step", real_step)
+    train(config, tmp_path / "killed", resume=True, progress=False)  # from step 4's checkpoint
+    for ref in refs[-2:]:
+        a, b = open_checkpoint(ref.path), open_checkpoint(tmp_path / "killed" / "phema" / ref.name)
+        for name in a.keys():
+            torch.testing.assert_close(a.get(name), b.get(name), rtol=1e-6, atol=1e-7)
+    tracked = open_checkpoint(tmp_path / "full" / "step-000008" / "avg-power_ema")
+    assert json.loads((tmp_path / "full" / "step-000008" / "avg-power_ema" / "ckptmerge.json").read_text()
+                      )["averaged"]["gamma"] == pytest.approx(ref_gamma(0.07), rel=1e-9)
+    assert cli(["merge", str(tmp_path / "full" / "phema"), "-o", str(tmp_path / "post"), "--schedule",
+                "phema:sigma_rel=0.07", "--quiet"]) == 0
+    assert set(open_checkpoint(tmp_path / "post").keys()) == set(tracked.keys())
