@@ -74,7 +74,9 @@ def run_lm_eval(path: Path, tasks: Sequence[str], *, settings: EvalSettings, inc
     tokenizer = settings.tokenizer_for(path)
     if not isinstance(tokenizer, TextTokenizer):
         raise tokenizer
-    return scorer.score(settings.load_model(path), tokenizer)
+    model = settings.load_model(path)
+    settings.check_tokenizer(tokenizer, model, path)  # the model's own tokenizer, or nothing is scored
+    return scorer.score(model, tokenizer)
 
 
 def parse_objective(objective: str) -> tuple[str, str]:
