@@ -4,6 +4,7 @@ import pytest
 import torch
 
 L = pytest.importorskip("lightning.pytorch")
+transformers = pytest.importorskip("transformers")
 
 from ckptmerge.online import EMA  # noqa: E402
 from ckptmerge.online.lightning_callback import AveragingCallback  # noqa: E402
@@ -82,3 +83,99 @@ def test_lightning_callback_on_two_ranks_averages_saves_one_model_and_reloads(tm
     for seen in ranks:  # each rank got its own average (its shards under FSDP2) back from the checkpoint
         for name, value in seen["averaged"].items():
             assert torch.equal(seen["reloaded"][name], value), name
+
+
+class TinyLlama(L.LightningModule):
+    """A tiny Llama on random byte ids; forward(input_ids) gives logits, as the periodic evaluation needs."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.model = transformers.LlamaForCausalLM(config)
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids).logits
+
+    def training_step(self, batch, _):
+        loss = self.model(input_ids=batch[0], labels=batch[0]).loss
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=5e-2)
+
+
+class WeightsAt(L.Callback):
+    """Reference: the training weights after each optimizer step (fp64), and a hand-folded fp64 EMA of them."""
+
+    def __init__(self, decay):
+        self.decay, self.weights, self.ema = decay, {}, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        current = {k: v.detach().double().clone() for k, v in pl_module.model.state_dict().items()}
+        previous = self.ema.get(step - 1)
+        self.weights[step] = current
+        self.ema[step] = current if previous is None else {
+            k: self.decay * previous[k] + (1 - self.decay) * current[k] for k in current}
+
+
+def _transformers_losses(config, weights, windows):
+    """transformers' own loss of a fresh model holding ``weights``, one window at a time (fp64 out)."""
+    model = transformers.LlamaForCausalLM(config)
+    model.load_state_dict({k: v.float() for k, v in weights.items()})
+    model.eval()
+    with torch.no_grad():
+        return torch.tensor([float(model(input_ids=w[None], labels=w[None].clone()).loss) for w in windows],
+                            dtype=torch.float64)
+
+
+def test_lightning_callback_logs_periodic_eval_that_csv_logger_writes(tmp_path, monkeypatch):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from ckptmerge.data.tokenizer import save_hf_tokenizer
+    from ckptmerge.errors import ConfigError
+
+    monkeypatch.setenv("CKPTMERGE_CACHE", str(tmp_path / "cache"))
+    save_hf_tokenizer(tmp_path / "tok")
+    g = torch.Generator().manual_seed(7)
+    words = ["merge", "average", "weights", "loss", "step", "tokens", "model", "train"]
+    held = tmp_path / "held.txt"  # byte tokenizer: its tokens are exactly its bytes
+    held.write_text(" ".join(words[int(i)] for i in torch.randint(0, len(words), (200,), generator=g)))
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
+    ids = torch.randint(0, 256, (16, 16), generator=g)
+    train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=4)
+    options = {"max_steps": 4, "enable_checkpointing": False, "enable_progress_bar": False, "accelerator": "cpu",
+               "enable_model_summary": False, "default_root_dir": tmp_path}
+
+    def averaging():
+        return AveragingCallback(EMA(0.6), eval_every=2, data=[str(held)], tokens=128, tokenizer=str(tmp_path / "tok"))
+
+    with pytest.raises(ConfigError, match="log_every_n_steps"):  # evaluations Lightning would never write
+        L.Trainer(callbacks=[averaging()], logger=False, log_every_n_steps=3, **options).fit(TinyLlama(config), train)
+
+    torch.manual_seed(0)
+    module, before, after = TinyLlama(config), WeightsAt(0.6), WeightsAt(0.6)
+    logger = CSVLogger(tmp_path, name="csv", version=0)
+    L.Trainer(callbacks=[before, averaging(), after], logger=logger, log_every_n_steps=2, **options).fit(module, train)
+
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    key = f"eval/merged/ema/{held.name}"
+    logged = [row for row in rows if row.get(key + "/loss")]
+    # Lightning writes a step's metrics at global_step - 1 (its batches-that-stepped count), as for train_loss
+    assert [int(row["step"]) for row in logged] == [1, 3] and all(row["train_loss"] for row in logged)
+    ids = torch.tensor(list(held.read_bytes()), dtype=torch.int64)
+    starts = torch.linspace(0, len(ids) - 33, 128 // 32).round().long()  # the evaluator's spacing, rebuilt here
+    windows = torch.stack([ids[s:s + 33] for s in starts])
+    for row, step in zip(logged, [2, 4]):
+        raw = _transformers_losses(config, before.weights[step], windows)
+        merged = _transformers_losses(config, before.ema[step], windows)
+        assert abs(float(row[f"eval/raw/{held.name}/loss"]) - raw.mean()) < 1e-5
+        assert abs(float(row[key + "/loss"]) - merged.mean()) < 1e-5
+        assert abs(float(row[key + "/delta_vs_raw"]) - (merged - raw).mean()) < 1e-5
+        assert float(row[key + "/delta_vs_raw"]) != 0
+        for name, value in before.weights[step].items():  # the training weights came back after the swap
+            assert torch.equal(after.weights[step][name], value), name

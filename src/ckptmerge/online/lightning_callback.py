@@ -13,6 +13,12 @@ Under DDP every rank updates the same average and rank 0's copy goes into the ch
 strategy (``ModelParallelStrategy``: FSDP2) every rank's shards are gathered to rank 0 into the checkpoint and
 each rank takes its own back on resume, on the same world size. ``averager.save`` is then a collective: call it
 on every rank. ``FSDPStrategy`` (FSDP1 flat parameters) and DeepSpeed are refused at setup.
+
+With ``eval_every=N, data=[...], tokens=T`` (``online/periodic_eval.py``) every N-th optimizer step scores the
+training weights and the average on the same held-out windows (the module's ``forward(input_ids)`` must return
+logits, a tuple starting with them, or an HF output) and logs ``eval/raw/...`` and ``eval/merged/<kind>/...`` with
+``pl_module.log_dict`` from ``on_train_batch_end``: they reach the trainer's loggers and ``callback_metrics``. Lightning
+writes step metrics every ``log_every_n_steps``, so ``eval_every`` must be a multiple of it (checked at setup).
 """
 
 from __future__ import annotations
@@ -23,25 +29,41 @@ except ImportError:  # the older package name
     import pytorch_lightning as pl
 
 from ckptmerge.errors import ConfigError
+from ckptmerge.evaluation.settings import EvalSettings
 from ckptmerge.online.averager import Averager
+from ckptmerge.online.periodic_eval import PeriodicEval
 from ckptmerge.online.state_files import gathered_state, load_gathered_state
 
 CHECKPOINT_KEY = "ckptmerge_averager"
 
 
 class AveragingCallback(pl.Callback):
-    def __init__(self, averager: Averager):
+    def __init__(self, averager: Averager, *, eval_every: int | None = None, data=(), tokens: int = 32768,
+                 tokenizer=None, eval_settings: EvalSettings | None = None):
         self.averager = averager
+        self.evaluation = PeriodicEval.from_options(eval_every, data, tokens, tokenizer, eval_settings)
         self._swap = None
+        self._evaluated_step: int | None = None
 
     def setup(self, trainer, pl_module, stage):
         name = type(trainer.strategy).__name__
         if "FSDP" in name or "DeepSpeed" in name:
             raise ConfigError(f"AveragingCallback: the {name} strategy keeps flattened parameter shards that ckptmerge "
                               f"cannot pair by name. Fix: use strategy='ddp', or ModelParallelStrategy (FSDP2).")
+        every, written = (self.evaluation.every if self.evaluation else 0), trainer.log_every_n_steps
+        if every and (written == 0 or every % written):
+            raise ConfigError(f"AveragingCallback(eval_every={every}): Lightning writes step metrics every "
+                              f"log_every_n_steps={written} steps, so some evaluations would never reach the loggers. "
+                              f"Fix: an eval_every that is a multiple of log_every_n_steps, or Trainer(log_every_n_steps=1)")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.averager.update(pl_module, trainer.global_step)  # repeated steps (accumulation) are ignored
+        step = trainer.global_step
+        self.averager.update(pl_module, step)  # repeated steps (accumulation) are ignored
+        if (self.evaluation is not None and self.evaluation.is_due(step) and self.averager.n_averaged
+                and step != self._evaluated_step):  # once per optimizer step under gradient accumulation
+            self._evaluated_step = step
+            metrics = self.evaluation.evaluate(pl_module, {self.averager.kind: self.averager})
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False)  # equal on every rank: no sync needed
 
     def on_validation_epoch_start(self, trainer, pl_module):
         if self.averager.n_averaged and not trainer.sanity_checking:

@@ -9,7 +9,8 @@ Each data set is read and cut into windows once, at the first evaluation (text i
 disk by ``data/tokens.py``); every evaluation then scores the same windows with the training weights, and with
 each averager's weights swapped in (``Averager.swapped``: the training weights are restored after). The live model
 is scored where it is, in its own dtype; ``EvalSettings`` gives the rest (batch size, text field, token dtype,
-tokenizer). Under torch.distributed every rank must call ``evaluate`` (each scores a block of the windows).
+tokenizer). Windows hold ``context`` tokens (default: the HF config's max positions, at most 1024). Under
+torch.distributed every rank must call ``evaluate`` (each scores a block of the windows).
 
 The tokenizer: ``tokenizer=`` (a folder, a ``tokenizer.json``, a transformers tokenizer or a ``TextTokenizer``),
 else ``EvalSettings.tokenizer``, else the trainer's (``default_tokenizer``: HF ``processing_class``), else the one
@@ -99,7 +100,7 @@ class PeriodicEval:
             tokenizer = self._resolve_tokenizer(model, default_tokenizer)
             require_tokenizer(tokenizer, self.data)
             self.settings.check_tokenizer(tokenizer, model, "the training model")
-            context = self.context or default_context(model)
+            context = self.context or default_context(_hf_model(model))
             self._byte_lengths = byte_lengths(tokenizer)
             self._windows = {name: self.settings.windows(name, tokenizer, model, n_tokens=self.tokens, context=context)
                              for name in self.data}
@@ -149,10 +150,12 @@ def _from_transformers(hf_tokenizer) -> TextTokenizer:
         return replace(load_tokenizer(folder), name=type(hf_tokenizer).__name__)
 
 
+def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The outermost module with an HF ``config``: the model itself, or the one a LightningModule wraps."""
+    return next((m for m in model.modules() if getattr(m, "config", None) is not None), model)
+
+
 def _model_folder(model: torch.nn.Module) -> str | None:
     """The local folder an HF model (or a module holding one) was loaded from, when it names one."""
-    for module in model.modules():
-        name = getattr(getattr(module, "config", None), "_name_or_path", None)
-        if name and Path(name).exists():
-            return name
-    return None
+    name = getattr(getattr(_hf_model(model), "config", None), "_name_or_path", None)
+    return name if name and Path(name).exists() else None
