@@ -21,6 +21,7 @@ from ckptmerge.cli import (
     train_cmd,
     watch_cmd,
 )
+from ckptmerge.cli.storage_flags import apply_storage_flags
 from ckptmerge.errors import CkptMergeError
 
 COMMANDS = (inspect_cmd, merge_cmd, train_cmd, eval_cmd, data_cmd, demo_cmd, watch_cmd, search_cmd, sweep_cmd, recover_cmd,
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
+        apply_storage_flags(args)  # --storage-options / --io-concurrency, for the commands that take URLs
         return args.run(args) or 0
     except KeyboardInterrupt:
         print(f"ckptmerge {args.command}: interrupted; nothing was published", file=sys.stderr)

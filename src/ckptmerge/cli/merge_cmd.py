@@ -7,6 +7,7 @@ from dataclasses import fields
 
 from ckptmerge.cli.deprecated import add_renamed
 from ckptmerge.cli.merge_flags import add_output_flags
+from ckptmerge.cli.storage_flags import add_storage_flags
 from ckptmerge.console import format_bytes, print_table
 from ckptmerge.merging.recipe import MergeRecipe, recipe_from_dict, recipe_from_yaml
 from ckptmerge.merging.schedules import SCHEDULES
@@ -61,6 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_output_flags(o)
     o.add_argument("--dry-run", action="store_true", default=None, help="print the plan; read no tensors")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_storage_flags(p)
     p.set_defaults(run=run)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ckptmerge.errors import CheckpointFormatError
 from ckptmerge.io.layout import detect_layout
+from ckptmerge.io.remote import as_location, is_url
 
 BLOCK_BYTES = 64 * 1024
 SAMPLED_BLOCKS = 16
@@ -113,8 +114,13 @@ class PinnedCheckpoint:
 
 
 def pin_checkpoint(path: Path, mode: str = "sampled") -> PinnedCheckpoint:
-    """Hash ``path``'s weight files through our own file descriptors and record their identities."""
+    """Hash ``path``'s weight files through our own file descriptors and record their identities.
+    A URL's objects are pinned by their ETags instead (``io/remote_layout.py``)."""
     _check_mode(mode)
+    if is_url(path):
+        from ckptmerge.io.remote_layout import pin_remote_checkpoint
+
+        return pin_remote_checkpoint(as_location(path), mode)
     digest = hashlib.sha256()
     files = {}
     for file in sorted(weight_files(path), key=lambda p: p.name):

@@ -56,6 +56,19 @@ def read_header(path: Path) -> tuple[dict, int]:
     return parse_header(path, raw), 8 + header_len
 
 
+def header_length(path: object, first8: bytes, file_bytes: int) -> int:
+    """The header length that a file's first 8 bytes declare, checked against the file's size (``path``, a path
+    or a URL, names the file in errors); for readers that fetch the header themselves (``io/remote_safetensors.py``)."""
+    if len(first8) < 8 or file_bytes < 8:
+        raise CheckpointFormatError(f"{path}: too short to be a safetensors file (truncated write?)")
+    (length,) = struct.unpack("<Q", first8[:8])
+    if length > _MAX_HEADER_BYTES:
+        raise CheckpointFormatError(f"{path}: header length {length} is implausible; not safetensors")
+    if 8 + length > file_bytes:
+        raise CheckpointFormatError(f"{path}: header is cut short ({file_bytes - 8} of {length} bytes); truncated copy?")
+    return length
+
+
 def stored_dtypes(path: Path) -> dict[str, str]:
     """``tensor name -> torch dtype name`` (``float32``, ``bfloat16``, ...) of a safetensors file, from its header
     alone (validated as a reader would validate it); no torch."""

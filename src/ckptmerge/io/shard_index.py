@@ -31,12 +31,20 @@ def read_shard_index(index_path: Path) -> list[Path]:
     return files
 
 
+_FIX = "Fix or regenerate the index (it needs {\"weight_map\": {tensor name: shard file name}})."
+
+
 def _weight_map(index_path: Path) -> dict[str, str]:
-    fix = "Fix or regenerate the index (it needs {\"weight_map\": {tensor name: shard file name}})."
+    if index_path.stat().st_size > MAX_INDEX_BYTES:
+        raise CheckpointFormatError(f"{index_path}: implausibly large shard index; {_FIX}")
+    return parse_weight_map(index_path, index_path.read_bytes())
+
+
+def parse_weight_map(index_path: object, raw: bytes) -> dict[str, str]:
+    """The validated ``weight_map`` of an index's bytes (``index_path`` names it in errors: a path or a URL)."""
+    fix = _FIX
     try:
-        if index_path.stat().st_size > MAX_INDEX_BYTES:
-            raise CheckpointFormatError(f"{index_path}: implausibly large shard index; {fix}")
-        data = json.loads(index_path.read_bytes().decode("utf-8"), object_pairs_hook=reject_duplicate_keys)
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicate_keys)
     except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, repeated keys
         raise CheckpointFormatError(f"{index_path}: not a valid shard index ({str(exc)[:200]}). {fix}") from exc
     weight_map = data.get("weight_map") if isinstance(data, dict) else None

@@ -11,6 +11,8 @@ from ckptmerge.console import progress_bar
 from ckptmerge.io.fingerprint import pin_checkpoint
 from ckptmerge.io.dispatch import open_checkpoint
 from ckptmerge.io.publish import atomic_folder
+from ckptmerge.io.remote import Url
+from ckptmerge.io.remote_publish import remote_folder
 from ckptmerge.io.safetensors_writer import StreamingSafetensorsWriter
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.device import resolve_device
@@ -18,6 +20,7 @@ from ckptmerge.merging.engine import run_engine
 from ckptmerge.merging.options import DEFAULT_SHARD_BYTES, MergeOptions, merge_options
 from ckptmerge.merging.output import MergeResult, check_arguments, finish_output
 from ckptmerge.merging.plan import MergePlan, build_plan
+from ckptmerge.merging.read_order import announce_reads
 
 __all__ = ["DEFAULT_SHARD_BYTES", "MergeOptions", "MergeResult", "merge"]
 
@@ -61,7 +64,9 @@ def merge(checkpoints: Sequence[CheckpointRef | str | Path], coeffs: Sequence[fl
             stack.callback(reader.close)
         plan = build_plan(readers, refs, coeffs, out_dtype=out_dtype, accum_dtype=accum_dtype)
         planned_s = time.monotonic() - started
-        with atomic_folder(output, force=options.force) as tmp:
+        publish = remote_folder if isinstance(output, Url) else atomic_folder  # a URL: uploaded, then committed
+        announce_reads(plan, readers, options.chunk_bytes)  # remote readers fetch these rows ahead
+        with publish(output, force=options.force) as tmp:
             manifest = _merge_into(tmp, plan, readers, options, device=device, pins=pins, recipe=recipe or {},
                                    started=started, planned_s=planned_s)
     return MergeResult(output, plan, manifest)

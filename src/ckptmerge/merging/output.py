@@ -15,6 +15,9 @@ from pathlib import Path
 
 from ckptmerge.errors import CkptMergeError, OutputExistsError
 from ckptmerge.io.publish import check_destination
+from ckptmerge.io.remote import Url, as_location
+from ckptmerge.io.remote_publish import check_remote_destination
+from ckptmerge.io.remote_sidecars import copy_remote_sidecars
 from ckptmerge.io.sidecars import copy_sidecars
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import META_FILE, describe_path
@@ -22,6 +25,7 @@ from ckptmerge.merging.handback import check_write_back, write_back
 from ckptmerge.merging.manifest import build_manifest, write_manifest
 from ckptmerge.merging.options import MergeOptions
 from ckptmerge.merging.plan import MergePlan
+from ckptmerge.merging.remote_discover import describe_remote
 from ckptmerge.merging.schedules import check_coeffs
 
 
@@ -33,16 +37,19 @@ class MergeResult:
 
 
 def check_arguments(checkpoints, coeffs, output, options: MergeOptions
-                    ) -> tuple[list[CheckpointRef], list[float], Path]:
+                    ) -> tuple[list[CheckpointRef], list[float], Path | Url]:
     """Refs, checked coefficients and the output path; raises before anything is opened or written."""
-    refs = [c if isinstance(c, CheckpointRef) else describe_path(c) for c in checkpoints]
+    refs = [c if isinstance(c, CheckpointRef) else describe_any(c) for c in checkpoints]
     coeffs = check_coeffs(coeffs, allow_unnormalized=options.allow_unnormalized,
                           allow_negative=options.allow_negative)
     if len(coeffs) != len(refs):
         raise CkptMergeError(f"{len(coeffs)} coefficients for {len(refs)} checkpoints")
-    output = Path(output)
+    output = as_location(output)
     _check_not_an_input(output, refs)
-    check_destination(output, options.force)
+    if isinstance(output, Url):  # s3://, gs://: uploaded, then committed (io/remote_publish.py)
+        check_remote_destination(output, options.force)
+    else:
+        check_destination(output, options.force)
     if options.as_checkpoint:
         check_write_back(refs[-1])
     return refs, coeffs, output
@@ -55,7 +62,8 @@ def finish_output(tmp: Path, plan: MergePlan, options: MergeOptions, *, pins: li
     ``pins`` (io/fingerprint.py) hashed the inputs before they were read; they are verified here, so the
     manifest's hashes describe the bytes that were merged."""
     out_dtype, _ = options.torch_dtypes()
-    sidecars = copy_sidecars(plan.refs[-1].path, tmp, out_dtype)
+    copy = copy_remote_sidecars if isinstance(plan.refs[-1].path, Url) else copy_sidecars
+    sidecars = copy(plan.refs[-1].path, tmp, out_dtype)
     newest = plan.refs[-1]
     for pin in pins:  # every file read is still the one hashed: same inode, size and mtime
         pin.verify()
@@ -74,10 +82,18 @@ def finish_output(tmp: Path, plan: MergePlan, options: MergeOptions, *, pins: li
     return manifest
 
 
-def _check_not_an_input(output: Path, refs: Sequence[CheckpointRef]) -> None:
+def describe_any(path) -> CheckpointRef:
+    """A CheckpointRef for one named checkpoint, local or at a URL."""
+    location = as_location(path)
+    return describe_remote(location) if isinstance(location, Url) else describe_path(location)
+
+
+def _check_not_an_input(output: Path | Url, refs: Sequence[CheckpointRef]) -> None:
     out = output.resolve()
     for ref in refs:
         src = ref.path.resolve()
+        if isinstance(src, Url) != isinstance(out, Url):
+            continue  # one local, one remote: they cannot overlap
         if out == src or src.is_relative_to(out) or out.is_relative_to(src):
             raise OutputExistsError(f"{output}: overlaps input checkpoint {ref.path}; inputs are never modified. "
                                     f"Choose an output folder outside the inputs.")

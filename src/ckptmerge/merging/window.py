@@ -7,12 +7,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ckptmerge.errors import ConfigError
+from ckptmerge.io.remote import is_url
 from ckptmerge.io.layouts.deepspeed import masters_entry
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import describe_path, discover, is_run_dir
 from ckptmerge.merging.offline import merge
 from ckptmerge.merging.output import MergeResult
 from ckptmerge.merging.recipe import MergeRecipe, validate, with_method
+from ckptmerge.merging.remote_discover import remote_candidates
 from ckptmerge.merging.schedules import compute_coeffs, is_signed, phema_fit
 from ckptmerge.merging.select import select_last, select_range, select_steps
 from ckptmerge.parallel.agree import phase
@@ -61,6 +63,9 @@ def _check_one_profile(recipe: MergeRecipe, refs: list[CheckpointRef]) -> None:
 
 
 def _candidates(recipe: MergeRecipe) -> tuple[list[CheckpointRef], list[tuple[Path, str]]]:
+    if any(is_url(p) for p in recipe.inputs):  # s3://, gs://, ...: merging/remote_discover.py
+        return remote_candidates(recipe.inputs, tokens_per_step=recipe.tokens_per_step,
+                                 skip_unparsable=recipe.skip_unparsable)
     paths = [Path(p) for p in recipe.inputs]
     if len(paths) == 1 and is_run_dir(paths[0]):
         found = discover(paths[0], tokens_per_step=recipe.tokens_per_step, skip_unparsable=recipe.skip_unparsable)

@@ -1,0 +1,190 @@
+"""URLs of checkpoints, runs and data that live in object stores (``s3://``, ``gs://``, ``az://``, any fsspec URL).
+
+    url = as_location("s3://bucket/run")      # a Url; a plain path stays a Path
+    fs = filesystem(url)                       # the fsspec filesystem, built once per protocol and options
+    with remote_errors(url, "list"):           # a backend's exception becomes one line naming URL and fix
+        fs.find(url.path, detail=True)
+
+fsspec is the one storage layer; its backends (s3fs, gcsfs, adlfs) are the extras ``ckptmerge[s3]``,
+``[gcs]``, ``[azure]``. Credentials come from where each backend reads them (environment, ``~/.aws``,
+``AWS_PROFILE``, application-default credentials); ``CKPTMERGE_STORAGE_OPTIONS`` (a JSON object, set by
+``--storage-options``) adds keyword arguments such as an ``endpoint_url`` or a ``profile``. Option values never
+appear in an error: ``redact`` blanks them out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckptmerge.errors import CkptMergeError, MissingExtraError
+
+OPTIONS_ENV = "CKPTMERGE_STORAGE_OPTIONS"
+CONCURRENCY_ENV = "CKPTMERGE_IO_CONCURRENCY"
+DEFAULT_IO_CONCURRENCY = 8
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure",
+          "adl": "azure"}
+_URL_RE = re.compile(r"^(?P<protocol>[a-z][a-z0-9+.-]*)://(?P<path>.*)$")
+
+
+class RemoteStorageError(CkptMergeError):
+    """An object store refused or could not answer: a missing bucket or object, denied access, no endpoint."""
+
+
+@dataclass(frozen=True)
+class Url:
+    """A location in an object store: ``protocol://path``. Acts like the few parts of ``Path`` that
+    refs, plans and manifests use (``name``, ``parent``, ``/``, ``resolve``) and has no ``__fspath__``, so
+    local file code can never open it by mistake."""
+
+    protocol: str
+    path: str  # without the protocol and without a trailing slash, as fsspec's methods take it
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> Url:
+        return Url(self.protocol, self.path.rsplit("/", 1)[0] if "/" in self.path else self.path)
+
+    @property
+    def bucket(self) -> str:
+        return self.path.split("/", 1)[0]
+
+    def __truediv__(self, name: str) -> Url:
+        return Url(self.protocol, f"{self.path}/{name}")
+
+    def __str__(self) -> str:
+        return f"{self.protocol}://{self.path}"
+
+    def resolve(self) -> Url:
+        return self
+
+    def is_relative_to(self, other: object) -> bool:
+        return isinstance(other, Url) and other.protocol == self.protocol and (
+            self.path == other.path or self.path.startswith(other.path + "/"))
+
+    def relative_to(self, other: Url) -> str:
+        return self.path[len(other.path):].lstrip("/")
+
+
+def is_url(location: object) -> bool:
+    """True for a ``Url`` or a string ``protocol://...`` (``file://`` included)."""
+    return isinstance(location, Url) or (isinstance(location, str) and _URL_RE.match(location) is not None)
+
+
+def as_location(location: str | Path | Url) -> Path | Url:
+    """A ``Url`` for ``protocol://...`` (and a ``Url`` as it is), else a ``Path``."""
+    if isinstance(location, Url):
+        return location
+    match = _URL_RE.match(str(location)) if isinstance(location, str) else None
+    if match is None:
+        return Path(location)
+    return Url(match["protocol"], match["path"].rstrip("/"))
+
+
+def storage_options() -> dict:
+    """The extra keyword arguments for every filesystem: ``CKPTMERGE_STORAGE_OPTIONS`` as a JSON object."""
+    text = os.environ.get(OPTIONS_ENV, "").strip()
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except ValueError:
+        options = None
+    if not isinstance(options, dict):
+        raise RemoteStorageError(f"--storage-options / {OPTIONS_ENV}: not a JSON object; give e.g. "
+                                 f"'{{\"endpoint_url\": \"http://localhost:9000\"}}' (value not shown)")
+    return options
+
+
+def io_concurrency() -> int:
+    """Byte-range requests in flight per checkpoint (``--io-concurrency``, ``CKPTMERGE_IO_CONCURRENCY``)."""
+    text = os.environ.get(CONCURRENCY_ENV, "").strip()
+    if not text:
+        return DEFAULT_IO_CONCURRENCY
+    if not text.isdigit() or int(text) < 1:
+        raise RemoteStorageError(f"--io-concurrency / {CONCURRENCY_ENV}: {text[:20]!r} is not a positive integer")
+    return int(text)
+
+
+def filesystem(url: Url):
+    """The fsspec filesystem for ``url``'s protocol with the storage options; the extra to install when its
+    backend is missing."""
+    try:
+        import fsspec
+    except ImportError:
+        raise MissingExtraError(f"{url}: remote storage needs fsspec: pip install 'ckptmerge[{_extra(url.protocol)}]'") from None
+    options = storage_options()
+    try:
+        return fsspec.filesystem(url.protocol, **options)
+    except ImportError:
+        raise MissingExtraError(f"{url}: the {url.protocol}:// backend is not installed: "
+                                f"pip install 'ckptmerge[{_extra(url.protocol)}]'") from None
+    except ValueError as exc:
+        if "not known" in str(exc).lower() or "protocol" in str(exc).lower():
+            raise RemoteStorageError(f"{url}: no fsspec filesystem for {url.protocol}:// (known: s3, gs, az, file, "
+                                     f"http and the protocols of installed fsspec backends)") from None
+        raise RemoteStorageError(f"{url}: bad storage options for {url.protocol}://: {redact(str(exc))[:300]}") from None
+    except TypeError as exc:
+        raise RemoteStorageError(f"{url}: bad storage options for {url.protocol}:// ({redact(str(exc))[:300]}); "
+                                 f"check --storage-options") from None
+
+
+def _extra(protocol: str) -> str:
+    return EXTRAS.get(protocol, "s3")
+
+
+def redact(text: str) -> str:
+    """``text`` with every storage-option value (and any ``user:password@`` in a URL) blanked out."""
+    try:
+        values = _option_values(storage_options())
+    except RemoteStorageError:
+        values = []
+    for value in sorted(values, key=len, reverse=True):
+        text = text.replace(value, "***")
+    return re.sub(r"://[^/@\s]+@", "://***@", text)
+
+
+def _option_values(options: object) -> list[str]:
+    if isinstance(options, dict):
+        return [v for item in options.values() for v in _option_values(item)]
+    if isinstance(options, (list, tuple)):
+        return [v for item in options for v in _option_values(item)]
+    text = str(options)
+    return [text] if len(text) >= 4 and not isinstance(options, bool) else []
+
+
+@contextmanager
+def remote_errors(url: Url, operation: str) -> Iterator[None]:
+    """Turn a backend's exception during ``operation`` (``list``, ``read``, ``write``, ``delete``) on ``url`` into
+    one ``RemoteStorageError`` line that names the URL, the bucket, the operation and the fix."""
+    try:
+        yield
+    except CkptMergeError:
+        raise
+    except FileNotFoundError as exc:
+        if "bucket" in str(exc).lower():
+            raise RemoteStorageError(f"{url}: bucket {url.bucket!r} does not exist ({operation}); check the URL "
+                                     f"and the endpoint") from None
+        raise RemoteStorageError(f"{url}: not found ({operation}); check the URL") from None
+    except PermissionError:
+        raise RemoteStorageError(f"{url}: access denied to {operation} in bucket {url.bucket!r}; check the "
+                                 f"credentials (AWS_PROFILE, ~/.aws, --storage-options) and the bucket's policy") from None
+    except Exception as exc:  # connection refused, DNS, timeouts, missing credentials: one line, no secrets
+        raise RemoteStorageError(f"{url}: cannot {operation} ({_reason(exc)}); check the endpoint "
+                                 f"(--storage-options endpoint_url), the network and the credentials") from None
+
+
+def _reason(exc: BaseException) -> str:
+    name = type(exc).__name__
+    if "Credentials" in name:
+        return "no credentials found"
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return redact(f"{name}: {first}")[:300]
