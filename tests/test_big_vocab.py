@@ -116,6 +116,7 @@ def test_uint32_bin_without_sidecar_is_refused_naming_the_vocabulary_and_the_fla
     wide = tmp_path / "wide.bin"
     np.asarray(run["ids"], dtype=np.uint32).tofile(wide)
     _refused(*_eval(capsys, run["folders"][-1], "--data", wide), "67,500", "--token-dtype uint32", str(wide))
+    _refused(*_eval(capsys, run["folders"][-1], "--data", wide, "--token-dtype", "uint16"), "uint32", str(wide))
     want, _ = reference_loss(load_hf(run["folders"][-1]), run["ids"], context=CONTEXT)
     got = _loss(tmp_path, capsys, run["folders"][-1], wide, "--token-dtype", "uint32")
     assert got == pytest.approx(want, abs=1e-5)

@@ -4,9 +4,10 @@ A ``.bin`` has no header, so its dtype comes from the sidecar ``FILE.bin.json`` 
 tokenize`` always writes (``{"dtype": "uint32", ...}``) or from ``--token-dtype``; a flag that contradicts
 the sidecar is refused. With neither, the file is read as uint16 (nanoGPT's default) only when that is
 consistent with the model (a vocabulary of at most 65,536 ids); a larger vocabulary is refused, naming
-its size and ``--token-dtype``. A ``.npy`` carries its own dtype. Where no model says, cheap checks on the
-first ids catch a uint32 file read as uint16 (the odd uint16 slots hold only the ids' high halves: zeros,
-or a few small values). Files are memory-mapped, never read whole.
+its size and ``--token-dtype``. A ``.npy`` carries its own dtype. Every uint16 read without a sidecar (by
+default or by ``--token-dtype uint16``) is also checked on its first ids: a uint32 file read as uint16 shows
+only the ids' high halves in the odd slots (zeros, or a few small values). Files are memory-mapped, never
+read whole.
 """
 
 from __future__ import annotations
@@ -55,10 +56,10 @@ def read_token_file(path: str | Path, token_dtype: str | None = None, *, model_v
     if size % itemsize:
         raise DataError(f"{path}: {size} bytes is not a whole number of {name} tokens; check --token-dtype")
     tokens = np.memmap(path, dtype=TOKEN_DTYPES[name], mode="r")
-    if token_dtype is None and _sidecar_dtype(path) is None and _looks_like_uint32(tokens):
+    if name == "uint16" and _sidecar_dtype(path) is None and _looks_like_uint32(tokens):  # even with the flag
         raise DataError(f"{path}: the odd uint16 slots hold only a few small values (the high halves of wider ids), "
-                        "so this looks like a uint32 token file; pass --token-dtype uint32 (or --token-dtype "
-                        "uint16 to read it as it is)")
+                        "so this looks like a uint32 token file; pass --token-dtype uint32 (or, if it really holds "
+                        f"16-bit ids, write the sidecar {sidecar_path(path).name} as {{\"dtype\": \"uint16\"}})")
     return tokens
 
 
