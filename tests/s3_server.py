@@ -58,3 +58,90 @@ def upload(fs, local, url_path: str) -> None:
     for file in sorted(p for p in local.rglob("*") if p.is_file()):
         fs.put_file(str(file), f"{url_path}/{file.relative_to(local).as_posix()}")
     os.sync()
+
+
+class FaultProxy:
+    """An HTTP proxy in front of the S3 server that misbehaves on request: ``deny`` (a predicate on method and
+    path) answers 403 AccessDenied, ``fail_every`` answers every k-th request with a 500 (or drops the
+    connection when ``drop``), ``delay_puts`` sleeps before forwarding each PUT. ``requests`` logs what passed."""
+
+    def __init__(self, upstream: str):
+        import http.server
+        import threading
+
+        self.upstream = upstream.removeprefix("http://")
+        self.deny = lambda method, path: False
+        self.fail_every, self.drop, self.delay_puts = 0, False, 0.0
+        self.requests: list[tuple[str, str, str]] = []  # (method, path, Range header)
+        self._count, self._lock = 0, threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _handle(self):
+                proxy._forward(self)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def _forward(self, handler) -> None:
+        import http.client
+        import time
+
+        body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+        with self._lock:
+            self._count += 1
+            failing = self.fail_every and self._count % self.fail_every == 0
+            self.requests.append((handler.command, handler.path, handler.headers.get("Range", "")))
+        if failing and self.drop:
+            handler.close_connection = True
+            handler.connection.close()
+            return
+        if failing or self.deny(handler.command, handler.path):
+            code, text = (500, "InternalError") if failing else (403, "AccessDenied")
+            payload = f"<Error><Code>{text}</Code><Message>{text}</Message></Error>".encode()
+            handler.send_response(code)
+            handler.send_header("Content-Type", "application/xml")
+            handler.send_header("Content-Length", str(len(payload)))
+            handler.end_headers()
+            handler.wfile.write(payload if handler.command != "HEAD" else b"")
+            return
+        if handler.command == "PUT" and self.delay_puts:
+            time.sleep(self.delay_puts)
+        conn = http.client.HTTPConnection(self.upstream, timeout=60)
+        headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("connection", "keep-alive")}
+        conn.request(handler.command, handler.path, body=body, headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+        handler.send_response(response.status)
+        for key, value in response.getheaders():
+            if key.lower() not in ("connection", "transfer-encoding", "content-length", "server", "date"):
+                handler.send_header(key, value)
+        length = response.getheader("Content-Length") if handler.command == "HEAD" else None
+        handler.send_header("Content-Length", length or str(len(data)))
+        handler.end_headers()
+        if handler.command != "HEAD":
+            handler.wfile.write(data)
+        conn.close()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def proxy(s3_server, s3, monkeypatch):
+    """A FaultProxy in front of the server; the library talks to it (the test's ``s3`` talks to the server)."""
+    p = FaultProxy(s3_server)
+    options = {**storage_options(p.endpoint), "config_kwargs": {"retries": {"max_attempts": 1}}}
+    monkeypatch.setenv("CKPTMERGE_STORAGE_OPTIONS", json.dumps(options))
+    yield p
+    p.stop()

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from ckptmerge.cli.main import main
 from conftest import make_state, reference_merge, to_f64, write_checkpoint
-from s3_server import SECRET, s3, s3_server, upload  # noqa: F401 - fixtures
+from s3_server import SECRET, proxy, s3, s3_server, upload  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -71,3 +71,101 @@ def test_merge_from_s3_equals_the_local_merge(tmp_path, s3, out_kind, capsys):
     assert all(i["content_hash"].startswith("etag-sha256:") for i in manifest["inputs"])
     assert json.loads((tmp_path / "remote-out" / "config.json").read_text())["model_type"] == "test"
     assert SECRET not in (tmp_path / "remote-out" / "merge.json").read_text() + capsys.readouterr().out
+
+
+def _error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and " warning: " not in line]
+    assert len(err) == 1, err
+    assert SECRET not in err[0]
+    return err[0]
+
+
+def _count_requests(monkeypatch) -> list[tuple[str, int, int]]:
+    """Every range request the remote readers make: (object URL, offset, bytes)."""
+    from ckptmerge.io.remote_safetensors import RemoteSafetensorsReader
+
+    asked, original = [], RemoteSafetensorsReader._range
+
+    def counted(self, obj, offset, nbytes):
+        asked.append((str(obj.url), offset, nbytes))
+        return original(self, obj, offset, nbytes)
+
+    monkeypatch.setattr(RemoteSafetensorsReader, "_range", counted)
+    return asked
+
+
+def test_every_input_byte_is_requested_once_by_ranges(tmp_path, s3, monkeypatch):
+    run, _ = _run(tmp_path)
+    upload(s3, run, "runs/bytes")
+    asked = _count_requests(monkeypatch)
+    assert main(["merge", "s3://runs/bytes", "--last", "3", "-o", str(tmp_path / "out"), "--quiet",
+                 "--chunk-size", "256"]) == 0
+    sizes = {f"s3://{k}": v["size"] for k, v in s3.find("runs/bytes", detail=True).items() if k.endswith(".safetensors")}
+    window = {u: n for u, n in sizes.items() if "checkpoint-100" not in u}
+    assert sum(n for _, _, n in asked) == sum(window.values())  # bytes requested / input bytes = 1.00
+    covered = {}
+    for url, offset, nbytes in asked:
+        covered.setdefault(url, []).append((offset, offset + nbytes))
+    for url, ranges in covered.items():  # disjoint ranges that tile each object exactly
+        ranges.sort()
+        assert ranges[0][0] == 0 and ranges[-1][1] == window[url]
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), url
+
+
+def test_an_object_replaced_during_the_merge_fails_and_publishes_nothing(tmp_path, s3, monkeypatch, capsys):
+    from safetensors.torch import save_file
+
+    run, _ = _run(tmp_path)
+    upload(s3, run, "runs/changed")
+    save_file({k: v.contiguous() for k, v in make_state(99, dtype=torch.bfloat16).items()}, tmp_path / "other.safetensors")
+    from ckptmerge.io.remote_safetensors import RemoteSafetensorsReader
+
+    original, replaced = RemoteSafetensorsReader.get_rows, []
+
+    def replace_once(self, name, start, stop):
+        if not replaced:  # the merge has planned and starts reading tensor data
+            replaced.append(1)
+            s3.put_file(str(tmp_path / "other.safetensors"), "runs/changed/checkpoint-400/model.safetensors")
+        return original(self, name, start, stop)
+
+    monkeypatch.setattr(RemoteSafetensorsReader, "get_rows", replace_once)
+    for out in (str(tmp_path / "out"), "s3://runs/changed-out"):
+        replaced.clear()
+        s3.put_file(str(run / "checkpoint-400" / "model.safetensors"), "runs/changed/checkpoint-400/model.safetensors")
+        assert main(["merge", "s3://runs/changed", "--last", "3", "-o", out, "--quiet", "--chunk-size", "256"]) == 2
+        line = _error_line(capsys)
+        assert "checkpoint-400" in line and "changed while it was being merged" in line, line
+    assert not (tmp_path / "out").exists()
+    assert not s3.find("runs/changed-out") and not [k for k in s3.ls("runs") if ".changed-out.tmp-" in k]
+
+
+def test_a_missing_bucket_is_one_line(s3, capsys):
+    assert main(["inspect", "s3://no-such-bucket/run"]) == 2
+    line = _error_line(capsys)
+    assert "no-such-bucket" in line and "does not exist" in line, line
+
+
+def test_a_wrong_endpoint_is_one_line(tmp_path, s3, monkeypatch, capsys):
+    monkeypatch.setenv("CKPTMERGE_STORAGE_OPTIONS", json.dumps({
+        "endpoint_url": "http://127.0.0.1:9", "key": "k-123", "secret": SECRET, "retries": 1,
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}))
+    assert main(["merge", "s3://runs/anything", "--last", "2", "-o", str(tmp_path / "out")]) == 2
+    line = _error_line(capsys)
+    assert "s3://runs/anything" in line and "endpoint" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_denied_write_is_one_line_and_leaves_nothing(tmp_path, s3, proxy, capsys):
+    run, _ = _run(tmp_path)
+    upload(s3, run, "runs/deny")
+    proxy.deny = lambda method, path: method in ("PUT", "POST") and "denied-out" in path
+    assert main(["merge", "s3://runs/deny", "--last", "2", "-o", "s3://runs/denied-out", "--quiet"]) == 2
+    line = _error_line(capsys)
+    assert "access denied" in line and "'runs'" in line and "write" in line, line
+    assert not s3.find("runs/denied-out") and not [k for k in s3.ls("runs") if "denied-out" in k]
+
+
+def test_bad_storage_options_are_one_line(s3, monkeypatch, capsys):
+    monkeypatch.setenv("CKPTMERGE_STORAGE_OPTIONS", '{"secret": "' + SECRET + '"')  # cut short
+    assert main(["inspect", "s3://runs/x"]) == 2
+    assert "not a JSON object" in _error_line(capsys)

@@ -27,7 +27,7 @@ from ckptmerge.io.remote_tree import RemoteObject
 from ckptmerge.io.safetensors_header import checked_entries, checked_metadata, header_length, parse_header
 from ckptmerge.io.tensor_info import TensorInfo
 
-HEAD_GUESS_BYTES = 256 * 1024
+HEAD_GUESS_BYTES = 64 * 1024
 PART_BYTES = 8 << 20
 
 RowKey = tuple[str, int, int]
@@ -67,6 +67,7 @@ class RemoteSafetensorsReader:
         self._metadata: dict[str, str] = {}
         self._expected: deque[RowKey] = deque()
         self._ahead: dict[RowKey, list[Future]] = {}
+        self._heads: list[bytes] = []
         for index, obj in enumerate(self.files):
             self._index_file(index, obj)
 
@@ -75,6 +76,7 @@ class RemoteSafetensorsReader:
         length = header_length(obj.url, head, obj.size)
         if 8 + length > len(head):
             head += self._range(obj, len(head), 8 + length - len(head))
+        self._heads.append(head)  # tensors that lie in it (small files) are served from it, not asked for again
         header = parse_header(obj.url, head[8:8 + length])
         self._metadata.update(checked_metadata(obj.url, header))
         data_start = 8 + length
@@ -131,6 +133,11 @@ class RemoteSafetensorsReader:
 
     def _submit(self, key: RowKey) -> list[Future]:
         obj, offset, nbytes = self._where(*key)
+        head = self._heads[self._entries[key[0]].file_index]
+        if offset + nbytes <= len(head):
+            done: Future = Future()
+            done.set_result(head[offset:offset + nbytes])
+            return [done]
         return [self._pool.submit(self._range, obj, begin, min(PART_BYTES, offset + nbytes - begin))
                 for begin in range(offset, offset + nbytes, PART_BYTES)]
 
