@@ -147,11 +147,11 @@ def test_a_missing_bucket_is_one_line(s3, capsys):
 
 def test_a_wrong_endpoint_is_one_line(tmp_path, s3, monkeypatch, capsys):
     monkeypatch.setenv("CKPTMERGE_STORAGE_OPTIONS", json.dumps({
-        "endpoint_url": "http://127.0.0.1:9", "key": "k-123", "secret": SECRET, "retries": 1,
+        "endpoint_url": "http://127.0.0.1:9", "key": "k-123", "secret": SECRET,
         "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}))
     assert main(["merge", "s3://runs/anything", "--last", "2", "-o", str(tmp_path / "out")]) == 2
     line = _error_line(capsys)
-    assert "s3://runs/anything" in line and "endpoint" in line, line
+    assert "s3://runs/anything" in line and "cannot list" in line and "EndpointConnectionError" in line, line
     assert not (tmp_path / "out").exists()
 
 
@@ -169,3 +169,95 @@ def test_bad_storage_options_are_one_line(s3, monkeypatch, capsys):
     monkeypatch.setenv("CKPTMERGE_STORAGE_OPTIONS", '{"secret": "' + SECRET + '"')  # cut short
     assert main(["inspect", "s3://runs/x"]) == 2
     assert "not a JSON object" in _error_line(capsys)
+
+
+def _objects(fs, prefix: str) -> list[str]:
+    fs.invalidate_cache()
+    return sorted(fs.find(prefix))
+
+
+def test_sigkill_during_upload_leaves_no_destination_and_clean_removes_the_rest(tmp_path, s3, proxy, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run, _ = _run(tmp_path)
+    upload(s3, run, "runs/kill")
+    proxy.delay_puts = 0.5  # the upload takes seconds: time to kill it halfway
+    env = {**os.environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1] / "src")}
+    child = subprocess.Popen([sys.executable, "-m", "ckptmerge", "merge", "s3://runs/kill", "--last", "3",
+                              "-o", "s3://runs/killed-out", "--quiet"], env=env)
+    deadline = time.monotonic() + 60
+    while not [k for k in _objects(s3, "runs") if ".killed-out.tmp-" in k] and time.monotonic() < deadline:
+        assert child.poll() is None, "the merge ended before it was killed"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    leftovers = [k for k in _objects(s3, "runs") if ".killed-out.tmp-" in k]
+    assert leftovers and not _objects(s3, "runs/killed-out")  # no destination, only the temporary
+    assert main(["clean", "s3://runs/killed-out"]) == 0
+    assert "removed s3://runs/.killed-out.tmp-" in capsys.readouterr().out
+    assert not [k for k in _objects(s3, "runs") if "killed-out" in k]
+
+
+def test_clean_finishes_a_commit_that_a_killed_run_had_marked(tmp_path, s3, capsys):
+    import subprocess
+
+    from ckptmerge.io.publish import _host_id
+    from ckptmerge.io.remote_publish import MARKER
+
+    run, _ = _run(tmp_path)
+    upload(s3, run, "runs/commit")
+    assert main(["merge", str(run), "--last", "2", "-o", str(tmp_path / "merged"), "--quiet"]) == 0
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    tmp = f"runs/.finished-out.tmp-{dead.pid}-1-{_host_id()}-0badc0de"
+    upload(s3, tmp_path / "merged", tmp)
+    s3.pipe_file(f"{tmp}/{MARKER}", b"{}")
+    s3.pipe_file("runs/finished-out/model.safetensors", b"half-copied old bytes")  # killed while copying in
+    assert main(["clean", "s3://runs/finished-out"]) == 0
+    assert "finished the commit of s3://runs/finished-out" in capsys.readouterr().out
+    (tmp_path / "fetched").mkdir()
+    s3.get("runs/finished-out/", str(tmp_path / "fetched") + "/", recursive=True)
+    assert sorted(p.name for p in (tmp_path / "fetched").iterdir()) == sorted(p.name for p in (tmp_path / "merged").iterdir())
+    for name, value in _tensors(tmp_path / "merged").items():
+        assert torch.equal(value, _tensors(tmp_path / "fetched")[name])
+    assert not [k for k in _objects(s3, "runs") if ".finished-out.tmp-" in k]
+
+
+def test_an_existing_destination_is_refused_without_force(tmp_path, s3, capsys):
+    run, _ = _run(tmp_path)
+    upload(s3, run, "runs/exists")
+    s3.pipe_file("runs/exists-out/keep.txt", b"not ours")
+    assert main(["merge", "s3://runs/exists", "--last", "2", "-o", "s3://runs/exists-out", "--quiet"]) == 2
+    assert "already exists" in _error_line(capsys) and _objects(s3, "runs/exists-out") == ["runs/exists-out/keep.txt"]
+    assert main(["merge", "s3://runs/exists", "--last", "2", "-o", "s3://runs/exists-out", "--quiet", "--force"]) == 0
+    assert "runs/exists-out/keep.txt" not in _objects(s3, "runs/exists-out")
+    assert "runs/exists-out/merge.json" in _objects(s3, "runs/exists-out")
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["http-500", "dropped-connection"])
+def test_a_flaky_server_is_retried_and_the_merge_is_still_exact(tmp_path, s3, proxy, monkeypatch, drop):
+    from s3_server import storage_options
+
+    run, _ = _run(tmp_path)
+    upload(s3, run, "runs/flaky")
+    assert main(["merge", str(run), "--last", "3", "-o", str(tmp_path / "local-out"), "--quiet"]) == 0
+    monkeypatch.setenv("CKPTMERGE_STORAGE_OPTIONS", json.dumps(storage_options(proxy.endpoint)))
+    proxy.fail_every, proxy.drop = 4, drop  # one request in four fails; the backend's own retries take over
+    assert main(["merge", "s3://runs/flaky", "--last", "3", "-o", str(tmp_path / "out"), "--quiet",
+                 "--chunk-size", "256"]) == 0
+    local, remote = _tensors(tmp_path / "local-out"), _tensors(tmp_path / "out")
+    assert local.keys() == remote.keys() and all(torch.equal(local[k], remote[k]) for k in local)
+    assert sum(1 for _ in proxy.requests) >= 4
+
+
+def test_redact_blanks_secrets_and_keeps_the_endpoint(monkeypatch):
+    from ckptmerge.io.remote import redact
+
+    monkeypatch.setenv("CKPTMERGE_STORAGE_OPTIONS", json.dumps(
+        {"endpoint_url": "http://minio:9000", "key": "AKIA-ID", "secret": SECRET, "client_kwargs": {"token": "tok-123"}}))
+    text = redact(f"failed at http://minio:9000 with AKIA-ID / {SECRET} / tok-123 via https://user:pw@host/x")
+    assert text == "failed at http://minio:9000 with *** / *** / *** via https://***@host/x"

@@ -29,6 +29,7 @@ CONCURRENCY_ENV = "CKPTMERGE_IO_CONCURRENCY"
 DEFAULT_IO_CONCURRENCY = 8
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure",
           "adl": "azure"}
+SHOWN_OPTIONS = frozenset({"endpoint_url", "region_name", "profile", "anon", "use_ssl", "version_aware"})  # not secrets
 _URL_RE = re.compile(r"^(?P<protocol>[a-z][a-z0-9+.-]*)://(?P<path>.*)$")
 
 
@@ -142,7 +143,8 @@ def _extra(protocol: str) -> str:
 
 
 def redact(text: str) -> str:
-    """``text`` with every storage-option value (and any ``user:password@`` in a URL) blanked out."""
+    """``text`` with every storage-option value but the endpoint, region and profile (and any ``user:password@`` in
+    a URL) blanked out."""
     try:
         values = _option_values(storage_options())
     except RemoteStorageError:
@@ -154,7 +156,7 @@ def redact(text: str) -> str:
 
 def _option_values(options: object) -> list[str]:
     if isinstance(options, dict):
-        return [v for item in options.values() for v in _option_values(item)]
+        return [v for key, item in options.items() if key not in SHOWN_OPTIONS for v in _option_values(item)]
     if isinstance(options, (list, tuple)):
         return [v for item in options for v in _option_values(item)]
     text = str(options)
