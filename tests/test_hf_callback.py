@@ -139,9 +139,9 @@ def test_trainer_callback_logs_periodic_eval_of_average_and_raw_through_trainer_
                                           logging_steps=1, report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0)
     before, after = WeightsAt(0.6), WeightsAt(0.6)
     averaging = AveragingCallback(EMA(0.6), save_averaged=False, eval_every=2, data=[str(held)], tokens=128)
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path / "tok")
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[before, averaging, after],
-                                   data_collator=transformers.default_data_collator,
-                                   processing_class=transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path / "tok"))
+                                   data_collator=transformers.default_data_collator, processing_class=tokenizer)
     with pytest.raises(ConfigError, match="attach"):  # no trainer to log through: refused before any step
         trainer.train()
     averaging.attach(trainer)

@@ -50,11 +50,16 @@ class AveragingCallback(pl.Callback):
         if "FSDP" in name or "DeepSpeed" in name:
             raise ConfigError(f"AveragingCallback: the {name} strategy keeps flattened parameter shards that ckptmerge "
                               f"cannot pair by name. Fix: use strategy='ddp', or ModelParallelStrategy (FSDP2).")
-        every, written = (self.evaluation.every if self.evaluation else 0), trainer.log_every_n_steps
+        self._check_eval_interval(trainer.log_every_n_steps)
+
+    def _check_eval_interval(self, written: int) -> None:
+        """Lightning writes step metrics every ``written`` steps: an evaluation at any other step would be lost."""
+        every = self.evaluation.every if self.evaluation else 0
         if every and (written == 0 or every % written):
             raise ConfigError(f"AveragingCallback(eval_every={every}): Lightning writes step metrics every "
-                              f"log_every_n_steps={written} steps, so some evaluations would never reach the loggers. "
-                              f"Fix: an eval_every that is a multiple of log_every_n_steps, or Trainer(log_every_n_steps=1)")
+                              f"log_every_n_steps={written} steps, so some evaluations would never reach the "
+                              "loggers. Fix: an eval_every that is a multiple of log_every_n_steps, or "
+                              "Trainer(log_every_n_steps=1)")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step

@@ -116,8 +116,9 @@ class PeriodicEval:
             return load_tokenizer(given)
         folder = _model_folder(model)
         if folder is None:
-            return TokenizerError("periodic evaluation: no tokenizer given and the model names no local folder; pass "
-                                  "tokenizer= (a folder, a tokenizer.json or the tokenizer object the model trains with)")
+            return TokenizerError("periodic evaluation: no tokenizer given and the model names no local folder; "
+                                  "pass tokenizer= (a folder, a tokenizer.json or the tokenizer object the model "
+                                  "trains with)")
         return self.settings.tokenizer_for(folder)
 
 
