@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING
 _HOMES = {
     "Averager": "ckptmerge.online.averager",
     "EMA": "ckptmerge.online.rules", "LAWA": "ckptmerge.online.rules", "PMA": "ckptmerge.online.rules",
-    "SWA": "ckptmerge.online.rules",
+    "SWA": "ckptmerge.online.rules", "PowerEMA": "ckptmerge.online.rules",
+    "PowerEMASnapshots": "ckptmerge.online.phema",
     "parse_average_spec": "ckptmerge.online.spec",
     "load_state": "ckptmerge.online.state_files", "save_state": "ckptmerge.online.state_files",
 }
 
-__all__ = ["EMA", "LAWA", "PMA", "SWA", "Averager", "load_state", "parse_average_spec", "save_state"]
+__all__ = ["EMA", "LAWA", "PMA", "SWA", "Averager", "PowerEMA", "PowerEMASnapshots", "load_state",
+           "parse_average_spec", "save_state"]
 
 
 def __getattr__(name: str):
@@ -33,6 +35,7 @@ def __getattr__(name: str):
 
 if TYPE_CHECKING:
     from ckptmerge.online.averager import Averager
-    from ckptmerge.online.rules import EMA, LAWA, PMA, SWA
+    from ckptmerge.online.phema import PowerEMASnapshots
+    from ckptmerge.online.rules import EMA, LAWA, PMA, SWA, PowerEMA
     from ckptmerge.online.spec import parse_average_spec
     from ckptmerge.online.state_files import load_state, save_state
