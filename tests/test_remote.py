@@ -261,3 +261,23 @@ def test_redact_blanks_secrets_and_keeps_the_endpoint(monkeypatch):
         {"endpoint_url": "http://minio:9000", "key": "AKIA-ID", "secret": SECRET, "client_kwargs": {"token": "tok-123"}}))
     text = redact(f"failed at http://minio:9000 with AKIA-ID / {SECRET} / tok-123 via https://user:pw@host/x")
     assert text == "failed at http://minio:9000 with *** / *** / *** via https://***@host/x"
+
+
+def test_eval_of_an_s3_checkpoint_on_s3_data_equals_the_local_eval(tmp_path, s3, monkeypatch):
+    from bpe_model import sentences, train_run
+
+    monkeypatch.setenv("CKPTMERGE_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "evalrun"
+    train_run(run, steps=(2, 4))
+    (run / "held.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences(7, 60)))
+    upload(s3, run, "runs/eval")
+    results = {}
+    for where, model, data in (("local", run / "checkpoint-4", run / "held.jsonl"),
+                               ("s3", "s3://runs/eval/checkpoint-4", "s3://runs/eval/held.jsonl")):
+        out = tmp_path / f"{where}.json"
+        assert main(["eval", str(model), "--data", str(data), "--tokens", "400", "--quiet", "--json", str(out)]) == 0
+        (by_data,) = json.loads(out.read_text()).values()
+        (results[where],) = by_data.values()
+        assert results[where].pop("data") == str(data)
+    assert results["s3"] == results["local"]  # loss, standard error, tokens, bytes: all equal
+    assert results["s3"]["tokens"] > 0

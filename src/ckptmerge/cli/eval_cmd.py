@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ckptmerge.cli.eval_flags import add_eval_flags, settings_from_args
+from ckptmerge.cli.storage_flags import add_storage_flags
 from ckptmerge.console import print_table
 from ckptmerge.data.corpora import HELD_OUT
 
@@ -27,12 +28,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", help="write results to this JSON file: {model: {data: {...}}}")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_eval_flags(p)
+    add_storage_flags(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     # the library loads here, not when the CLI starts (ckptmerge --help imports no torch)
     from ckptmerge.evaluation.runner import evaluate_paths
+    from ckptmerge.io.remote import as_location
     from ckptmerge.parallel.agree import phase
     from ckptmerge.parallel.world import rank
 
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, progress=not args.quiet)
     results = None
     with phase():  # torchrun: the windows are split across ranks; an error is reported once
-        results = evaluate_paths([Path(p) for p in args.paths], data, n_tokens=args.tokens, context=args.context,
+        results = evaluate_paths([as_location(p) for p in args.paths], data, n_tokens=args.tokens, context=args.context,
                                  bf16=args.bf16, settings=settings)
     if rank() != 0:  # every rank holds the gathered results; rank 0 reports them
         return 0

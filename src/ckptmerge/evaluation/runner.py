@@ -21,6 +21,7 @@ from ckptmerge.errors import TokenizerError
 from ckptmerge.evaluation.distributed import evaluate_sharded
 from ckptmerge.evaluation.evaluator import EvalResult
 from ckptmerge.evaluation.loading import model_vocab_size
+from ckptmerge.evaluation.remote_model import local_data
 from ckptmerge.evaluation.settings import EvalSettings, byte_lengths, require_tokenizer
 
 MAX_DEFAULT_CONTEXT = 1024
@@ -65,5 +66,5 @@ def _windows(cache: dict, settings: EvalSettings, data: str, tokenizer: TextToke
              model: torch.nn.Module, n_tokens: int, context: int) -> torch.Tensor:
     key = (data, getattr(tokenizer, "fingerprint", None), model_vocab_size(model), n_tokens, context)
     if key not in cache:  # the vocabulary decides how a token file without sidecar may be read
-        cache[key] = settings.windows(data, tokenizer, model, n_tokens=n_tokens, context=context)
+        cache[key] = settings.windows(local_data(data), tokenizer, model, n_tokens=n_tokens, context=context)
     return cache[key]

@@ -13,7 +13,9 @@ from ckptmerge.data.token_files import check_ids_below
 from ckptmerge.data.tokens import is_token_file, load_tokens
 from ckptmerge.errors import TokenizerError
 from ckptmerge.evaluation.loading import load_model, model_vocab_size
+from ckptmerge.evaluation.remote_model import load_remote_model, tokenizer_home
 from ckptmerge.evaluation.tokenizer_fit import check_tokenizer_fits
+from ckptmerge.io.remote import is_url
 
 
 @dataclass
@@ -36,13 +38,16 @@ class EvalSettings:
     progress: bool = True
 
     def load_model(self, path) -> torch.nn.Module:
+        if is_url(path):  # s3://, gs://: config mirrored, weights by range reads (evaluation/remote_model.py)
+            return load_remote_model(path, device=self.device, dtype=self.dtype, model_config=self.model_config,
+                                     model_factory=self.model_factory, key_map=self.key_map)
         return load_model(path, device=self.device, dtype=self.dtype, model_config=self.model_config,
                           model_factory=self.model_factory, key_map=self.key_map, device_map=self.device_map)
 
     def tokenizer_for(self, model_path) -> TextTokenizer | TokenizerError:
         """The model's tokenizer, or (when none is found and none was given) the error to raise for text data."""
         try:
-            return resolve_tokenizer(model_path, self.tokenizer)
+            return resolve_tokenizer(tokenizer_home(model_path), self.tokenizer)
         except TokenizerError as exc:
             if self.tokenizer is not None:
                 raise
