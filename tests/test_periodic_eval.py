@@ -95,3 +95,14 @@ def test_periodic_eval_refuses_bad_options_in_one_line():
     with pytest.raises(ConfigError, match="without eval_every"):
         PeriodicEval.from_options(None, ["held.txt"], 1024, None, None)
     assert PeriodicEval.from_options(None, (), 1024, None, None) is None
+
+
+def test_settings_that_cannot_apply_to_the_live_model_are_refused():
+    from ckptmerge.errors import ConfigError
+    from ckptmerge.evaluation.settings import EvalSettings
+    from ckptmerge.online.periodic_eval import PeriodicEval
+
+    for settings in (EvalSettings(device="cuda"), EvalSettings(dtype="bfloat16")):
+        with pytest.raises(ConfigError, match="cannot apply"):
+            PeriodicEval(["shakespeare-val"], every=2, settings=settings)
+    PeriodicEval(["shakespeare-val"], every=2, settings=EvalSettings(batch_size=4))  # what applies is accepted

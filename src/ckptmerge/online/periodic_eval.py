@@ -26,7 +26,6 @@ Metric names are watch's (``online/watch_eval.py``), ``<label>`` the averager's 
 
 from __future__ import annotations
 
-import math
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -39,10 +38,10 @@ from ckptmerge.data.batches import planned_tokens
 from ckptmerge.data.text_tokenizer import TextTokenizer, load_tokenizer
 from ckptmerge.errors import ConfigError, TokenizerError
 from ckptmerge.evaluation.distributed import evaluate_sharded
-from ckptmerge.evaluation.evaluator import EvalResult, paired_difference
+from ckptmerge.evaluation.evaluator import EvalResult
 from ckptmerge.evaluation.runner import default_context
 from ckptmerge.evaluation.settings import EvalSettings, byte_lengths, require_tokenizer
-from ckptmerge.online.watch_eval import data_key
+from ckptmerge.online.watch_eval import eval_metrics
 
 if TYPE_CHECKING:
     from ckptmerge.online.averager import Averager
@@ -61,6 +60,7 @@ class PeriodicEval:
             raise ConfigError(f"periodic evaluation: {'; '.join(problems)}")
         self.every, self.tokens, self.tokenizer, self.context = every, tokens, tokenizer, context
         self.settings = settings or EvalSettings(progress=False)
+        _refuse_model_settings(self.settings)
         self._windows: dict[str, torch.Tensor] | None = None
         self._byte_lengths = None
 
@@ -122,26 +122,16 @@ class PeriodicEval:
         return self.settings.tokenizer_for(folder)
 
 
-def eval_metrics(raw: dict[str, EvalResult], merged: dict[str, dict[str, EvalResult]]) -> dict[str, float]:
-    """watch's metric names for the training weights' results and each label's results on the same windows."""
-    metrics: dict[str, float] = {}
-    for name, base in raw.items():
-        key = data_key(name)
-        metrics.update(_scores(f"eval/raw/{key}", base))
-        for label, results in merged.items():
-            metrics.update(_scores(f"eval/merged/{label}/{key}", results[name]))
-            diff, se = paired_difference(results[name], base)
-            metrics[f"eval/merged/{label}/{key}/delta_vs_raw"] = diff
-            if math.isfinite(se):
-                metrics[f"eval/merged/{label}/{key}/delta_vs_raw_se"] = se
-    return metrics
-
-
-def _scores(prefix: str, result: EvalResult) -> dict[str, float]:
-    out = {f"{prefix}/loss": result.loss}
-    if result.bits_per_byte is not None:
-        out[f"{prefix}/bits_per_byte"] = result.bits_per_byte
-    return out
+def _refuse_model_settings(settings: EvalSettings) -> None:
+    """The live model is scored where it is, in its own dtype: settings that would load or move a model are
+    refused rather than ignored."""
+    defaults = EvalSettings()
+    ignored = [f"{name}={getattr(settings, name)!r}" for name in ("device", "dtype", "model_config", "model_factory",
+                                                                    "key_map", "device_map")
+               if getattr(settings, name) != getattr(defaults, name)]
+    if ignored:
+        raise ConfigError(f"periodic evaluation scores the training model where it is and in its own dtype; "
+                          f"{', '.join(ignored)} cannot apply: leave them at their defaults")
 
 
 def _from_transformers(hf_tokenizer) -> TextTokenizer:

@@ -40,7 +40,7 @@ from ckptmerge.merging.method_spec import MethodSpec, parse_method
 from ckptmerge.merging.options import MergeOptions
 from ckptmerge.online.retain import readable_path, release, retain
 from ckptmerge.online.watch_methods import WatchMethod, drop_states, publish_window, update_running
-from ckptmerge.online.watch_state import MethodProgress, WatchState, load_state, save_state
+from ckptmerge.online.watch_state import MethodProgress, load_state, save_state
 
 LOG_FILE = "watch.jsonl"
 UNSETTLED_GRACE = 10  # a checkpoint still changing 10 x --settle-s after a newer one settled is skipped (reported)

@@ -25,15 +25,19 @@ def evaluate_step(raw: Path, outputs: dict[str, Path], data: list[str], *, token
     """Metrics of one step (see the module docstring); every model scored on the same windows."""
     settings = settings or EvalSettings(progress=False)
     results = evaluate_paths([raw, *outputs.values()], data, n_tokens=tokens, settings=settings)
+    return eval_metrics(results[str(raw)], {label: results[str(folder)] for label, folder in outputs.items()})
+
+
+def eval_metrics(raw: dict[str, EvalResult], merged: dict[str, dict[str, EvalResult]]) -> dict[str, float]:
+    """The metric names above for the raw weights' results and each label's results on the same windows
+    (``{data: EvalResult}`` each); also what the callbacks' periodic evaluation logs (online/periodic_eval.py)."""
     metrics: dict[str, float] = {}
-    for name in data:
+    for name, base in raw.items():
         key = data_key(name)
-        base = results[str(raw)][name]
         metrics.update(_scores(f"eval/raw/{key}", base))
-        for label, folder in outputs.items():
-            merged = results[str(folder)][name]
-            metrics.update(_scores(f"eval/merged/{label}/{key}", merged))
-            diff, se = paired_difference(merged, base)
+        for label, results in merged.items():
+            metrics.update(_scores(f"eval/merged/{label}/{key}", results[name]))
+            diff, se = paired_difference(results[name], base)
             metrics[f"eval/merged/{label}/{key}/delta_vs_raw"] = diff
             if math.isfinite(se):
                 metrics[f"eval/merged/{label}/{key}/delta_vs_raw_se"] = se
