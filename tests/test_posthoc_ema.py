@@ -269,3 +269,22 @@ def test_trainer_saves_phema_snapshots_that_resume_exactly(tmp_path, monkeypatch
     assert cli(["merge", str(tmp_path / "full" / "phema"), "-o", str(tmp_path / "post"), "--schedule",
                 "phema:sigma_rel=0.07", "--quiet"]) == 0
     assert set(open_checkpoint(tmp_path / "post").keys()) == set(tracked.keys())
+
+
+def test_search_space_phema_maps_sigma_rel_to_the_edm2_solve(phema_run):
+    from ckptmerge.search.spaces import make_space
+
+    refs = discover(phema_run[0] / "phema").checkpoints
+    space = make_space("phema", len(refs), refs=refs)
+    steps, gammas = [r.step for r in refs], [r.ema_gamma for r in refs]
+    np.testing.assert_allclose(space.coeffs({"sigma_rel": 0.12}), ref_edm2_solve(steps, gammas, STEPS, ref_gamma(0.12)),
+                               rtol=1e-6, atol=1e-9)
+    baselines = space.baselines()
+    assert sorted(round(p["sigma_rel"], 9) for p in baselines.values()) == [0.05, 0.1]
+    for params in baselines.values():  # a stored profile is its own newest snapshot
+        coeffs = np.array(space.coeffs(params))
+        newest = [i for i, r in enumerate(refs) if r.step == STEPS and abs(r.ema_gamma - ref_gamma(params["sigma_rel"]))
+                  < 1e-6]
+        expected = np.zeros(len(refs))
+        expected[newest] = 1.0
+        np.testing.assert_allclose(coeffs, expected, atol=1e-6)

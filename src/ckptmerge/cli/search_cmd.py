@@ -16,7 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="a run directory, or checkpoint folders")
     p.add_argument("--last", type=int, help="window: the last N checkpoints (pair uses the two newest)")
     p.add_argument("--every", type=int, help="window spacing in steps")
-    p.add_argument("--space", choices=("pair", "simplex", "schedule"), default="pair")
+    p.add_argument("--space", choices=("pair", "simplex", "schedule", "phema"), default="pair",
+                   help="phema: sigma_rel of the post-hoc EMA of a folder of power-EMA snapshots (docs/posthoc-ema.md)")
     p.add_argument("--min-lambda", type=float, default=0.0, help="pair: lower bound of lambda (default 0)")
     add_renamed(p, "--alpha", "--min-lambda")
     p.add_argument("--data", default="shakespeare-val", help="tuning data: domain or file")
@@ -57,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from ckptmerge.search.run import search, write_results
     from ckptmerge.search.study import SearchConfig
 
-    window = resolve_window(MergeRecipe(inputs=args.inputs, last=args.last, every=args.every))
+    schedule = "phema:sigma_rel=0.1" if args.space == "phema" else "sma"  # the window's own weights go unused
+    window = resolve_window(MergeRecipe(inputs=args.inputs, last=args.last, every=args.every, schedule=schedule))
     cfg = SearchConfig(space=args.space, data=args.data, trials=args.trials, sampler=args.sampler, seed=args.seed,
                        storage=args.storage, study_name=args.study, min_lambda=args.min_lambda,
                        prune_after=args.prune_after, prune_margin=args.prune_margin, objective=args.objective,

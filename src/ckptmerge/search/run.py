@@ -48,7 +48,7 @@ def search(refs: list[CheckpointRef], cfg: SearchConfig, *, n_tokens: int = 1638
     _check_objective(cfg.objective)
     if output:
         check_destination(Path(output), force)
-    space = make_space(cfg.space, len(refs), min_lambda=cfg.min_lambda)
+    space = make_space(cfg.space, len(refs), min_lambda=cfg.min_lambda, refs=refs)
     if cfg.space == "pair":
         refs = refs[-2:]
     if workers > 1 and cfg.storage is None:
@@ -69,7 +69,8 @@ def search(refs: list[CheckpointRef], cfg: SearchConfig, *, n_tokens: int = 1638
         recipe = {"schedule": "custom", "weights": best["weights"], "search": {**asdict(cfg), "best_trial": best["trial"],
                                                                                  "best_loss": best["loss"]}}
         # checked before the trials; the workers of one shared study may each publish the same best merge here
-        merge(refs, best["weights"], output, force=True, progress=False, recipe=recipe, allow_unnormalized=True)
+        merge(refs, best["weights"], output, force=True, progress=False, recipe=recipe, allow_unnormalized=True,
+              allow_negative=cfg.space == "phema")  # the post-hoc EMA's least-squares weights
     return result
 
 
@@ -130,7 +131,7 @@ def _unit(metric: str) -> str:
 def _worker(paths: list[str], cfg: SearchConfig, n_tokens: int, threads: int, settings: EvalSettings | None) -> None:
     torch.set_num_threads(threads)
     refs = [describe_path(p) for p in paths]
-    space = make_space(cfg.space, len(refs), min_lambda=cfg.min_lambda)
+    space = make_space(cfg.space, len(refs), min_lambda=cfg.min_lambda, refs=refs)
     run_trials(open_study(cfg, space), space, MergeObjective(refs, n_tokens=n_tokens, settings=settings), cfg)
 
 

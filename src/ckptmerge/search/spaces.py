@@ -6,6 +6,8 @@
   w_N = v_1, w_{N-1} = (1 - v_1) v_2, ..., w_1 = the rest. Bijective on the open simplex, and the
   closed cube reaches its vertices, so every baseline (newest, uniform, WMA, EMA) is exactly representable.
 - ``schedule``: EMA over the newest ``last`` checkpoints of the window, ``alpha`` in [0.02, 1] (log scale).
+- ``phema``: the post-hoc EMA of power-EMA snapshots (``RUN/phema``), ``sigma_rel`` in [0.02, 0.25] (log scale);
+  the coefficients are EDM2's least-squares fit (``merging/power_profiles.py``), negative ones included.
 Coefficients are oldest first, like every schedule in ckptmerge.
 """
 
@@ -16,7 +18,8 @@ from pathlib import Path
 
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.method_spec import parse_method
-from ckptmerge.merging.schedules import compute_coeffs
+from ckptmerge.merging.power_profiles import gamma_to_sigma_rel
+from ckptmerge.merging.schedules import compute_coeffs, phema_fit
 
 # the simplex space's named baselines besides the newest checkpoint, in the one method language
 SIMPLEX_BASELINES = {"uniform": "sma", "wma": "wma", "ema a=0.2": "ema:alpha=0.2"}
@@ -92,11 +95,32 @@ class ScheduleSpace:
         return {"newest": {"alpha": 1.0, "last": 1}, "ema a=0.2": {"alpha": 0.2, "last": self.n}}
 
 
-def make_space(name: str, n: int, *, min_lambda: float = 0.0):
+@dataclass
+class PhemaSpace:
+    refs: list[CheckpointRef]
+    name = "phema"
+    low, high = 0.02, 0.25
+
+    def suggest(self, trial) -> dict[str, float]:
+        return {"sigma_rel": trial.suggest_float("sigma_rel", self.low, self.high, log=True)}
+
+    def coeffs(self, params: dict) -> list[float]:
+        return phema_fit(self.refs, params["sigma_rel"]).coeffs
+
+    def baselines(self) -> dict[str, dict]:
+        """Each stored profile (its newest snapshot: the fit is exact there)."""
+        stored = sorted({gamma_to_sigma_rel(r.ema_gamma) for r in self.refs if r.ema_gamma is not None})
+        return {f"stored sigma_rel {s:.3f}": {"sigma_rel": s} for s in stored if self.low <= s <= self.high}
+
+
+def make_space(name: str, n: int, *, min_lambda: float = 0.0, refs: list[CheckpointRef] | None = None):
+    """The space ``name`` over a window of ``n`` checkpoints (``phema`` needs the window's ``refs``)."""
+    if name == "phema":
+        return PhemaSpace(list(refs or []))
     if name == "pair":
         return PairSpace(min_lambda=min_lambda)
     if name == "simplex":
         return SimplexSpace(n)
     if name == "schedule":
         return ScheduleSpace(n)
-    raise ValueError(f"unknown space {name!r}; choose pair, simplex or schedule")
+    raise ValueError(f"unknown space {name!r}; choose pair, simplex, schedule or phema")
