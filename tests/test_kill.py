@@ -84,7 +84,7 @@ def kill_at(tmp_path: Path, points: list[tuple[str, str, int, list[str]]]) -> No
 
 MERGE_POINTS = {
     "mid-engine": ("ckptmerge.io.safetensors_writer:StreamingSafetensorsWriter.write_rows", "before", 3),
-    "before-manifest": ("ckptmerge.merging.offline:write_manifest", "before", 1),
+    "before-manifest": ("ckptmerge.merging.output:write_manifest", "before", 1),
     "before-rename": ("ckptmerge.io.publish:_publish", "before", 1),
 }
 
