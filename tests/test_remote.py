@@ -281,3 +281,11 @@ def test_eval_of_an_s3_checkpoint_on_s3_data_equals_the_local_eval(tmp_path, s3,
         assert results[where].pop("data") == str(data)
     assert results["s3"] == results["local"]  # loss, standard error, tokens, bytes: all equal
     assert results["s3"]["tokens"] > 0
+
+
+def test_as_checkpoint_with_a_url_is_refused_in_one_line(tmp_path, s3, capsys):
+    run, _ = _run(tmp_path)
+    upload(s3, run, "runs/handback")
+    assert main(["merge", "s3://runs/handback", "--last", "2", "-o", str(tmp_path / "out"), "--as-checkpoint"]) == 2
+    assert "--as-checkpoint works on local checkpoints" in _error_line(capsys)
+    assert not (tmp_path / "out").exists()

@@ -134,12 +134,13 @@ class RemoteSafetensorsReader:
     def _submit(self, key: RowKey) -> list[Future]:
         obj, offset, nbytes = self._where(*key)
         head = self._heads[self._entries[key[0]].file_index]
-        if offset + nbytes <= len(head):
-            done: Future = Future()
-            done.set_result(head[offset:offset + nbytes])
-            return [done]
-        return [self._pool.submit(self._range, obj, begin, min(PART_BYTES, offset + nbytes - begin))
-                for begin in range(offset, offset + nbytes, PART_BYTES)]
+        parts = []
+        if offset < len(head) and nbytes:  # the bytes the header's request already brought
+            parts.append(Future())
+            parts[0].set_result(head[offset:offset + nbytes])
+            nbytes, offset = max(0, offset + nbytes - len(head)), len(head)
+        return parts + [self._pool.submit(self._range, obj, begin, min(PART_BYTES, offset + nbytes - begin))
+                        for begin in range(offset, offset + nbytes, PART_BYTES)]
 
     def _where(self, name: str, start: int, stop: int) -> tuple[RemoteObject, int, int]:
         entry = self._entries[name]

@@ -50,6 +50,9 @@ def check_arguments(checkpoints, coeffs, output, options: MergeOptions
         check_remote_destination(output, options.force)
     else:
         check_destination(output, options.force)
+    if options.as_checkpoint and (isinstance(output, Url) or isinstance(refs[-1].path, Url)):
+        raise CkptMergeError(f"{output}: --as-checkpoint works on local checkpoints and outputs only so far; merge "
+                             f"without it, or copy the newest checkpoint to a local folder first")
     if options.as_checkpoint:
         check_write_back(refs[-1])
     return refs, coeffs, output
