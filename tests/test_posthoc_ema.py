@@ -288,3 +288,14 @@ def test_search_space_phema_maps_sigma_rel_to_the_edm2_solve(phema_run):
         expected = np.zeros(len(refs))
         expected[newest] = 1.0
         np.testing.assert_allclose(coeffs, expected, atol=1e-6)
+
+
+def test_normalize_rescales_the_posthoc_coefficients_to_sum_one(phema_run, tmp_path):
+    folder = phema_run[0]
+    assert cli(["merge", str(folder / "phema"), "-o", str(tmp_path / "n"), "--schedule", "phema:sigma_rel=0.15",
+                "--normalize", "--quiet"]) == 0
+    manifest = json.loads((tmp_path / "n" / "merge.json").read_text())
+    solved = np.array(manifest["recipe"]["posthoc_fit"]["coefficients"])
+    merged = np.array([i["coefficient"] for i in manifest["inputs"]])
+    assert abs(solved.sum() - 1) > 1e-6  # the solve alone does not sum to one ...
+    np.testing.assert_allclose(merged, solved / solved.sum(), rtol=1e-12)  # ... the merge's weights do

@@ -265,8 +265,8 @@ def compute_coeffs(name: str, refs: Sequence[CheckpointRef], *, normalize: bool 
     if unknown:
         raise ScheduleError(f"schedule {name!r} does not take {unknown}; it takes {accepted or 'no parameters'}")
     coeffs = get_schedule(name)(refs, **{k: v for k, v in params.items() if v is not None and k in accepted})
-    if is_signed(name) and not normalize:
-        allow_negative = allow_unnormalized = True
+    if is_signed(name):  # least-squares coefficients: any sign, a sum near 1 unless rescaled
+        allow_negative, allow_unnormalized = True, not normalize
     return check_coeffs(coeffs, normalize=normalize, allow_unnormalized=allow_unnormalized,
                         allow_negative=allow_negative)
 

@@ -85,8 +85,9 @@ def run_recipe(recipe: MergeRecipe, *, progress: bool = True) -> MergeResult:
         window = resolve_window(recipe)
     options = recipe.options(progress=progress)
     recipe = with_method(recipe)
-    if is_signed(recipe.schedule) and not recipe.normalize:  # phema: least-squares coefficients, as solved
-        options = dataclasses.replace(options, allow_negative=True, allow_unnormalized=True)
+    if is_signed(recipe.schedule):  # phema: least-squares coefficients, as solved (or rescaled by --normalize)
+        options = dataclasses.replace(options, allow_negative=True,
+                                      allow_unnormalized=options.allow_unnormalized or not recipe.normalize)
     return merge(window.refs, window.coeffs, recipe.output, options, recipe=_recipe_record(recipe, window))
 
 
