@@ -299,3 +299,34 @@ def test_normalize_rescales_the_posthoc_coefficients_to_sum_one(phema_run, tmp_p
     merged = np.array([i["coefficient"] for i in manifest["inputs"]])
     assert abs(solved.sum() - 1) > 1e-6  # the solve alone does not sum to one ...
     np.testing.assert_allclose(merged, solved / solved.sum(), rtol=1e-12)  # ... the merge's weights do
+
+
+@pytest.mark.parametrize("make", [lambda: PowerEMA(0.07), lambda: PowerEMASnapshots((0.05, 0.10), every=4)])
+def test_hf_callback_saves_and_resumes_power_emas(tmp_path, make):
+    """The HF callback's hooks, called as Trainer calls them: a save at step 6, a new callback resumed from it."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("transformers")
+    from ckptmerge.online.hf_callback import AveragingCallback
+
+    args = SimpleNamespace(output_dir=str(tmp_path), resume_from_checkpoint=None)
+    control = SimpleNamespace(should_log=False)
+    whole, resumed = AveragingCallback(make()), None
+    for step, model in trajectory(12):
+        state = SimpleNamespace(global_step=step, num_input_tokens_seen=None)
+        whole.on_step_end(args, state, control, model=model)
+        if resumed is not None:
+            resumed.on_step_end(args, state, control, model=model)
+        if step == 6:
+            whole.on_save(args, state, control, model=model)
+            resumed = AveragingCallback(make())
+            resumed.on_train_begin(args, state, control)
+            assert resumed.averager.n_averaged == 6
+    pairs = list(zip(getattr(whole.averager, "profiles", [whole.averager]),
+                     getattr(resumed.averager, "profiles", [resumed.averager])))
+    assert len(pairs) == len(getattr(whole.averager, "profiles", [None]))
+    for a, b in pairs:  # every profile of a phema averager
+        for name, value in a.averaged_state_dict().items():
+            assert torch.equal(value, b.averaged_state_dict()[name]), name
+    saved = json.loads((tmp_path / "checkpoint-6" / "averaged" / "ckptmerge.json").read_text())["averaged"]
+    assert saved["kind"] == "power_ema" and saved["gamma"] == pytest.approx(ref_gamma(saved["sigma_rel"]), rel=1e-9)
