@@ -171,3 +171,42 @@ def test_zero3_hand_back_resumes_from_the_merge_under_the_default_config(zero3_r
         pytest.skip("one ZeRO 3 hand-back per dtype, on 2 ranks")
     resumed = resume_under_default_config(run_dir, tmp_path, 3, dtype, 2, 29590 + (dtype == "bf16"))
     assert_resumed_at(resumed, torch.load(run_dir / "reference.pt"), dtype)
+
+
+def _refused_hand_back(run_dir: Path, out: Path, capsys) -> str:
+    from trainer_checks import run_cli
+
+    code, _ = run_cli("merge", run_dir, "-o", out, "--last", "2", "--as-checkpoint", "--quiet")
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists() and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_hand_back_refuses_an_hf_checkpoint_holding_deepspeed_weights(tmp_path, capsys):
+    """HF Trainer under DeepSpeed resumes from checkpoint-N/global_stepN/, a copy --as-checkpoint cannot rewrite."""
+    import json
+
+    from safetensors.torch import save_file
+
+    for step in (2, 4):
+        ckpt = tmp_path / "run" / f"checkpoint-{step}"
+        (ckpt / f"global_step{step}").mkdir(parents=True)
+        save_file({"w": torch.full((4, 4), float(step))}, str(ckpt / "model.safetensors"))
+        (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        torch.save({"module": {"w": torch.full((4, 4), float(step))}, "global_steps": step},
+                   ckpt / f"global_step{step}" / "mp_rank_00_model_states.pt")
+    err = _refused_hand_back(tmp_path / "run", tmp_path / "out", capsys)
+    assert "checkpoint-4" in err and "global_step4/" in err and "DeepSpeed" in err
+
+
+def test_hand_back_refuses_fp32_weights_in_a_deepspeed_optimizer(tmp_path, capsys):
+    """ZeRO 0 fp16 keeps fp32 masters (``fp32_groups_flat``) inside the model-states file's optimizer."""
+    for step in (2, 4):
+        tag = tmp_path / "run" / f"global_step{step}"
+        tag.mkdir(parents=True)
+        w = torch.full((4, 4), float(step))
+        torch.save({"module": {"w": w.half()}, "global_steps": step,
+                    "optimizer": {"fp32_groups_flat": [w.reshape(-1)], "optimizer_state_dict": {}}},
+                   tag / "mp_rank_00_model_states.pt")
+    err = _refused_hand_back(tmp_path / "run", tmp_path / "out", capsys)
+    assert "global_step4" in err and "fp32_groups_flat" in err
