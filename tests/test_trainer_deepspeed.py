@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from trainer_checks import assert_merge_matches
 
 pytest.importorskip("deepspeed", reason="deepspeed is a test extra")
@@ -153,7 +152,6 @@ def test_fp32_masters_merge_the_masters_and_hand_them_back(zero2_run, tmp_path):
 
 def test_fp32_masters_is_refused_for_checkpoints_without_masters(tmp_path, capsys):
     from safetensors.torch import save_file
-
     from trainer_checks import run_cli
 
     for step in (1, 2):

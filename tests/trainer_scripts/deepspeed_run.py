@@ -24,7 +24,7 @@ import torch
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"), DS_ACCELERATOR="cpu")
 for var, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", os.environ.get("RANK", "0"))):
     os.environ.setdefault(var, default)  # the test starts one process per rank with RANK / WORLD_SIZE set
-import deepspeed  # noqa: E402
+import deepspeed
 
 sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # skip a C++ build the test does not need
 

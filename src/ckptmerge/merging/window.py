@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ckptmerge.errors import ConfigError
-from ckptmerge.io.remote import is_url
 from ckptmerge.io.layouts.deepspeed import masters_entry
+from ckptmerge.io.remote import is_url
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import describe_path, discover, is_run_dir
 from ckptmerge.merging.offline import merge
