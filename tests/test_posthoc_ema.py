@@ -62,7 +62,7 @@ def flat(tensors: dict, names) -> np.ndarray:
 # --- independent fp64 references -------------------------------------------------------------------------------
 def ref_gamma(sigma_rel):
     """gamma with sigma_rel(gamma) = sqrt((g+1) / ((g+2)^2 (g+3))) = sigma_rel, by bisection (it decreases in g)."""
-    width = lambda g: math.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3)))  # noqa: E731
+    width = lambda g: math.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3)))
     lo, hi = 1e-9, 1e6
     for _ in range(200):
         mid = 0.5 * (lo + hi)

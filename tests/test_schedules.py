@@ -1,5 +1,6 @@
 """Every schedule against coefficients computed by hand."""
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -156,7 +157,7 @@ def test_anytime_ema_over_long_gaps_is_the_product_of_per_step_decays():
     prod_{r=s+1..t} 2^(-1/(f r)), multiplied out here in fp64 step by step."""
     steps, fraction = [1, 2, 40, 25_000, 85_000, 85_001], 5.0  # a long memory: every coefficient matters
     betas = []
-    for s, t in zip(steps, steps[1:]):
+    for s, t in itertools.pairwise(steps):
         log2_beta = 0.0
         for r in range(s + 1, t + 1):
             log2_beta -= 1.0 / (fraction * r)

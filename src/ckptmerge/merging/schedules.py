@@ -8,6 +8,7 @@ the table of formulas and sources.
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import random
 import warnings
@@ -69,7 +70,7 @@ def ema(refs: Sequence[CheckpointRef], alpha: float | None = None, half_life: fl
         betas = [1.0 - alpha] * (len(refs) - 1)
     elif half_life_fraction is not None:
         steps = _positions(refs, "steps")
-        betas = [anytime_decay(a, b, half_life_fraction) for a, b in zip(steps, steps[1:])]
+        betas = [anytime_decay(a, b, half_life_fraction) for a, b in itertools.pairwise(steps)]
     else:
         unit = "steps" if half_life is not None else "tokens"
         length = half_life if half_life is not None else half_life_tokens

@@ -62,7 +62,8 @@ class PowerEMASnapshots(Averager):
         return self.last_step == step and step % self.every == 0
 
     def update(self, model: torch.nn.Module, step: int, tokens_seen: int | None = None) -> bool:
-        if not any([p.update(model, step, tokens_seen) for p in self.profiles]):
+        folded = [p.update(model, step, tokens_seen) for p in self.profiles]  # every profile, no short cut
+        if not any(folded):
             return False
         self.n_averaged += 1
         self.last_step, self.last_tokens = step, tokens_seen
