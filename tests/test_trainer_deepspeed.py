@@ -208,3 +208,20 @@ def test_hand_back_refuses_fp32_weights_in_a_deepspeed_optimizer(tmp_path, capsy
                    tag / "mp_rank_00_model_states.pt")
     err = _refused_hand_back(tmp_path / "run", tmp_path / "out", capsys)
     assert "global_step4" in err and "fp32_groups_flat" in err
+
+
+def test_hand_back_with_a_half_precision_output_is_refused_before_any_work(tmp_path, capsys):
+    """The fp32 masters are handed back from an fp32 merge: --out-dtype bfloat16 is refused up front."""
+    from trainer_checks import run_cli
+
+    for step in (2, 4):
+        tag = tmp_path / "run" / f"global_step{step}"
+        tag.mkdir(parents=True)
+        torch.save({"module": {"w": torch.full((4, 4), float(step))}, "global_steps": step},
+                   tag / "mp_rank_00_model_states.pt")
+    out = tmp_path / "out"
+    code, _ = run_cli("merge", tmp_path / "run", "-o", out, "--last", "2", "--as-checkpoint", "--out-dtype",
+                      "bfloat16", "--quiet")
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists() and "drop --out-dtype bfloat16" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary folder either

@@ -21,14 +21,18 @@ from ckptmerge.io.layouts.base import copy_folder_state
 from ckptmerge.merging.checkpoint import CheckpointRef
 
 
-def check_write_back(newest: CheckpointRef) -> None:
+def check_write_back(newest: CheckpointRef, out_dtype: str | None = None) -> None:
     """Raise before any work when the newest checkpoint's layout cannot be written back, or when it keeps a
-    second copy of the weights (one the trainer resumes from) that the hand-back would leave unmerged."""
+    second copy of the weights (one the trainer resumes from) that the hand-back would leave unmerged.
+    ``out_dtype``: the merge's output dtype (``MergeOptions.out_dtype``), when one is forced."""
     layout = match_layout(newest.path)
     if layout is not None and layout.write_back is None:
         raise CkptMergeError(f"{newest.path}: --as-checkpoint is not supported for {layout.name} checkpoints yet; "
                              f"merge without it and load the merged safetensors into your model instead")
     if layout is deepspeed.LAYOUT:
+        if out_dtype not in (None, "float32"):
+            raise CkptMergeError(f"{newest.path}: DeepSpeed's fp32 master weights are handed back from an fp32 merge; "
+                                 f"drop --out-dtype {out_dtype} (the module weights are rounded to the run's dtype)")
         deepspeed.check_write_back(newest.path)
     nested = [p.name for p in newest.path.glob("global_step*") if deepspeed.detect(p)] if newest.path.is_dir() else []
     if layout is not deepspeed.LAYOUT and nested:

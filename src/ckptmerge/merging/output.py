@@ -54,7 +54,7 @@ def check_arguments(checkpoints, coeffs, output, options: MergeOptions
         raise CkptMergeError(f"{output}: --as-checkpoint works on local checkpoints and outputs only so far; merge "
                              f"without it, or copy the newest checkpoint to a local folder first")
     if options.as_checkpoint:
-        check_write_back(refs[-1])
+        check_write_back(refs[-1], options.out_dtype)
     return refs, coeffs, output
 
 
