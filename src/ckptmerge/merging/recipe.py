@@ -21,10 +21,16 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptmerge.io.yaml_config import dataclass_from_dict, read_yaml
 from ckptmerge.errors import ConfigError
+from ckptmerge.io.remote import as_location, filesystem, is_url, remote_errors
+from ckptmerge.io.yaml_config import dataclass_from_dict, read_yaml
 from ckptmerge.merging.method_spec import parse_method, split_spec
-from ckptmerge.merging.options import ACCUM_DTYPE_NAMES, DTYPE_NAMES, HASH_MODES, MergeOptions
+from ckptmerge.merging.options import (
+    ACCUM_DTYPE_NAMES,
+    DTYPE_NAMES,
+    HASH_MODES,
+    MergeOptions,
+)
 
 # Keys of earlier releases -> their names now (accepted with a deprecation notice).
 RENAMED_KEYS = {"dtype": "out_dtype", "unnormalized": "allow_unnormalized", "extrapolate": "allow_negative"}
@@ -159,6 +165,7 @@ def with_method(recipe: MergeRecipe) -> MergeRecipe:
     A value given both in the method and by a flag must agree; otherwise one ConfigError names both."""
     import dataclasses
 
+    recipe = with_input_weights(recipe)
     name, raw = split_spec(recipe.schedule, "schedule")
     if not raw:
         return recipe
@@ -181,3 +188,57 @@ _FLAG_OF = {"n": "last", "lam": "lambda"}  # method key -> the flag that sets th
 
 def _spec_value(value) -> str:
     return "/".join(repr(float(v)) for v in value) if isinstance(value, (list, tuple)) else repr(value)
+
+
+# ``PATH:WEIGHT`` (Megatron's weighted merge): a trailing ``:NUMBER``, e.g. ``runs/a/step-100:0.3``, ``s3://b/x:-1e-2``
+_WEIGHT_SUFFIX = re.compile(r"(?P<path>.+):(?P<weight>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
+
+
+def split_input_weights(inputs: list[str]) -> tuple[list[str], list[float] | None]:
+    """``["a:0.3", "b:0.7"]`` -> ``(["a", "b"], [0.3, 0.7])``; inputs without weights -> ``(inputs, None)``.
+
+    An input carries a weight when it ends in ``:NUMBER``, the part before names an existing checkpoint, and
+    the whole text does not (paths and URLs may hold ``:``: ``s3://b/x``, ``C:\\runs``, a folder named
+    ``ckpt:5``). Every input has a weight or none does; mixing is one ConfigError."""
+    parsed = [_input_weight(text) for text in inputs]
+    weighted = [text for text, (_, weight) in zip(inputs, parsed) if weight is not None]
+    if not weighted:
+        return list(inputs), None
+    if len(weighted) < len(inputs):
+        plain = next(text for text, (_, weight) in zip(inputs, parsed) if weight is None)
+        raise ConfigError(f"inputs: {weighted[0]!r} has a weight (PATH:WEIGHT) but {plain!r} has none; give every "
+                          f"input a weight, or none and a --schedule")
+    return [path for path, _ in parsed], [weight for _, weight in parsed]
+
+
+def with_input_weights(recipe: MergeRecipe) -> MergeRecipe:
+    """``merge a:0.3 b:0.7`` as ``merge a b --schedule custom:weights=0.3/0.7`` (weights in the order given); a
+    schedule, ``--weights`` or a window given beside weighted inputs is one ConfigError."""
+    import dataclasses
+
+    inputs, weights = split_input_weights(recipe.inputs)
+    if weights is None:
+        return recipe
+    name, raw = split_spec(recipe.schedule, "schedule")
+    given = [f"--schedule {recipe.schedule}"] if name.replace("-", "_") not in ("sma", "custom") or raw else []
+    given += [f"--{k.replace('_', '-')}" for k in ("weights", "last", "every", "every_tokens", "end_step", "steps",
+                                                   "step_range") if getattr(recipe, k) is not None]
+    if given:
+        raise ConfigError(f"inputs {' '.join(recipe.inputs)}: the weights (PATH:WEIGHT) already say what to merge "
+                          f"and how; drop {', '.join(given)} or the :WEIGHT suffixes")
+    return dataclasses.replace(recipe, inputs=inputs, schedule="custom", weights=weights)
+
+
+def _input_weight(text: str) -> tuple[str, float | None]:
+    match = _WEIGHT_SUFFIX.fullmatch(str(text))
+    if match is None or _exists(text) or not _exists(match["path"]):
+        return text, None
+    return match["path"], float(match["weight"])
+
+
+def _exists(text: str) -> bool:
+    if not is_url(text):
+        return Path(text).exists()
+    url = as_location(text)
+    with remote_errors(url, "look up"):
+        return bool(filesystem(url).exists(str(url)))

@@ -128,18 +128,19 @@ def _check(run: Url, refs: list[CheckpointRef], skipped: list, skip_unparsable: 
                              f"step-1000)")
 
 
-def remote_candidates(inputs: list, *, tokens_per_step: int | None = None, skip_unparsable: bool = False
-                      ) -> tuple[list[CheckpointRef], list[tuple[Url, str]]]:
-    """The checkpoints of ``merge URL ...``: a run's discovered checkpoints, or the named ones (oldest first)."""
+def remote_candidates(inputs: list, *, tokens_per_step: int | None = None, skip_unparsable: bool = False,
+                      keep_order: bool = False) -> tuple[list[CheckpointRef], list[tuple[Url, str]]]:
+    """The checkpoints of ``merge URL ...``: a run's discovered checkpoints, or the named ones (oldest first, or as
+    given with ``keep_order``)."""
     locations = [as_location(p) for p in inputs]
-    if len(locations) == 1 and isinstance(locations[0], Url) and is_remote_run(locations[0])[0]:
+    if len(locations) == 1 and isinstance(locations[0], Url) and not keep_order and is_remote_run(locations[0])[0]:
         found = discover_remote(locations[0], tokens_per_step=tokens_per_step, skip_unparsable=skip_unparsable)
         return found.checkpoints, found.skipped
     local = [str(p) for p in locations if not isinstance(p, Url)]
     if local:
         raise DiscoveryError(f"{local[0]}: local paths and URLs cannot be mixed in one merge; copy one side over")
     refs = [describe_remote(u, tokens_per_step=tokens_per_step) for u in locations]
-    if all(r.step is not None for r in refs):
+    if all(r.step is not None for r in refs) and not keep_order:
         refs.sort(key=lambda r: r.step)
     return refs, []
 

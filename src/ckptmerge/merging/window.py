@@ -13,7 +13,12 @@ from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import describe_path, discover, is_run_dir
 from ckptmerge.merging.offline import merge
 from ckptmerge.merging.output import MergeResult
-from ckptmerge.merging.recipe import MergeRecipe, validate, with_method
+from ckptmerge.merging.recipe import (
+    MergeRecipe,
+    split_input_weights,
+    validate,
+    with_method,
+)
 from ckptmerge.merging.remote_discover import remote_candidates
 from ckptmerge.merging.schedules import compute_coeffs, is_signed, phema_fit
 from ckptmerge.merging.select import select_last, select_range, select_steps
@@ -34,8 +39,12 @@ def resolve_window(recipe: MergeRecipe) -> Window:
     problems = validate(recipe)
     if problems:
         raise ConfigError("invalid merge options:\n  " + "\n  ".join(problems))
+    weighted = split_input_weights(recipe.inputs)[1] is not None  # ``merge a:0.3 b:0.7``: weights go with paths
     recipe = with_method(recipe)  # ``--schedule ema:alpha=0.2,n=5``: name, parameters and window
-    refs, skipped = _candidates(recipe)
+    refs, skipped = _candidates(recipe, keep_order=weighted)
+    if weighted:
+        refs, weights = _oldest_first(refs, recipe.weights)
+        recipe = dataclasses.replace(recipe, weights=weights)
     _check_one_profile(recipe, refs)
     if recipe.last is not None:
         refs = select_last(refs, recipe.last, every_steps=recipe.every, every_tokens=recipe.every_tokens,
@@ -62,18 +71,32 @@ def _check_one_profile(recipe: MergeRecipe, refs: list[CheckpointRef]) -> None:
                           f"profile's snapshots as paths")
 
 
-def _candidates(recipe: MergeRecipe) -> tuple[list[CheckpointRef], list[tuple[Path, str]]]:
+def _candidates(recipe: MergeRecipe, *, keep_order: bool = False) -> tuple[list[CheckpointRef], list[tuple[Path, str]]]:
+    """A run's checkpoints, or the named ones: oldest first when every step is known (as given with
+    ``keep_order``, for weights that go with their paths)."""
     if any(is_url(p) for p in recipe.inputs):  # s3://, gs://, ...: merging/remote_discover.py
         return remote_candidates(recipe.inputs, tokens_per_step=recipe.tokens_per_step,
-                                 skip_unparsable=recipe.skip_unparsable)
+                                 skip_unparsable=recipe.skip_unparsable, keep_order=keep_order)
     paths = [Path(p) for p in recipe.inputs]
+    runs = [p for p in paths if keep_order and is_run_dir(p)]
+    if runs:
+        raise ConfigError(f"{runs[0]}: a run directory, but a weight (PATH:WEIGHT) goes with one checkpoint; name "
+                          f"its checkpoints, e.g. {runs[0] / 'checkpoint-1000'}:0.5")
     if len(paths) == 1 and is_run_dir(paths[0]):
         found = discover(paths[0], tokens_per_step=recipe.tokens_per_step, skip_unparsable=recipe.skip_unparsable)
         return found.checkpoints, found.skipped
     refs = [describe_path(p, tokens_per_step=recipe.tokens_per_step) for p in paths]
-    if all(r.step is not None for r in refs):
+    if all(r.step is not None for r in refs) and not keep_order:
         refs.sort(key=lambda r: r.step)  # explicit paths with known steps are ordered oldest first
     return refs, []
+
+
+def _oldest_first(refs: list[CheckpointRef], weights: list[float]) -> tuple[list[CheckpointRef], list[float]]:
+    """The named checkpoints oldest first (when every step is known), each weight still with its checkpoint."""
+    pairs = list(zip(refs, weights, strict=True))
+    if all(r.step is not None for r in refs):
+        pairs.sort(key=lambda pair: pair[0].step)
+    return [r for r, _ in pairs], [w for _, w in pairs]
 
 
 def run_recipe(recipe: MergeRecipe, *, progress: bool = True) -> MergeResult:
