@@ -93,3 +93,40 @@ def test_holm_levels_follow_the_p_value_ranks():
     lo, hi = strong.result()["ci_low"], strong.result()["ci_high"]
     mean, se, df = pooled(strong.per_seed)
     assert hi - lo == pytest.approx(2 * sps.t.ppf(1 - 0.05 / 6, df) * se)
+
+
+def test_side_by_side_gives_each_claim_the_outcome_of_its_first_three_seeds_in_their_own_holm_family():
+    from ckptmerge.reproduce.report import Experiment, render
+    from ckptmerge.reproduce.stats import side_by_side
+
+    def claim(key, ds, primary=True):
+        c = Claim(key, f"claim {key}", "less", primary=primary)
+        for seed, d in enumerate(ds):
+            c.add(seed, (d, 0.002), 0.01)
+        return c
+
+    # five seeds decide what three cannot: the fourth and fifth seeds narrow the t interval
+    a = claim("A", [-0.06, -0.02, -0.05, -0.045, -0.04])
+    b = claim("B", [-0.03, -0.01, -0.02, -0.025, -0.02], primary=False)
+    holm([a, b])
+    side_by_side([a, b])
+    for c in (a, b):
+        head = Claim(c.key, c.statement, "less", primary=c.primary)
+        for seed, d, m in zip(c.seeds[:3], c.per_seed[:3], c.margins[:3]):
+            head.add(seed, d, m)
+        holm([head])
+        ref = head.result()
+        got = c.result()["first_seeds"]
+        assert got["seeds"] == [0, 1, 2] and got["outcome"] == ref["outcome"]
+        assert (got["effect"], got["ci_low"], got["ci_high"]) == pytest.approx((ref["effect"], ref["ci_low"],
+                                                                                ref["ci_high"]))
+    assert a.result()["outcome"] == HOLDS and a.first["outcome"] == INCONCLUSIVE
+    text = render(Experiment("e0", "E0", "paper", "statement", "setup", [a, b]), [a.result(), b.result()],
+                  {"name": "test"})
+    assert "first 3 seeds" in text and "inconclusive (changed)" in text
+    # three seeds only: no side-by-side record, no extra column
+    c = claim("C", [-0.06, -0.02, -0.05])
+    holm([c])
+    side_by_side([c])
+    assert "first_seeds" not in c.result()
+    assert "first 3 seeds" not in render(Experiment("e0", "E0", "p", "s", "u", [c]), [c.result()], {"name": "test"})

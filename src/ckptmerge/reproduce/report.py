@@ -48,6 +48,19 @@ def _num(x: float) -> str:
     return "nan" if x != x else f"{x:+.4f}"
 
 
+def _side(records: list[dict]) -> bool:
+    """Whether the records carry the first-3-seeds outcome (some claim ran on more seeds)."""
+    return any("first_seeds" in r for r in records)
+
+
+def _first(r: dict) -> str:
+    f = r.get("first_seeds")
+    if not f:
+        return "-"
+    changed = " (changed)" if f["outcome"] != r["outcome"] else ""
+    return f"{_num(f['effect'])} [{_num(f['ci_low'])}, {_num(f['ci_high'])}], {f['outcome']}{changed}"
+
+
 def render(exp: Experiment, records: list[dict], settings: dict) -> str:
     quick = settings.get("name") != "full"
     lines = [f"# {exp.title}", ""]
@@ -56,13 +69,15 @@ def render(exp: Experiment, records: list[dict], settings: dict) -> str:
                   "(fewer steps than the design's full scale); read them as what this scale can tell.", ""]
     lines += [f"**Paper:** {exp.paper}", "", f"**The paper's statement.** {exp.statement}", "",
               f"**Setup.** {exp.setup}", "", "## Claims", "",
-              "| claim | per seed (d ± window SE) | pooled effect | CI | margin | outcome |", "|---|---|---|---|---|---|"]
+              "| claim | per seed (d ± window SE) | pooled effect | CI | margin | outcome |"
+              + (" first 3 seeds: effect [CI], outcome |" if _side(records) else ""),
+              "|---|---|---|---|---|---|" + ("---|" if _side(records) else "")]
     for r in records:
         star = "**\\*** " if r["primary"] else ""
         per = ", ".join(f"{d:+.4f} ± {se:.4f}" for d, se in zip(r["per_seed"], r["per_seed_se"]))
         lines.append(f"| {star}{r['claim']} ({r['direction']}) | {per} (seeds {r['seeds']}) | {_num(r['effect'])} | "
                      f"[{_num(r['ci_low'])}, {_num(r['ci_high'])}] ({r['ci_level']:.1%}) | {r['margin']:.4f} | "
-                     f"**{r['outcome']}** |")
+                     f"**{r['outcome']}** |" + (f" {_first(r)} |" if _side(records) else ""))
     lines += ["", "\\* primary claim (Holm-corrected across all reports' primary claims). Effects are in nats "
               "per byte, scored on the odd evaluation windows (half B); anything chosen (a lambda, the best EMA) "
               "was chosen on the even windows (half A).", "", "How each number is computed:", ""]
@@ -78,14 +93,16 @@ def render(exp: Experiment, records: list[dict], settings: dict) -> str:
 
 def write_index(reports: Path, command: str, settings: dict, seconds: float) -> Path:
     """``reports/README.md``: every experiment found under ``reports`` with its outcomes."""
-    rows = []
+    rows, found = [], []
     for results in sorted(reports.glob("*/results.json"), key=lambda p: int(p.parent.name.split("-")[0][1:])):
         data = json.loads(results.read_text())
-        for c in data["claims"]:
-            star = "\\* " if c["primary"] else ""
-            rows.append(f"| [{data['title']}]({results.parent.name}/report.md) | {star}{c['claim']} | "
-                        f"{_num(c['effect'])} [{_num(c['ci_low'])}, {_num(c['ci_high'])}] | {c['margin']:.4f} | "
-                        f"**{c['outcome']}** |")
+        found += [(results.parent.name, data["title"], c) for c in data["claims"]]
+    side = _side([c for _, _, c in found])
+    for folder, title, c in found:
+        star = "\\* " if c["primary"] else ""
+        rows.append(f"| [{title}]({folder}/report.md) | {star}{c['claim']} | "
+                    f"{_num(c['effect'])} [{_num(c['ci_low'])}, {_num(c['ci_high'])}] | {c['margin']:.4f} | "
+                    f"**{c['outcome']}** |" + (f" {_first(c)} |" if side else ""))
     scale = settings.get("name")
     text = "\n".join(["# Reproduction of the three papers' claims at small scale", "",
                       f"Written by `{command}` ({seconds / 60:.0f} min on this machine including runs reused from "
@@ -96,7 +113,9 @@ def write_index(reports: Path, command: str, settings: dict, seconds: float) -> 
                       "seeds, its confidence interval and a margin fixed in advance (docs/methods.md); none is "
                       "hand-written. \\* marks the primary claims (Holm-corrected).", "",
                       f"Settings: `{json.dumps(settings)}`", "",
-                      "| experiment | claim | effect [CI] | margin | outcome |", "|---|---|---|---|---|", *rows, ""])
+                      "| experiment | claim | effect [CI] | margin | outcome |"
+                      + (" first 3 seeds: effect [CI], outcome |" if side else ""),
+                      "|---|---|---|---|---|" + ("---|" if side else ""), *rows, ""])
     path = reports / "README.md"
     tmp = path.with_name(".README.md.tmp")
     tmp.write_text(text)

@@ -20,7 +20,7 @@ from ckptmerge.reproduce import design
 from ckptmerge.reproduce.context import Context
 from ckptmerge.reproduce.report import Experiment, publish, write_index
 from ckptmerge.reproduce.scale import EXTREME_WITHIN, GROUPS, HIGH_WITHIN, Scale
-from ckptmerge.reproduce.stats import holm
+from ckptmerge.reproduce.stats import holm, side_by_side
 from ckptmerge.reproduce.training import train_many
 
 SETTINGS = "settings.json"
@@ -120,7 +120,9 @@ def reproduce(group: str, *, scale: Scale, work: str | Path, reports: str | Path
             exp = build()
             done.append(exp)
             log(f"   {exp.title}: evaluated")
-    holm([c for exp in done for c in exp.claims])
+    claims = [c for exp in done for c in exp.claims]
+    holm(claims)
+    side_by_side(claims)  # with more than 3 seeds: the outcome of the first 3 beside the outcome of all
     settings = {**scale.describe(), "tuned_lr": ctx.lrs["tuned"], "high_lr": ctx.lrs["high"],
                 "extreme_lr": ctx.lrs["extreme"], "diverging_spike_seeds": sorted(spiking)}
     for exp in done:

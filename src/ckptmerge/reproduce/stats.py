@@ -28,6 +28,7 @@ HOLDS, REVERSED, NO_EFFECT, INCONCLUSIVE = "holds", "reversed", "no detectable e
 OUTCOMES = (HOLDS, REVERSED, NO_EFFECT, INCONCLUSIVE)
 DIRECTIONS = ("less", "greater", "equivalent")
 ALPHA = 0.05
+FIRST_SEEDS = 3  # with more seeds, reports also show the outcome of the first 3 (what the extra seeds changed)
 RULES = __doc__.split("(across-seed spread, t-distribution, plus the within-seed window SE). ")[1].strip()
 
 
@@ -86,6 +87,7 @@ class Claim:
     margins: list = field(default_factory=list)    # per seed, from half A; the claim's margin is their mean
     alpha: float = ALPHA                           # set by holm() for primary claims
     note: str = ""
+    first: dict | None = None                      # result() of the first FIRST_SEEDS seeds (side_by_side)
 
     def add(self, seed: int, diff: tuple[float, float], margin: float) -> None:
         self.seeds.append(seed)
@@ -108,7 +110,13 @@ class Claim:
                 "ci_high": hi, "margin": self.margin, "direction": self.direction, "primary": self.primary,
                 "ci_level": 1 - self.alpha, "p_value": p, "seeds": list(self.seeds),
                 "per_seed": [d for d, _ in self.per_seed], "per_seed_se": [se for _, se in self.per_seed],
-                "detail": self.detail, "note": self.note}
+                "detail": self.detail, "note": self.note,
+                **({"first_seeds": self.first} if self.first is not None else {})}
+
+    def head(self, k: int) -> Claim:
+        """The same claim on its first ``k`` seeds only (alpha back at the default, for its own Holm)."""
+        return Claim(self.key, self.statement, self.direction, self.detail, self.primary, self.seeds[:k],
+                     self.per_seed[:k], self.margins[:k], note=self.note)
 
 
 def holm(claims: Sequence[Claim], alpha: float = ALPHA) -> None:
@@ -118,6 +126,22 @@ def holm(claims: Sequence[Claim], alpha: float = ALPHA) -> None:
     m = len(ranked)
     for rank, claim in enumerate(ranked, start=1):
         claim.alpha = alpha / (m - rank + 1)
+
+
+def side_by_side(claims: Sequence[Claim], k: int = FIRST_SEEDS, alpha: float = ALPHA) -> None:
+    """When any claim has more than ``k`` seeds, give each the outcome of its first ``k`` seeds (``first``).
+
+    The first-``k`` claims form their own Holm family, so the record reads as the report the first ``k``
+    seeds alone would have written. Call after ``holm`` on the full claims.
+    """
+    if not any(len(c.seeds) > k for c in claims):
+        return
+    heads = [c.head(k) for c in claims]
+    holm(heads, alpha)
+    for claim, head in zip(claims, heads):
+        result = head.result()
+        claim.first = {key: result[key] for key in ("outcome", "effect", "ci_low", "ci_high", "margin", "ci_level",
+                                                     "seeds")}
 
 
 def combine(a: tuple[float, float], b: tuple[float, float], sign: float = -1.0) -> tuple[float, float]:
