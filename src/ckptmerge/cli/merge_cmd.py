@@ -24,7 +24,8 @@ def _ints(text: str) -> list[int]:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="merge a window of checkpoints into one HF folder",
                        description="Merge checkpoints. Flags override the keys of --config recipe.yaml.")
-    p.add_argument("inputs", nargs="*", help="a run directory, or checkpoint folders/files (oldest first)")
+    p.add_argument("inputs", nargs="*", help="a run directory, or checkpoint folders/files (oldest first), or PATH:WEIGHT for each "
+                                          "checkpoint (Megatron's weighted merge; docs/posthoc-ema.md)")
     p.add_argument("-o", "--output", help="destination folder (written atomically)")
     p.add_argument("--config", help="YAML recipe with the same options (snake_case keys)")
     p.add_argument("--schedule", metavar="METHOD",

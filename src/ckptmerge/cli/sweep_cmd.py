@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ckptmerge.cli.deprecated import add_deprecated, add_renamed
 from ckptmerge.cli.eval_flags import add_eval_flags, settings_from_args
+from ckptmerge.io.remote import refuse_urls
 from ckptmerge.search.storage import DEFAULT_HEARTBEAT_S
 
 
@@ -21,7 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                    "(the first is the headline; default shakespeare-val)")
     p.add_argument("--method", action="append", default=[], metavar="SPEC",
                    help="a merge method, repeatable: sma, wma, ema:alpha=0.2, ema:half_life=2000, minus_sqrt, ... "
-                        "(docs/cli.md; default sma, wma, ema:alpha=0.2)")
+                        "(docs/cli.md; default sma, wma, ema:alpha=0.2); over power-EMA snapshots (RUN/phema) the "
+                        "post-hoc EMA widths, phema:sigma_rel=0.05/0.07/0.10 (docs/posthoc-ema.md)")
     add_deprecated(p, "--methods", "--method SPEC (repeatable)", dest="methods_list", metavar="LIST")
     p.add_argument("--last", type=_ints, default=[3, 5, 10], help="window sizes N, comma list (default 3,5,10)")
     add_renamed(p, "--n", "--last")
@@ -53,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
     # the library loads here, not when the CLI starts (ckptmerge --help imports no torch)
     from ckptmerge.sweep.run import SweepConfig, sweep
 
+    refuse_urls("sweep", "--data and --tokenizer take URLs; copy the run to a local folder to sweep it "
+                "(`ckptmerge merge URL` and `ckptmerge eval URL` read runs at URLs)", run_dir=args.run_dir,
+                **{"-o": args.output, "--anneal": args.anneal})
     run_dir = Path(args.run_dir)
     cfg = SweepConfig(methods=_methods(args), n=args.last, every=args.every, at=args.at,
                       points=args.points, data=args.data or ["shakespeare-val"], n_tokens=args.tokens,

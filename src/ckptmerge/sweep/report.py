@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ckptmerge.evaluation.evaluator import verdict
 from ckptmerge.io.publish import temp_name
+from ckptmerge.sweep.grid import MergeSpec, is_posthoc
 
 
 def write_report(out: Path, report: dict) -> None:
@@ -36,7 +37,7 @@ def _main_data(report: dict) -> str:
 
 def _headline_label(report: dict) -> str:
     h = report["headline"]
-    return f"{h['method']} N={h['n']} V={h['every_steps']}"
+    return MergeSpec(h["method"], h["n"], h["every_steps"]).label
 
 
 UNITS = {"loss": "nats per token", "bits_per_byte": "bits per byte"}
@@ -66,6 +67,8 @@ def render_markdown(report: dict) -> str:
              "differences against the raw checkpoint at the same step (same windows), ± their standard error; "
              "a gain counts when it exceeds 2 SE.", "",
              f"{report['cache']['scored']} evaluations scored, {report['cache']['hits']} read from the cache.", "",
+             *([f"The baseline (`raw`) is {report['baseline']}.", ""]
+               if report.get("baseline", "raw checkpoints") != "raw checkpoints" else []),
              "| step | raw | best merge | its gain | headline " + _headline_label(report) + " |",
              "|---|---|---|---|---|"]
     for t in report["points"]:
@@ -131,7 +134,7 @@ def plot_loss_vs_step(report: dict, path: Path) -> None:
     ax.plot(*_curve(report["rows"], "raw", d), "k.-", label="raw checkpoints")
     h = report["headline"]
     for method in report["config"]["methods"]:
-        label = f"{method} N={h['n']} V={h['every_steps']}"
+        label = method if is_posthoc(method) else f"{method} N={h['n']} V={h['every_steps']}"
         ax.plot(*_curve(report["rows"], label, d), "o-", label=label)
     for name, rows in report["anneal"].items():
         if rows:
@@ -147,14 +150,15 @@ def plot_gain_grid(report: dict, path: Path) -> None:
     import numpy as np
 
     plt, d, cfg = _pyplot(), _main_data(report), report["config"]
-    method, ns, vs = cfg["methods"][0], sorted(cfg["n"]), sorted(cfg["every"])
+    method = next((m for m in cfg["methods"] if not is_posthoc(m)), cfg["methods"][0])  # a method with N x V
+    ns, vs = sorted(cfg["n"]), sorted(cfg["every"])
     points = report["points"]
     picks = sorted({points[0], points[len(points) // 2], points[-1]})
     fig, axes = plt.subplots(1, len(picks), figsize=(4.2 * len(picks), 3.6), squeeze=False)
     for ax, t in zip(axes[0], picks):
         grid = np.full((len(ns), len(vs)), np.nan)
         for r in report["rows"]:
-            if r["step"] == t and r["method"] == method:
+            if r["step"] == t and r["method"] == method and r["n"] in ns:
                 grid[ns.index(r["n"]), vs.index(r["every_steps"])] = r["vs_raw"][d][0]
         span = np.nanmax(np.abs(grid)) if np.isfinite(grid).any() else 1.0
         image = ax.imshow(grid, cmap="RdBu", vmin=-span, vmax=span, aspect="auto")

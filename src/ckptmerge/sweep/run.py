@@ -3,6 +3,7 @@
     ckptmerge sweep runs/demo/stable --data shakespeare-val --data bible
     ckptmerge sweep path/to/hf-run --method sma --method ema:alpha=0.2 --last 3,5,10 --every 500,1000 --at 4000,8000
     ckptmerge sweep RUN --storage postgresql://user@db/ckptmerge --study run7 -o RUN-sweep   # on every worker
+    ckptmerge sweep RUN/phema --method phema:sigma_rel=0.03/0.05/0.07/0.10/0.15   # the post-hoc EMA's width
 
 Every evaluation goes through one cached scorer, so a rerun (more points, another method, a new
 checkpoint) scores only what it has not seen. Outputs go to ``--output`` (never into the run). With
@@ -26,7 +27,17 @@ from ckptmerge.merging.discover import discover
 from ckptmerge.parallel.world import refuse_ranks
 from ckptmerge.search.storage import DEFAULT_HEARTBEAT_S
 from ckptmerge.sweep.evaluator import CachedScorer
-from ckptmerge.sweep.grid import MergeSpec, base_spacing, choose_points, make_grid, parse_sweep_method
+from ckptmerge.sweep.grid import (
+    MergeSpec,
+    base_spacing,
+    baseline_refs,
+    check_methods,
+    choose_points,
+    expand_methods,
+    is_posthoc,
+    make_grid,
+    parse_sweep_method,
+)
 from ckptmerge.sweep.shared_study import score_in_study, study_jobs
 
 CACHE_FILE = "evals.jsonl"
@@ -60,12 +71,15 @@ def sweep(run_dir: str | Path, cfg: SweepConfig, out: str | Path, *, progress: b
 
     run_dir, out = Path(run_dir), Path(out)
     _check_out(run_dir, out)
-    cfg = replace(cfg, methods=[str(parse_sweep_method(m)) for m in cfg.methods])  # canonical; the caller's kept
+    cfg = replace(cfg, methods=[str(parse_sweep_method(m)) for m in expand_methods(cfg.methods)])  # canonical
     refs = discover(run_dir).checkpoints
-    every = cfg.every or [base_spacing(refs), 2 * base_spacing(refs)]
+    check_methods(cfg.methods, refs, run_dir)
+    base = baseline_refs(refs)  # one per step: raw checkpoints, or the narrowest power-EMA profile's snapshots
+    every = cfg.every or [base_spacing(base), 2 * base_spacing(base)]
     grid = make_grid(cfg.methods, cfg.n, every)
-    points = choose_points(refs, cfg.at, cfg.points)
-    headline = MergeSpec(cfg.methods[0], sorted(cfg.n)[len(cfg.n) // 2], every[0])
+    points = choose_points(base, cfg.at, cfg.points)
+    headline = (MergeSpec(cfg.methods[0], 0, 0) if is_posthoc(cfg.methods[0])
+                else MergeSpec(cfg.methods[0], sorted(cfg.n)[len(cfg.n) // 2], every[0]))
     branches = {Path(p).name: discover(p).checkpoints for p in (cfg.anneal or find_forks(run_dir))}
     scorer = CachedScorer(out / CACHE_FILE, n_tokens=cfg.n_tokens, settings=settings)
     log(f"sweep {run_dir}: {len(refs)} checkpoints, {len(points)} points x {len(grid)} merges x "
@@ -78,11 +92,17 @@ def sweep(run_dir: str | Path, cfg: SweepConfig, out: str | Path, *, progress: b
     anneal = {name: anneal_rows(scorer, refs, branch, headline, cfg.data) for name, branch in branches.items()}
     config = {k: v for k, v in asdict(cfg).items() if k not in ("storage", "heartbeat_s")}  # URLs hold passwords
     report = {"run": str(run_dir), "config": {**config, "every": every}, "headline": asdict(headline),
-              "points": points, "rows": rows, "anneal": anneal,
+              "points": points, "rows": rows, "anneal": anneal, "baseline": _baseline_name(refs, base),
               "cache": {"hits": scorer.hits, "scored": scorer.misses}}
     write_report(out, report)
     log(f"{scorer.misses} evaluations scored, {scorer.hits} from the cache; report: {out / 'report.md'}")
     return report
+
+
+def _baseline_name(refs: Sequence[CheckpointRef], base: Sequence[CheckpointRef]) -> str:
+    if len(base) == len(refs):
+        return "raw checkpoints"
+    return f"power-EMA snapshots of gamma {base[0].ema_gamma:.2f} (the narrowest stored profile; no raw weights)"
 
 
 def _check_out(run_dir: Path, out: Path) -> None:
@@ -117,7 +137,7 @@ def _row(label: str, step: int, spec: MergeSpec | None, results: dict[str, EvalR
 def grid_windows(refs: Sequence[CheckpointRef], points: Sequence[int],
                  grid: Sequence[MergeSpec]) -> list[tuple[int, MergeSpec | None, list[CheckpointRef]]]:
     """(point, recipe or None for raw, checkpoints merged) for every recipe whose window exists at a point."""
-    by_step = {r.step: r for r in refs}
+    by_step = {r.step: r for r in baseline_refs(refs)}
     jobs = [(t, spec, [by_step[t]] if spec is None else spec.window(refs, t)) for t in points for spec in [None, *grid]]
     return [(t, spec, window) for t, spec, window in jobs if window is not None]
 
