@@ -330,3 +330,45 @@ def test_hf_callback_saves_and_resumes_power_emas(tmp_path, make):
             assert torch.equal(value, b.averaged_state_dict()[name]), name
     saved = json.loads((tmp_path / "checkpoint-6" / "averaged" / "ckptmerge.json").read_text())["averaged"]
     assert saved["kind"] == "power_ema" and saved["gamma"] == pytest.approx(ref_gamma(saved["sigma_rel"]), rel=1e-9)
+
+
+@pytest.mark.parametrize("framework", ["hf", "lightning"])
+def test_callbacks_write_the_phema_snapshot_series(tmp_path, framework):
+    """Through the callback's own hooks (Lightning's twice a step, as under gradient accumulation), a phema averager
+    writes OUT/phema/ like ``train --average phema:...``: each snapshot is the closed-form power EMA of its step."""
+    from types import SimpleNamespace
+
+    if framework == "hf":
+        pytest.importorskip("transformers")
+        from ckptmerge.online.hf_callback import AveragingCallback
+
+        args, control = SimpleNamespace(output_dir=str(tmp_path), resume_from_checkpoint=None), SimpleNamespace()
+
+        def hook(callback, step, model):
+            callback.on_step_end(args, SimpleNamespace(global_step=step, num_input_tokens_seen=None), control,
+                                 model=model)
+    else:
+        pytest.importorskip("lightning")
+        from ckptmerge.online.lightning_callback import AveragingCallback
+
+        def hook(callback, step, model):
+            trainer = SimpleNamespace(global_step=step, default_root_dir=str(tmp_path))
+            for _ in range(2):  # two micro-batches of one optimizer step
+                callback.on_train_batch_end(trainer, model, None, None, 0)
+
+    callback = AveragingCallback(PowerEMASnapshots((0.05, 0.10), every=4))
+    history = []
+    for step, model in trajectory(12):
+        hook(callback, step, model)
+        history.append({k: v.detach().double().clone() for k, v in model.named_parameters()})
+    refs = discover(tmp_path / "phema").checkpoints
+    assert [r.step for r in refs] == [4, 4, 8, 8, 12, 12]
+    for ref in refs:
+        weights = ref_power_ema_weights(list(range(1, ref.step + 1)), ref.ema_gamma)
+        assert ref.ema_gamma == pytest.approx(ref_gamma(0.05 if "0.050" in ref.name else 0.10), rel=1e-9)
+        reader = open_checkpoint(ref.path)
+        for name in history[0]:
+            expected = sum(w * h[name] for w, h in zip(weights, history))
+            np.testing.assert_allclose(reader.get(name).double().numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert cli(["merge", str(tmp_path / "phema"), "-o", str(tmp_path / "post"), "--schedule", "phema:sigma_rel=0.07",
+                "--quiet"]) == 0

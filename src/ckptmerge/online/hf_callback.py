@@ -9,6 +9,9 @@
 - at every save, ``checkpoint-N/averaged/`` holds the averaged model (an HF folder that
   ``ckptmerge eval`` and ``merge`` read; ``save_format="dcp"`` writes a DCP folder instead) and
   ``checkpoint-N/averager_state.pt`` its state;
+- a ``PowerEMASnapshots`` averager (``phema``) also writes its snapshot series every ``every`` steps, each profile
+  as ``OUTPUT_DIR/phema/sigma_rel-0.050-step-000100/`` with the tokenizer, as ``ckptmerge train`` does
+  (``snapshot_dir=`` to put it elsewhere); ``ckptmerge merge OUTPUT_DIR/phema --schedule phema:sigma_rel=S``;
 - on resume (``trainer.train(resume_from_checkpoint=...)``) the averager reloads that state, so the
   average continues exactly;
 - under multi-process training (``torchrun``, DDP) every rank updates its averager; rank 0 writes the state
@@ -32,6 +35,7 @@ from ckptmerge.errors import ConfigError
 from ckptmerge.evaluation.settings import EvalSettings
 from ckptmerge.online.averager import Averager
 from ckptmerge.online.periodic_eval import PeriodicEval
+from ckptmerge.online.phema import PowerEMASnapshots
 from ckptmerge.online.state_files import STEM, load_state, save_state
 
 STATE_FILE = f"{STEM}.pt"
@@ -40,10 +44,12 @@ STATE_FILE = f"{STEM}.pt"
 class AveragingCallback(TrainerCallback):
     def __init__(self, averager: Averager, *, save_averaged: bool = True, save_format: str = "hf",
                  eval_every: int | None = None, data=(), tokens: int = 32768, tokenizer=None,
-                 eval_settings: EvalSettings | None = None):
+                 eval_settings: EvalSettings | None = None, snapshot_dir: str | Path | None = None):
         self.averager = averager
         self.save_averaged = save_averaged
         self.save_format = save_format
+        self.snapshot_dir = snapshot_dir  # phema snapshots: default OUTPUT_DIR/phema
+        self._snapshot_step: int | None = None
         self.evaluation = PeriodicEval.from_options(eval_every, data, tokens, tokenizer, eval_settings)
         self._trainer = None
 
@@ -68,12 +74,24 @@ class AveragingCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         self.averager.update(model, state.global_step, tokens_seen=getattr(state, "num_input_tokens_seen", None) or None)
+        self._save_snapshots(args, state.global_step, model, processing_class or kwargs.get("tokenizer"))
         if self.evaluation is not None and self.evaluation.is_due(state.global_step) and self.averager.n_averaged:
             metrics = self.evaluation.evaluate(model, {self.averager.kind: self.averager},
                                                default_tokenizer=processing_class)
             should_log = control.should_log  # Trainer.log clears it; the step's own training log is still due
             self._trainer.log(metrics)  # log_history, then on_log of every callback (report_to integrations)
             control.should_log = should_log
+
+    def _save_snapshots(self, args, step: int, model, tokenizer) -> None:
+        """A phema averager's snapshots at a snapshot step (a collective: every rank saves, rank 0 publishes)."""
+        averager = self.averager
+        if not isinstance(averager, PowerEMASnapshots) or not averager.snapshot_due(step) or step == self._snapshot_step:
+            return
+        self._snapshot_step = step
+        folders = averager.save_snapshots(Path(self.snapshot_dir or Path(args.output_dir) / "phema"), model)
+        if tokenizer is not None and getattr(args, "process_index", 0) == 0:
+            for folder in folders:
+                tokenizer.save_pretrained(folder)
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if self.averager.n_averaged == 0:

@@ -14,6 +14,10 @@ strategy (``ModelParallelStrategy``: FSDP2) every rank's shards are gathered to 
 each rank takes its own back on resume, on the same world size. ``averager.save`` is then a collective: call it
 on every rank. ``FSDPStrategy`` (FSDP1 flat parameters) and DeepSpeed are refused at setup.
 
+A ``PowerEMASnapshots`` averager (``phema``) also writes its snapshot series every ``every`` optimizer steps, each
+profile as ``DEFAULT_ROOT_DIR/phema/sigma_rel-0.050-step-000100/`` (``snapshot_dir=`` to put it elsewhere), as
+``ckptmerge train --average phema:...`` does; ``ckptmerge merge DIR/phema --schedule phema:sigma_rel=S``.
+
 With ``eval_every=N, data=[...], tokens=T`` (``online/periodic_eval.py``) every N-th optimizer step scores the
 training weights and the average on the same held-out windows (the module's ``forward(input_ids)`` must return
 logits, a tuple starting with them, or an HF output) and logs ``eval/raw/...`` and ``eval/merged/<kind>/...`` with
@@ -22,6 +26,8 @@ writes step metrics every ``log_every_n_steps``, so ``eval_every`` must be a mul
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 try:
     import lightning.pytorch as pl
@@ -32,6 +38,7 @@ from ckptmerge.errors import ConfigError
 from ckptmerge.evaluation.settings import EvalSettings
 from ckptmerge.online.averager import Averager
 from ckptmerge.online.periodic_eval import PeriodicEval
+from ckptmerge.online.phema import PowerEMASnapshots
 from ckptmerge.online.state_files import gathered_state, load_gathered_state
 
 CHECKPOINT_KEY = "ckptmerge_averager"
@@ -39,8 +46,10 @@ CHECKPOINT_KEY = "ckptmerge_averager"
 
 class AveragingCallback(pl.Callback):
     def __init__(self, averager: Averager, *, eval_every: int | None = None, data=(), tokens: int = 32768,
-                 tokenizer=None, eval_settings: EvalSettings | None = None):
+                 tokenizer=None, eval_settings: EvalSettings | None = None, snapshot_dir: str | Path | None = None):
         self.averager = averager
+        self.snapshot_dir = snapshot_dir  # phema snapshots: default DEFAULT_ROOT_DIR/phema
+        self._snapshot_step: int | None = None
         self.evaluation = PeriodicEval.from_options(eval_every, data, tokens, tokenizer, eval_settings)
         self._swap = None
         self._evaluated_step: int | None = None
@@ -64,11 +73,20 @@ class AveragingCallback(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         self.averager.update(pl_module, step)  # repeated steps (accumulation) are ignored
+        self._save_snapshots(trainer, step, pl_module)
         if (self.evaluation is not None and self.evaluation.is_due(step) and self.averager.n_averaged
                 and step != self._evaluated_step):  # once per optimizer step under gradient accumulation
             self._evaluated_step = step
             metrics = self.evaluation.evaluate(pl_module, {self.averager.kind: self.averager})
             pl_module.log_dict(metrics, on_step=True, on_epoch=False)  # equal on every rank: no sync needed
+
+    def _save_snapshots(self, trainer, step: int, pl_module) -> None:
+        """A phema averager's snapshots at a snapshot step, once under gradient accumulation (a collective)."""
+        averager = self.averager
+        if not isinstance(averager, PowerEMASnapshots) or not averager.snapshot_due(step) or step == self._snapshot_step:
+            return
+        self._snapshot_step = step
+        averager.save_snapshots(Path(self.snapshot_dir or Path(trainer.default_root_dir) / "phema"), pl_module)
 
     def on_validation_epoch_start(self, trainer, pl_module):
         if self.averager.n_averaged and not trainer.sanity_checking:
