@@ -23,6 +23,7 @@ from ckptmerge.online.state_files import load_state, save_state
 STEPS, CHECKPOINT_STEP, KILL_STEP = 8, 4, 6
 EMA_DECAY, LAWA_K, LAWA_EVERY = 0.8, 3, 2
 WORLD = 2
+POWER_SIGMA_REL, PHEMA_SIGMA_RELS, PHEMA_EVERY = 0.15, (0.10, 0.20), 4
 
 
 class Net(torch.nn.Module):
@@ -145,6 +146,35 @@ def ddp_run(out: Path) -> None:
     torch.save(avgs["ema"].averaged_state_dict(), out / f"ddp-ema-rank{dist.get_rank()}.pt")
 
 
+def phema_run(out: Path, kind: str) -> None:
+    """A power EMA and phema snapshots (``tests/test_posthoc_ddp.py``) under DDP or FSDP2: the snapshots every
+    PHEMA_EVERY steps into ``{kind}-phema/``, the power EMA as ``{kind}-power_ema-hf`` and its state round trip."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ckptmerge.online.phema import PowerEMASnapshots
+    from ckptmerge.online.rules import PowerEMA
+
+    torch.manual_seed(0)
+    model = DistributedDataParallel(Net()) if kind == "ddp" else fsdp_model()
+    inner = getattr(model, "module", model)
+    opt = make_optimizer(model)
+    power, snapshots = PowerEMA(POWER_SIGMA_REL), PowerEMASnapshots(PHEMA_SIGMA_RELS, every=PHEMA_EVERY)
+    for step in range(1, STEPS + 1):
+        train_step(model, opt, batch(step, dist.get_rank()))
+        power.update(inner, step)
+        snapshots.update(inner, step)
+        if snapshots.snapshot_due(step):
+            snapshots.save_snapshots(out / f"{kind}-phema", inner)  # a collective
+    power.save(out / f"{kind}-power_ema-hf", inner, format="hf")
+    save_state(snapshots, out / f"{kind}-phema-state", stem="phema")
+    dist.barrier()
+    fresh = PowerEMASnapshots(PHEMA_SIGMA_RELS, every=PHEMA_EVERY)
+    assert load_state(fresh, out / f"{kind}-phema-state", stem="phema")
+    for a, b in zip(snapshots.profiles, fresh.profiles):
+        for key, value in a.averaged_state_dict().items():
+            assert torch.equal(value, b.averaged_state_dict()[key]), key
+
+
 def worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
     """One spawned rank: join the gloo group, then ``run(mode, out)``."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -156,6 +186,9 @@ def run(mode: str, out: Path) -> None:
     """``mode``: "killed" (FSDP2 run killed at KILL_STEP), or "full" (uninterrupted FSDP2, resumed FSDP2, DDP)."""
     if mode == "killed":
         fsdp_run(out, "killed", stop_at=KILL_STEP)
+    elif mode == "phema":
+        phema_run(out, "ddp")
+        phema_run(out, "fsdp")
     else:
         fsdp_run(out, "fsdp")
         fsdp_run(out, "resumed", resume_from=out / f"killed-step{CHECKPOINT_STEP}")
