@@ -10,6 +10,7 @@ from ckptmerge.cli.eval_flags import add_eval_flags, settings_from_args
 from ckptmerge.cli.storage_flags import add_storage_flags
 from ckptmerge.console import print_table
 from ckptmerge.data.corpora import HELD_OUT
+from ckptmerge.io.remote import refuse_urls
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from ckptmerge.parallel.agree import phase
     from ckptmerge.parallel.world import rank
 
+    refuse_urls("eval", "give --json a local file; lm-eval tasks need a local model folder",
+                **{"--json": args.json, "--lm-eval model": args.paths if args.lm_eval else None})
     data = args.data or list(HELD_OUT)
     settings = settings_from_args(args, progress=not args.quiet)
     results = None

@@ -6,6 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from ckptmerge.evaluation.device_names import DEVICES, DTYPE_NAMES as DTYPES  # torch-free names
+from ckptmerge.io.remote import refuse_urls
 
 if TYPE_CHECKING:
     from ckptmerge.evaluation.settings import EvalSettings
@@ -36,6 +37,9 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace, *, progress: bool = True) -> EvalSettings:
     from ckptmerge.evaluation.settings import EvalSettings  # torch: not at the CLI's start-up
+
+    refuse_urls(getattr(args, "command", "eval"), "give a local HF config folder (a checkpoint's own config.json at a URL is read "
+                "without this flag)", **{"--model-config": args.model_config})
 
     return EvalSettings(device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, text_field=args.text_field,
                         token_dtype=args.token_dtype, allow_vocab_mismatch=args.allow_vocab_mismatch,

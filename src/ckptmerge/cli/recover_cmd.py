@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ckptmerge.cli.deprecated import add_renamed
+from ckptmerge.io.remote import refuse_urls
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
                         steps=args.max_steps,
                         baseline=args.baseline, window=args.window, loss_jump=args.loss_jump,
                         grad_factor=args.grad_factor)
+    refuse_urls("recover", "it restarts a local ckptmerge training run; `ckptmerge merge URL --last N -o OUT` merges "
+                "the pre-spike checkpoints of a run at a URL", run_dir=args.run_dir, **{"-o": args.output})
     run_dir = Path(args.run_dir)
     out = Path(args.output) if args.output else run_dir.resolve().parent / f"{run_dir.resolve().name}-recover"
     result = recover(run_dir, cfg, out, progress=not args.quiet)

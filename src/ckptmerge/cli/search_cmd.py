@@ -8,6 +8,7 @@ from pathlib import Path
 from ckptmerge.cli.deprecated import add_renamed
 from ckptmerge.cli.eval_flags import add_eval_flags, settings_from_args
 from ckptmerge.console import print_table
+from ckptmerge.io.remote import refuse_urls
 from ckptmerge.search.storage import DEFAULT_HEARTBEAT_S
 
 
@@ -55,9 +56,11 @@ def run(args: argparse.Namespace) -> int:
     # the library loads here, not when the CLI starts (ckptmerge --help imports no torch)
     from ckptmerge.merging.recipe import MergeRecipe
     from ckptmerge.merging.window import resolve_window
-    from ckptmerge.search.run import search, write_results
+    from ckptmerge.search.run import SEARCH_URLS, search, write_results
     from ckptmerge.search.study import SearchConfig
 
+    refuse_urls("search", SEARCH_URLS, checkpoint=args.inputs, **{"-o": args.output, "--plots": args.plots,
+                                                                  "--json": args.json})
     schedule = "phema:sigma_rel=0.1" if args.space == "phema" else "sma"  # the window's own weights go unused
     window = resolve_window(MergeRecipe(inputs=args.inputs, last=args.last, every=args.every, schedule=schedule))
     cfg = SearchConfig(space=args.space, data=args.data, trials=args.trials, sampler=args.sampler, seed=args.seed,

@@ -11,6 +11,7 @@ from ckptmerge.cli.deprecated import add_deprecated, add_renamed
 from ckptmerge.cli.eval_flags import add_eval_flags, settings_from_args
 from ckptmerge.cli.merge_flags import add_output_flags, options_from_args
 from ckptmerge.errors import ConfigError
+from ckptmerge.io.remote import refuse_urls
 
 # The MergeOptions flags of watch (its --device is the evaluation's and the merges'; it always replaces its own
 # folders, so --force is not one of them).
@@ -56,6 +57,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    refuse_urls("watch", "for a run in an object store, run `ckptmerge merge s3://bucket/run --last N -o OUT` after "
+                "each save (cron), or sync the run to a local folder and watch that", run_dir=args.run_dir,
+                **{"-o": args.output})
     if args.report:
         from ckptmerge.online.watch_report import write_report
 

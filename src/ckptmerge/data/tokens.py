@@ -22,6 +22,7 @@ from ckptmerge.data.sources import data_kind, iter_pieces, source_digest, source
 from ckptmerge.data.text_tokenizer import TextTokenizer, byte_tokenizer, load_tokenizer
 from ckptmerge.data.token_files import dtype_for_vocab, read_token_file, write_token_file
 from ckptmerge.errors import DataError
+from ckptmerge.io.remote import refuse_urls
 
 
 def encode_source(spec: str, tokenizer: TextTokenizer, *, text_field: str = "text",
@@ -81,6 +82,8 @@ def is_token_file(spec: str) -> bool:
 def tokenize_file(spec: str, tokenizer_path: str | Path, output: str | Path, *, text_field: str = "text",
                   progress: bool = True) -> tuple[int, str]:
     """Write ``spec``'s tokens to ``output`` as a nanoGPT ``.bin`` (+ sidecar); returns (tokens, dtype)."""
+    refuse_urls("data tokenize", "copy the file and the tokenizer to local paths first (eval, search and sweep take "
+                "--data and --tokenizer URLs)", source=spec, tokenizer=tokenizer_path, output=output)
     tokenizer = load_tokenizer(tokenizer_path)
     dtype = dtype_for_vocab(tokenizer.vocab_size)
     count = write_token_file(output, encode_source(spec, tokenizer, text_field=text_field, progress=progress),

@@ -20,6 +20,7 @@ from ckptmerge.data.batches import eval_windows
 from ckptmerge.data.corpora import HELD_OUT
 from ckptmerge.data.tokens import load_tokens
 from ckptmerge.errors import import_optional
+from ckptmerge.io.remote import refuse_urls
 from ckptmerge.evaluation.evaluator import EvalResult, evaluate_model, load_model, paired_difference
 from ckptmerge.merging.discover import discover
 from ckptmerge.merging.offline import merge
@@ -55,6 +56,8 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict:
     """Run every stage (reusing finished runs in ``cfg.out``) and return the report dict."""
+    refuse_urls("demo", "it trains and writes into a local folder", output=cfg.out, train_data=cfg.data,
+                data=cfg.eval_data)
     import_optional("matplotlib", extra="plots", needed_by="demo (its loss-vs-step plot)")
     out = Path(cfg.out)
     stable, anneal = out / "stable", out / "anneal"

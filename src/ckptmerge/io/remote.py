@@ -80,6 +80,21 @@ def is_url(location: object) -> bool:
     return isinstance(location, Url) or (isinstance(location, str) and _URL_RE.match(location) is not None)
 
 
+def refuse_urls(command: str, works: str, **locations: object) -> None:
+    """One line, before any work, when a location given to ``command`` is a URL that it cannot take yet.
+
+    ``locations`` maps each flag or argument name to its value (a path, a URL, None, or a list of them); ``works``
+    says what does take URLs today, e.g. ``refuse_urls("watch", "merge s3://... -o OUT reads a run at a URL",
+    run_dir=args.run_dir, output=args.output)``. Without this a URL would be read as a local relative path
+    (``s3:/bucket/run``), found missing, or worse, created."""
+    for name, value in locations.items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is not None and is_url(item):
+                what = name if name.startswith("-") else name.replace("_", " ")
+                raise RemoteStorageError(f"{command} {what} {redact(str(item))}: {command} does not take URLs for "
+                                         f"this yet (docs/storage.md); {works}")
+
+
 def as_location(location: str | Path | Url) -> Path | Url:
     """A ``Url`` for ``protocol://...`` (and a ``Url`` as it is), else a ``Path``."""
     if isinstance(location, Url):

@@ -18,6 +18,7 @@ from ckptmerge.io.json_fields import check_log_history, check_types, is_count, i
 from ckptmerge.io.layout import detect_layout
 from ckptmerge.io.layouts import Layout, match_layout, pointer_reason
 from ckptmerge.io.layouts.parse_name import parse_step
+from ckptmerge.io.remote import refuse_urls
 from ckptmerge.merging.checkpoint import CheckpointRef
 
 META_FILE = "ckptmerge.json"
@@ -47,6 +48,8 @@ def discover(run_dir: str | Path, *, tokens_per_step: int | None = None,
     Raises:
         DiscoveryError: no checkpoints, unparsable names (without ``skip_unparsable``), or duplicate steps.
     """
+    refuse_urls("discover", "for a run at a URL call ckptmerge.merging.remote_discover.discover_remote(url), "
+                "which `ckptmerge inspect URL` and `ckptmerge merge URL` use", run_dir=run_dir)
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DiscoveryError(f"{run_dir}: not a directory")

@@ -29,6 +29,7 @@ from ckptmerge.errors import ConfigError
 from ckptmerge.io.fingerprint import pin_checkpoint
 from ckptmerge.io.dispatch import open_checkpoint
 from ckptmerge.io.publish import atomic_folder
+from ckptmerge.io.remote import refuse_urls
 from ckptmerge.io.safetensors_writer import (
     StreamingSafetensorsWriter,
     shard_file_names,
@@ -73,6 +74,7 @@ def merge_distributed(checkpoints, coeffs, output, options: MergeOptions, *, rec
     Every rank must be given the same ``options`` (torchrun starts one command): ranks that differ stop the job
     before anything is written, so no share is merged differently."""
     init()
+    refuse_url_ranks([getattr(c, "path", c) for c in checkpoints], output)
     _check_same_options(options)
     with phase():  # a device missing on one rank stops every rank, with the error shown once
         device = resolve_device(options.device)  # ``cuda``: this rank's own GPU, cuda:LOCAL_RANK
@@ -95,6 +97,13 @@ def merge_distributed(checkpoints, coeffs, output, options: MergeOptions, *, rec
         publish_error = exc
     agree(publish_error)
     return MergeResult(output, plan, broadcast(manifest))
+
+
+def refuse_url_ranks(inputs, output) -> None:
+    """One line (shown once) when a torchrun merge is given a URL: the ranks read and write local files only."""
+    with phase():  # every rank was given the same arguments
+        refuse_urls("the distributed merge (torchrun)", "run `ckptmerge merge URL ... -o OUT` as one process; it "
+                    "keeps several byte ranges in flight per checkpoint", checkpoint=list(inputs), output=output)
 
 
 def _check_same_options(options: MergeOptions) -> None:

@@ -11,6 +11,7 @@ from ckptmerge.io.layouts.deepspeed import masters_entry
 from ckptmerge.io.remote import is_url
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import describe_path, discover, is_run_dir
+from ckptmerge.merging.distributed import refuse_url_ranks
 from ckptmerge.merging.offline import merge
 from ckptmerge.merging.output import MergeResult
 from ckptmerge.merging.recipe import (
@@ -23,6 +24,7 @@ from ckptmerge.merging.remote_discover import remote_candidates
 from ckptmerge.merging.schedules import compute_coeffs, is_signed, phema_fit
 from ckptmerge.merging.select import select_last, select_range, select_steps
 from ckptmerge.parallel.agree import phase
+from ckptmerge.parallel.world import is_distributed
 
 
 @dataclass
@@ -103,6 +105,8 @@ def run_recipe(recipe: MergeRecipe, *, progress: bool = True) -> MergeResult:
     """Resolve the window and merge it into ``recipe.output``."""
     if not recipe.output:
         raise ConfigError("output: give -o OUT (the merged folder to write)")
+    if is_distributed():  # before discovery lists a bucket on every rank
+        refuse_url_ranks(recipe.inputs, recipe.output)
     window = None
     with phase():  # on many ranks: a bad window is reported once, by rank 0, and stops every rank
         window = resolve_window(recipe)

@@ -34,6 +34,7 @@ from ckptmerge.errors import CkptMergeError, ConfigError
 from ckptmerge.io.dispatch import open_checkpoint
 from ckptmerge.io.fingerprint import checkpoint_files
 from ckptmerge.io.publish import atomic_file
+from ckptmerge.io.remote import refuse_urls
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import discover
 from ckptmerge.merging.method_spec import MethodSpec, parse_method
@@ -68,6 +69,11 @@ class WatchConfig:
                 "data": list(self.data), "tokens": self.tokens}
 
 
+# what works today for a run at a URL (watch follows local folders: its state, retention and polling are local)
+WATCH_URLS = ("for a run in an object store, run `ckptmerge merge s3://bucket/run --last N -o OUT` after "
+              "each save (cron), or sync the run to a local folder and watch that")
+
+
 def watch_config(run_dir: str, output: str, methods: list[MethodSpec], **options) -> WatchConfig:
     """A ``WatchConfig`` from parsed methods (``sma:n=5,every=100``, ``ema:alpha=0.2``, ``minus_sqrt:n=8``)."""
     labels = [WatchMethod(m).label for m in methods]
@@ -78,6 +84,7 @@ def watch_config(run_dir: str, output: str, methods: list[MethodSpec], **options
 
 class Watcher:
     def __init__(self, cfg: WatchConfig):
+        refuse_urls("watch", WATCH_URLS, run_dir=cfg.run_dir, output=cfg.output)
         self.cfg, self.out, self.run_dir = cfg, Path(cfg.output), Path(cfg.run_dir)
         self.methods = [WatchMethod(parse_method(m)) for m in cfg.methods]
         self.out.mkdir(parents=True, exist_ok=True)

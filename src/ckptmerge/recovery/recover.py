@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ckptmerge.errors import ConfigError, SelectionError
+from ckptmerge.io.remote import refuse_urls
 from ckptmerge.merging.discover import discover
 from ckptmerge.merging.offline import merge
 from ckptmerge.merging.schedules import compute_coeffs
@@ -60,6 +61,8 @@ def find_spike(run_dir: Path, cfg: RecoverConfig) -> tuple[Spike | None, int]:
 
 def recover(run_dir: str | Path, cfg: RecoverConfig, out: str | Path, *, progress: bool = True, log=print) -> RecoverResult:
     """Merge the last ``cfg.n`` checkpoints before the spike and restart training from the merge."""
+    refuse_urls("recover", "it restarts a local ckptmerge training run; `ckptmerge merge URL --last N -o OUT` merges "
+                "the pre-spike checkpoints of a run at a URL", run_dir=run_dir, output=out)
     run_dir, out = Path(run_dir), Path(out)
     if not (run_dir / RUN_CONFIG).is_file():
         raise ConfigError(f"{run_dir}: no {RUN_CONFIG}; recover restarts ckptmerge training runs "

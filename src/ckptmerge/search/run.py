@@ -19,6 +19,7 @@ from ckptmerge.evaluation.evaluator import check_metric, paired_difference
 from ckptmerge.evaluation.settings import EvalSettings
 from ckptmerge.errors import import_optional
 from ckptmerge.io.publish import check_destination
+from ckptmerge.io.remote import refuse_urls
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import describe_path
 from ckptmerge.merging.offline import merge
@@ -26,6 +27,12 @@ from ckptmerge.parallel.world import refuse_ranks
 from ckptmerge.search.objective import MergeObjective
 from ckptmerge.search.spaces import make_space
 from ckptmerge.search.study import SearchConfig, open_study, run_trials, trial_rows
+
+
+# what takes URLs today (docs/storage.md): the data and the tokenizer; the checkpoints are merged in memory from
+# local files only so far
+SEARCH_URLS = ("--data and --tokenizer take URLs; copy the run to a local folder to search it (`ckptmerge merge URL` "
+               "and `ckptmerge eval URL` read runs at URLs)")
 
 
 @dataclass
@@ -44,6 +51,7 @@ def search(refs: list[CheckpointRef], cfg: SearchConfig, *, n_tokens: int = 1638
     An existing ``output`` is refused before any trial runs unless ``force``; ``cfg`` is never modified.
     """
     refuse_ranks("search", "start the same command once per worker with one --storage (docs/scale.md)")
+    refuse_urls("search", SEARCH_URLS, checkpoint=[r.path for r in refs], output=output, plots=plots)
     _require_extras(cfg, plots)
     _check_objective(cfg.objective)
     if output:

@@ -26,6 +26,7 @@ from ckptmerge.data.tokens import load_tokens
 from ckptmerge.errors import ConfigError
 from ckptmerge.evaluation.evaluator import evaluate_model
 from ckptmerge.io.publish import atomic_folder, remove_stale, write_text_atomic
+from ckptmerge.io.remote import refuse_urls
 from ckptmerge.online.spec import parse_average_spec
 from ckptmerge.train.checkpointing import (
     checkpoint_name,
@@ -58,6 +59,9 @@ def averager_names(specs: list[str]) -> list[str]:
 
 def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
     """Train (or resume) a run in ``run_dir``; returns the run directory."""
+    refuse_urls("train", "the run, its data and --fork-from / --init-from are local paths; a merge at a URL can be "
+                "copied to a local folder first", run_dir=run_dir, fork_from=config.fork_from,
+                init_from=config.init_from, train_data=config.data, eval_data=config.eval_data)
     run_dir = Path(run_dir)
     if resume:
         config = config_from_dict(read_run_config(run_dir), str(run_dir / RUN_CONFIG))
