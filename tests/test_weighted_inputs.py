@@ -86,6 +86,7 @@ def test_colons_in_paths_only_a_trailing_number_after_an_existing_input_is_a_wei
 
 @pytest.mark.parametrize("extra, words", [
     (["--schedule", "ema:alpha=0.5"], "drop --schedule ema:alpha=0.5"),
+    (["--schedule", "sma"], "drop --schedule sma"),  # named explicitly: not the default, refused too
     (["--schedule", "custom:weights=0.5/0.5"], "drop --schedule custom:weights=0.5/0.5"),
     (["--weights", "0.5,0.5"], "drop --weights"),
     (["--last", "2"], "drop --last"),

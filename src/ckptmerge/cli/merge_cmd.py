@@ -9,7 +9,7 @@ from ckptmerge.cli.deprecated import add_renamed
 from ckptmerge.cli.merge_flags import add_output_flags
 from ckptmerge.cli.storage_flags import add_storage_flags
 from ckptmerge.console import format_bytes, print_table
-from ckptmerge.merging.recipe import MergeRecipe, recipe_from_dict, recipe_from_yaml
+from ckptmerge.merging.recipe import MergeRecipe, recipe_from_dict, recipe_from_yaml, with_method
 from ckptmerge.merging.schedules import SCHEDULES
 
 
@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)
     if recipe.dry_run:
         window = resolve_window(recipe)
-        print(f"plan: {recipe.schedule} over {len(window.refs)} checkpoints -> {recipe.output or '(no output)'}")
+        schedule = with_method(recipe).schedule
+        print(f"plan: {schedule} over {len(window.refs)} checkpoints -> {recipe.output or '(no output)'}")
         print_table(["coefficient", "step", "tokens", "path"],
                     [[f"{c:.6f}", r.step, r.tokens_seen, r.path] for r, c in zip(window.refs, window.coeffs)])
         for path, why in window.skipped:

@@ -32,6 +32,8 @@ from ckptmerge.merging.options import (
     MergeOptions,
 )
 
+DEFAULT_SCHEDULE = "sma"
+
 # Keys of earlier releases -> their names now (accepted with a deprecation notice).
 RENAMED_KEYS = {"dtype": "out_dtype", "unnormalized": "allow_unnormalized", "extrapolate": "allow_negative"}
 
@@ -42,7 +44,7 @@ class MergeRecipe:
 
     inputs: list[str] = field(default_factory=list)
     output: str | None = None
-    schedule: str = "sma"
+    schedule: str | None = None  # the method language; None: sma (``with_method`` fills it in)
     # window
     last: int | None = None
     every: int | None = None
@@ -166,6 +168,8 @@ def with_method(recipe: MergeRecipe) -> MergeRecipe:
     import dataclasses
 
     recipe = with_input_weights(recipe)
+    if recipe.schedule is None:
+        recipe = dataclasses.replace(recipe, schedule=DEFAULT_SCHEDULE)
     name, raw = split_spec(recipe.schedule, "schedule")
     if not raw:
         return recipe
@@ -219,8 +223,10 @@ def with_input_weights(recipe: MergeRecipe) -> MergeRecipe:
     inputs, weights = split_input_weights(recipe.inputs)
     if weights is None:
         return recipe
-    name, raw = split_spec(recipe.schedule, "schedule")
-    given = [f"--schedule {recipe.schedule}"] if name.replace("-", "_") not in ("sma", "custom") or raw else []
+    given = []
+    if recipe.schedule is not None:  # any schedule the user named, but a bare ``custom`` (what the weights mean)
+        name, raw = split_spec(recipe.schedule, "schedule")
+        given = [f"--schedule {recipe.schedule}"] if name.replace("-", "_") != "custom" or raw else []
     given += [f"--{k.replace('_', '-')}" for k in ("weights", "last", "every", "every_tokens", "end_step", "steps",
                                                    "step_range") if getattr(recipe, k) is not None]
     if given:
