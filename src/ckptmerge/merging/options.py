@@ -57,13 +57,7 @@ class MergeOptions:
             raise ConfigError("invalid merge options: " + "; ".join(problems))
 
     def problems(self) -> list[str]:
-        out = []
-        if self.out_dtype is not None and self.out_dtype not in DTYPE_NAMES:
-            out.append(f"out_dtype {self.out_dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
-        if self.accum_dtype not in ACCUM_DTYPE_NAMES:
-            out.append(f"accum_dtype {self.accum_dtype!r} is not float32 or float64")
-        if self.hash not in HASH_MODES:
-            out.append(f"hash {self.hash!r} is not one of {', '.join(HASH_MODES)}")
+        out = name_problems(self.out_dtype, self.accum_dtype, self.hash)
         for name in ("chunk_bytes", "max_shard_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -83,6 +77,18 @@ class MergeOptions:
     def changed(self) -> dict:
         """The fields set to something other than their default."""
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+
+
+def name_problems(out_dtype: str | None, accum_dtype: str, hash: str) -> list[str]:
+    """The named options' values checked against their choices (also a YAML recipe's: merging/recipe.py)."""
+    out = []
+    if out_dtype is not None and out_dtype not in DTYPE_NAMES:
+        out.append(f"out_dtype: {out_dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+    if accum_dtype not in ACCUM_DTYPE_NAMES:
+        out.append(f"accum_dtype: {accum_dtype!r} is not one of {', '.join(ACCUM_DTYPE_NAMES)}")
+    if hash not in HASH_MODES:
+        out.append(f"hash: {hash!r} is not one of {', '.join(HASH_MODES)}")
+    return out
 
 
 def merge_options(options: MergeOptions | None = None, **overrides) -> MergeOptions:

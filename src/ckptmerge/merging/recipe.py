@@ -25,12 +25,7 @@ from ckptmerge.errors import ConfigError
 from ckptmerge.io.remote import as_location, filesystem, is_url, remote_errors
 from ckptmerge.io.yaml_config import dataclass_from_dict, read_yaml
 from ckptmerge.merging.method_spec import parse_method, split_spec
-from ckptmerge.merging.options import (
-    ACCUM_DTYPE_NAMES,
-    DTYPE_NAMES,
-    HASH_MODES,
-    MergeOptions,
-)
+from ckptmerge.merging.options import MergeOptions, name_problems
 
 DEFAULT_SCHEDULE = "sma"
 
@@ -133,12 +128,7 @@ def validate(recipe: MergeRecipe) -> list[str]:
     problems = []
     if not recipe.inputs:
         problems.append("inputs: give a run directory or checkpoint paths")
-    if recipe.out_dtype is not None and recipe.out_dtype not in DTYPE_NAMES:
-        problems.append(f"out_dtype: {recipe.out_dtype!r} is not one of {DTYPE_NAMES}")
-    if recipe.accum_dtype not in ACCUM_DTYPE_NAMES:
-        problems.append(f"accum_dtype: {recipe.accum_dtype!r} is not float32 or float64")
-    if recipe.hash not in HASH_MODES:
-        problems.append(f"hash: {recipe.hash!r} is not one of {HASH_MODES}")
+    problems += name_problems(recipe.out_dtype, recipe.accum_dtype, recipe.hash)
     try:
         recipe = with_method(recipe)  # the checks below see the window and parameters the method names
     except ConfigError as exc:
