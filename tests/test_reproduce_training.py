@@ -78,3 +78,26 @@ def test_per_step_ema_matches_an_fp64_reference_seeded_with_the_initial_weights(
     for step in range(1, steps + 1):
         reference = decay * reference + (1 - decay) * traj.snaps[step].double().numpy()
         assert np.abs(traj.emas[decay][step].double().numpy() - reference).max() < 2e-6, step
+
+
+def test_spike_design_surges_the_lr_at_the_same_steps_in_the_spike_run_and_its_restarts():
+    from ckptmerge.reproduce.design import restart_specs, spike_spec
+    from ckptmerge.reproduce.scale import make_scale
+
+    for name in ("test", "quick", "full"):
+        s = make_scale(name)
+        first, n, factor = s.spike_surge
+        assert n >= 5 and factor == s.spike_lr_factor and first == round(0.6 * s.spike_steps)
+        spike = spike_spec(s, 2e-3, 0)
+        assert spike.grad_clip == 0.0 and spike.surge == s.spike_surge
+        lr = spike.train_config().lr_schedule()
+        assert [lr(t) for t in (first - 1, first, first + n - 1, first + n)] == pytest.approx(
+            [2e-3, factor * 2e-3, factor * 2e-3, 2e-3])
+        for runs in restart_specs(s, spike, first + 3).values():
+            for restart in runs:
+                assert restart.surge == spike.surge and restart.grad_clip == 0.0
+                relr = restart.train_config().lr_schedule()
+                assert [relr(t) for t in range(first - 2, first + n + 2)] == [lr(t) for t in range(first - 2,
+                                                                                              first + n + 2)]
+    # no surge: the trainer's own config, unchanged
+    assert type(_spec("plain").train_config()).__name__ == "TrainConfig"

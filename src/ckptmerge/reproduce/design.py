@@ -98,11 +98,15 @@ def spike_every(s: Scale) -> int:
 
 
 def spike_spec(s: Scale, tuned_lr: float, seed: int) -> RunSpec:
+    """Constant tuned LR, clipping off, and an LR surge (``s.spike_surge``) 60% into the run: a spike at a known step.
+
+    The rule of ``recovery/spikes.py`` (fixed in advance: 10-step mean 0.5 nats above its running minimum)
+    decides whether and where the run spiked; the run stops 10 snapshots + 10 steps after it fires.
+    """
     every = spike_every(s)
-    return RunSpec(f"spike-seed{seed}", s.spike_lr_factor * tuned_lr, s.spike_steps, "constant", max(2, s.warmup // 10),
-                   seed, s.batch_size, s.context, s.preset, s.train_data, grad_clip=0.0,
-                   snap_steps=tuple(range(every, s.spike_steps + 1, every)), watch_spikes=True,
-                   post_spike_steps=10 * every + SPIKE_SMOOTH)
+    return RunSpec(f"spike-seed{seed}", tuned_lr, s.spike_steps, "constant", s.warmup, seed, s.batch_size, s.context,
+                   s.preset, s.train_data, grad_clip=0.0, snap_steps=tuple(range(every, s.spike_steps + 1, every)),
+                   watch_spikes=True, post_spike_steps=10 * every + SPIKE_SMOOTH, surge=s.spike_surge)
 
 
 def pre_spike(s: Scale, spike_step: int) -> int:
@@ -121,7 +125,7 @@ def restart_specs(s: Scale, spike: RunSpec, spike_step: int) -> dict[str, list[R
         common = dict(lr=spike.lr, steps=end, schedule="constant", warmup=spike.warmup, seed=spike.seed,
                       batch_size=spike.batch_size, context=spike.context, preset=spike.preset, data=spike.data,
                       data_seed=1000 + 10 * spike.seed + order, grad_clip=0.0, snap_steps=(end,),
-                      start_from=f"{spike.name}:{last}")
+                      start_from=f"{spike.name}:{last}", surge=spike.surge)
         out["last"].append(RunSpec(f"restart-last-seed{spike.seed}-order{order}", **common))
         out["merged"].append(RunSpec(f"restart-merged-seed{spike.seed}-order{order}", init_weights=merged, **common))
     return out

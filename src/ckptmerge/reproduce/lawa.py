@@ -219,14 +219,16 @@ def e4(ctx: Context, spiking: dict[int, int]) -> Experiment:
         rows.append([seed, spike_step, start, f"{rise_raw[0]:+.4f}", f"{rise_lawa[0]:+.4f}", f"{null[0]:+.4f}"])
     return Experiment("e4-spike-smoothing", "E4: averaging smooths loss spikes", PAPER,
                       "Loss spikes present in the raw trajectory are smaller or absent in the averaged trajectory.",
-                      f"Runs that diverge: `{s.preset}`, constant LR {s.spike_lr_factor:g} x the tuned LR "
-                      f"({s.spike_lr_factor * ctx.lrs['tuned']:g}), warm-up {spike_spec(s, 1.0, 0).warmup} steps, "
-                      f"clipping off, a snapshot every {every} steps, batch {s.batch_size}. Spike detector: 10-step "
-                      "mean training loss 0.5 nats above its running minimum (or non-finite). Seeds tried "
-                      f"{list(s.spike_seeds)}; diverging (counted): {sorted(spiking)}. LAWA = SMA of the latest 5 "
+                      f"Spike runs: `{s.preset}`, constant tuned LR {ctx.lrs['tuned']:g} (warm-up "
+                      f"{spike_spec(s, 1.0, 0).warmup} steps), clipping off, and an LR surge to {s.spike_lr_factor:g} x "
+                      f"the tuned LR for the {s.spike_surge[1]} updates from step {s.spike_surge[0]} (docs/methods.md, "
+                      f"spike design); a snapshot every {every} steps, batch {s.batch_size}. Spike detector (fixed in "
+                      "advance): 10-step mean training loss 0.5 nats above its running minimum (or non-finite). Seeds "
+                      f"tried {list(s.spike_seeds)}; spiked (counted; seed: detector step): {spiking}. LAWA = SMA of "
+                      "the latest 5 "
                       f"snapshots. The rise is measured over 10 snapshots after the last pre-spike one; the null over "
                       "the 10 snapshots before it.", c,
                       [markdown_table(["seed", "spike step (detector)", "last pre-spike snapshot", "raw rise (B)",
                                        "LAWA rise (B)", "null: LAWA - raw rise before the spike"], rows)],
-                      notes=[f"{len(spiking)} of {len(s.spike_seeds)} seeds diverged; only those count."],
+                      notes=[f"{len(spiking)} of {len(s.spike_seeds)} seeds spiked; only those count."],
                       data={"rows": rows, "spiking": spiking})

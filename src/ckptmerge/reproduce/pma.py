@@ -230,8 +230,10 @@ def e9(ctx: Context, spiking: dict[int, int]) -> Experiment:
                       "Resuming a diverging high-LR run from the SMA of the three checkpoints saved before the "
                       "collapse passes the spike point and rejoins the trajectory, where resuming from the last "
                       "checkpoint does not.",
-                      f"The diverging runs of E4 (seeds {sorted(spiking)} of {list(s.spike_seeds)}; constant LR "
-                      f"{s.spike_lr_factor:g} x tuned, clipping off). Both restarts start from the last pre-spike "
+                      f"The spike runs of E4 whose detector fired (seed: spike step {spiking}, of seeds "
+                      f"{list(s.spike_seeds)}; constant tuned LR, clipping off, LR x {s.spike_lr_factor:g} for the "
+                      f"{s.spike_surge[1]} updates from step {s.spike_surge[0]}). The restarts run through the same "
+                      "surge at the same steps. Both restarts start from the last pre-spike "
                       f"snapshot's Adam state; the merged one replaces its weights by the SMA of the 3 pre-spike "
                       f"snapshots. Each continues {s.restart_steps} steps with {s.batch_orders} batch orders (the "
                       "same orders for both). A diverged model's window losses count as ln 256 (uniform).", c,

@@ -117,9 +117,11 @@ def write_index(reports: Path, command: str, settings: dict, seconds: float) -> 
                       + (" first 3 seeds: effect [CI], outcome |" if side else ""),
                       "|---|---|---|---|---|" + ("---|" if side else ""), *rows, ""])
     path = reports / "README.md"
-    tmp = path.with_name(".README.md.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    for name, content in (("run.json", json.dumps({"command": command, "seconds": round(seconds, 1),
+                                                    "settings": settings}, indent=2) + "\n"), ("README.md", text)):
+        tmp = reports / f".{name}.tmp"
+        tmp.write_text(content)
+        tmp.replace(reports / name)  # run.json: the invocation and its wall time, for scripts/update_readme_results.py
     return path
 
 

@@ -27,11 +27,20 @@ SETTINGS = "settings.json"
 
 
 def _check_work(work: Path, scale: Scale) -> None:
-    """A work folder holds runs of one scale and settings only."""
+    """A work folder holds runs of one scale and settings only; more seeds may join it later.
+
+    The seeds may differ from the folder's (``--seeds 0 1 2 3 4`` after ``0 1 2`` reuses the first three
+    seeds' runs: a run's name and settings depend on its own seed only), as long as the first seed, whose
+    LR sweep picks the LRs, is the same.
+    """
     work.mkdir(parents=True, exist_ok=True)
-    path, wanted = work / SETTINGS, scale.describe()
-    if path.is_file() and json.loads(path.read_text()) != json.loads(json.dumps(wanted)):
-        raise ConfigError(f"{work} holds a reproduction with other settings ({path}); use another --work")
+    path, wanted = work / SETTINGS, json.loads(json.dumps(scale.describe()))
+    if path.is_file():
+        held = json.loads(path.read_text())
+        if {k: v for k, v in held.items() if k != "seeds"} != {k: v for k, v in wanted.items() if k != "seeds"} \
+                or held.get("seeds", [None])[0] != wanted["seeds"][0]:
+            raise ConfigError(f"{work} holds a reproduction with other settings ({path}; more seeds may be added, but "
+                              "the first seed and every other setting must match); use another --work")
     path.write_text(json.dumps(wanted, indent=2) + "\n")
 
 
@@ -58,7 +67,7 @@ def choose_lrs(ctx: Context) -> dict:
 
 
 def train_all(ctx: Context, workers: int, group: str = "all") -> dict[int, int]:
-    """The runs ``group`` needs, in dependency order; returns {seed: spike step} of the diverging spike runs."""
+    """The runs ``group`` needs, in dependency order; returns {seed: spike step} of the spike runs that spiked."""
     s, w = ctx.scale, ctx.work
     need = {"lawa": {"lawa", "spike"}, "bo": {"wsd"}, "pma": {"wsd", "spike", "restart"}}
     wanted = set().union(*need.values()) if group == "all" else need[group]
@@ -104,7 +113,7 @@ def reproduce(group: str, *, scale: Scale, work: str | Path, reports: str | Path
     ctx = Context.create(work, scale, log=log)
     spiking = train_all(ctx, workers, group)
     log(f"== trained in {time.monotonic() - began:.0f} s; tuned LR {ctx.lrs['tuned']:g}, high {ctx.lrs['high']:g}, "
-        f"diverging spike seeds {sorted(spiking)}")
+        f"spike runs that spiked (seed: step) {spiking}")
     builders = {"lawa": [lambda: lawa.e1(ctx), lambda: lawa.e2(ctx), lambda: lawa.e3(ctx)],
                 "bo": [lambda: bo.e5(ctx)],
                 "pma": [lambda: pma.e6(ctx), lambda: pma.e7(ctx), lambda: pma.e8(ctx)]}
@@ -112,7 +121,7 @@ def reproduce(group: str, *, scale: Scale, work: str | Path, reports: str | Path
         builders["lawa"].append(lambda: lawa.e4(ctx, spiking))
         builders["pma"].append(lambda: pma.e9(ctx, spiking))
     else:
-        log(f"   only {len(spiking)} of {len(scale.spike_seeds)} spike seeds diverged: E4 and E9 need 3; not reported")
+        log(f"   only {len(spiking)} of {len(scale.spike_seeds)} spike seeds spiked: E4 and E9 need 3; not reported")
     builders["pma"].append(lambda: hessian.e11(ctx))
     done = []
     for name in GROUPS if group == "all" else (group,):
@@ -124,7 +133,8 @@ def reproduce(group: str, *, scale: Scale, work: str | Path, reports: str | Path
     holm(claims)
     side_by_side(claims)  # with more than 3 seeds: the outcome of the first 3 beside the outcome of all
     settings = {**scale.describe(), "tuned_lr": ctx.lrs["tuned"], "high_lr": ctx.lrs["high"],
-                "extreme_lr": ctx.lrs["extreme"], "diverging_spike_seeds": sorted(spiking)}
+                "extreme_lr": ctx.lrs["extreme"], "diverging_spike_seeds": sorted(spiking),
+                "spike_surge": list(scale.spike_surge), "spike_step_per_seed": {str(k): v for k, v in spiking.items()}}
     for exp in done:
         publish(reports, exp, settings)
         log(f"   {exp.title}: " + "; ".join(c.result()["outcome"] for c in exp.claims))

@@ -25,7 +25,7 @@ class Scale:
     batch_size: int
     eval_tokens: int
     seeds: tuple[int, ...] = (0, 1, 2)
-    spike_extra_seeds: int = 1      # spike runs get one more seed: only the diverging ones count
+    spike_extra_seeds: int = 1      # spike runs get one more seed: only those whose spike rule fired count
     batch_orders: int = 3           # restarts after a spike, each continued with this many batch orders
     extreme_arm: bool = True
     preset: str = "tiny"
@@ -34,7 +34,18 @@ class Scale:
     eval_data: str = "shakespeare-val"
     schedule: str = "cosine"        # the LAWA runs' schedule
     reference_lr: float = 4e-3
-    spike_lr_factor: float = 8.0    # x the tuned LR, clipping off, short warm-up
+    spike_lr_factor: float = 30.0   # the surge: LR x this over spike_surge_steps (tuned LR elsewhere; clipping off)
+    spike_surge_at: float = 0.6     # ... from this fraction of the spike run
+
+    @property
+    def spike_surge_steps(self) -> int:
+        """The surge's length: 1.5% of the spike run, at least 5 steps (22 at full scale, 5 at quick and test)."""
+        return max(5, round(0.015 * self.spike_steps))
+
+    @property
+    def spike_surge(self) -> tuple[int, int, float]:
+        """(first step, steps, LR factor) of the spike runs' LR surge (docs/methods.md, "Spike design")."""
+        return round(self.spike_surge_at * self.spike_steps), self.spike_surge_steps, self.spike_lr_factor
 
     @property
     def warmup(self) -> int:

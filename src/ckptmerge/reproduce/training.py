@@ -56,14 +56,33 @@ class RunSpec:
     init_weights: tuple[tuple[str, float], ...] = ()  # ("run:step", coeff): weights replaced by this merge
     watch_spikes: bool = False              # stop post_spike_steps after a detected spike; keep pre-spike states
     post_spike_steps: int = 0
+    surge: tuple = ()                       # (first step, steps, factor): the LR times factor over those steps
 
     def train_config(self) -> TrainConfig:
         """The trainer's settings for this run (AdamW and weight decay at the trainer's defaults)."""
-        return TrainConfig(preset=self.preset, steps=self.steps, lr=self.lr, schedule=self.schedule,
-                           warmup_steps=self.warmup, decay_steps=self.decay_steps,
-                           min_lr_ratio=self.min_lr_ratio if self.schedule == "cosine" else 0.0,
-                           batch_size=self.batch_size, context=self.context, seed=self.seed,
-                           data_seed=self.data_seed, data=self.data, grad_clip=self.grad_clip)
+        config = SurgeConfig if self.surge else TrainConfig
+        extra = {"surge": tuple(self.surge)} if self.surge else {}
+        return config(**extra, preset=self.preset, steps=self.steps, lr=self.lr, schedule=self.schedule,
+                      warmup_steps=self.warmup, decay_steps=self.decay_steps,
+                      min_lr_ratio=self.min_lr_ratio if self.schedule == "cosine" else 0.0,
+                      batch_size=self.batch_size, context=self.context, seed=self.seed,
+                      data_seed=self.data_seed, data=self.data, grad_clip=self.grad_clip)
+
+
+@dataclass
+class SurgeConfig(TrainConfig):
+    """A run whose LR is ``factor`` times the schedule's for ``steps`` steps from ``first`` (the spike design).
+
+    ``lr(step)`` is the rate of the update from ``step`` to ``step + 1``, so the surge's updates are the ones
+    that reach steps ``first + 1`` ... ``first + steps``. A run forked or restarted inside or before the surge
+    sees the same surge at the same steps.
+    """
+
+    surge: tuple = (0, 0, 1.0)
+
+    def lr_schedule(self):
+        base, (first, steps, factor) = super().lr_schedule(), self.surge
+        return lambda step: base(step) * (factor if first <= step < first + steps else 1.0)
 
 
 @dataclass
