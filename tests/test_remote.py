@@ -289,3 +289,78 @@ def test_as_checkpoint_with_a_url_is_refused_in_one_line(tmp_path, s3, capsys):
     assert main(["merge", "s3://runs/handback", "--last", "2", "-o", str(tmp_path / "out"), "--as-checkpoint"]) == 2
     assert "--as-checkpoint works on local checkpoints" in _error_line(capsys)
     assert not (tmp_path / "out").exists()
+
+
+def _tokenizer_run(tmp_path, s3, prefix: str):
+    """An HF run (BPE tokenizer in each checkpoint), its tokenizer alone at s3://runs/PREFIX/tok, and held-out text
+    (JSONL and a token .bin with its sidecar) both local and at s3://runs/PREFIX/."""
+    from bpe_model import sentences, train_run
+
+    train_run(tmp_path / "run", steps=(2, 4))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "held.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences(7, 60)))
+    assert main(["data", "tokenize", str(data / "held.jsonl"), "--tokenizer", str(tmp_path / "run" / "checkpoint-4"),
+                 "-o", str(data / "held.bin"), "--quiet"]) == 0
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tmp_path / "run" / "checkpoint-4" / name).is_file():
+            (tok / name).write_bytes((tmp_path / "run" / "checkpoint-4" / name).read_bytes())
+    upload(s3, tok, f"runs/{prefix}/tok")
+    upload(s3, data, f"runs/{prefix}/data")
+    return tmp_path / "run", data, tok
+
+
+def _eval_json(argv, out) -> dict:
+    assert main([*argv, "--quiet", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for by_data in report.values():
+        for result in by_data.values():
+            result.pop("data")
+    return report
+
+
+def test_eval_with_a_tokenizer_and_data_at_urls_equals_the_local_eval(tmp_path, s3, monkeypatch):
+    monkeypatch.setenv("CKPTMERGE_CACHE", str(tmp_path / "cache"))
+    run, data, tok = _tokenizer_run(tmp_path, s3, "tok-eval")
+    model = str(run / "checkpoint-4")
+    cases = {"folder": ("s3://runs/tok-eval/tok", str(tok)),
+             "tokenizer.json": ("s3://runs/tok-eval/tok/tokenizer.json", str(tok / "tokenizer.json"))}
+    for what, (remote_tok, local_tok) in cases.items():
+        for name in ("held.jsonl", "held.bin"):
+            local = _eval_json(["eval", model, "--tokenizer", local_tok, "--data", str(data / name), "--tokens", "400"],
+                               tmp_path / "local.json")
+            remote = _eval_json(["eval", model, "--tokenizer", remote_tok, "--data", f"s3://runs/tok-eval/data/{name}",
+                                 "--tokens", "400"], tmp_path / "remote.json")
+            (local_result,), (remote_result,) = (next(iter(r.values())).values() for r in (local, remote))
+            assert remote_result == local_result, (what, name)  # loss, SE, tokens and bytes all equal
+            assert local_result["tokens"] > 0 and local_result["bytes"] > 0
+    cached = list((tmp_path / "cache" / "remote").rglob("held.bin.json"))
+    assert cached and json.loads(cached[0].read_text()) == json.loads((data / "held.bin.json").read_text())
+
+
+def test_a_tokenizer_url_without_tokenizer_files_is_one_line(tmp_path, s3, monkeypatch, capsys):
+    monkeypatch.setenv("CKPTMERGE_CACHE", str(tmp_path / "cache"))
+    run, _, _ = _tokenizer_run(tmp_path, s3, "tok-none")
+    assert main(["eval", str(run / "checkpoint-4"), "--tokenizer", "s3://runs/tok-none/data", "--data",
+                 "s3://runs/tok-none/data/held.jsonl", "--tokens", "400", "--quiet"]) == 2
+    line = _error_line(capsys)
+    assert "--tokenizer s3://runs/tok-none/data: no tokenizer files there" in line, line
+
+
+def test_search_on_data_and_a_tokenizer_at_urls_equals_the_local_search(tmp_path, s3, monkeypatch, capsys):
+    monkeypatch.setenv("CKPTMERGE_CACHE", str(tmp_path / "cache"))
+    run, data, tok = _tokenizer_run(tmp_path, s3, "tok-search")
+    results = {}
+    for where, tok_arg, data_arg in (("local", str(tok), str(data / "held.jsonl")),
+                                     ("s3", "s3://runs/tok-search/tok", "s3://runs/tok-search/data/held.jsonl")):
+        out = tmp_path / f"{where}.json"
+        assert main(["search", str(run / "checkpoint-2"), str(run / "checkpoint-4"), "--space", "pair", "--trials", "4",
+                     "--sampler", "random", "--seed", "3", "--data", data_arg, "--tokenizer", tok_arg, "--tokens", "400",
+                     "--device", "cpu", "--json", str(out)]) == 0
+        report = json.loads(out.read_text())
+        results[where] = (report["trials"], list(report["generalization"].values()), report["best_loss"])
+    capsys.readouterr()
+    assert results["s3"] == results["local"]  # weights, losses, SEs, bits per byte, the generalization table
+    assert len(results["local"][0]) == 4 and all(t["bits_per_byte"] for t in results["local"][0])

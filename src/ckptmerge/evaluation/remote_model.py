@@ -3,6 +3,7 @@ byte ranges straight into the model, a data file fetched once per version.
 
     model = load_remote_model(Url("s3", "bucket/run/checkpoint-400"), device="cpu", dtype="float32")
     local_data("s3://bucket/data/held.jsonl")   # the cached local copy's path, as a string
+    local_tokenizer("s3://bucket/tok")          # --tokenizer URL: the cached copy of its tokenizer files
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from ckptmerge.errors import ModelLoadError
 from ckptmerge.evaluation.devices import resolve_device, resolve_dtype
 from ckptmerge.evaluation.loading import build_model, load_weights
 from ckptmerge.io.remote import Url, as_location, is_url
-from ckptmerge.io.remote_cache import cached_object, cached_sidecars
+from ckptmerge.io.remote_cache import cached_object, cached_sidecars, cached_tokenizer
 
 
 def load_remote_model(url: Url, *, device: str | torch.device | None = "cpu", dtype: str | torch.dtype = "float32",
@@ -42,3 +43,8 @@ def tokenizer_home(model_path):
 def local_data(name: str) -> str:
     """A data argument usable by ``data/sources.py``: a URL's cached copy, anything else as it is."""
     return str(cached_object(as_location(name))) if is_url(name) else name
+
+
+def local_tokenizer(name):
+    """A ``--tokenizer`` argument usable by ``data/text_tokenizer.py``: a URL's cached copy, anything else as it is."""
+    return cached_tokenizer(as_location(name)) if is_url(name) else name

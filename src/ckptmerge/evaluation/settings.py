@@ -13,7 +13,7 @@ from ckptmerge.data.token_files import check_ids_below
 from ckptmerge.data.tokens import is_token_file, load_tokens
 from ckptmerge.errors import TokenizerError
 from ckptmerge.evaluation.loading import load_model, model_vocab_size
-from ckptmerge.evaluation.remote_model import load_remote_model, tokenizer_home
+from ckptmerge.evaluation.remote_model import load_remote_model, local_data, local_tokenizer, tokenizer_home
 from ckptmerge.evaluation.tokenizer_fit import check_tokenizer_fits
 from ckptmerge.io.remote import is_url
 
@@ -47,7 +47,7 @@ class EvalSettings:
     def tokenizer_for(self, model_path) -> TextTokenizer | TokenizerError:
         """The model's tokenizer, or (when none is found and none was given) the error to raise for text data."""
         try:
-            return resolve_tokenizer(tokenizer_home(model_path), self.tokenizer)
+            return resolve_tokenizer(tokenizer_home(model_path), local_tokenizer(self.tokenizer))
         except TokenizerError as exc:
             if self.tokenizer is not None:
                 raise
@@ -56,6 +56,7 @@ class EvalSettings:
     def tokens(self, data: str, tokenizer: TextTokenizer | TokenizerError, model_vocab: int | None = None) -> np.ndarray:
         """Token ids of ``data``: token files as they are (``model_vocab``: the reading model's embedding rows),
         text through the model's tokenizer."""
+        data = local_data(data)  # s3://, gs://: the cached copy of the object (fetched once per version)
         if is_token_file(data):
             return load_tokens(data, token_dtype=self.token_dtype, model_vocab=model_vocab)
         require_tokenizer(tokenizer, [data])
@@ -64,6 +65,7 @@ class EvalSettings:
     def windows(self, data: str, tokenizer: TextTokenizer | TokenizerError, model: torch.nn.Module | None, *,
                 n_tokens: int, context: int) -> torch.Tensor:
         """The eval windows of ``data`` for ``model``; a token file's ids must be ids ``tokenizer`` can produce."""
+        data = local_data(data)  # s3://, gs://: the cached copy of the object (fetched once per version)
         vocab = model_vocab_size(model) if model is not None else None
         windows = eval_windows(self.tokens(data, tokenizer, vocab), n_tokens=n_tokens, context=context)
         if is_token_file(data) and isinstance(tokenizer, TextTokenizer):
@@ -79,7 +81,7 @@ class EvalSettings:
 
 def require_tokenizer(tokenizer: TextTokenizer | TokenizerError, data: list[str]) -> None:
     """Raise the lookup's error when a tokenizer is missing and some of ``data`` is text."""
-    if isinstance(tokenizer, TokenizerError) and not all(is_token_file(d) for d in data):
+    if isinstance(tokenizer, TokenizerError) and not all(is_token_file(local_data(d)) for d in data):
         raise tokenizer
 
 
