@@ -364,3 +364,38 @@ def test_search_on_data_and_a_tokenizer_at_urls_equals_the_local_search(tmp_path
     capsys.readouterr()
     assert results["s3"] == results["local"]  # weights, losses, SEs, bits per byte, the generalization table
     assert len(results["local"][0]) == 4 and all(t["bits_per_byte"] for t in results["local"][0])
+
+
+def test_a_dcp_run_on_s3_inspects_and_merges_like_the_local_copy(tmp_path, s3, capsys, monkeypatch):
+    from conftest import write_series
+
+    run = tmp_path / "dcp-run"
+    states = [make_state(seed, step=100 * (seed + 1)) for seed in range(3)]
+    write_series(run, states, "dcp")
+    upload(s3, run, "runs/dcp")
+    assert main(["inspect", str(run)]) == 0
+    local_table = capsys.readouterr().out
+    assert main(["inspect", "s3://runs/dcp"]) == 0
+    remote_table = capsys.readouterr().out
+    steps = [[line.split()[:2] for line in table.splitlines() if line.split()[:1] and line.split()[1:2] and
+              line.split()[1].isdigit()] for table in (local_table, remote_table)]
+    assert steps[0] == steps[1] and len(steps[0]) == 3, (local_table, remote_table)
+    asked = []
+    from ckptmerge.io.remote_dcp import RemoteDcpReader
+
+    original = RemoteDcpReader._read_range
+    monkeypatch.setattr(RemoteDcpReader, "_read_range", lambda self, f, start, n: asked.append((str(f), start, n))
+                        or original(self, f, start, n))
+    assert main(["merge", str(run), "--last", "2", "-o", str(tmp_path / "local-out"), "--quiet"]) == 0
+    assert main(["merge", "s3://runs/dcp", "--last", "2", "-o", "s3://runs/dcp-merged", "--quiet"]) == 0
+    (tmp_path / "remote-out").mkdir()
+    s3.get("runs/dcp-merged/", str(tmp_path / "remote-out") + "/", recursive=True)
+    local, remote = _tensors(tmp_path / "local-out"), _tensors(tmp_path / "remote-out")
+    assert local.keys() == remote.keys() and all(torch.equal(local[k], remote[k]) for k in local)
+    for name, value in reference_merge(states[1:], [0.5, 0.5]).items():  # fp64 NumPy, independent of ckptmerge
+        np.testing.assert_allclose(to_f64(remote[name]), value, rtol=1e-6, atol=1e-6)
+    assert asked and all(url.endswith(".distcp") for url, _, _ in asked)  # chunks by range, never whole objects
+    sizes = {f"s3://{k}": v["size"] for k, v in s3.find("runs/dcp", detail=True).items()}
+    assert all(n < sizes[url] for url, _, n in asked)
+    manifest = json.loads((tmp_path / "remote-out" / "merge.json").read_text())
+    assert all(i["content_hash"].startswith("etag-sha256:") for i in manifest["inputs"])

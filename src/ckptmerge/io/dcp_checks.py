@@ -47,8 +47,10 @@ def checked_tensor_info(path: Path, fqn: str, md: object) -> TensorInfo:
     return TensorInfo(dtype=dtype, shape=tuple(size))
 
 
-def checked_storage(folder: Path, path: Path, index: object, sinfo: object) -> tuple[str, tuple[int, ...] | None, Path, int, int]:
-    """(fqn, chunk offsets or None, data file inside ``folder``, byte offset, byte length) of one storage entry."""
+def checked_storage(folder: Path, path: Path, index: object, sinfo: object, *, confine=None
+                    ) -> tuple[str, tuple[int, ...] | None, Path, int, int]:
+    """(fqn, chunk offsets or None, data file inside ``folder``, byte offset, byte length) of one storage entry.
+    ``confine(folder, name, named_by=path)``: the data file a name stands for (default ``confined_path``)."""
     fqn = getattr(index, "fqn", None)
     offsets = getattr(index, "offset", None)
     if not isinstance(fqn, str) or not (offsets is None or isinstance(offsets, (tuple, list)) and all(map(_is_count, offsets))):
@@ -56,7 +58,7 @@ def checked_storage(folder: Path, path: Path, index: object, sinfo: object) -> t
     start, length = getattr(sinfo, "offset", None), getattr(sinfo, "length", None)
     if not _is_count(start) or not _is_count(length):
         raise CheckpointFormatError(f"{path}: storage entry of {fqn[:200]!r} has a malformed byte range; {_FIX}")
-    file = confined_path(folder, getattr(sinfo, "relative_path", None), named_by=path)
+    file = (confine or confined_path)(folder, getattr(sinfo, "relative_path", None), named_by=path)
     return fqn, None if offsets is None else tuple(offsets), file, start, length
 
 

@@ -53,8 +53,13 @@ def load_dcp_metadata(folder: Path) -> object:
     """
 
     path = folder / METADATA_FILE
+    return parse_dcp_metadata(path, path.read_bytes())
+
+
+def parse_dcp_metadata(path, data: bytes) -> object:
+    """``load_dcp_metadata`` on bytes already read (``path`` names them: a local path or a URL)."""
     try:
-        meta = loads_restricted(path.read_bytes(), extra_globals=_EXTRA_GLOBALS)
+        meta = loads_restricted(data, extra_globals=_EXTRA_GLOBALS)
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(f"{path}: refusing to load DCP metadata: {str(exc)[:300]}. Nothing from it was "
                                     f"executed. Fix: only merge DCP checkpoints written by torch.distributed.checkpoint.") from exc
@@ -97,7 +102,7 @@ class DcpReader:
 
         self.path = folder
         self.display_path = display_path or folder
-        meta = load_dcp_metadata(folder)
+        meta = self._load_metadata()
         entries = {fqn: md for fqn, md in meta.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)}
         self.skipped_keys = sorted(fqn for fqn in meta.state_dict_metadata if fqn not in entries or not _is_model_key(fqn))
         model = {fqn: md for fqn, md in entries.items() if _is_model_key(fqn)}
@@ -108,9 +113,21 @@ class DcpReader:
         self._infos = {name: checked_tensor_info(meta_path, fqn, model[fqn]) for name, fqn in self._fqn.items()}
         self._chunks: dict[str, list] = {}
         for index, sinfo in (meta.storage_data or {}).items():
-            fqn, offsets, file, start, length = checked_storage(folder, meta_path, index, sinfo)
+            fqn, offsets, file, start, length = self._checked_storage(meta_path, index, sinfo)
             self._chunks.setdefault(fqn, []).append((offsets, file, start, length, sinfo))
         self._cached: tuple[str, torch.Tensor] | None = None
+
+    # where the bytes come from: local files here; io/remote_dcp.py reads the same from a URL by range requests
+    def _load_metadata(self) -> object:
+        return load_dcp_metadata(self.path)
+
+    def _checked_storage(self, meta_path, index: object, sinfo: object):
+        return checked_storage(self.path, meta_path, index, sinfo)
+
+    def _read_range(self, file, start: int, length: int) -> bytes:
+        with open(file, "rb") as f:
+            f.seek(start)
+            return f.read(length)
 
     def keys(self) -> list[str]:
         return list(self._infos)
@@ -152,7 +169,7 @@ class DcpReader:
             if getattr(sinfo, "transform_descriptors", None):
                 raise CheckpointFormatError(f"{self.path}: tensor {fqn!r} is stored with transforms "
                                             f"{str(sinfo.transform_descriptors)[:200]} (compression?), which ckptmerge cannot read yet")
-            chunk = _load_chunk(file, fqn, start, length)
+            chunk = _load_chunk(file, fqn, start, length, self._read_range)
             chunk_view(file, fqn, full, offsets, chunk, placed).copy_(chunk)
             covered += chunk.numel()
         if covered != info.numel:
@@ -161,14 +178,16 @@ class DcpReader:
         return full
 
 
-def _load_chunk(file: Path, fqn: str, start: int, length: int) -> object:
-    """One chunk, unpickled with ``weights_only=True`` (tensors and plain containers only)."""
+def _load_chunk(file: Path, fqn: str, start: int, length: int, read: Callable[[Path, int, int], bytes]) -> object:
+    """One chunk (``read`` brings its bytes), unpickled with ``weights_only=True`` (tensors and plain containers only)."""
     try:
-        with open(file, "rb") as f, warnings.catch_warnings():
+        data = read(file, start, length)
+        with warnings.catch_warnings():
             # torch warns about a non-default pickle protocol before refusing a hostile chunk: noise
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            f.seek(start)
-            return torch.load(io.BytesIO(f.read(length)), map_location="cpu", weights_only=True)
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except CkptMergeError:  # a remote read's one line (io/remote.py)
+        raise
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(f"{file}: refusing to load the chunk of tensor {fqn!r}: it needs arbitrary "
                                     f"unpickling ({str(exc).splitlines()[0][:200]}). Nothing from it was executed. "

@@ -18,7 +18,7 @@ from ckptmerge.io.remote import Url, io_concurrency
 from ckptmerge.io.remote_tree import RemoteObject, RemoteTree
 from ckptmerge.io.shard_index import MAX_INDEX_BYTES, parse_weight_map
 
-REMOTE_FORMATS = ("safetensors",)
+REMOTE_FORMATS = ("safetensors", "dcp")
 
 
 def _join(rel: str, name: str) -> str:
@@ -81,12 +81,17 @@ def located(url: Url) -> tuple[str, list[RemoteObject], RemoteTree]:
 
 
 def open_remote_checkpoint(url: Url):
-    """A reader for the checkpoint at ``url`` (safetensors, by range reads); other formats are refused in one line."""
+    """A reader for the checkpoint at ``url`` (safetensors or DCP, by range reads); other formats are refused in one
+    line."""
     layout, files, tree = located(url)
     if layout not in REMOTE_FORMATS:
         raise CheckpointFormatError(f"{url}: a {layout} checkpoint; from remote storage ckptmerge reads safetensors "
-                                    f"only so far. Copy it to a local folder first (e.g. fsspec's `get`), or "
+                                    f"and DCP only so far. Copy it to a local folder first (e.g. fsspec's `get`), or "
                                     f"convert it to safetensors.")
+    if layout == "dcp":
+        from ckptmerge.io.remote_dcp import RemoteDcpReader
+
+        return RemoteDcpReader(tree, url)
     from ckptmerge.io.remote_safetensors import RemoteSafetensorsReader
 
     return RemoteSafetensorsReader(tree.fs, files, display_path=url, concurrency=io_concurrency())
