@@ -225,3 +225,45 @@ def test_hand_back_with_a_half_precision_output_is_refused_before_any_work(tmp_p
     err = capsys.readouterr().err
     assert code == 2 and not out.exists() and "drop --out-dtype bfloat16" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary folder either
+
+
+def test_zero3_frozen_parameters_are_merged_and_handed_back(tmp_path, monkeypatch):
+    """A ZeRO 3 run with a frozen parameter (``frozen_param_fragments``, 2 ranks, padded): the merge equals the fp64
+    mean of DeepSpeed's zero_to_fp32, and zero_to_fp32 of the hand-back gives the merge, the frozen one included."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from trainer_checks import merged_tensors, run_cli
+
+    monkeypatch.setenv("CKPTMERGE_TEST_FREEZE", "1")
+    run_script("train", tmp_path, 3, "fp32", port=29596, world=2)
+    ckpts = tmp_path / "checkpoints"
+    assert "0.bias" in torch.load(ckpts / "global_step8" / "zero_pp_rank_1_mp_rank_00_model_states.pt",
+                                  weights_only=False)["frozen_param_fragments"]
+    reference = {k: v.numpy() for k, v in torch.load(tmp_path / "reference.pt").items()}
+    assert "0.bias" in reference
+    assert_merge_matches(ckpts, tmp_path / "out", reference, [2, 4, 6, 8], "deepspeed")
+    code, _ = run_cli("merge", ckpts, "-o", tmp_path / "back", "--last", "3", "--as-checkpoint", "--quiet")
+    assert code == 0
+    merged = merged_tensors(tmp_path / "back")
+    handed_back = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "back"), tag="global_step8")
+    assert sorted(handed_back) == sorted(merged)
+    for name, tensor in merged.items():
+        torch.testing.assert_close(handed_back[name].float(), tensor, rtol=0, atol=0, msg=name)
+    # frozen weights do not change, so the merge above equals them; a shifted merge shows the fragments are rewritten
+    from ckptmerge.io.layouts.deepspeed import write_back
+
+    shifted = {name: tensor + 1 for name, tensor in merged.items()}
+    (tmp_path / "shifted").mkdir()
+    write_back(ckpts / "global_step8", shifted, tmp_path / "shifted")
+    handed_back = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "shifted"), tag="global_step8")
+    for name, tensor in shifted.items():
+        torch.testing.assert_close(handed_back[name].float(), tensor, rtol=0, atol=0, msg=name)
+
+
+def test_zero1_hand_back_resumes_from_the_merge_under_the_default_config(deepspeed_run, tmp_path):
+    """ZeRO 1: module and fp32 masters equal the fp64 mean after DeepSpeed's default resume and after a step with lr 0."""
+    run_dir, stage, dtype = deepspeed_run
+    if stage != 1:
+        pytest.skip("ZeRO 1 only (ZeRO 2 and 3 have their own 2-rank tests; ZeRO 0 has no masters)")
+    resumed = resume_under_default_config(run_dir, tmp_path, 1, dtype, 1, 29598)
+    assert resumed["step"] == 9
+    assert_resumed_at(resumed, torch.load(run_dir / "reference.pt"), dtype)

@@ -33,10 +33,13 @@ def make_engine(stage: int, dtype: str, default_resume: bool = False):
     """``default_resume``: DeepSpeed's default ``load_from_fp32_weights`` (true), else false (masters from the module)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 15), torch.nn.Tanh(), torch.nn.Linear(15, 3))  # odd sizes: ZeRO pads
+    if os.environ.get("CKPTMERGE_TEST_FREEZE"):  # a parameter the optimizer does not own (frozen_param_fragments)
+        model[0].bias.requires_grad_(False)
     zero = {"stage": stage} if default_resume else {"stage": stage, "load_from_fp32_weights": False}
     config = {"train_batch_size": 4 * int(os.environ["WORLD_SIZE"]), "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
               "zero_optimization": zero, "bf16": {"enabled": dtype == "bf16"}, "steps_per_print": 1000}
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=config,
+                                         model_parameters=[p for p in model.parameters() if p.requires_grad])
     return engine
 
 

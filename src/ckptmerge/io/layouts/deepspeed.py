@@ -11,7 +11,8 @@ Tensor / pipeline parallel checkpoints (``mp_rank_01``, ``layer_*``) are not rea
 Rank 0's optimizer file (``[bf16_]zero_pp_rank_0_mp_rank_00_optim_states.pt``) named as the checkpoint
 opens the fp32 masters of its tag at any stage (``merge --fp32-masters`` names it: ``masters_entry``).
 ``--as-checkpoint`` rewrites the module weights and every rank's fp32 master partitions
-(io/deepspeed_masters_rewrite.py), so DeepSpeed's default resume continues from the merge.
+(io/deepspeed_masters_rewrite.py), so DeepSpeed's default resume continues from the merge, and the
+``frozen_param_fragments`` (parameters the optimizer does not own) that ``zero_to_fp32`` reads.
 """
 
 from __future__ import annotations
@@ -172,7 +173,37 @@ def _rewrite_module(src: Path, dst: Path, merged: dict) -> None:
         if missing:
             raise CheckpointFormatError(f"{src}: merged tensors {missing[:8]} have no place in the newest checkpoint")
     values = {refs[names[n]]: merged[n] for n in merged if n in names and math.prod(refs[names[n]].shape) > 0}
+    values.update(_frozen_fragments(src, merged))
     rewrite_tensors(src, dst, values)
+
+
+def _frozen_fragments(src: Path, merged: dict) -> dict:
+    """This file's ``frozen_param_fragments`` (what ``zero_to_fp32`` reads for parameters the optimizer does not
+    own) set to the merge: ZeRO 3, rank R's ``ceil(numel / world)`` elements of each, its padding kept; ZeRO 1/2,
+    the whole parameter."""
+    import re
+
+    from ckptmerge.io.torch_file_rewrite import load_tensor_refs
+    from ckptmerge.io.torch_reader import load_torch_payload, strip_prefixes
+
+    refs = load_tensor_refs(src).get("frozen_param_fragments")
+    if not isinstance(refs, dict) or not refs:
+        return {}
+    stored = load_torch_payload(src)["frozen_param_fragments"]
+    rank = int(m[1]) if (m := re.match(r"zero_pp_rank_(\d+)_", src.name)) else 0
+    values = {}
+    for name, key in strip_prefixes(src, {k: k for k in refs}).items():
+        part = math.prod(refs[key].shape)
+        if part == 0:
+            continue
+        if name not in merged:
+            raise CheckpointFormatError(f"{src}: the frozen parameter {name!r} has no merged tensor; merge without "
+                                        f"--as-checkpoint")
+        piece = merged[name].reshape(-1)[rank * part:(rank + 1) * part]
+        fragment = stored[key].detach().reshape(-1).clone()
+        fragment[:piece.numel()] = piece.to(fragment.dtype)
+        values[refs[key]] = fragment.reshape(refs[key].shape)
+    return values
 
 
 LAYOUT = Layout("deepspeed", detect, read_step, open_checkpoint, pointer, write_back=write_back)
