@@ -80,10 +80,34 @@ def discover(run_dir: str | Path, *, tokens_per_step: int | None = None,
                              f"or pass --skip-unparsable to leave them out.")
     _check_duplicates(run_dir, refs)
     if not refs:
+        unreadable = known_unreadable(run_dir)
+        found = f"; found layouts ckptmerge knows but cannot read yet: {'; '.join(unreadable)}" if unreadable else ""
         raise DiscoveryError(f"{run_dir}: no checkpoints found (looked for HF folders, *.safetensors, "
-                             f"*.pt/*.pth/*.bin/*.ckpt files and DCP folders named like step-1000)")
+                             f"*.pt/*.pth/*.bin/*.ckpt files and DCP folders named like step-1000){found}")
     return Discovery(sorted(refs, key=lambda r: r.step), skipped)
 
+
+# (glob under the run directory, the layout it shows, what to do): layouts recognised but not read yet
+UNREADABLE = (
+    ("*/mp_rank_0[1-9]*_model_states.pt", "DeepSpeed tensor parallel (mp_rank_01...)",
+     "consolidate with DeepSpeed's ds_to_universal.py"),
+    ("*/layer_*-model_states.pt", "DeepSpeed pipeline parallel (layer_*-model_states.pt)",
+     "consolidate with DeepSpeed's ds_to_universal.py"),
+    ("*/mp_rank_[0-9][0-9]*/model_optim_rng.pt", "Megatron legacy (mp_rank_XX/model_optim_rng.pt)",
+     "save with --ckpt-format torch_dist"),
+    ("*/pytorch_model_fsdp_*rank*.bin", "FSDP per-rank files (LOCAL_STATE_DICT / use_dcp=False)",
+     "save with SHARDED_STATE_DICT or FULL_STATE_DICT"),
+)
+
+
+def known_unreadable(run_dir: Path) -> list[str]:
+    """Each layout ckptmerge recognises but cannot read, with an example folder and the fix."""
+    found = []
+    for pattern, layout, fix in UNREADABLE:
+        example = next(iter(sorted(run_dir.glob(pattern))), None)
+        if example is not None:
+            found.append(f"{layout} in {example.relative_to(run_dir).parts[0]}/: {fix}")
+    return found
 
 def is_run_dir(path: Path) -> bool:
     """True when ``path`` holds checkpoints (a run directory), False when it is one checkpoint.
