@@ -281,6 +281,11 @@ def test_eval_of_an_s3_checkpoint_on_s3_data_equals_the_local_eval(tmp_path, s3,
         assert results[where].pop("data") == str(data)
     assert results["s3"] == results["local"]  # loss, standard error, tokens, bytes: all equal
     assert results["s3"]["tokens"] > 0
+    from ckptmerge.evaluation.api import evaluate  # cm.evaluate: a URL is read from the store, not as a local path
+
+    (by_data,) = evaluate(["s3://runs/eval/checkpoint-4"], ["s3://runs/eval/held.jsonl"], n_tokens=400).values()
+    (result,) = by_data.values()
+    assert {k: v for k, v in result.to_dict().items() if k != "data"} == results["local"]
 
 
 def test_as_checkpoint_with_a_url_is_refused_in_one_line(tmp_path, s3, capsys):

@@ -41,6 +41,7 @@ CASES = [
     (["eval", "RUN", "--json", "s3://bucket/results.json"], "--json"),
     (["eval", "s3://bucket/run/checkpoint-4", "--lm-eval", "hellaswag"], "--lm-eval model"),
     (["eval", "RUN", "--model-config", "s3://bucket/config"], "--model-config"),
+    (["merge", "--config", "s3://bucket/recipe.yaml"], "--config"),
 ]
 
 

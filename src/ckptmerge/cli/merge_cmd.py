@@ -9,6 +9,7 @@ from ckptmerge.cli.deprecated import add_renamed
 from ckptmerge.cli.merge_flags import add_output_flags
 from ckptmerge.cli.storage_flags import add_storage_flags
 from ckptmerge.console import format_bytes, print_table
+from ckptmerge.io.remote import refuse_urls
 from ckptmerge.merging.recipe import MergeRecipe, recipe_from_dict, recipe_from_yaml, with_method
 from ckptmerge.merging.schedules import SCHEDULES
 
@@ -69,6 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def recipe_from_args(args: argparse.Namespace) -> MergeRecipe:
     """YAML recipe (if any) overridden by every flag given on the command line."""
+    refuse_urls("merge", "give a local YAML recipe (its inputs and output may be URLs)", **{"--config": args.config})
     base = recipe_from_yaml(args.config) if args.config else MergeRecipe()
     data = {f.name: getattr(base, f.name) for f in fields(MergeRecipe)}
     if args.inputs:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ckptmerge.cli.deprecated import add_renamed
 from ckptmerge.cli.eval_flags import add_eval_flags, settings_from_args
+from ckptmerge.cli.storage_flags import add_storage_flags
 from ckptmerge.console import print_table
 from ckptmerge.io.remote import refuse_urls
 from ckptmerge.search.storage import DEFAULT_HEARTBEAT_S
@@ -49,6 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lm-eval-include", action="append", default=[], help="folder of extra lm-eval task YAMLs")
     p.add_argument("--lm-eval-limit", type=int, help="lm-eval objective: at most this many documents")
     add_eval_flags(p)
+    add_storage_flags(p)  # for --data / --tokenizer URLs
     p.set_defaults(run=run)
 
 

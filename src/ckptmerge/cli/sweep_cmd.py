@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ckptmerge.cli.deprecated import add_deprecated, add_renamed
 from ckptmerge.cli.eval_flags import add_eval_flags, settings_from_args
+from ckptmerge.cli.storage_flags import add_storage_flags
 from ckptmerge.io.remote import refuse_urls
 from ckptmerge.search.storage import DEFAULT_HEARTBEAT_S
 
@@ -48,6 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "is failed and re-queued (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_eval_flags(p)
+    add_storage_flags(p)  # for --data / --tokenizer URLs
     p.set_defaults(run=run)
 
 
