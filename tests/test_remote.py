@@ -404,3 +404,21 @@ def test_a_dcp_run_on_s3_inspects_and_merges_like_the_local_copy(tmp_path, s3, c
     assert all(n < sizes[url] for url, _, n in asked)
     manifest = json.loads((tmp_path / "remote-out" / "merge.json").read_text())
     assert all(i["content_hash"].startswith("etag-sha256:") for i in manifest["inputs"])
+
+
+def test_sweep_on_data_and_a_tokenizer_at_urls_equals_the_local_sweep(tmp_path, s3, monkeypatch, capsys):
+    monkeypatch.setenv("CKPTMERGE_CACHE", str(tmp_path / "cache"))
+    run, data, tok = _tokenizer_run(tmp_path, s3, "tok-sweep")
+    reports = {}
+    for where, tok_arg, data_arg in (("local", str(tok), str(data / "held.jsonl")),
+                                     ("s3", "s3://runs/tok-sweep/tok", "s3://runs/tok-sweep/data/held.jsonl")):
+        out = tmp_path / f"sweep-{where}"
+        assert main(["sweep", str(run), "--data", data_arg, "--tokenizer", tok_arg, "--method", "sma", "--last", "2",
+                     "--every", "2", "--at", "4", "--tokens", "400", "--device", "cpu", "-o", str(out), "--quiet"]) == 0
+        reports[where] = json.loads((out / "report.json").read_text().replace(data_arg, "DATA"))
+    capsys.readouterr()
+    for report in reports.values():
+        report.pop("config", None)
+    assert reports["s3"] == reports["local"]  # every row's loss, SE, bits per byte and tokens
+    assert [r["recipe"] for r in reports["local"]["rows"]] == ["raw", "sma N=2 V=2"]
+    assert all(r["tokens"]["DATA"] > 0 for r in reports["local"]["rows"])
