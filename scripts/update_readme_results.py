@@ -59,10 +59,21 @@ quick = root / "reports" / "quick" / "run.json"
 quick_line = ""
 if quick.is_file():
     q = json.loads(quick.read_text())
+    quick_claims = [c for res in sorted(quick.parent.glob("*/results.json")) for c in json.loads(res.read_text())["claims"]]
+    counts = ", ".join(f"{sum(c['outcome'] == o for c in quick_claims)} {o}" for o in
+                       ("holds", "reversed", "no detectable effect", "inconclusive"))
+    spiked = q["settings"].get("spike_step_per_seed") or {}
+    full = {c["key"]: c["outcome"] for _, c in records}
+    shared = [c for c in quick_claims if c["key"] in full]
+    differ = sum(c["outcome"] != full[c["key"]] for c in shared)
     quick_line = (f"`{q['command']}` ran end to end from an empty work folder in {q['seconds'] / 60:.0f} minutes of wall "
-                  "time (2 CPU cores shared with other jobs; training and evaluation included); its reports are in "
-                  "[reports/quick/](reports/quick/README.md), with the same claims, columns and outcome rules. "
-                  "Quick-scale outcomes may differ from the full scale's: its runs are ~1/10 as long at half the batch.")
+                  "time (2 CPU cores shared with other jobs; training and evaluation included). Its reports, in "
+                  "[reports/quick/](reports/quick/README.md), have the design's claims, columns and outcome rules"
+                  + ("" if q["settings"].get("extreme_arm") else " (without E1f: the quick scale trains no extreme-LR "
+                     "arm)") + f": of {len(quick_claims)} claims, {counts}; E4 and E9 are reported there ("
+                  f"{len(spiked)} spike seeds spiked, at steps {sorted(spiked.values())}). Quick-scale outcomes may "
+                  f"differ from the full scale's ({differ} of the {len(shared)} claims both report do): its runs are "
+                  "about 1/10 as long at half the batch.")
 section = "\n".join([
     "## The papers' claims, reproduced at small scale", "",
     "`ckptmerge reproduce all` trains every run the claims need (LR sweep, cosine LAWA runs at the tuned and",
