@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import statistics
 from pathlib import Path
@@ -57,7 +58,8 @@ def load(reports: Path) -> list[dict]:
     claims = []
     for path in sorted(reports.glob("*/results.json"), key=lambda p: int(re.match(r"e(\d+)", p.parent.name)[1])):
         data = json.loads(path.read_text())
-        claims += [dict(c, report=path.parent.name) for c in data["claims"] if c["primary"]]
+        link = os.path.relpath(path.parent / "report.md", ROOT / "docs")  # the table lives in docs/methods.md
+        claims += [dict(c, report=link) for c in data["claims"] if c["primary"]]
     return claims
 
 
@@ -81,14 +83,14 @@ def rows(claims: list[dict]) -> list[dict]:
 
 def markdown(table: list[dict], command: str) -> str:
     fmt = lambda n: str(n) if n else f"> {N_MAX}"
-    lines = [f"Computed by `{command}` from `reports/*/results.json` (seeds {table[0]['seeds'] if table else '-'} "
-             f"per claim); worst Holm level 1 - 0.05/{len(DESIGN_PRIMARIES)} = {table[0]['worst_level']:.2%}."
+    lines = [f"Computed by `{command}` from its reports' `results.json`; worst Holm level 1 - 0.05/"
+             f"{len(DESIGN_PRIMARIES)} = {table[0]['worst_level']:.2%}."
              if table else f"`{command}`: no primary claims in the reports.", "",
-             ("| claim | outcome now | effect | seed SD | window SE | margin | half-width now (level) | "
+             ("| claim | seeds now | outcome now | effect | seed SD | window SE | margin | half-width now (level) | "
               "n: h < margin | n: decides the observed effect | seeds to run |"),
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
-        lines.append(f"| [{r['key']}](../reports/{r['report']}/report.md) {r['claim']} | {r['outcome']} | "
+        lines.append(f"| [{r['key']}]({r['report']}) {r['claim']} | {r['seeds']} | {r['outcome']} | "
                      f"{r['effect']:+.4f} | {r['sd']:.4f} | {r['window_se']:.4f} | {r['margin']:.4f} | "
                      f"{r['half_now']:.4f} ({r['level']:.2%}) | {fmt(r['n_margin'])} | {fmt(r['n_decide'])} | "
                      f"{fmt(r['run'])} |")
