@@ -37,7 +37,7 @@ if scale == "test":
     scale_line += (" **The test scale is the CI pipeline check: its runs are far too short to say anything about the "
                    "papers, so read the outcomes below as what a 40-60-step run shows, not as findings.** Neither the "
                    "quick nor the full reproduction has been completed and committed yet: run `ckptmerge reproduce all "
-                   "--quick` (about 20 minutes on an idle 2-core machine) or `ckptmerge reproduce all`, then copy "
+                   "--quick` (14 minutes on 2 shared cores) or `ckptmerge reproduce all`, then copy "
                    "its reports into `reports/` and rerun this script.")
 spiking = settings.get("diverging_spike_seeds")
 n_spike = len(seeds) + settings.get("spike_extra_seeds", 0)

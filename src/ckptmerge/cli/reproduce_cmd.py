@@ -13,7 +13,7 @@ from ckptmerge.reproduce.scale import GROUPS, SCALES, make_scale
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reproduce", help="reproduce the papers' claims (E1-E9, E11) with seeds, CIs and outcomes")
     p.add_argument("group", choices=(*GROUPS, "all"), help="lawa (E1-E4), bo (E5), pma (E6-E9, E11) or all")
-    p.add_argument("--quick", action="store_true", help="the same code at ~1/10 of the steps (3 seeds, ~20 min)")
+    p.add_argument("--quick", action="store_true", help="the same code at ~1/10 of the steps (3 seeds; 14 min on 2 shared cores)")
     p.add_argument("--scale", choices=list(SCALES), help="full, quick or test (CI); --quick is --scale quick")
     p.add_argument("--seeds", type=int, nargs="+", help="at least 3 seeds (default 0 1 2)")
     p.add_argument("--train-data", help="training corpus (default shakespeare)")

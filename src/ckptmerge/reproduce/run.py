@@ -1,7 +1,7 @@
 """Run the reproduction (docs/methods.md) and write its reports.
 
     ckptmerge reproduce all                  # the full design (~100 min on an idle 2-core machine)
-    ckptmerge reproduce all --quick          # same code, fewer steps, 3 seeds (~20 min)
+    ckptmerge reproduce all --quick          # same code, fewer steps, 3 seeds (14 min on 2 shared cores)
     ckptmerge reproduce all --seeds 3 4 5 --train-data bible --eval-data bible ...   # another regime
 
 Runs train two at a time into the work folder and are reused; a cut-off reproduction resumes each
