@@ -74,6 +74,16 @@ if quick.is_file():
                   f"{len(spiked)} spike seeds spiked, at steps {sorted(spiked.values())}). Quick-scale outcomes may "
                   f"differ from the full scale's ({differ} of the {len(shared)} claims both report do): its runs are "
                   "about 1/10 as long at half the batch.")
+more = root / "reports" / "quick-5seeds" / "run.json"
+if quick_line and more.is_file():
+    m = json.loads(more.read_text())
+    claims5 = [c for res in sorted(more.parent.glob("*/results.json")) for c in json.loads(res.read_text())["claims"]]
+    moved = [c for c in claims5 if c.get("first_seeds") and c["first_seeds"]["outcome"] != c["outcome"]]
+    added = [s for s in m["settings"]["seeds"] if s not in q["settings"]["seeds"]]
+    quick_line += (f" `{m['command']}` then added seeds {', '.join(map(str, added))} to the same work folder ({m['seconds'] / 60:.0f} more "
+                   "minutes; [reports/quick-5seeds/](reports/quick-5seeds/README.md), every primary claim on >= 5 seeds, "
+                   f"each outcome beside its first 3 seeds'): {len(moved)} of {len(claims5)} outcomes change ("
+                   + "; ".join(f"{c['key']} {c['first_seeds']['outcome']} -> {c['outcome']}" for c in moved) + ").")
 section = "\n".join([
     "## The papers' claims, reproduced at small scale", "",
     "`ckptmerge reproduce all` trains every run the claims need (LR sweep, cosine LAWA runs at the tuned and",
