@@ -100,7 +100,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=4e-3, help="LR0, the tuned LR (quick scale's sweep picks 4e-3)")
+    p.add_argument("--lr", type=float, default=4e-3, help="LR0, the base LR (the sweeps picked 0.004 at --scale test, 0.001 at --quick, 0.002 at full)")
     p.add_argument("--at", type=int, default=150, help="first surge / poison step")
     p.add_argument("--surge-steps", type=int, default=20)
     p.add_argument("--factor", type=float, default=30.0, help="surge LR = factor x LR0")
