@@ -116,6 +116,8 @@ class FaultProxy:
             return
         if handler.command == "PUT" and self.delay_puts:
             time.sleep(self.delay_puts)
+            if _client_gone(handler):  # a killed client's request is dropped, as a server aborts a reset upload
+                return
         conn = http.client.HTTPConnection(self.upstream, timeout=60)
         headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("connection", "keep-alive")}
         conn.request(handler.command, handler.path, body=body, headers=headers)
@@ -145,3 +147,17 @@ def proxy(s3_server, s3, monkeypatch):
     monkeypatch.setenv("CKPTMERGE_STORAGE_OPTIONS", json.dumps(options))
     yield p
     p.stop()
+
+
+def _client_gone(handler) -> bool:
+    """True when the client closed its connection (a killed process): its socket reads end-of-file."""
+    import select
+    import socket
+
+    readable, _, _ = select.select([handler.connection], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return handler.connection.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True

@@ -24,25 +24,13 @@ import torch
 from ckptmerge.errors import CheckpointFormatError
 from ckptmerge.io.remote import Url, remote_errors
 from ckptmerge.io.remote_tree import RemoteObject
-from ckptmerge.io.safetensors_header import checked_entries, checked_metadata, header_length, parse_header
-from ckptmerge.io.tensor_info import TensorInfo
+from ckptmerge.io.safetensors_header import header_length, parse_header
+from ckptmerge.io.safetensors_index import SafetensorsIndex
 
 HEAD_GUESS_BYTES = 64 * 1024
 PART_BYTES = 8 << 20
 
 RowKey = tuple[str, int, int]
-
-
-@dataclass(frozen=True)
-class _Entry:
-    file_index: int
-    info: TensorInfo
-    begin: int  # absolute byte offset of the tensor in its object
-
-    @property
-    def row_bytes(self) -> int:
-        shape = self.info.shape
-        return self.info.nbytes // shape[0] if shape and shape[0] else self.info.nbytes
 
 
 @dataclass
@@ -53,7 +41,7 @@ class RequestStats:
     bytes_requested: int = 0
 
 
-class RemoteSafetensorsReader:
+class RemoteSafetensorsReader(SafetensorsIndex):
     """One safetensors checkpoint (one object or a sharded set) read by range requests."""
 
     layout = "safetensors"
@@ -63,8 +51,7 @@ class RemoteSafetensorsReader:
         self._concurrency = max(1, concurrency)
         self._pool = ThreadPoolExecutor(self._concurrency, thread_name_prefix="ckptmerge-range")
         self.stats, self._stats_lock = RequestStats(), threading.Lock()
-        self._entries: dict[str, _Entry] = {}
-        self._metadata: dict[str, str] = {}
+        SafetensorsIndex.__init__(self)
         self._expected: deque[RowKey] = deque()
         self._ahead: dict[RowKey, list[Future]] = {}
         self._heads: list[bytes] = []
@@ -78,25 +65,7 @@ class RemoteSafetensorsReader:
             head += self._range(obj, len(head), 8 + length - len(head))
         self._heads.append(head)  # tensors that lie in it (small files) are served from it, not asked for again
         header = parse_header(obj.url, head[8:8 + length])
-        self._metadata.update(checked_metadata(obj.url, header))
-        data_start = 8 + length
-        for name, (dtype, shape, begin) in checked_entries(obj.url, header, obj.size - data_start).items():
-            if name in self._entries:
-                other = self.files[self._entries[name].file_index].url
-                raise CheckpointFormatError(f"{obj.url}: tensor {name!r} also appears in {other}")
-            self._entries[name] = _Entry(index, TensorInfo(dtype=dtype, shape=shape), data_start + begin)
-
-    def keys(self) -> list[str]:
-        return list(self._entries)
-
-    def info(self, name: str) -> TensorInfo:
-        return self._entries[name].info
-
-    def aliases(self) -> dict[str, str]:
-        return {}  # the format cannot store shared tensors
-
-    def metadata(self) -> dict[str, str]:
-        return dict(self._metadata)
+        self._add_file(index, obj.url, header, 8 + length, obj.size - 8 - length, lambda i: self.files[i].url)
 
     def file_range(self, name: str, start: int, stop: int) -> None:
         return None  # not a local file: the engine asks get_rows

@@ -10,31 +10,18 @@ from __future__ import annotations
 
 import mmap
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ckptmerge.errors import CheckpointFormatError
-from ckptmerge.io.safetensors_header import checked_entries, checked_metadata, read_header, torch_dtypes
-from ckptmerge.io.tensor_info import FileRange, TensorInfo
+from ckptmerge.io.safetensors_header import read_header, torch_dtypes
+from ckptmerge.io.safetensors_index import SafetensorsIndex
+from ckptmerge.io.tensor_info import FileRange
 
 SAFETENSORS_DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in torch_dtypes().items()}
 
 
-@dataclass(frozen=True)
-class _Entry:
-    file_index: int
-    info: TensorInfo
-    begin: int  # absolute byte offset of the tensor in its file
-
-    @property
-    def row_bytes(self) -> int:
-        shape = self.info.shape
-        return self.info.nbytes // shape[0] if shape and shape[0] else self.info.nbytes
-
-
-class SafetensorsReader:
+class SafetensorsReader(SafetensorsIndex):
     """Reads tensors from one or more safetensors files as if they were one checkpoint."""
 
     layout = "safetensors"
@@ -44,31 +31,13 @@ class SafetensorsReader:
         self.files = list(files)
         self._maps: list[mmap.mmap | None] = [None] * len(files)
         self._map_lock = threading.Lock()
-        self._entries: dict[str, _Entry] = {}
-        self._metadata: dict[str, str] = {}
+        super().__init__()
         for index, file in enumerate(self.files):
             self._index_file(index, file)
 
     def _index_file(self, index: int, file: Path) -> None:
         header, data_start = read_header(file)
-        self._metadata.update(checked_metadata(file, header))
-        entries = checked_entries(file, header, file.stat().st_size - data_start)
-        for name, (dtype, shape, begin) in entries.items():
-            if name in self._entries:
-                raise CheckpointFormatError(f"{file}: tensor {name!r} also appears in {self.files[self._entries[name].file_index]}")
-            self._entries[name] = _Entry(index, TensorInfo(dtype=dtype, shape=shape), data_start + begin)
-
-    def keys(self) -> list[str]:
-        return list(self._entries)
-
-    def info(self, name: str) -> TensorInfo:
-        return self._entries[name].info
-
-    def aliases(self) -> dict[str, str]:
-        return {}  # the format cannot store shared tensors
-
-    def metadata(self) -> dict[str, str]:
-        return dict(self._metadata)
+        self._add_file(index, file, header, data_start, file.stat().st_size - data_start, lambda i: self.files[i])
 
     def get(self, name: str) -> torch.Tensor:
         entry = self._entries[name]
