@@ -7,6 +7,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from eval_reference import reference_windows, transformers_losses  # noqa: E402
+
 from ckptmerge.evaluation.evaluator import load_model  # noqa: E402
 from ckptmerge.online import EMA  # noqa: E402
 from ckptmerge.online.hf_callback import AveragingCallback  # noqa: E402
@@ -91,24 +93,6 @@ def _held_out_text(path):
     return path
 
 
-def _reference_windows(text: bytes, n_windows: int, context: int) -> torch.Tensor:
-    """Evenly spaced, non-overlapping windows of context + 1 byte ids (the evaluator's rule, rebuilt here)."""
-    ids = torch.tensor(list(text), dtype=torch.int64)
-    starts = torch.linspace(0, len(ids) - context - 1, n_windows).round().long()
-    assert int(starts.diff().min()) >= context
-    return torch.stack([ids[s:s + context + 1] for s in starts])
-
-
-def _transformers_losses(config, weights: dict, windows: torch.Tensor) -> torch.Tensor:
-    """transformers' own loss of a fresh model holding ``weights``, one window at a time (fp64 out)."""
-    model = transformers.LlamaForCausalLM(config)
-    model.load_state_dict({k: v.float() for k, v in weights.items()})
-    model.eval()
-    with torch.no_grad():
-        return torch.tensor([float(model(input_ids=w[None], labels=w[None].clone()).loss) for w in windows],
-                            dtype=torch.float64)
-
-
 class WeightsAt(transformers.TrainerCallback):
     """Reference: the training weights after each optimizer step (fp64), and a hand-folded fp64 EMA of them."""
 
@@ -152,10 +136,10 @@ def test_trainer_callback_logs_periodic_eval_of_average_and_raw_through_trainer_
     logged = {e["step"]: e for e in trainer.state.log_history if key + "/loss" in e}
     assert sorted(logged) == [2, 4]
     assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [1, 2, 3, 4]  # training logs kept
-    windows = _reference_windows(held.read_bytes(), n_windows=128 // 32, context=32)
+    windows = reference_windows(torch.tensor(list(held.read_bytes())), n_windows=128 // 32, context=32)
     for step, entry in logged.items():
-        raw = _transformers_losses(config, before.weights[step], windows)
-        merged = _transformers_losses(config, before.ema[step], windows)
+        raw = transformers_losses(config, before.weights[step], windows)
+        merged = transformers_losses(config, before.ema[step], windows)
         assert abs(entry[f"eval/raw/{held.name}/loss"] - raw.mean()) < 1e-5
         assert abs(entry[key + "/loss"] - merged.mean()) < 1e-5
         assert abs(entry[key + "/delta_vs_raw"] - (merged - raw).mean()) < 1e-5

@@ -6,6 +6,8 @@ import torch
 L = pytest.importorskip("lightning.pytorch")
 transformers = pytest.importorskip("transformers")
 
+from eval_reference import reference_windows, transformers_losses  # noqa: E402
+
 from ckptmerge.online import EMA  # noqa: E402
 from ckptmerge.online.lightning_callback import AveragingCallback  # noqa: E402
 
@@ -119,16 +121,6 @@ class WeightsAt(L.Callback):
             k: self.decay * previous[k] + (1 - self.decay) * current[k] for k in current}
 
 
-def _transformers_losses(config, weights, windows):
-    """transformers' own loss of a fresh model holding ``weights``, one window at a time (fp64 out)."""
-    model = transformers.LlamaForCausalLM(config)
-    model.load_state_dict({k: v.float() for k, v in weights.items()})
-    model.eval()
-    with torch.no_grad():
-        return torch.tensor([float(model(input_ids=w[None], labels=w[None].clone()).loss) for w in windows],
-                            dtype=torch.float64)
-
-
 def test_lightning_callback_logs_periodic_eval_that_csv_logger_writes(tmp_path, monkeypatch):
     import csv
 
@@ -168,11 +160,10 @@ def test_lightning_callback_logs_periodic_eval_that_csv_logger_writes(tmp_path, 
     # Lightning writes a step's metrics at global_step - 1 (its batches-that-stepped count), as for train_loss
     assert [int(row["step"]) for row in logged] == [1, 3] and all(row["train_loss"] for row in logged)
     ids = torch.tensor(list(held.read_bytes()), dtype=torch.int64)
-    starts = torch.linspace(0, len(ids) - 33, 128 // 32).round().long()  # the evaluator's spacing, rebuilt here
-    windows = torch.stack([ids[s:s + 33] for s in starts])
+    windows = reference_windows(ids, n_windows=128 // 32, context=32)
     for row, step in zip(logged, [2, 4]):
-        raw = _transformers_losses(config, before.weights[step], windows)
-        merged = _transformers_losses(config, before.ema[step], windows)
+        raw = transformers_losses(config, before.weights[step], windows)
+        merged = transformers_losses(config, before.ema[step], windows)
         assert abs(float(row[f"eval/raw/{held.name}/loss"]) - raw.mean()) < 1e-5
         assert abs(float(row[key + "/loss"]) - merged.mean()) < 1e-5
         assert abs(float(row[key + "/delta_vs_raw"]) - (merged - raw).mean()) < 1e-5

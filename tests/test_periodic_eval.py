@@ -12,27 +12,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from eval_reference import reference_windows, transformers_losses  # noqa: E402
+
 from ckptmerge.errors import ConfigError  # noqa: E402
 from ckptmerge.online import EMA  # noqa: E402
 from ckptmerge.online.periodic_eval import PeriodicEval  # noqa: E402
 
 CONTEXT, TOKENS = 32, 96  # 3 windows of 33 ids per data set
-
-
-def _windows(ids: torch.Tensor) -> torch.Tensor:
-    """Evenly spaced, non-overlapping windows of CONTEXT + 1 ids (the evaluator's rule, rebuilt here)."""
-    starts = torch.linspace(0, len(ids) - CONTEXT - 1, TOKENS // CONTEXT).round().long()
-    assert int(starts.diff().min()) >= CONTEXT
-    return torch.stack([ids[s:s + CONTEXT + 1] for s in starts])
-
-
-def _losses(config, weights: dict, windows: torch.Tensor) -> torch.Tensor:
-    model = transformers.LlamaForCausalLM(config)
-    model.load_state_dict({k: v.float() for k, v in weights.items()})
-    model.eval()
-    with torch.no_grad():
-        return torch.tensor([float(model(input_ids=w[None], labels=w[None].clone()).loss) for w in windows],
-                            dtype=torch.float64)
 
 
 def test_plain_loop_evaluate_equals_transformers_loss_on_windows_built_once(tmp_path, monkeypatch):
@@ -50,8 +36,8 @@ def test_plain_loop_evaluate_equals_transformers_loss_on_windows_built_once(tmp_
     text.write_bytes(bytes(torch.randint(97, 123, (400,), generator=g).tolist()))
     ids = tmp_path / "held.npy"  # a token file: read as it is, no tokenizer
     np.save(ids, torch.randint(0, 256, (300,), generator=g).numpy().astype(np.uint16))
-    windows = {"held.txt": _windows(torch.tensor(list(text.read_bytes()))),
-               "held.npy": _windows(torch.from_numpy(np.load(ids).astype(np.int64)))}
+    windows = {"held.txt": reference_windows(torch.tensor(list(text.read_bytes())), TOKENS // CONTEXT, CONTEXT),
+               "held.npy": reference_windows(torch.from_numpy(np.load(ids).astype(np.int64)), TOKENS // CONTEXT, CONTEXT)}
 
     avg, evaluation = EMA(0.5), PeriodicEval([str(text), str(ids)], every=2, tokens=TOKENS)
     assert avg.evaluate(model, 2, evaluation) == {}  # no update yet: nothing to compare
@@ -80,7 +66,7 @@ def test_plain_loop_evaluate_equals_transformers_loss_on_windows_built_once(tmp_
                                                            ("merged/ema", "delta_vs_raw"),
                                                            ("merged/ema", "delta_vs_raw_se")])
         for name, rows in windows.items():
-            raw, merged = _losses(config, current, rows), _losses(config, ema, rows)
+            raw, merged = transformers_losses(config, current, rows), transformers_losses(config, ema, rows)
             assert abs(metrics[f"eval/raw/{name}/loss"] - raw.mean()) < 1e-5
             assert abs(metrics[f"eval/merged/ema/{name}/loss"] - merged.mean()) < 1e-5
             assert abs(metrics[f"eval/merged/ema/{name}/delta_vs_raw"] - (merged - raw).mean()) < 1e-5
