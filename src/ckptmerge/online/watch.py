@@ -154,6 +154,7 @@ class Watcher:
     def _update_methods(self) -> None:
         for method in self.methods:
             progress = self.state.methods[method.label]
+            before = (progress.done_through, progress.error)
             try:
                 if method.running:
                     self._fold_pending(method, progress)
@@ -163,7 +164,8 @@ class Watcher:
             except (CkptMergeError, OSError) as exc:  # this method waits; the others go on
                 progress.error = str(exc)
                 self._report(f"{method.label}: {exc}")
-            self._save()
+            if (progress.done_through, progress.error) != before:
+                self._save()
         self._point_current()
 
     def _publish_window(self, method: WatchMethod, progress: MethodProgress) -> None:
