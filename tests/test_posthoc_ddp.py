@@ -5,35 +5,23 @@ saved power EMA and every saved snapshot are compared with the power EMA's weigh
 step s of a run at step t weighs (s^(g+1) - (s-1)^(g+1)) / t^(g+1) (EDM2), g found from sigma_rel by bisection.
 """
 
-import math
 import socket
 
-import numpy as np
 import pytest
 import sharded_runs as runs
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from test_posthoc_ema import ref_gamma, ref_power_ema_weights
 
 from ckptmerge.merging.discover import discover
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 
 
-def ref_gamma(sigma_rel):
-    width = lambda g: math.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3)))
-    lo, hi = 1e-9, 1e6
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if width(mid) > sigma_rel else (lo, mid)
-    return 0.5 * (lo + hi)
-
-
 def ref_power_ema(history, step, sigma_rel):
     """The power EMA at ``step`` of the single-process weights ``history`` (one dict per step from 1), in fp64."""
-    g = ref_gamma(sigma_rel)
-    s = np.arange(1, step + 1, dtype=np.float64)
-    weights = (s ** (g + 1) - (s - 1) ** (g + 1)) / step ** (g + 1)
+    weights = ref_power_ema_weights(list(range(1, step + 1)), ref_gamma(sigma_rel))
     return {k: sum(w * h[k] for w, h in zip(weights, history)) for k in history[0]}
 
 
