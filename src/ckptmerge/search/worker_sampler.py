@@ -2,10 +2,13 @@
 
 Every worker of a study runs the same command, so with one ``--seed`` their samplers would draw the same
 random points: two workers would evaluate each random or start-up trial twice, and a resumed study would
-evaluate its first session's points again. The sampler is therefore made at the worker's first trial and
-seeded with ``--seed`` itself when that trial is the study's first (a fresh single-worker search stays
-reproducible), otherwise with ``(--seed, the trial's number)``: trial numbers are unique in a study, so no
-two workers, and no two sessions, share a seed.
+evaluate its first session's points again. The sampler is therefore seeded at the first trial this worker
+*created*, with ``(--seed, that trial's number)``. Only a created trial will do: Optuna gives each new trial a
+number no other trial of the study has, while a queued trial (a baseline) is popped by whichever worker asks
+first, and on SQLite two workers can pop the same one, so seeding from it once gave two workers one seed
+and one stream of points. Queued trials have fixed parameters and draw nothing from the sampler; until
+this worker creates a trial they are served by a provisional sampler seeded with ``--seed``. A fresh
+single-worker search stays reproducible: its first created trial always has the same number.
 """
 
 from __future__ import annotations
@@ -16,24 +19,30 @@ import numpy as np
 import optuna
 
 
-def worker_seed(seed: int, first_trial: int) -> int:
-    """The seed of a worker whose first trial is number ``first_trial``."""
-    if first_trial == 0:
-        return seed
-    return int(np.random.SeedSequence([seed, first_trial]).generate_state(1)[0])
+def worker_seed(seed: int, first_created_trial: int) -> int:
+    """The seed of a worker whose first created (not queued) trial is number ``first_created_trial``."""
+    return int(np.random.SeedSequence([seed, first_created_trial]).generate_state(1)[0])
+
+
+def _was_queued(trial: optuna.trial.FrozenTrial) -> bool:
+    return "fixed_params" in trial.system_attrs
 
 
 class WorkerSeededSampler(optuna.samplers.BaseSampler):
-    """Delegates to ``make(seed)``, built at this worker's first trial with ``worker_seed``."""
+    """Delegates to ``make(seed)``, built at this worker's first created trial with ``worker_seed``."""
 
     def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
         self._make = make
         self._seed = seed
         self._inner: optuna.samplers.BaseSampler | None = None
+        self._seeded = False  # False while ``_inner`` is the provisional sampler of queued trials
 
     def before_trial(self, study, trial) -> None:
-        if self._inner is None:
+        if not self._seeded and not _was_queued(trial):
             self._inner = self._make(worker_seed(self._seed, trial.number))
+            self._seeded = True
+        elif self._inner is None:
+            self._inner = self._make(self._seed)
         self._inner.before_trial(study, trial)
 
     def infer_relative_search_space(self, study, trial):
