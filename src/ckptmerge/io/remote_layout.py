@@ -18,7 +18,7 @@ from ckptmerge.io.remote import Url, io_concurrency
 from ckptmerge.io.remote_tree import RemoteObject, RemoteTree
 from ckptmerge.io.shard_index import MAX_INDEX_BYTES, parse_weight_map
 
-REMOTE_FORMATS = ("safetensors", "dcp")
+REMOTE_FORMATS = ("safetensors", "dcp", "torch")
 
 
 def _join(rel: str, name: str) -> str:
@@ -28,9 +28,10 @@ def _join(rel: str, name: str) -> str:
 def detect_remote_layout(tree: RemoteTree, rel: str) -> tuple[str, list[RemoteObject]] | None:
     """(layout, weight objects) when ``rel`` in ``tree`` is a checkpoint, else None (rules of ``detect_layout``)."""
     if tree.is_file(rel):
-        if rel.endswith(".safetensors"):
+        name = tree.object(rel).url.name  # rel is "" when the URL listed is the file itself
+        if name.endswith(".safetensors"):
             return "safetensors", [tree.object(rel)]
-        return ("torch", [tree.object(rel)]) if rel.endswith(TORCH_SUFFIXES) else None
+        return ("torch", [tree.object(rel)]) if name.endswith(TORCH_SUFFIXES) else None
     if not tree.is_dir(rel):
         return None
     if tree.is_file(_join(rel, SAFETENSORS_INDEX)):
@@ -76,14 +77,19 @@ def located(url: Url) -> tuple[str, list[RemoteObject], RemoteTree]:
     found = detect_remote_layout(tree, "")
     if found is None:
         raise CheckpointFormatError(f"{url}: not a checkpoint ckptmerge can read. Expected an HF folder "
-                                    f"(model.safetensors[.index.json]) or a .safetensors file.")
+                                    f"(model.safetensors[.index.json] or pytorch_model.bin[.index.json]), a "
+                                    f".safetensors file or a torch file ({', '.join(TORCH_SUFFIXES)}).")
     return found[0], found[1], tree
 
 
 def open_remote_checkpoint(url: Url):
-    """A reader for the checkpoint at ``url`` (safetensors or DCP, by range reads); other formats are refused in one
-    line."""
+    """A reader for the checkpoint at ``url`` (safetensors, DCP or torch zip pickles, by range reads); other formats
+    are refused in one line."""
     layout, files, tree = located(url)
+    if layout == "torch":  # pytorch_model.bin[.index.json], a .pt / .bin file: zip records by range
+        from ckptmerge.io.remote_torch import open_remote_torch
+
+        return open_remote_torch(tree, files, display=url)
     if layout not in REMOTE_FORMATS:
         raise CheckpointFormatError(f"{url}: a {layout} checkpoint; from remote storage ckptmerge reads safetensors "
                                     f"and DCP only so far. Copy it to a local folder first (e.g. fsspec's `get`), or "
