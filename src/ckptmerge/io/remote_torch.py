@@ -23,6 +23,7 @@ import pickle
 import struct
 import threading
 import zipfile
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,7 @@ READ_AHEAD_BYTES = 256 << 10
 ZIP_MAGIC = b"PK\x03\x04"
 LOCAL_HEADER_BYTES = 30
 MAX_PICKLE_BYTES = 1 << 30
+DIRECTORY_CACHE_BYTES = 64 << 20  # data.pkl bytes kept across opens of the same object version
 
 WeightsOf = Callable[[Any], dict]
 
@@ -63,6 +65,10 @@ class _MetaTensorUnpickler(_LocatingUnpickler):
         return tensor
 
 
+_DIRECTORIES: OrderedDict[tuple[str, str], tuple[dict, bytes]] = OrderedDict()
+_DIRECTORIES_LOCK = threading.Lock()
+
+
 @dataclass
 class _Record:
     """One storage record ``<archive>/data/<key>``: where its local header is, its size, and (once read) its data."""
@@ -83,11 +89,26 @@ class RemoteTorchFile:
             self._file = fs.open(obj.url.path, "rb", block_size=READ_AHEAD_BYTES, cache_type="readahead")
         try:
             self._check_version()
-            self._check_zip_magic()
-            self._records, self._pickle = self._read_directory()
+            self._records, self._pickle = self._directory()
         except BaseException:
             self.close()
             raise
+
+    def _directory(self) -> tuple[dict[str, _Record], bytes]:
+        """The storage records and ``data.pkl``, fetched once per (URL, version): discovery's look at a payload and
+        the merge's reading of it share one fetch."""
+        key = (str(self.url), self.obj.version)
+        with _DIRECTORIES_LOCK:
+            if key in _DIRECTORIES:
+                _DIRECTORIES.move_to_end(key)
+                records, data = _DIRECTORIES[key]
+                return {k: _Record(r.header_offset, r.size_bytes, r.data_offset) for k, r in records.items()}, data
+        records, data = self._read_directory()
+        with _DIRECTORIES_LOCK:
+            _DIRECTORIES[key] = (records, data)
+            while sum(len(d) for _, d in _DIRECTORIES.values()) > DIRECTORY_CACHE_BYTES and len(_DIRECTORIES) > 1:
+                _DIRECTORIES.popitem(last=False)
+        return {k: _Record(r.header_offset, r.size_bytes) for k, r in records.items()}, data
 
     def _check_version(self) -> None:
         """The object the file opened is the version the listing saw (an ETag / generation, where there is one)."""
@@ -109,21 +130,32 @@ class RemoteTorchFile:
                 f"as safetensors, or copy it to a local folder.")
 
     def _read_directory(self) -> tuple[dict[str, _Record], bytes]:
-        """The storage records by key and the bytes of ``data.pkl`` (zipfile checks their CRC)."""
+        """The storage records by key and the bytes of ``data.pkl`` (zipfile checks their CRC). The directory is read
+        from the end of the object, so a legacy (non-zip) file costs only those bytes before it is refused."""
         with self._lock, remote_errors(self.url, "read"):
             try:
                 archive = zipfile.ZipFile(self._file)
-                infos = archive.infolist()
-                prefix = _archive_prefix(self.url, infos)
-                pickle_info = archive.getinfo(f"{prefix}/data.pkl")
-                if pickle_info.file_size > MAX_PICKLE_BYTES:
-                    raise CheckpointFormatError(f"{self.url}: data.pkl of {pickle_info.file_size:,} bytes is "
-                                                f"implausibly large; the file is corrupt. Re-save it.")
-                data = archive.read(pickle_info)
-                order = archive.read(f"{prefix}/byteorder") if f"{prefix}/byteorder" in archive.NameToInfo else None
-            except (zipfile.BadZipFile, zipfile.LargeZipFile, KeyError, EOFError, NotImplementedError) as exc:
-                raise CheckpointFormatError(f"{self.url}: cannot read the torch zip archive ({exc}); the file is "
-                                            f"corrupt or truncated. Re-upload or re-save it.") from None
+            except zipfile.BadZipFile:
+                archive = None
+            if archive is not None:
+                return self._records_and_pickle(archive)
+        self._check_zip_magic()
+        raise CheckpointFormatError(f"{self.url}: a zip file without a readable directory; the file is corrupt or "
+                                    f"truncated. Re-upload or re-save it.")
+
+    def _records_and_pickle(self, archive: zipfile.ZipFile) -> tuple[dict[str, _Record], bytes]:
+        try:
+            infos = archive.infolist()
+            prefix = _archive_prefix(self.url, infos)
+            pickle_info = archive.getinfo(f"{prefix}/data.pkl")
+            if pickle_info.file_size > MAX_PICKLE_BYTES:
+                raise CheckpointFormatError(f"{self.url}: data.pkl of {pickle_info.file_size:,} bytes is implausibly "
+                                            f"large; the file is corrupt. Re-save it.")
+            data = archive.read(pickle_info)
+            order = archive.read(f"{prefix}/byteorder") if f"{prefix}/byteorder" in archive.NameToInfo else None
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, KeyError, EOFError, NotImplementedError) as exc:
+            raise CheckpointFormatError(f"{self.url}: cannot read the torch zip archive ({exc}); the file is corrupt "
+                                        f"or truncated. Re-upload or re-save it.") from None
         if order not in (None, b"little"):
             raise CheckpointFormatError(f"{self.url}: saved on a {order!r}-endian machine; ckptmerge reads "
                                         f"little-endian torch files at URLs. Re-save it on a little-endian machine "
@@ -253,6 +285,30 @@ def load_remote_torch_payload(fs, obj: RemoteObject) -> RemoteTorchPayload:
         file.close()
         raise
     return RemoteTorchPayload(obj, file, refs)
+
+
+_PAYLOADS: OrderedDict[tuple[str, str], Any] = OrderedDict()
+_PAYLOADS_KEPT = 4
+_PAYLOADS_LOCK = threading.Lock()
+
+
+def remote_payload_object(fs, obj: RemoteObject) -> Any:
+    """``payload.obj`` of ``load_remote_torch_payload``, the file closed, kept for the last few (URL, version)s as
+    ``layouts.base.payload`` keeps local ones: what a layout's ``detect`` / ``read_step`` look at. Its tensors are
+    meta tensors (no data): a layout that reads a tensor's value, or opens weights, goes through
+    ``open_remote_torch``."""
+    key = (str(obj.url), obj.version)
+    with _PAYLOADS_LOCK:
+        if key in _PAYLOADS:
+            _PAYLOADS.move_to_end(key)
+            return _PAYLOADS[key]
+    payload = load_remote_torch_payload(fs, obj)
+    payload.file.close()
+    with _PAYLOADS_LOCK:
+        _PAYLOADS[key] = payload.obj
+        while len(_PAYLOADS) > _PAYLOADS_KEPT:
+            _PAYLOADS.popitem(last=False)
+    return payload.obj
 
 
 def read_rows(file: RemoteTorchFile, ref: TensorRef, start: int, stop: int) -> torch.Tensor:
