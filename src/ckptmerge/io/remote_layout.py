@@ -1,9 +1,19 @@
-"""The plain checkpoint formats at a URL, told from one listing (``io/remote_tree.py``) by the local rules of
-``io/layout.py``; opening them (safetensors by range reads) and pinning their objects' versions for a merge.
+"""Checkpoints at a URL, told from one listing (``io/remote_tree.py``): the plain formats by the local rules of
+``io/layout.py``, the trainers' layouts (``io/layouts/``) by their own modules run on a ``CheckpointPath`` (a
+pathlib-like view of the listing, ``io/remote_path.py``); opening them (safetensors and DCP by range reads) and
+pinning their objects' versions for a merge.
 
     layout, files = detect_remote_layout(tree, "checkpoint-100")    # ("safetensors", [RemoteObject, ...])
+    framework = match_remote_layout(CheckpointPath(tree, "iter_0000100"))   # the megatron Layout, or None
     reader = open_remote_checkpoint(Url("s3", "bucket/run/checkpoint-100"))
     pin = pin_remote_checkpoint(url); ...; pin.verify()             # the same ETags after the merge, or an error
+
+What a layout reads besides its weights comes from the small metadata files, one GET each (``trainer_state.json``,
+DCP ``.metadata``, and the small torch pickles ``SMALL_PICKLES``: Megatron's ``common.pt``, OLMo-core's
+``train/rank0.pt``, Lightning's sharded ``meta.pt``, accelerate's ``scheduler.bin``). A layout that needs a torch
+pickle of weights (DeepSpeed, litgpt, Composer, nanoGPT, Lightning ``.ckpt`` files, ``pytorch_model.bin``,
+accelerate's ``optimizer.bin``) is refused in one line naming the checkpoint and the framework
+(``NotRemoteYet``): torch pickles are not read from URLs yet.
 """
 
 from __future__ import annotations
@@ -14,11 +24,13 @@ from dataclasses import dataclass
 
 from ckptmerge.errors import CheckpointFormatError
 from ckptmerge.io.layout import SAFETENSORS_INDEX, TORCH_INDEX, TORCH_SUFFIXES
+from ckptmerge.io.layouts import LAYOUTS, Layout, lightning, megatron, olmo_core
 from ckptmerge.io.remote import Url, io_concurrency
+from ckptmerge.io.remote_path import RemotePath, cached_read, subtree
 from ckptmerge.io.remote_tree import RemoteObject, RemoteTree
 from ckptmerge.io.shard_index import MAX_INDEX_BYTES, parse_weight_map
 
-REMOTE_FORMATS = ("safetensors", "dcp", "torch")
+REMOTE_FORMATS = ("safetensors", "dcp")
 
 
 def _join(rel: str, name: str) -> str:
@@ -28,10 +40,9 @@ def _join(rel: str, name: str) -> str:
 def detect_remote_layout(tree: RemoteTree, rel: str) -> tuple[str, list[RemoteObject]] | None:
     """(layout, weight objects) when ``rel`` in ``tree`` is a checkpoint, else None (rules of ``detect_layout``)."""
     if tree.is_file(rel):
-        name = tree.object(rel).url.name  # rel is "" when the URL listed is the file itself
-        if name.endswith(".safetensors"):
+        if rel.endswith(".safetensors"):
             return "safetensors", [tree.object(rel)]
-        return ("torch", [tree.object(rel)]) if name.endswith(TORCH_SUFFIXES) else None
+        return ("torch", [tree.object(rel)]) if rel.endswith(TORCH_SUFFIXES) else None
     if not tree.is_dir(rel):
         return None
     if tree.is_file(_join(rel, SAFETENSORS_INDEX)):
@@ -77,30 +88,153 @@ def located(url: Url) -> tuple[str, list[RemoteObject], RemoteTree]:
     found = detect_remote_layout(tree, "")
     if found is None:
         raise CheckpointFormatError(f"{url}: not a checkpoint ckptmerge can read. Expected an HF folder "
-                                    f"(model.safetensors[.index.json] or pytorch_model.bin[.index.json]), a "
-                                    f".safetensors file or a torch file ({', '.join(TORCH_SUFFIXES)}).")
+                                    f"(model.safetensors[.index.json]) or a .safetensors file.")
     return found[0], found[1], tree
 
 
 def open_remote_checkpoint(url: Url):
-    """A reader for the checkpoint at ``url`` (safetensors, DCP or torch zip pickles, by range reads); other formats
-    are refused in one line."""
-    layout, files, tree = located(url)
-    if layout == "torch":  # pytorch_model.bin[.index.json], a .pt / .bin file: zip records by range
-        from ckptmerge.io.remote_torch import open_remote_torch
+    """A reader for the checkpoint at ``url`` (safetensors or DCP, by range reads): a trainer's layout first, as
+    ``io/dispatch.py`` does locally, then the plain formats; what cannot be read from a URL is refused in one line."""
+    tree = RemoteTree.list(url)
+    if not tree.exists():
+        raise CheckpointFormatError(f"{url}: no such object or folder (moved or deleted?); check the URL")
+    path = CheckpointPath(tree)
+    layout = match_remote_layout(path)
+    if layout is not None:
+        return framework_call(layout, layout.open, path)
+    return path.open_plain()
 
-        return open_remote_torch(tree, files, display=url)
-    if layout not in REMOTE_FORMATS:
-        raise CheckpointFormatError(f"{url}: a {layout} checkpoint; from remote storage ckptmerge reads safetensors "
-                                    f"and DCP only so far. Copy it to a local folder first (e.g. fsspec's `get`), or "
-                                    f"convert it to safetensors.")
-    if layout == "dcp":
-        from ckptmerge.io.remote_dcp import RemoteDcpReader
 
-        return RemoteDcpReader(tree, url)
-    from ckptmerge.io.remote_safetensors import RemoteSafetensorsReader
+class NotRemoteYet(CheckpointFormatError):
+    """What a layout needs is a torch pickle, which is not read from a URL yet: one line naming the checkpoint, the
+    framework (when known) and the fix."""
 
-    return RemoteSafetensorsReader(tree.fs, files, display_path=url, concurrency=io_concurrency())
+    def __init__(self, where: object, what: str, framework: str | None = None):
+        self.where, self.what, self.framework = where, what, framework
+        claim = f"a {framework} checkpoint, and " if framework else ""
+        super().__init__(f"{where}: {claim}{what}; ckptmerge does not read torch pickles from a URL yet. {SYNC_FIX}")
+
+
+SYNC_FIX = ("Copy the run to a local folder (e.g. `aws s3 sync URL DIR`, `gcloud storage rsync`, fsspec's `get`) "
+            "and give that folder.")
+SMALL_PICKLES = (megatron.COMMON, olmo_core.TRAIN_STATE.as_posix(), lightning.SHARDED_META, "scheduler.bin")
+MAX_SMALL_PICKLE_BYTES = 16 * 1024 * 1024
+PICKLE_LAYOUTS = {"deepspeed": "its weights are torch pickles (*model_states.pt, ZeRO optimizer files)",
+                  "litgpt": "its weights are a torch pickle (lit_model.pth)"}  # refused when matched
+
+
+class CheckpointPath(RemotePath):
+    """A ``RemotePath`` whose readers are the remote ones: ``io/layouts/base.py`` sends a layout's file access
+    here (``plain_layout``, ``open_plain``, ``open_dcp``, ``open_torch_files``, ``torch_payload``)."""
+
+    def plain_layout(self) -> tuple[str, list[RemotePath]] | None:
+        found = detect_remote_layout(self.tree, self._inside())
+        if found is None:
+            return None
+        prefix = f"{self.tree.root.path}/"
+        return found[0], [self._at(o.url.path[len(prefix):] if o.url != self.tree.root else "") for o in found[1]]
+
+    def open_plain(self):
+        found = detect_remote_layout(self.tree, self._inside())
+        if found is None:
+            raise CheckpointFormatError(f"{self}: not a checkpoint ckptmerge can read. Expected an HF folder "
+                                        f"(model.safetensors[.index.json]) or a .safetensors file.")
+        layout, files = found
+        if layout not in REMOTE_FORMATS:
+            raise NotRemoteYet(self, f"its weights are torch pickles ({', '.join(o.url.name for o in files[:2])}; or "
+                                     f"convert them to safetensors)")
+        if layout == "dcp":
+            return self.open_dcp()
+        from ckptmerge.io.remote_safetensors import RemoteSafetensorsReader
+
+        return RemoteSafetensorsReader(self.tree.fs, files, display_path=self.url, concurrency=io_concurrency())
+
+    def open_dcp(self, **options):
+        """``DcpReader(folder, display_path=..., names=...)`` over range reads of this folder's objects."""
+        display = options.get("display_path")
+        if isinstance(display, RemotePath):
+            options["display_path"] = display.url
+        return _layout_dcp_reader(subtree(self.tree, self._inside()), self.url, options)
+
+    def open_torch_files(self, files: list[RemotePath]):
+        raise NotRemoteYet(files[0], f"{files[0].name} is a torch pickle of weights")
+
+    def torch_payload(self) -> object:
+        """A small metadata pickle's object (one GET, restricted unpickler); a pickle of weights is refused."""
+        rel = self._inside()
+        small = any(rel == name or rel.endswith("/" + name) for name in SMALL_PICKLES)
+        if not small or not self.is_file() or self.stat().st_size > MAX_SMALL_PICKLE_BYTES:
+            raise NotRemoteYet(self, f"{self.name} is a torch pickle of weights or optimizer state")
+        return _load_pickle(self, cached_read(self.tree, rel))
+
+
+def _layout_dcp_reader(tree: RemoteTree, url: Url, options: dict):
+    """``io/remote_dcp.RemoteDcpReader`` with a layout's ``display_path`` and ``names`` rule."""
+    from ckptmerge.io.dcp_reader import DcpReader
+    from ckptmerge.io.remote_dcp import RemoteDcpReader
+
+    class LayoutDcpReader(RemoteDcpReader):
+        def __init__(self):
+            self._tree = tree
+            DcpReader.__init__(self, url, **options)
+
+    return LayoutDcpReader()
+
+
+def _load_pickle(path: RemotePath, data: bytes) -> object:
+    """``torch_reader.load_torch_payload`` on bytes read from a URL (restricted unpickler, nothing executed)."""
+    import io
+    import pickle
+
+    from ckptmerge.errors import CkptMergeError, UnsafeCheckpointError
+    from ckptmerge.io.safe_pickle import load_torch_file_restricted
+
+    try:
+        return load_torch_file_restricted(io.BytesIO(data), mmap=False)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(f"{path}: refusing to load: {str(exc).splitlines()[0]}. Nothing from it was "
+                                    f"executed.") from exc
+    except CkptMergeError:
+        raise
+    except Exception as exc:  # a corrupt pickle stream fails in many ways
+        raise CheckpointFormatError(f"{path}: cannot read torch file ({type(exc).__name__}: {str(exc)[:200]}); "
+                                    f"is the object complete?") from exc
+
+
+def match_remote_layout(path: CheckpointPath) -> Layout | None:
+    """``io.layouts.match_layout`` on a remote entry: the first layout whose rule claims it. A rule that would have
+    to read a torch pickle of weights to decide (Lightning, Composer, nanoGPT files) refuses the entry in one line,
+    naming the layouts that could claim it; so do the layouts whose weights are pickles (``PICKLE_LAYOUTS``)."""
+    for i, layout in enumerate(LAYOUTS):
+        try:
+            claimed = layout.detect(path)
+        except NotRemoteYet:
+            maybe = [layout.name] + [other.name for other in LAYOUTS[i + 1:] if _needs_pickle(other, path)]
+            raise NotRemoteYet(path, f"{path.name} is a torch pickle, which the {' / '.join(maybe)} layout"
+                                     f"{'s' if len(maybe) > 1 else ''} read to tell a checkpoint") from None
+        if claimed:
+            if layout.name in PICKLE_LAYOUTS:
+                raise NotRemoteYet(path, PICKLE_LAYOUTS[layout.name], layout.name)
+            return layout
+    return None
+
+
+def _needs_pickle(layout: Layout, path: CheckpointPath) -> bool:
+    try:
+        layout.detect(path)
+    except NotRemoteYet:
+        return True
+    return False
+
+
+def framework_call(layout: Layout, call, path: CheckpointPath):
+    """``call(path)`` (a layout's ``read_step`` or ``open``); a refusal names the framework and the checkpoint."""
+    try:
+        return call(path)
+    except NotRemoteYet as exc:
+        if exc.framework is not None:
+            raise
+        raise NotRemoteYet(path, exc.what, layout.name) from None
 
 
 @dataclass
@@ -114,7 +248,7 @@ class PinnedRemoteCheckpoint:
     def verify(self) -> None:
         """Raise CheckpointFormatError if any object changed, appeared or disappeared since it was pinned."""
         try:
-            now = _versions(located(self.path)[1])
+            now = _versions(_pinned_objects(self.path))
         except CheckpointFormatError:
             now = {}
         if now != self.versions:
@@ -127,10 +261,22 @@ class PinnedRemoteCheckpoint:
 def pin_remote_checkpoint(url: Url, mode: str = "sampled") -> PinnedRemoteCheckpoint:
     """The versions (ETags) of ``url``'s weight objects, and a fingerprint over them (``etag-sha256:...``):
     the store's own content tags stand in for a hash of the bytes, which would cost a second read."""
-    versions = _versions(located(url)[1])
+    versions = _versions(_pinned_objects(url))
     digest = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(versions.items())).encode())
     return PinnedRemoteCheckpoint(url, versions, None if mode == "none" else f"etag-sha256:{digest.hexdigest()}")
 
 
 def _versions(files: list[RemoteObject]) -> dict[str, str]:
     return {str(obj.url): f"{obj.size}:{obj.version}" for obj in files}
+
+
+def _pinned_objects(url: Url) -> list[RemoteObject]:
+    """The objects a merge pins: a plain checkpoint's weight objects; a trainer's folder that no plain rule reads
+    (OLMo-core's ``stepN/``), every object in it (as ``fingerprint.weight_files`` does locally)."""
+    tree = RemoteTree.list(url)
+    found = detect_remote_layout(tree, "") if tree.exists() else None
+    if found is not None:
+        return found[1]
+    if tree.exists() and match_remote_layout(CheckpointPath(tree)) is not None:
+        return list(tree.objects.values())
+    return located(url)[1]  # the one-line error

@@ -10,12 +10,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ckptmerge.io.layout import detect_layout, open_plain_checkpoint
 from ckptmerge.io.layouts.base import (
     Layout,
     StepInfo,
     as_int,
     copy_folder_state,
+    detect_layout,
+    open_plain_checkpoint,
     payload,
 )
 from ckptmerge.io.layouts.parse_name import parse_step

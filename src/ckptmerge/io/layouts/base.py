@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ckptmerge.io.layout import detect_layout as _local_detect_layout
+from ckptmerge.io.layout import open_plain_checkpoint as _local_open_plain
 from ckptmerge.io.tensor_info import CheckpointReader
 
 if TYPE_CHECKING:
@@ -72,8 +74,46 @@ def _cached_payload(path: str, mtime_ns: int, size: int) -> object:
 
 def payload(path: Path) -> object:
     """A torch file's whole object (restricted unpickler, memory-mapped), cached across detect / step / open."""
+    if is_remote(path):
+        return path.torch_payload()
     stat = path.stat()
     return _cached_payload(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+# A run at a URL: discovery hands the layouts a view of one listing (io/remote_path.py) instead of a Path. The
+# layouts' rules run on it unchanged; where they open weights or read a torch file, the calls below are the one
+# place that sends a remote path to its remote readers (io/remote_layout.py: range reads, or a one-line refusal).
+
+def is_remote(path: object) -> bool:
+    return getattr(path, "is_remote", False) is True
+
+
+def detect_layout(path: Path) -> tuple[str, list] | None:
+    """``io.layout.detect_layout`` (HF folder, safetensors / torch file, DCP folder), for a remote path too."""
+    return path.plain_layout() if is_remote(path) else _local_detect_layout(path)
+
+
+def open_plain_checkpoint(path: Path) -> CheckpointReader:
+    """``io.layout.open_plain_checkpoint``, for a remote path too."""
+    return path.open_plain() if is_remote(path) else _local_open_plain(path)
+
+
+def dcp_reader(folder: Path, **options) -> CheckpointReader:
+    """``DcpReader(folder, display_path=..., names=...)``, by range reads for a remote folder."""
+    if is_remote(folder):
+        return folder.open_dcp(**options)
+    from ckptmerge.io.dcp_reader import DcpReader
+
+    return DcpReader(folder, **options)
+
+
+def torch_file_reader(files: list[Path], *, display_path: Path) -> CheckpointReader:
+    """``TorchFileReader(files, display_path=...)``, for remote files too."""
+    if is_remote(display_path):
+        return display_path.open_torch_files(files)
+    from ckptmerge.io.torch_reader import TorchFileReader
+
+    return TorchFileReader(files, display_path=display_path)
 
 
 def as_int(value: object) -> int | None:

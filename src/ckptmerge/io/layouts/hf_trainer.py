@@ -15,12 +15,15 @@ from pathlib import Path
 
 from ckptmerge.errors import CheckpointFormatError
 from ckptmerge.io.json_fields import check_log_history, check_types, is_count, load_json
-from ckptmerge.io.layout import detect_layout, open_plain_checkpoint
 from ckptmerge.io.layouts.base import (
     Layout,
     StepInfo,
     copy_folder_state,
+    dcp_reader,
+    detect_layout,
+    open_plain_checkpoint,
     step_from_name,
+    torch_file_reader,
     write_back_torch_file,
 )
 
@@ -43,9 +46,6 @@ def detect(path: Path) -> bool:
 
 
 def open_checkpoint(path: Path):
-    from ckptmerge.io.dcp_reader import DcpReader
-    from ckptmerge.io.torch_reader import TorchFileReader
-
     if detect_layout(path) is not None:
         return open_plain_checkpoint(path)
     weights = _fsdp_weights(path)
@@ -55,8 +55,8 @@ def open_checkpoint(path: Path):
                                     f"(LOCAL_STATE_DICT or use_dcp=False), which ckptmerge cannot read yet. Fix: save "
                                     f"with fsdp_state_dict_type SHARDED_STATE_DICT or FULL_STATE_DICT.")
     if weights.name == FSDP_SHARDED:
-        return DcpReader(weights, display_path=path)
-    return TorchFileReader([weights], display_path=path)
+        return dcp_reader(weights, display_path=path)
+    return torch_file_reader([weights], display_path=path)
 
 
 def write_back(path: Path, merged: dict, dest: Path) -> None:

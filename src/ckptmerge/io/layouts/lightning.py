@@ -17,6 +17,7 @@ from ckptmerge.io.layouts.base import (
     Layout,
     StepInfo,
     as_int,
+    dcp_reader,
     payload,
     strip_attribute_prefix,
     weights_reader,
@@ -68,11 +69,10 @@ def read_step(path: Path) -> StepInfo:
 
 
 def open_checkpoint(path: Path):
-    from ckptmerge.io.dcp_reader import DcpReader
     from ckptmerge.io.torch_reader import check_kept_fraction
 
     if _is_sharded(path):
-        return DcpReader(path, names=_sharded_names)
+        return dcp_reader(path, names=_sharded_names)
     state = payload(path)
     check_kept_fraction(path, state["state_dict"], state)
     return weights_reader(path, state["state_dict"], "lightning", strip_attribute=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ckptmerge.io.layouts.base import Layout, StepInfo, as_int, payload, step_from_name
+from ckptmerge.io.layouts.base import Layout, StepInfo, as_int, dcp_reader, payload, step_from_name
 
 # Readers (and torch) load inside the functions that open or rewrite checkpoints: discovery stays torch-free.
 
@@ -42,9 +42,7 @@ def read_step(path: Path) -> StepInfo:
 
 
 def open_checkpoint(path: Path):
-    from ckptmerge.io.dcp_reader import DcpReader
-
-    return DcpReader(path)
+    return dcp_reader(path)
 
 
 LAYOUT = Layout("megatron", detect, read_step, open_checkpoint, pointer)

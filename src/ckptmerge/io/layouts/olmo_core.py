@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ckptmerge.io.layouts.base import Layout, StepInfo, as_int, payload, step_from_name
+from ckptmerge.io.layouts.base import Layout, StepInfo, as_int, dcp_reader, payload, step_from_name
 
 # Readers (and torch) load inside the functions that open or rewrite checkpoints: discovery stays torch-free.
 
@@ -32,9 +32,7 @@ def read_step(path: Path) -> StepInfo:
 
 
 def open_checkpoint(path: Path):
-    from ckptmerge.io.dcp_reader import DcpReader
-
-    return DcpReader(path / MODEL_DIR, display_path=path)
+    return dcp_reader(path / MODEL_DIR, display_path=path)
 
 
 LAYOUT = Layout("olmo-core", detect, read_step, open_checkpoint, storage="dcp")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ckptmerge.io.layouts.base import Layout, StepInfo
+from ckptmerge.io.layouts.base import Layout, StepInfo, dcp_reader
 from ckptmerge.io.layouts.parse_name import parse_step
 
 
@@ -22,9 +22,7 @@ def read_step(path: Path) -> StepInfo:
 
 
 def open_checkpoint(path: Path):
-    from ckptmerge.io.dcp_reader import DcpReader  # torch: only when a checkpoint is opened
-
-    return DcpReader(path)
+    return dcp_reader(path)  # torch: only when a checkpoint is opened
 
 
 def write_back(path: Path, merged: dict, dest: Path) -> None:
