@@ -30,7 +30,7 @@ from ckptmerge.io.remote_path import RemotePath, cached_read, subtree
 from ckptmerge.io.remote_tree import RemoteObject, RemoteTree
 from ckptmerge.io.shard_index import MAX_INDEX_BYTES, parse_weight_map
 
-REMOTE_FORMATS = ("safetensors", "dcp")
+REMOTE_FORMATS = ("safetensors", "dcp", "torch")
 
 
 def _join(rel: str, name: str) -> str:
@@ -40,9 +40,10 @@ def _join(rel: str, name: str) -> str:
 def detect_remote_layout(tree: RemoteTree, rel: str) -> tuple[str, list[RemoteObject]] | None:
     """(layout, weight objects) when ``rel`` in ``tree`` is a checkpoint, else None (rules of ``detect_layout``)."""
     if tree.is_file(rel):
-        if rel.endswith(".safetensors"):
+        name = tree.object(rel).url.name  # rel is "" when the URL listed is the file itself
+        if name.endswith(".safetensors"):
             return "safetensors", [tree.object(rel)]
-        return ("torch", [tree.object(rel)]) if rel.endswith(TORCH_SUFFIXES) else None
+        return ("torch", [tree.object(rel)]) if name.endswith(TORCH_SUFFIXES) else None
     if not tree.is_dir(rel):
         return None
     if tree.is_file(_join(rel, SAFETENSORS_INDEX)):
@@ -88,7 +89,8 @@ def located(url: Url) -> tuple[str, list[RemoteObject], RemoteTree]:
     found = detect_remote_layout(tree, "")
     if found is None:
         raise CheckpointFormatError(f"{url}: not a checkpoint ckptmerge can read. Expected an HF folder "
-                                    f"(model.safetensors[.index.json]) or a .safetensors file.")
+                                    f"(model.safetensors[.index.json] or pytorch_model.bin[.index.json]), a "
+                                    f".safetensors file or a torch file ({', '.join(TORCH_SUFFIXES)}).")
     return found[0], found[1], tree
 
 
@@ -140,6 +142,10 @@ class CheckpointPath(RemotePath):
             raise CheckpointFormatError(f"{self}: not a checkpoint ckptmerge can read. Expected an HF folder "
                                         f"(model.safetensors[.index.json]) or a .safetensors file.")
         layout, files = found
+        if layout == "torch":  # pytorch_model.bin[.index.json], a .pt / .bin file: zip records by range
+            from ckptmerge.io.remote_torch import open_remote_torch
+
+            return open_remote_torch(self.tree, files, display=self.url)
         if layout not in REMOTE_FORMATS:
             raise NotRemoteYet(self, f"its weights are torch pickles ({', '.join(o.url.name for o in files[:2])}; or "
                                      f"convert them to safetensors)")
