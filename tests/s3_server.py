@@ -63,15 +63,20 @@ def upload(fs, local, url_path: str) -> None:
 class FaultProxy:
     """An HTTP proxy in front of the S3 server that misbehaves on request: ``deny`` (a predicate on method and
     path) answers 403 AccessDenied, ``fail_every`` answers every k-th request with a 500 (or drops the
-    connection when ``drop``), ``delay_puts`` sleeps before forwarding each PUT. ``requests`` logs what passed."""
+    connection when ``drop``), ``delay_puts`` sleeps before forwarding each PUT. ``requests`` logs what passed.
 
-    def __init__(self, upstream: str):
+    It can also shape traffic like a distant store (off by default; ``benchmarks/bench_remote.py`` turns it on):
+    ``latency`` seconds are added before the first byte of every answer (on top of the server's own time), and
+    ``bandwidth`` bytes per second caps each answer's body, i.e. each connection while it sends one."""
+
+    def __init__(self, upstream: str, *, latency: float = 0.0, bandwidth: float = 0.0):
         import http.server
         import threading
 
         self.upstream = upstream.removeprefix("http://")
         self.deny = lambda method, path: False
         self.fail_every, self.drop, self.delay_puts = 0, False, 0.0
+        self.latency, self.bandwidth = latency, bandwidth
         self.requests: list[tuple[str, str, str]] = []  # (method, path, Range header)
         self._count, self._lock = 0, threading.Lock()
         proxy = self
@@ -123,6 +128,8 @@ class FaultProxy:
         conn.request(handler.command, handler.path, body=body, headers=headers)
         response = conn.getresponse()
         data = response.read()
+        if self.latency:
+            time.sleep(self.latency)
         handler.send_response(response.status)
         for key, value in response.getheaders():
             if key.lower() not in ("connection", "transfer-encoding", "content-length", "server", "date"):
@@ -131,8 +138,22 @@ class FaultProxy:
         handler.send_header("Content-Length", length or str(len(data)))
         handler.end_headers()
         if handler.command != "HEAD":
-            handler.wfile.write(data)
+            self._send_body(handler, data)
         conn.close()
+
+    def _send_body(self, handler, data: bytes) -> None:
+        """Write ``data``, no faster than ``bandwidth`` bytes per second when it is set."""
+        import time
+
+        if not self.bandwidth:
+            handler.wfile.write(data)
+            return
+        view, step, started = memoryview(data), 256 << 10, time.perf_counter()
+        for begin in range(0, len(view), step):
+            handler.wfile.write(view[begin:begin + step])
+            early = (begin + len(view[begin:begin + step])) / self.bandwidth - (time.perf_counter() - started)
+            if early > 0:
+                time.sleep(early)
 
     def stop(self) -> None:
         self._server.shutdown()
@@ -161,3 +182,24 @@ def _client_gone(handler) -> bool:
         return handler.connection.recv(1, socket.MSG_PEEK) == b""
     except OSError:
         return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python tests/s3_server.py UPSTREAM [--latency S] [--bandwidth B]``: a FaultProxy in a process of its own
+    (so its work does not share the measured process's interpreter); prints its endpoint, serves until stdin closes."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("upstream")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added before each answer's first byte")
+    parser.add_argument("--bandwidth", type=float, default=0.0, help="bytes per second per answer (0: no cap)")
+    args = parser.parse_args(argv)
+    proxy = FaultProxy(args.upstream, latency=args.latency, bandwidth=args.bandwidth)
+    print(proxy.endpoint, flush=True)
+    sys.stdin.read()
+    proxy.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -4,8 +4,8 @@
     reader.expect([(name, start, stop), ...])   # the rows the merge will ask for, in order (optional)
     reader.get_rows(name, 0, 128)               # a tensor of those rows, fetched by range requests
 
-Each header is fetched with one request (a second only when it is longer than the first guess) and validated
-as strictly as a local one (``io/safetensors_header.py``). Rows announced with ``expect`` are planned into
+Each header is fetched with one request (a second only when it is longer than the first guess; the shards of a
+sharded checkpoint side by side) and validated as strictly as a local one (``io/safetensors_header.py``). Rows announced with ``expect`` are planned into
 requests of at most ``request_bytes`` (``REQUEST_BYTES``, 8 MiB): rows that follow each other in the same
 object share a request, so a run of small tensors (norms, biases) costs one request, not one each; larger rows
 are split. Up to ``concurrency`` planned requests are in flight or held on a pool of ``concurrency`` threads,
@@ -83,14 +83,24 @@ class RemoteSafetensorsReader(SafetensorsIndex):
         self._to_submit: deque[_Request] = deque()  # their requests not yet sent, in order
         self._held = 0  # requests sent whose bytes some announced row still needs
         self._heads: list[bytes] = []
-        for index, obj in enumerate(self.files):
-            self._index_file(index, obj)
+        heads = [self._pool.submit(self._fetch_head, obj) for obj in self.files]  # a sharded set's side by side
+        try:
+            for index, (obj, head) in enumerate(zip(self.files, heads)):
+                self._index_file(index, obj, head.result())
+        except BaseException:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
-    def _index_file(self, index: int, obj: RemoteObject) -> None:
+    def _fetch_head(self, obj: RemoteObject) -> bytes:
+        """The object's first bytes, through the end of its header (one request, a second for a long header)."""
         head = self._range(obj, 0, min(obj.size, HEAD_GUESS_BYTES))
         length = header_length(obj.url, head, obj.size)
         if 8 + length > len(head):
             head += self._range(obj, len(head), 8 + length - len(head))
+        return head
+
+    def _index_file(self, index: int, obj: RemoteObject, head: bytes) -> None:
+        length = header_length(obj.url, head, obj.size)
         self._heads.append(head)  # tensors that lie in it (small files) are served from it, not asked for again
         header = parse_header(obj.url, head[8:8 + length])
         self._add_file(index, obj.url, header, 8 + length, obj.size - 8 - length, lambda i: self.files[i].url)
