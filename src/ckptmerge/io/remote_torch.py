@@ -78,6 +78,11 @@ class _Record:
     data_offset: int | None = None
 
 
+def _fresh(records: dict[str, _Record]) -> dict[str, _Record]:
+    """Copies of cached records, their data offsets still to be read (each open finds its own)."""
+    return {key: _Record(r.header_offset, r.size_bytes) for key, r in records.items()}
+
+
 class RemoteTorchFile:
     """One zip-format torch file at a URL: its records located, ``data.pkl`` fetched, storages read by range."""
 
@@ -102,13 +107,13 @@ class RemoteTorchFile:
             if key in _DIRECTORIES:
                 _DIRECTORIES.move_to_end(key)
                 records, data = _DIRECTORIES[key]
-                return {k: _Record(r.header_offset, r.size_bytes, r.data_offset) for k, r in records.items()}, data
+                return _fresh(records), data
         records, data = self._read_directory()
         with _DIRECTORIES_LOCK:
             _DIRECTORIES[key] = (records, data)
             while sum(len(d) for _, d in _DIRECTORIES.values()) > DIRECTORY_CACHE_BYTES and len(_DIRECTORIES) > 1:
                 _DIRECTORIES.popitem(last=False)
-        return {k: _Record(r.header_offset, r.size_bytes) for k, r in records.items()}, data
+        return _fresh(records), data
 
     def _check_version(self) -> None:
         """The object the file opened is the version the listing saw (an ETag / generation, where there is one)."""
