@@ -62,6 +62,16 @@ def _hf_trainer(run, states):
     return "hf-trainer"
 
 
+def _hf_trainer_bin(run, states):
+    for step, state in zip(STEPS, states):  # save_safetensors=False: pytorch_model.bin, read by io/remote_torch.py
+        folder = run / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        torch.save(state, folder / "pytorch_model.bin")
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+        torch.save(_opt_state(state), folder / "optimizer.pt")
+    return "hf-trainer"
+
+
 def _hf_fsdp(run, states):
     for step, state in zip(STEPS, states):
         folder = run / f"checkpoint-{step}"
@@ -132,10 +142,11 @@ def _lightning_sharded(run, states):
     return "lightning"
 
 
-READABLE = {"hf-trainer": _hf_trainer, "hf-fsdp-sharded": _hf_fsdp, "accelerate": _accelerate,
+READABLE = {"hf-trainer": _hf_trainer, "hf-trainer-bin": _hf_trainer_bin, "hf-fsdp-sharded": _hf_fsdp, "accelerate": _accelerate,
             "torchtitan": _torchtitan, "olmo-core": _olmo_core, "megatron": _megatron,
             "lightning-sharded": _lightning_sharded}
 SMALL_FILES = ("trainer_state.json", "common.pt", "rank0.pt", "meta.pt", ".metadata")
+WEIGHTS = (".safetensors", ".distcp", "pytorch_model.bin")
 
 
 def _listing_and_gets(requests):
@@ -185,15 +196,15 @@ def test_a_trainer_run_at_a_url_inspects_and_merges_like_the_local_copy(tmp_path
     assert all(framework in line.split() for line in remote.splitlines()[2:2 + len(STEPS)]), remote
     lists, whole, ranged, heads = _listing_and_gets(proxy.requests)
     assert heads == 0 and lists <= 1 + 2 * len(STEPS), proxy.requests  # the run, then each checkpoint's size and dtypes
-    assert all(key.endswith(SMALL_FILES + (".safetensors",)) or "safetensors" not in key for key in whole)
-    assert not any(key.endswith((".safetensors", ".distcp")) for key in whole), whole  # weights: ranges only
+    assert not any(key.endswith(WEIGHTS) for key in whole), whole  # weights: ranges only
 
     assert main(["merge", str(top), "--last", "2", "-o", str(tmp_path / "local-out"), "--quiet"]) == 0
     proxy.requests.clear()
     assert main(["merge", url, "--last", "2", "-o", str(tmp_path / "remote-out"), "--quiet"]) == 0
     _, whole, ranged, _ = _listing_and_gets(proxy.requests)
-    assert not any(key.endswith((".safetensors", ".distcp")) for key in whole), whole  # no weight object fetched whole
-    assert any(key.endswith((".safetensors", ".distcp")) for key in ranged)
+    assert not any(key.endswith(WEIGHTS) for key in whole), whole  # no weight object fetched whole
+    assert any(key.endswith(WEIGHTS) for key in ranged)
+    assert not any(key.endswith(("optimizer.pt", "optimizer.bin", "scheduler.pt")) for key in whole + ranged)
     local_t, remote_t = merged_tensors(tmp_path / "local-out"), merged_tensors(tmp_path / "remote-out")
     assert sorted(remote_t) == sorted(states[0]) and local_t.keys() == remote_t.keys()  # the model's own names
     for name in local_t:
