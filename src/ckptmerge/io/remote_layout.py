@@ -113,7 +113,8 @@ class NotRemoteYet(CheckpointFormatError):
 
     def __init__(self, where: object, what: str, framework: str | None = None):
         self.where, self.what, self.framework = where, what, framework
-        claim = f"a {framework} checkpoint, and " if framework else ""
+        article = "an" if framework and (framework[0] in "aeiou" or framework.startswith("hf")) else "a"
+        claim = f"{article} {framework} checkpoint, and " if framework else ""
         super().__init__(f"{where}: {claim}{what}; ckptmerge does not read torch pickles from a URL yet. {SYNC_FIX}")
 
 
