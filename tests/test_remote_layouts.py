@@ -272,3 +272,20 @@ def test_a_pickle_layout_at_a_url_is_refused_in_one_line(tmp_path, s3, capsys, k
         assert f"s3://runs/refused-{kind}/" in line and framework in line and "local folder" in line, line
         assert "Traceback" not in line
     assert not (tmp_path / "out").exists()
+
+
+def test_named_trainer_checkpoints_at_urls_merge_like_the_local_ones(tmp_path, s3, capsys):
+    """Checkpoints named one by one (no run discovery): each URL is listed alone, its layout and step told from it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    states = _states()
+    _olmo_core(run, states)
+    upload(s3, run, "runs/named-olmo")
+    names = [f"step{s}" for s in STEPS[1:]][::-1]  # newest first: ordered by the steps read from train/rank0.pt
+    assert main(["merge", *[str(run / n) for n in names], "-o", str(tmp_path / "local-out"), "--quiet"]) == 0
+    assert main(["merge", *[f"s3://runs/named-olmo/{n}" for n in names], "-o", str(tmp_path / "remote-out"),
+                 "--quiet"]) == 0
+    local_t, remote_t = merged_tensors(tmp_path / "local-out"), merged_tensors(tmp_path / "remote-out")
+    assert local_t.keys() == remote_t.keys() and all(torch.equal(local_t[k], remote_t[k]) for k in local_t)
+    manifest = json.loads((tmp_path / "remote-out" / "merge.json").read_text())
+    assert [(i["path"], i["step"]) for i in manifest["inputs"]] == [(f"s3://runs/named-olmo/step{s}", s) for s in STEPS[1:]]
