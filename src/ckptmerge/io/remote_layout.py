@@ -123,7 +123,11 @@ SYNC_FIX = ("Copy the run to a local folder (e.g. `aws s3 sync URL DIR`, `gcloud
 SMALL_PICKLES = (megatron.COMMON, olmo_core.TRAIN_STATE.as_posix(), lightning.SHARDED_META, "scheduler.bin")
 MAX_SMALL_PICKLE_BYTES = 16 * 1024 * 1024
 PICKLE_LAYOUTS = {"deepspeed": "its weights are torch pickles (*model_states.pt, ZeRO optimizer files)",
-                  "litgpt": "its weights are a torch pickle (lit_model.pth)"}  # refused when matched
+                  "litgpt": "its weights are a torch pickle (lit_model.pth)",
+                  # torch_payload gives these layouts' detect a payload of meta tensors (io/remote_torch.py); their
+                  # open must go through remote_torch.open_remote_torch(weights_of=...) before they leave this list
+                  "nanogpt": "its weights are a torch pickle (ckpt.pt)",
+                  "composer": "its weights are a torch pickle (ep*-ba*-rank*.pt)"}  # refused when matched
 
 
 class CheckpointPath(RemotePath):
@@ -141,7 +145,8 @@ class CheckpointPath(RemotePath):
         found = detect_remote_layout(self.tree, self._inside())
         if found is None:
             raise CheckpointFormatError(f"{self}: not a checkpoint ckptmerge can read. Expected an HF folder "
-                                        f"(model.safetensors[.index.json]) or a .safetensors file.")
+                                        f"(model.safetensors[.index.json] or pytorch_model.bin[.index.json]), a "
+                                        f".safetensors file or a torch file ({', '.join(TORCH_SUFFIXES)}).")
         layout, files = found
         if layout == "torch":  # pytorch_model.bin[.index.json], a .pt / .bin file: zip records by range
             from ckptmerge.io.remote_torch import open_remote_torch
@@ -164,15 +169,27 @@ class CheckpointPath(RemotePath):
         return _layout_dcp_reader(subtree(self.tree, self._inside()), self.url, options)
 
     def open_torch_files(self, files: list[RemotePath]):
-        raise NotRemoteYet(files[0], f"{files[0].name} is a torch pickle of weights")
+        """``TorchFileReader(files, display_path=self)`` by range reads (``io/remote_torch.py``)."""
+        from ckptmerge.io.remote_torch import open_remote_torch
+
+        return open_remote_torch(self.tree, [self.tree.object(f._inside()) for f in files], display=self.url)
 
     def torch_payload(self) -> object:
-        """A small metadata pickle's object (one GET, restricted unpickler); a pickle of weights is refused."""
+        """A small metadata pickle's object (one GET, restricted unpickler); a weights file's payload with meta
+        tensors (its zip directory and data.pkl only: ``remote_torch.remote_payload_object``), for a layout's
+        ``detect``; optimizer / trainer state pickles and Lightning ``.ckpt`` files are refused."""
         rel = self._inside()
         small = any(rel == name or rel.endswith("/" + name) for name in SMALL_PICKLES)
-        if not small or not self.is_file() or self.stat().st_size > MAX_SMALL_PICKLE_BYTES:
-            raise NotRemoteYet(self, f"{self.name} is a torch pickle of weights or optimizer state")
-        return _load_pickle(self, cached_read(self.tree, rel))
+        if small and self.is_file() and self.stat().st_size <= MAX_SMALL_PICKLE_BYTES:
+            return _load_pickle(self, cached_read(self.tree, rel))
+        from ckptmerge.merging.discover import NOT_WEIGHTS
+
+        weights = self.name not in NOT_WEIGHTS and not self.name.startswith("rng_state") and self.suffix != ".ckpt"
+        if self.is_file() and weights:  # not Lightning's .ckpt files: lightning.detect's refusal names them
+            from ckptmerge.io.remote_torch import remote_payload_object  # data.pkl only; tensors are meta tensors
+
+            return remote_payload_object(self.tree.fs, self.tree.object(rel))
+        raise NotRemoteYet(self, f"{self.name} is a torch pickle of weights or optimizer state")
 
 
 def _layout_dcp_reader(tree: RemoteTree, url: Url, options: dict):
