@@ -289,3 +289,11 @@ def test_named_trainer_checkpoints_at_urls_merge_like_the_local_ones(tmp_path, s
     assert local_t.keys() == remote_t.keys() and all(torch.equal(local_t[k], remote_t[k]) for k in local_t)
     manifest = json.loads((tmp_path / "remote-out" / "merge.json").read_text())
     assert [(i["path"], i["step"]) for i in manifest["inputs"]] == [(f"s3://runs/named-olmo/step{s}", s) for s in STEPS[1:]]
+
+
+def test_the_remote_list_of_state_pickles_is_discoverys():
+    """io may not import merging, so remote_layout keeps its own copy of discovery's list of non-weight files."""
+    from ckptmerge.io.remote_layout import STATE_PICKLES
+    from ckptmerge.merging.discover import NOT_WEIGHTS
+
+    assert STATE_PICKLES == NOT_WEIGHTS

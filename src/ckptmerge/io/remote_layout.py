@@ -122,6 +122,9 @@ SYNC_FIX = ("Copy the run to a local folder (e.g. `aws s3 sync URL DIR`, `gcloud
             "and give that folder.")
 SMALL_PICKLES = (megatron.COMMON, olmo_core.TRAIN_STATE.as_posix(), lightning.SHARDED_META, "scheduler.bin")
 MAX_SMALL_PICKLE_BYTES = 16 * 1024 * 1024
+# trainers' state files, never weights (merging/discover.NOT_WEIGHTS; io may not import merging)
+STATE_PICKLES = frozenset({"training_args.bin", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scheduler.bin",
+                           "rng_state.pth", "common.pt"})
 PICKLE_LAYOUTS = {"deepspeed": "its weights are torch pickles (*model_states.pt, ZeRO optimizer files)",
                   "litgpt": "its weights are a torch pickle (lit_model.pth)",
                   # torch_payload gives these layouts' detect a payload of meta tensors (io/remote_torch.py); their
@@ -182,9 +185,7 @@ class CheckpointPath(RemotePath):
         small = any(rel == name or rel.endswith("/" + name) for name in SMALL_PICKLES)
         if small and self.is_file() and self.stat().st_size <= MAX_SMALL_PICKLE_BYTES:
             return _load_pickle(self, cached_read(self.tree, rel))
-        from ckptmerge.merging.discover import NOT_WEIGHTS
-
-        weights = self.name not in NOT_WEIGHTS and not self.name.startswith("rng_state") and self.suffix != ".ckpt"
+        weights = self.name not in STATE_PICKLES and not self.name.startswith("rng_state") and self.suffix != ".ckpt"
         if self.is_file() and weights:  # not Lightning's .ckpt files: lightning.detect's refusal names them
             from ckptmerge.io.remote_torch import remote_payload_object  # data.pkl only; tensors are meta tensors
 
