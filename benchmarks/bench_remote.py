@@ -179,9 +179,10 @@ def start_seaweedfs(procs: Processes, weed: str, folder: Path) -> str:
     return endpoint
 
 
-def start_proxy(procs: Processes, upstream: str, latency: float, bandwidth: float) -> str:
+def start_proxy(procs: Processes, upstream: str, latency: float, bandwidth: float, log: Path) -> str:
     proc = procs.start([sys.executable, str(ROOT / "tests" / "s3_server.py"), upstream, "--latency", str(latency),
-                        "--bandwidth", str(bandwidth)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                        "--bandwidth", str(bandwidth), "--log", str(log)],
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     endpoint = proc.stdout.readline().strip()
     _wait(endpoint, proc, "the shaping proxy")
     return endpoint
@@ -233,6 +234,26 @@ def compare(endpoint: str, n: int, repeats: int, scratch: Path, asked: list, req
     return {"times": times, "requests": requests}
 
 
+def anatomy(log: Path, run) -> str:
+    """One run through the logging proxy: its requests by kind, and where its time went around the data."""
+    log.write_text("")
+    started = time.time()
+    run()
+    ended = time.time()
+    time.sleep(0.2)  # the proxy's last lines
+    answers = [line.split() for line in log.read_text().splitlines()]
+    answers = [(float(a), float(b), path, rng) for a, b, _, path, rng in answers if started <= float(a) <= ended]
+    listings = [x for x in answers if x[2].count("/") < 2]  # bucket-level: LIST
+    heads = [x for x in answers if x not in listings and x[2].endswith(".safetensors")  # bytes=0-N, N < 1 MiB
+             and x[3].startswith("bytes=0-") and x[3][8:].isdigit() and int(x[3][8:]) < 1 << 20]
+    data = [x for x in answers if x not in listings and x not in heads and x[2].endswith(".safetensors")]
+    other = len(answers) - len(listings) - len(heads) - len(data)
+    first, last = min(a for a, _, _, _ in data), max(b for _, b, _, _ in data)
+    return (f"{len(answers)} requests ({len(listings)} listings, {len(heads)} header ranges, {len(data)} weight "
+            f"GETs, {other} other); {first - started:.2f} s before the first weight GET, {last - first:.2f} s from "
+            f"it to the last weight byte, {ended - last:.2f} s after")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=32, help="MB per checkpoint")
@@ -265,9 +286,16 @@ def main() -> None:
                 endpoint = start_moto(procs) if server == "moto" else start_seaweedfs(procs, args.weed, scratch / "weed")
                 upload(endpoint, scratch / "run")
                 for link in args.links:
+                    log = scratch / f"proxy-{server}.log"
                     where = endpoint if link == "raw" else start_proxy(procs, endpoint, args.latency,
-                                                                       args.bandwidth * 1e6)
+                                                                       args.bandwidth * 1e6, log)
                     result = compare(where, args.n, args.repeats, scratch, asked, args.request_mb)
+                    if link == "shaped":  # one more run of each way, its requests logged by the proxy
+                        fs = filesystem(where)
+                        result["anatomy"] = {
+                            "streamed": anatomy(log, lambda: streamed(args.n, scratch / "out-anatomy")),
+                            "download": anatomy(log, lambda: download_then_merge(fs, args.n, scratch / "out-anatomy",
+                                                                                 scratch))}
                     rows.append((server, link, result))
                     counted = counted or result["requests"]
                 if server == "moto" and "raw" in args.links:
@@ -294,6 +322,9 @@ def main() -> None:
             pairs = [a / b for a, b in zip(s_times, d_times)]
             print(f"{server:10s} {link:7s} {mb:5d} MiB {s:8.2f}s {d:14.2f}s {s / d:17.2f}x  "
                   f"[{min(pairs):.2f}, {max(pairs):.2f}]")
+    for server, link, result in rows:
+        for way, line in result.get("anatomy", {}).items():
+            print(f"{server} {link}, one {way} run: {line}")
     for line in skipped:
         print(f"skipped {line}")
     if counted:

@@ -69,7 +69,7 @@ class FaultProxy:
     ``latency`` seconds are added before the first byte of every answer (on top of the server's own time), and
     ``bandwidth`` bytes per second caps each answer's body, i.e. each connection while it sends one."""
 
-    def __init__(self, upstream: str, *, latency: float = 0.0, bandwidth: float = 0.0):
+    def __init__(self, upstream: str, *, latency: float = 0.0, bandwidth: float = 0.0, log: str | None = None):
         import http.server
         import threading
 
@@ -77,6 +77,7 @@ class FaultProxy:
         self.deny = lambda method, path: False
         self.fail_every, self.drop, self.delay_puts = 0, False, 0.0
         self.latency, self.bandwidth = latency, bandwidth
+        self._log = open(log, "a", buffering=1) if log else None  # one line per answer: start, end, method, path, range
         self.requests: list[tuple[str, str, str]] = []  # (method, path, Range header)
         self._count, self._lock = 0, threading.Lock()
         proxy = self
@@ -101,6 +102,7 @@ class FaultProxy:
         import http.client
         import time
 
+        started = time.time()
         body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
         with self._lock:
             self._count += 1
@@ -138,8 +140,14 @@ class FaultProxy:
         handler.send_header("Content-Length", length or str(len(data)))
         handler.end_headers()
         if handler.command != "HEAD":
-            self._send_body(handler, data)
+            try:
+                self._send_body(handler, data)
+            except (BrokenPipeError, ConnectionResetError):  # the client dropped the answer (s3fs' get drops a
+                handler.close_connection = True                 # whole-object GET to fetch parts side by side)
         conn.close()
+        if self._log:
+            self._log.write(f"{started:.6f} {time.time():.6f} {handler.command} {handler.path.split('?')[0]} "
+                            f"{handler.headers.get('Range', '-').replace(' ', '')}\n")
 
     def _send_body(self, handler, data: bytes) -> None:
         """Write ``data``, no faster than ``bandwidth`` bytes per second when it is set."""
@@ -158,6 +166,8 @@ class FaultProxy:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+        if self._log:
+            self._log.close()
 
 
 @pytest.fixture
@@ -194,8 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("upstream")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added before each answer's first byte")
     parser.add_argument("--bandwidth", type=float, default=0.0, help="bytes per second per answer (0: no cap)")
+    parser.add_argument("--log", help="append a line per answer: start and end (epoch seconds), method, path, range")
     args = parser.parse_args(argv)
-    proxy = FaultProxy(args.upstream, latency=args.latency, bandwidth=args.bandwidth)
+    proxy = FaultProxy(args.upstream, latency=args.latency, bandwidth=args.bandwidth, log=args.log)
     print(proxy.endpoint, flush=True)
     sys.stdin.read()
     proxy.stop()
