@@ -142,11 +142,92 @@ def _lightning_sharded(run, states):
     return "lightning"
 
 
+def _deepspeed(run, states, dtype=torch.float32):
+    """ZeRO 0/1/2 on one rank (``engine.save_checkpoint``): the weights are ``module`` in the training dtype; the
+    ZeRO optimizer file beside it is never read."""
+    for step, state in zip(STEPS, states):
+        tag = run / f"global_step{step}"
+        tag.mkdir()
+        module = {f"module.{k}": v.to(dtype) for k, v in state.items()}  # DDP's prefix, stripped as locally
+        torch.save({"module": module, "global_steps": step, "global_samples": 4 * step, "buffer_names": [],
+                    "optimizer": None, "lr_scheduler": None, "ds_config": {"train_batch_size": 4},
+                    "ds_version": "0.16.4"}, tag / "mp_rank_00_model_states.pt")
+        torch.save({"optimizer_state_dict": _opt_state(state), "ds_version": "0.16.4"},
+                   tag / f"{'bf16_' if dtype == torch.bfloat16 else ''}zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    (run / "latest").write_text(f"global_step{STEPS[-1]}")
+    (run / "zero_to_fp32.py").write_text("# DeepSpeed's conversion script\n")
+    return "deepspeed"
+
+
+def _deepspeed_bf16(run, states):
+    return _deepspeed(run, states, torch.bfloat16)
+
+
+def _litgpt(run, states):
+    """``fabric.save`` of ``{"model", "optimizer", "iter_num", "step_count"}`` (tests/test_trainer_file_formats.py)."""
+    for step, state in zip(STEPS, states):
+        folder = run / f"step-{step:08d}"
+        folder.mkdir()
+        torch.save({"model": state, "optimizer": _opt_state(state), "train_dataloader": {"epoch": 0},
+                    "iter_num": 2 * step, "step_count": step}, folder / "lit_model.pth")
+        (folder / "model_config.yaml").write_text("name: tiny\n")
+    return "litgpt"
+
+
+def _nanogpt(run, states):
+    """nanoGPT's ``ckpt.pt`` of a compiled model (``_orig_mod.`` stripped); ``iter_num`` kept as a tensor here: the
+    step is one small range read of the weights file (the name's fallback, 0 / 1 / 2, would be wrong)."""
+    for i, (step, state) in enumerate(zip(STEPS, states)):
+        torch.save({"model": {f"_orig_mod.{k}": v for k, v in state.items()}, "optimizer": _opt_state(state),
+                    "model_args": {"n_layer": 1}, "iter_num": torch.tensor(step), "best_val_loss": torch.tensor(2.0),
+                    "config": {"batch_size": 4}}, run / f"ckpt_{i}.pt")
+    return "nanogpt"
+
+
+def _composer(run, states):
+    """Composer's ``{"state": {"model", "optimizers", "timestamp", ...}, "rng"}`` with numpy RNG state,
+    ``TorchVersion`` and ``timedelta`` (tests/test_trainer_file_formats.py), and ``latest-rank0.pt``."""
+    import datetime
+
+    from torch.torch_version import TorchVersion
+
+    for step, state in zip(STEPS, states):
+        stamp = {"iteration": 0, "epoch": 0, "batch": step, "sample": 4 * step, "token": 48 * step,
+                 "batch_in_epoch": step, "total_wct": datetime.timedelta(seconds=step), "epoch_wct": datetime.timedelta(0)}
+        body = {"model": {f"model.{k}": v for k, v in state.items()}, "optimizers": {"AdamW": _opt_state(state)},
+                "schedulers": [], "algorithms": [], "callbacks": {}, "scaler": None, "timestamp": stamp,
+                "rank_zero_seed": 17, "run_name": "tiny", "integrations": {"composer_version": TorchVersion("0.32.1")}}
+        torch.save({"state": body, "rng": [{"python": None, "numpy": np.random.get_state(),
+                                             "torch": torch.random.get_rng_state()}]}, run / f"ep0-ba{step}-rank0.pt")
+    (run / "latest-rank0.pt").write_bytes((run / f"ep0-ba{STEPS[-1]}-rank0.pt").read_bytes())  # a copy at a URL
+    return "composer"
+
+
+def _lightning_files(run, states):
+    for step, state in zip(STEPS, states):
+        torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}, "global_step": step, "epoch": 0,
+                    "pytorch-lightning_version": "2.5.0", "optimizer_states": [_opt_state(state)],
+                    "lr_schedulers": []}, run / f"epoch=0-step={step}.ckpt")
+    (run / "last.ckpt").write_bytes((run / f"epoch=0-step={STEPS[-1]}.ckpt").read_bytes())  # save_last
+    return "lightning"
+
+
 READABLE = {"hf-trainer": _hf_trainer, "hf-trainer-bin": _hf_trainer_bin, "hf-fsdp-sharded": _hf_fsdp, "accelerate": _accelerate,
             "torchtitan": _torchtitan, "olmo-core": _olmo_core, "megatron": _megatron,
-            "lightning-sharded": _lightning_sharded}
-SMALL_FILES = ("trainer_state.json", "common.pt", "rank0.pt", "meta.pt", ".metadata")
-WEIGHTS = (".safetensors", ".distcp", "pytorch_model.bin")
+            "lightning-sharded": _lightning_sharded, "deepspeed": _deepspeed, "deepspeed-bf16": _deepspeed_bf16,
+            "litgpt": _litgpt, "nanogpt": _nanogpt, "composer": _composer, "lightning-files": _lightning_files}
+# layouts whose weights are one torch pickle per checkpoint: discovery reads its zip directory and data.pkl by range
+PICKLE_KINDS = {"deepspeed": "mp_rank_00_model_states.pt", "deepspeed-bf16": "mp_rank_00_model_states.pt",
+                "litgpt": "lit_model.pth", "nanogpt": ".pt", "composer": ".pt", "lightning-files": ".ckpt"}
+FILE_KINDS = ("nanogpt", "composer", "lightning-files")  # each checkpoint is one object, not a folder
+SMALL_FILES = ("trainer_state.json", "common.pt", "train/rank0.pt", "meta.pt", ".metadata")
+WEIGHTS = (".safetensors", ".distcp", "pytorch_model.bin", "model_states.pt", "lit_model.pth", ".ckpt")
+STATE_FILES = ("optimizer.pt", "optimizer.bin", "scheduler.pt", "optim_states.pt")
+
+
+def _is_weights(key: str, kind: str) -> bool:
+    return key.endswith(WEIGHTS) or (kind in PICKLE_KINDS and key.endswith(PICKLE_KINDS[kind])
+                                     and not key.endswith(SMALL_FILES))
 
 
 def _listing_and_gets(requests):
@@ -176,13 +257,15 @@ def test_a_trainer_run_at_a_url_inspects_and_merges_like_the_local_copy(tmp_path
     upload(s3, top, prefix)
     url = f"s3://{prefix}"
 
-    # discovery: one LIST of the run, one GET per small metadata file, nothing else
+    # discovery: one LIST of the run, one GET per small metadata file; a weights pickle's zip directory and
+    # data.pkl (and a step kept as a tensor) by range requests, never the whole object; nothing else
     proxy.requests.clear()
     found = discover_remote(url)
     lists, whole, ranged, heads = _listing_and_gets(proxy.requests)
     assert [r.step for r in found.checkpoints] == list(STEPS)
     assert {r.framework for r in found.checkpoints} == {framework}
-    assert lists == 1 and heads == 0 and not ranged, proxy.requests
+    assert lists == 1 and heads == 0, proxy.requests
+    assert all(_is_weights(key, kind) for key in ranged) and (bool(ranged) == (kind in PICKLE_KINDS)), ranged
     assert all(key.endswith(SMALL_FILES) for key in whole), whole
     assert len(whole) == len(set(whole)) <= len(STEPS)  # one GET per metadata file, at most one per checkpoint
 
@@ -195,20 +278,27 @@ def test_a_trainer_run_at_a_url_inspects_and_merges_like_the_local_copy(tmp_path
     assert [line.split()[1] for line in remote.splitlines()[2:2 + len(STEPS)]] == [str(s) for s in STEPS], remote
     assert all(framework in line.split() for line in remote.splitlines()[2:2 + len(STEPS)]), remote
     lists, whole, ranged, heads = _listing_and_gets(proxy.requests)
-    assert heads == 0 and lists <= 1 + 2 * len(STEPS), proxy.requests  # the run, then each checkpoint's size and dtypes
-    assert not any(key.endswith(WEIGHTS) for key in whole), whole  # weights: ranges only
+    # the run, then each checkpoint's size and dtypes; a checkpoint that is one object (nanoGPT, Composer, Lightning
+    # files) is listed as a key, which s3fs answers with a HEAD, and its file opened with one more
+    assert lists <= 1 + 2 * len(STEPS), proxy.requests
+    assert heads <= (3 * len(STEPS) if kind in FILE_KINDS else 0), proxy.requests
+    assert not any(_is_weights(key, kind) for key in whole), whole  # weights: ranges only
+    assert not any(key.endswith(STATE_FILES) for key in whole + ranged)
 
     assert main(["merge", str(top), "--last", "2", "-o", str(tmp_path / "local-out"), "--quiet"]) == 0
     proxy.requests.clear()
     assert main(["merge", url, "--last", "2", "-o", str(tmp_path / "remote-out"), "--quiet"]) == 0
     _, whole, ranged, _ = _listing_and_gets(proxy.requests)
-    assert not any(key.endswith(WEIGHTS) for key in whole), whole  # no weight object fetched whole
-    assert any(key.endswith(WEIGHTS) for key in ranged)
-    assert not any(key.endswith(("optimizer.pt", "optimizer.bin", "scheduler.pt")) for key in whole + ranged)
+    assert not any(_is_weights(key, kind) for key in whole), whole  # no weight object fetched whole
+    assert any(_is_weights(key, kind) for key in ranged)
+    assert not any(key.endswith(STATE_FILES) for key in whole + ranged)  # optimizer / scheduler state never read
     local_t, remote_t = merged_tensors(tmp_path / "local-out"), merged_tensors(tmp_path / "remote-out")
     assert sorted(remote_t) == sorted(states[0]) and local_t.keys() == remote_t.keys()  # the model's own names
     for name in local_t:
         assert local_t[name].dtype == remote_t[name].dtype and torch.equal(local_t[name], remote_t[name]), name
+    if kind == "deepspeed-bf16":  # bf16 module weights, read as fp32 (exactly): the mean of the rounded values
+        states = [{k: v.bfloat16().float() for k, v in state.items()} for state in states]
+        assert all(t.dtype == torch.float32 for t in remote_t.values())
     for name, want in fp64_mean(states[1:]).items():  # independent fp64 NumPy mean of the last two
         np.testing.assert_allclose(remote_t[name].to(torch.float64).numpy(), want, rtol=0, atol=1e-6, err_msg=name)
     manifest = json.loads((tmp_path / "remote-out" / "merge.json").read_text())
@@ -217,37 +307,45 @@ def test_a_trainer_run_at_a_url_inspects_and_merges_like_the_local_copy(tmp_path
     assert SECRET not in capsys.readouterr().out
 
 
-# --- layouts whose weights are torch pickles: refused at a URL in one line, exit 2, nothing written -------------
+# --- what stays refused at a URL: one line naming the checkpoint, the framework and the fix, exit 2, nothing written -
 
-def _deepspeed(run, states):
-    for step, state in zip(STEPS, states):
-        (run / f"global_step{step}").mkdir()
-        torch.save({"module": state, "global_steps": step}, run / f"global_step{step}" / "mp_rank_00_model_states.pt")
-    (run / "latest").write_text(f"global_step{STEPS[-1]}")
+def _deepspeed_script(run, stage: int, dtype: str, port: int) -> None:
+    """A run written by DeepSpeed's own ``engine.save_checkpoint`` (tests/trainer_scripts/deepspeed_run.py, CPU, one
+    rank; steps 2, 4, 6, 8): its ``checkpoints/`` folder in ``run``, DeepSpeed's reference mean in ``run.parent``."""
+    import shutil
+
+    pytest.importorskip("deepspeed", reason="deepspeed is a test extra")
+    from test_trainer_deepspeed import run_script
+
+    work = run.parent / f"ds-zero{stage}-{dtype}"
+    work.mkdir()
+    run_script("train", work, stage, dtype, port=port)
+    shutil.copytree(work / "checkpoints", run, dirs_exist_ok=True)
+    shutil.copyfile(work / "reference.pt", run.parent / "reference.pt")
+
+
+def _deepspeed_zero3(run, states):
+    """ZeRO 3: ``module`` holds empty placeholders, the fp32 masters are partitioned across every rank's optimizer
+    file (read locally by io/deepspeed_zero.py; not by range at a URL)."""
+    _deepspeed_script(run, 3, "fp32", port=29627)
     return "deepspeed"
 
 
-def _litgpt(run, states):
-    for step, state in zip(STEPS, states):
-        (run / f"step-{step:08d}").mkdir()
-        torch.save({"model": state, "iter_num": 2 * step, "step_count": step}, run / f"step-{step:08d}" / "lit_model.pth")
-    return "litgpt"
+def _accelerate_automatic(run, states):
+    """``automatic_checkpoint_naming``: ``checkpoints/checkpoint_K`` counts saves; the step is in ``optimizer.bin``."""
+    for k, (step, state) in enumerate(zip(STEPS, states)):
+        folder = run / f"checkpoint_{k}"
+        folder.mkdir(parents=True)
+        save_file(state, folder / "model.safetensors")
+        torch.save({"state": {i: {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(v)}
+                              for i, v in enumerate(state.values())}, "param_groups": [{"lr": 0.05}]},
+                   folder / "optimizer.bin")
+        torch.save({"random_state": 1}, folder / "random_states_0.pkl")
+    return "accelerate"
 
 
-def _nanogpt(run, states):
-    for i, (step, state) in enumerate(zip(STEPS, states)):
-        torch.save({"model": state, "iter_num": step, "best_val_loss": torch.tensor(2.0)}, run / f"ckpt_{i}.pt")
-    return "nanogpt"
-
-
-def _lightning_files(run, states):
-    for step, state in zip(STEPS, states):
-        torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}, "global_step": step,
-                    "pytorch-lightning_version": "2.5.0"}, run / f"epoch=0-step={step}.ckpt")
-    return "lightning"
-
-
-REFUSED = {"deepspeed": _deepspeed, "litgpt": _litgpt, "nanogpt": _nanogpt, "lightning-files": _lightning_files}
+REFUSED = {"deepspeed-zero3": (_deepspeed_zero3, "zero_pp_rank"),
+           "accelerate-automatic": (_accelerate_automatic, "optimizer.bin")}
 
 
 def _error_line(capsys) -> str:
@@ -258,10 +356,11 @@ def _error_line(capsys) -> str:
 
 
 @pytest.mark.parametrize("kind", list(REFUSED))
-def test_a_pickle_layout_at_a_url_is_refused_in_one_line(tmp_path, s3, capsys, kind):
+def test_what_stays_refused_at_a_url_is_refused_in_one_line(tmp_path, s3, capsys, kind):
     run = tmp_path / "run"
     run.mkdir()
-    framework = REFUSED[kind](run, _states())
+    build, why = REFUSED[kind]
+    framework = build(run, _states())
     upload(s3, run, f"runs/refused-{kind}")
     assert main(["inspect", str(run)]) == 0  # the local copy is a readable run of this framework
     assert framework in capsys.readouterr().out
@@ -270,8 +369,37 @@ def test_a_pickle_layout_at_a_url_is_refused_in_one_line(tmp_path, s3, capsys, k
         assert main(argv) == 2
         line = _error_line(capsys)
         assert f"s3://runs/refused-{kind}/" in line and framework in line and "local folder" in line, line
+        assert why in line, line
         assert "Traceback" not in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_deepspeed_run_saved_by_deepspeed_at_a_url_merges_like_the_local_copy(tmp_path, s3, proxy, capsys):
+    """ZeRO 2, bf16, written by ``engine.save_checkpoint``: the same table (steps from ``global_steps`` in the
+    model-states pickle, read from its data.pkl by range), the same fp32 merge bit for bit, equal to DeepSpeed's own
+    ``load_checkpoint`` mean in fp64; the ZeRO optimizer files are never requested."""
+    run = tmp_path / "run"
+    run.mkdir()
+    _deepspeed_script(run, 2, "bf16", port=29629)
+    upload(s3, run, "runs/ds-engine")
+    assert main(["inspect", str(run)]) == 0
+    local = capsys.readouterr().out
+    proxy.requests.clear()
+    assert main(["inspect", "s3://runs/ds-engine"]) == 0
+    assert capsys.readouterr().out.splitlines() == local.splitlines()
+    assert [line.split()[1] for line in local.splitlines()[2:6]] == ["2", "4", "6", "8"], local
+    assert main(["merge", str(run), "--last", "3", "-o", str(tmp_path / "local-out"), "--quiet"]) == 0
+    assert main(["merge", "s3://runs/ds-engine", "--last", "3", "-o", str(tmp_path / "remote-out"), "--quiet"]) == 0
+    _, whole, ranged, heads = _listing_and_gets(proxy.requests)
+    assert heads == 0 and not any(key.endswith("model_states.pt") for key in whole), whole
+    assert not any("optim_states" in key for key in whole + ranged)
+    local_t, remote_t = merged_tensors(tmp_path / "local-out"), merged_tensors(tmp_path / "remote-out")
+    assert local_t.keys() == remote_t.keys() and all(
+        remote_t[k].dtype == local_t[k].dtype == torch.float32 and torch.equal(local_t[k], remote_t[k]) for k in local_t)
+    reference = torch.load(tmp_path / "reference.pt")
+    assert sorted(reference) == sorted(remote_t)
+    for name, want in reference.items():
+        np.testing.assert_allclose(remote_t[name].to(torch.float64).numpy(), want.numpy(), rtol=0, atol=1e-5)
 
 
 def test_named_trainer_checkpoints_at_urls_merge_like_the_local_ones(tmp_path, s3, capsys):

@@ -10,10 +10,14 @@ pinning their objects' versions for a merge.
 
 What a layout reads besides its weights comes from the small metadata files, one GET each (``trainer_state.json``,
 DCP ``.metadata``, and the small torch pickles ``SMALL_PICKLES``: Megatron's ``common.pt``, OLMo-core's
-``train/rank0.pt``, Lightning's sharded ``meta.pt``, accelerate's ``scheduler.bin``). A layout that needs a torch
-pickle of weights (DeepSpeed, litgpt, Composer, nanoGPT, Lightning ``.ckpt`` files, ``pytorch_model.bin``,
-accelerate's ``optimizer.bin``) is refused in one line naming the checkpoint and the framework
-(``NotRemoteYet``): torch pickles are not read from URLs yet.
+``train/rank0.pt``, Lightning's sharded ``meta.pt``, accelerate's ``scheduler.bin``). A torch pickle of weights
+(DeepSpeed's ``mp_rank_00_model_states.pt``, litgpt's ``lit_model.pth``, Composer's and nanoGPT's ``.pt``,
+Lightning's ``.ckpt``, ``pytorch_model.bin``) is never fetched whole: its layout's ``detect`` / ``read_step`` see
+its payload with meta tensors (the zip directory and ``data.pkl`` only; a step kept as a tensor costs one small
+range read), and its ``open`` reads the chosen sub-dict by byte ranges (``io/remote_torch.py``). Refused in one line
+naming the checkpoint, the framework and the fix (``NotRemoteYet``): DeepSpeed ZeRO-3 (and ``--fp32-masters``)
+checkpoints, whose weights are partitioned across every rank's optimizer file, and accelerate's automatic
+``checkpoint_K`` folders, whose step is in ``optimizer.bin`` (a state pickle, not read from a URL).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 
 from ckptmerge.errors import CheckpointFormatError
 from ckptmerge.io.layout import SAFETENSORS_INDEX, TORCH_INDEX, TORCH_SUFFIXES
-from ckptmerge.io.layouts import LAYOUTS, Layout, lightning, megatron, olmo_core
+from ckptmerge.io.layouts import LAYOUTS, Layout, deepspeed, lightning, megatron, olmo_core
 from ckptmerge.io.remote import Url, io_concurrency
 from ckptmerge.io.remote_path import RemotePath, cached_read, subtree
 from ckptmerge.io.remote_tree import RemoteObject, RemoteTree
@@ -108,14 +112,14 @@ def open_remote_checkpoint(url: Url):
 
 
 class NotRemoteYet(CheckpointFormatError):
-    """What a layout needs is a torch pickle, which is not read from a URL yet: one line naming the checkpoint, the
-    framework (when known) and the fix."""
+    """What a layout needs is not read from a URL yet (a state pickle, ZeRO-3's partitioned optimizer files): one
+    line naming the checkpoint, the framework (when known) and the fix."""
 
     def __init__(self, where: object, what: str, framework: str | None = None):
         self.where, self.what, self.framework = where, what, framework
         article = "an" if framework and (framework[0] in "aeiou" or framework.startswith("hf")) else "a"
         claim = f"{article} {framework} checkpoint, and " if framework else ""
-        super().__init__(f"{where}: {claim}{what}; ckptmerge does not read torch pickles from a URL yet. {SYNC_FIX}")
+        super().__init__(f"{where}: {claim}{what}; ckptmerge does not read this from a URL yet. {SYNC_FIX}")
 
 
 SYNC_FIX = ("Copy the run to a local folder (e.g. `aws s3 sync URL DIR`, `gcloud storage rsync`, fsspec's `get`) "
@@ -125,12 +129,15 @@ MAX_SMALL_PICKLE_BYTES = 16 * 1024 * 1024
 # trainers' state files, never weights (merging/discover.NOT_WEIGHTS; io may not import merging)
 STATE_PICKLES = frozenset({"training_args.bin", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scheduler.bin",
                            "rng_state.pth", "common.pt"})
-PICKLE_LAYOUTS = {"deepspeed": "its weights are torch pickles (*model_states.pt, ZeRO optimizer files)",
-                  "litgpt": "its weights are a torch pickle (lit_model.pth)",
-                  # torch_payload gives these layouts' detect a payload of meta tensors (io/remote_torch.py); their
-                  # open must go through remote_torch.open_remote_torch(weights_of=...) before they leave this list
-                  "nanogpt": "its weights are a torch pickle (ckpt.pt)",
-                  "composer": "its weights are a torch pickle (ep*-ba*-rank*.pt)"}  # refused when matched
+ZERO_PARTITIONED = ("its weights are partitioned across every rank's ZeRO optimizer files (zero_pp_rank_*_optim_states"
+                    ".pt), which are not read by range")
+
+
+def _remote_refusal(layout: Layout, path: RemotePath) -> str | None:
+    """Why an entry a layout claims cannot be read from a URL (said at discovery, before any output), else None."""
+    if layout.name == "deepspeed" and (deepspeed._is_zero3(path) or deepspeed._is_masters_file(path)):
+        return ZERO_PARTITIONED
+    return None
 
 
 class CheckpointPath(RemotePath):
@@ -180,17 +187,31 @@ class CheckpointPath(RemotePath):
     def torch_payload(self) -> object:
         """A small metadata pickle's object (one GET, restricted unpickler); a weights file's payload with meta
         tensors (its zip directory and data.pkl only: ``remote_torch.remote_payload_object``), for a layout's
-        ``detect``; optimizer / trainer state pickles and Lightning ``.ckpt`` files are refused."""
+        ``detect`` and ``read_step`` (a tensor's value by one range read: ``stored_value``); optimizer / trainer
+        state pickles are refused."""
         rel = self._inside()
         small = any(rel == name or rel.endswith("/" + name) for name in SMALL_PICKLES)
         if small and self.is_file() and self.stat().st_size <= MAX_SMALL_PICKLE_BYTES:
             return _load_pickle(self, cached_read(self.tree, rel))
-        weights = self.name not in STATE_PICKLES and not self.name.startswith("rng_state") and self.suffix != ".ckpt"
-        if self.is_file() and weights:  # not Lightning's .ckpt files: lightning.detect's refusal names them
+        weights = self.name not in STATE_PICKLES and not self.name.startswith("rng_state")
+        if self.is_file() and weights:
             from ckptmerge.io.remote_torch import remote_payload_object  # data.pkl only; tensors are meta tensors
 
             return remote_payload_object(self.tree.fs, self.tree.object(rel))
-        raise NotRemoteYet(self, f"{self.name} is a torch pickle of weights or optimizer state")
+        raise NotRemoteYet(self, f"{self.name} is a torch pickle of trainer or optimizer state")
+
+    def open_torch_weights(self, file: RemotePath, weights_of, framework: str, *, strip_attribute: bool = False,
+                           half_to_fp32: bool = False):
+        """``layouts.base.torch_weights_reader`` at a URL: the sub-dict ``weights_of(payload)`` of torch file
+        ``file``, read by byte ranges (``remote_torch.open_remote_torch``), named and described as locally."""
+        from ckptmerge.io.remote_torch import open_remote_torch
+
+        return open_remote_torch(self.tree, [self.tree.object(file._inside())], display=self.url, weights_of=weights_of,
+                                 framework=framework, strip_attribute=strip_attribute, half_to_fp32=half_to_fp32)
+
+    def open_zero_masters(self):
+        """DeepSpeed's fp32 masters (ZeRO-3, ``--fp32-masters``): refused at a URL in one line."""
+        raise NotRemoteYet(self, ZERO_PARTITIONED, "deepspeed")
 
 
 def _layout_dcp_reader(tree: RemoteTree, url: Url, options: dict):
@@ -228,8 +249,8 @@ def _load_pickle(path: RemotePath, data: bytes) -> object:
 
 def match_remote_layout(path: CheckpointPath) -> Layout | None:
     """``io.layouts.match_layout`` on a remote entry: the first layout whose rule claims it. A rule that would have
-    to read a torch pickle of weights to decide (Lightning, Composer, nanoGPT files) refuses the entry in one line,
-    naming the layouts that could claim it; so do the layouts whose weights are pickles (``PICKLE_LAYOUTS``)."""
+    to read a trainer-state pickle to decide refuses the entry in one line, naming the layouts that could claim it;
+    so does a claimed entry that is not read from a URL yet (``_remote_refusal``: DeepSpeed ZeRO-3)."""
     for i, layout in enumerate(LAYOUTS):
         try:
             claimed = layout.detect(path)
@@ -238,8 +259,9 @@ def match_remote_layout(path: CheckpointPath) -> Layout | None:
             raise NotRemoteYet(path, f"{path.name} is a torch pickle, which the {' / '.join(maybe)} layout"
                                      f"{'s' if len(maybe) > 1 else ''} read to tell a checkpoint") from None
         if claimed:
-            if layout.name in PICKLE_LAYOUTS:
-                raise NotRemoteYet(path, PICKLE_LAYOUTS[layout.name], layout.name)
+            why = _remote_refusal(layout, path)
+            if why is not None:
+                raise NotRemoteYet(path, why, layout.name)
             return layout
     return None
 

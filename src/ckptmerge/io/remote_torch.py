@@ -37,6 +37,9 @@ from ckptmerge.io.tensor_info import TensorInfo
 from ckptmerge.io.torch_file_rewrite import TensorRef, _LocatingUnpickler, _tensor_ref
 
 READ_AHEAD_BYTES = 256 << 10
+DIRECTORY_READ_AHEAD = 4096  # a layout's look at a payload reads the zip directory and data.pkl, not the tensors
+STORED_VALUE_ELEMENTS = 16  # a payload's tensors this small can be read alone (stored_value: a step counter)
+STORED_VALUE_READ_AHEAD = 4096
 ZIP_MAGIC = b"PK\x03\x04"
 LOCAL_HEADER_BYTES = 30
 MAX_PICKLE_BYTES = 1 << 30
@@ -86,12 +89,12 @@ def _fresh(records: dict[str, _Record]) -> dict[str, _Record]:
 class RemoteTorchFile:
     """One zip-format torch file at a URL: its records located, ``data.pkl`` fetched, storages read by range."""
 
-    def __init__(self, fs, obj: RemoteObject):
+    def __init__(self, fs, obj: RemoteObject, *, read_ahead: int = READ_AHEAD_BYTES):
         self.obj, self.url = obj, obj.url
         self._lock = threading.Lock()
         self.bytes_requested = 0
         with remote_errors(obj.url, "read"):
-            self._file = fs.open(obj.url.path, "rb", block_size=READ_AHEAD_BYTES, cache_type="readahead")
+            self._file = fs.open(obj.url.path, "rb", block_size=read_ahead, cache_type="readahead")
         try:
             self._check_version()
             self._records, self._pickle = self._directory()
@@ -169,6 +172,11 @@ class RemoteTorchFile:
 
     def unpickle(self) -> tuple[Any, dict[int, TensorRef]]:
         """``data.pkl`` through the restricted unpickler: the payload with meta tensors, and where each lives."""
+        payload, refs, _ = self.unpickle_tensors()
+        return payload, refs
+
+    def unpickle_tensors(self) -> tuple[Any, dict[int, TensorRef], list[torch.Tensor]]:
+        """``unpickle``, and every meta tensor it rebuilt."""
         unpickler = _MetaTensorUnpickler(io.BytesIO(self._pickle))
         try:
             payload = unpickler.load()
@@ -181,7 +189,7 @@ class RemoteTorchFile:
         except Exception as exc:  # a corrupt pickle stream fails in many ways (KeyError, IndexError, ...)
             raise CheckpointFormatError(f"{self.url}: cannot read torch checkpoint ({type(exc).__name__}: "
                                         f"{str(exc)[:200]}); the file is corrupt or truncated") from None
-        return payload, unpickler.refs
+        return payload, unpickler.refs, unpickler._alive
 
     def read_storage(self, key: str, begin_bytes: int, nbytes: int) -> bytes:
         """Bytes ``[begin_bytes, begin_bytes + nbytes)`` of storage record ``data/<key>``."""
@@ -269,6 +277,7 @@ class RemoteTorchPayload:
     obj: Any
     file: RemoteTorchFile
     refs: dict[int, TensorRef] = field(repr=False)
+    tensors: list[torch.Tensor] = field(default_factory=list, repr=False)
 
     def ref(self, tensor: torch.Tensor) -> TensorRef | None:
         return self.refs.get(id(tensor))
@@ -281,15 +290,15 @@ class RemoteTorchPayload:
         return read_rows(self.file, ref, 0, ref.shape[0] if ref.shape else 1)
 
 
-def load_remote_torch_payload(fs, obj: RemoteObject) -> RemoteTorchPayload:
+def load_remote_torch_payload(fs, obj: RemoteObject, *, read_ahead: int = READ_AHEAD_BYTES) -> RemoteTorchPayload:
     """Open the torch zip file ``obj`` and unpickle its ``data.pkl`` safely (no tensor data is read yet)."""
-    file = RemoteTorchFile(fs, obj)
+    file = RemoteTorchFile(fs, obj, read_ahead=read_ahead)
     try:
-        obj, refs = file.unpickle()
+        obj, refs, tensors = file.unpickle_tensors()
     except BaseException:
         file.close()
         raise
-    return RemoteTorchPayload(obj, file, refs)
+    return RemoteTorchPayload(obj, file, refs, tensors)
 
 
 _PAYLOADS: OrderedDict[tuple[str, str], Any] = OrderedDict()
@@ -300,20 +309,45 @@ _PAYLOADS_LOCK = threading.Lock()
 def remote_payload_object(fs, obj: RemoteObject) -> Any:
     """``payload.obj`` of ``load_remote_torch_payload``, the file closed, kept for the last few (URL, version)s as
     ``layouts.base.payload`` keeps local ones: what a layout's ``detect`` / ``read_step`` look at. Its tensors are
-    meta tensors (no data): a layout that reads a tensor's value, or opens weights, goes through
-    ``open_remote_torch``."""
+    meta tensors (no data); each small one (``STORED_VALUE_ELEMENTS`` elements at most: a step counter, a loss) has
+    a ``stored_value()`` that fetches its data by one range read when asked (``layouts.base.as_int`` asks for a
+    step). A layout that opens weights goes through ``open_remote_torch``."""
     key = (str(obj.url), obj.version)
     with _PAYLOADS_LOCK:
         if key in _PAYLOADS:
             _PAYLOADS.move_to_end(key)
             return _PAYLOADS[key]
-    payload = load_remote_torch_payload(fs, obj)
+    payload = load_remote_torch_payload(fs, obj, read_ahead=DIRECTORY_READ_AHEAD)  # no tensor data read ahead
     payload.file.close()
+    for tensor in payload.tensors:
+        ref = payload.refs.get(id(tensor))
+        if ref is not None and tensor.numel() <= STORED_VALUE_ELEMENTS:
+            tensor.stored_value = _StoredValue(fs, obj, ref)
     with _PAYLOADS_LOCK:
         _PAYLOADS[key] = payload.obj
         while len(_PAYLOADS) > _PAYLOADS_KEPT:
             _PAYLOADS.popitem(last=False)
     return payload.obj
+
+
+
+
+class _StoredValue:
+    """The data of one small tensor of a payload at a URL, read by range (one request) the first time it is asked."""
+
+    def __init__(self, fs, obj: RemoteObject, ref: TensorRef):
+        self._fs, self._obj, self._ref = fs, obj, ref
+        self._value: torch.Tensor | None = None
+
+    def __call__(self) -> torch.Tensor:
+        if self._value is None:
+            # the directory is cached: one request for the record's local header and the tensor's few bytes
+            file = RemoteTorchFile(self._fs, self._obj, read_ahead=STORED_VALUE_READ_AHEAD)
+            try:
+                self._value = read_rows(file, self._ref, 0, self._ref.shape[0] if self._ref.shape else 1)
+            finally:
+                file.close()
+        return self._value
 
 
 def read_rows(file: RemoteTorchFile, ref: TensorRef, start: int, stop: int) -> torch.Tensor:
@@ -339,8 +373,9 @@ class RemoteTorchReader:
     layout = "torch"
 
     def __init__(self, display: Url, files: list[RemoteTorchFile], weights: dict[str, tuple[int, TensorRef]],
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, *, half_to_fp32: bool = False):
         self.path, self.files, self._metadata = display, files, metadata or {}
+        self._upcast = half_to_fp32
         self._aliases = _aliases(weights)
         self._entries = {name: where for name, where in weights.items() if name not in self._aliases}
 
@@ -349,7 +384,10 @@ class RemoteTorchReader:
 
     def info(self, name: str) -> TensorInfo:
         ref = self._entries[name][1]
-        return TensorInfo(dtype=ref.dtype, shape=ref.shape)
+        return TensorInfo(dtype=self._dtype(ref.dtype), shape=ref.shape)
+
+    def _dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return torch.float32 if self._upcast and dtype in (torch.bfloat16, torch.float16) else dtype
 
     def get(self, name: str) -> torch.Tensor:
         ref = self._entries[name][1]
@@ -357,7 +395,8 @@ class RemoteTorchReader:
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         index, ref = self._entries[name]
-        return read_rows(self.files[index], ref, start, stop)
+        rows = read_rows(self.files[index], ref, start, stop)
+        return rows.to(self._dtype(rows.dtype))  # half read as fp32 (exactly), as layouts.base.half_to_fp32_copies
 
     def file_range(self, name: str, start: int, stop: int) -> None:
         return None  # not a local file: the engine asks get_rows
@@ -400,7 +439,7 @@ def _aliases(weights: dict[str, tuple[int, TensorRef]]) -> dict[str, str]:
 
 def open_remote_torch(tree: RemoteTree, objects: list[RemoteObject], display: Url, *,
                       weights_of: WeightsOf | None = None, framework: str | None = None,
-                      strip_attribute: bool = False) -> RemoteTorchReader:
+                      strip_attribute: bool = False, half_to_fp32: bool = False) -> RemoteTorchReader:
     """Open torch pickle files at URLs as one checkpoint reader, reading no tensor data yet.
 
     Args:
@@ -417,6 +456,8 @@ def open_remote_torch(tree: RemoteTree, objects: list[RemoteObject], display: Ur
             like ``layouts.base.weights_reader``'s; without, ``{}`` like ``TorchFileReader``'s.
         strip_attribute: also remove the wrapper's attribute prefix shared by every name (Lightning's ``model.``;
             ``layouts.base.strip_attribute_prefix``).
+        half_to_fp32: bf16 / fp16 tensors are read as fp32 (exactly), as ``layouts.base.half_to_fp32_copies`` gives
+            them locally (DeepSpeed's model-states ``module``).
 
     Returns a CheckpointReader (layout ``torch``) with the local reader's names, dtypes, shapes and aliases;
     ``get`` / ``get_rows`` read each tensor's bytes by range. Raises ``UnsafeCheckpointError`` for a pickle naming
@@ -441,7 +482,7 @@ def open_remote_torch(tree: RemoteTree, objects: list[RemoteObject], display: Ur
             file.close()
         raise
     metadata = {"framework": framework, "key_prefix": min(prefixes, default="")} if framework else {}
-    return RemoteTorchReader(display, files, weights, metadata)
+    return RemoteTorchReader(display, files, weights, metadata, half_to_fp32=half_to_fp32)
 
 
 def _chosen_weights(payload: RemoteTorchPayload, weights_of: WeightsOf | None,

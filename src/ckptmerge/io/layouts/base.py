@@ -116,11 +116,59 @@ def torch_file_reader(files: list[Path], *, display_path: Path) -> CheckpointRea
     return TorchFileReader(files, display_path=display_path)
 
 
+def torch_weights_reader(path: Path, file: Path, weights_of: Callable[[object], dict], framework: str, *,
+                         strip_attribute: bool = False, half_to_fp32: bool = False) -> CheckpointReader:
+    """A reader over the weights dict ``weights_of(payload)`` of torch file ``file`` (checked against the whole
+    payload with ``check_kept_fraction``), named as ``weights_reader`` names them; ``half_to_fp32``: bf16 / fp16
+    tensors read as fp32. A file at a URL is read by byte ranges (``remote_torch.open_remote_torch``), never whole."""
+    if is_remote(path):
+        return path.open_torch_weights(file, weights_of, framework, strip_attribute=strip_attribute,
+                                       half_to_fp32=half_to_fp32)
+    from ckptmerge.io.torch_reader import check_kept_fraction
+
+    state = payload(file)
+    weights = weights_of(state)
+    check_kept_fraction(file, weights, state)
+    return weights_reader(path, half_to_fp32_copies(weights) if half_to_fp32 else weights, framework,
+                          strip_attribute=strip_attribute)
+
+
+def zero_masters_reader(tag: Path, model_states: Path, *, display_path: Path) -> CheckpointReader:
+    """``deepspeed_zero.ZeroMastersReader`` (fp32 masters gathered from every rank's optimizer file); a URL is
+    refused in one line (the partitioned optimizer files are not read by range yet)."""
+    if is_remote(display_path):
+        return display_path.open_zero_masters()
+    from ckptmerge.io.deepspeed_zero import ZeroMastersReader
+
+    return ZeroMastersReader(tag, model_states, display_path=display_path)
+
+
+def half_to_fp32_copies(weights: dict) -> dict:
+    """bf16 / fp16 tensors as fp32 copies; tensors that share storage (tied weights) keep sharing it."""
+    import torch
+
+    copies: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, t in weights.items():
+        if not (isinstance(t, torch.Tensor) and t.dtype in (torch.bfloat16, torch.float16)):
+            out[name] = t
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        out[name] = copies.setdefault(key, t.float())
+    return out
+
+
 def as_int(value: object) -> int | None:
-    """An int from an int, a 0-dim / 1-element tensor, or a float with no fraction; else None."""
+    """An int from an int, a 0-dim / 1-element tensor, or a float with no fraction; else None.
+
+    A tensor of a torch file at a URL is a meta tensor (``remote_torch.remote_payload_object``): its value is
+    fetched by one small range read (``stored_value``) only when a layout asks for it here."""
     torch = sys.modules.get("torch")  # no value is a tensor before torch is imported
     if torch is not None and isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
+        if value.device.type == "meta":
+            fetch = getattr(value, "stored_value", None)
+            value = fetch() if fetch is not None else None
+        value = value.item() if value is not None else None
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, float) and value.is_integer():

@@ -16,7 +16,7 @@ from ckptmerge.io.layouts.base import (
     StepInfo,
     as_int,
     payload,
-    weights_reader,
+    torch_weights_reader,
     write_back_torch_file,
 )
 from ckptmerge.io.layouts.parse_name import parse_step
@@ -27,7 +27,10 @@ LATEST = re.compile(r"^latest-rank\d+\.pt$")
 
 
 def _state(path: Path) -> dict | None:
-    obj = payload(path)
+    return _state_of(payload(path))
+
+
+def _state_of(obj: object) -> dict | None:
     state = obj.get("state") if isinstance(obj, dict) else None
     return state if isinstance(state, dict) and isinstance(state.get("model"), dict) else None
 
@@ -54,11 +57,7 @@ def read_step(path: Path) -> StepInfo:
 
 
 def open_checkpoint(path: Path):
-    from ckptmerge.io.torch_reader import check_kept_fraction
-
-    state = _state(path)
-    check_kept_fraction(path, state["model"], payload(path))
-    return weights_reader(path, state["model"], "composer", strip_attribute=True)
+    return torch_weights_reader(path, path, lambda obj: _state_of(obj)["model"], "composer", strip_attribute=True)
 
 
 def write_back(path: Path, merged: dict, dest: Path) -> None:

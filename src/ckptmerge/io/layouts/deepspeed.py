@@ -27,7 +27,8 @@ from ckptmerge.io.layouts.base import (
     as_int,
     payload,
     step_from_name,
-    weights_reader,
+    torch_weights_reader,
+    zero_masters_reader,
 )
 
 # Readers (and torch) load inside the functions that open or rewrite checkpoints: discovery stays torch-free.
@@ -88,18 +89,17 @@ def read_step(path: Path) -> StepInfo:
 
 
 def open_checkpoint(path: Path):
-    from ckptmerge.io.deepspeed_zero import ZeroMastersReader
-    from ckptmerge.io.torch_reader import check_kept_fraction
-
     _refuse_model_parallel(_tag(path))
     if _is_zero3(path) or _is_masters_file(path):
-        return ZeroMastersReader(_tag(path), _model_states(path), display_path=path)
-    state = payload(path / MODEL_STATES)
-    module = state.get("module") if isinstance(state, dict) else None
-    if not isinstance(module, dict):
-        raise CheckpointFormatError(f"{path / MODEL_STATES}: no 'module' weights in this DeepSpeed checkpoint")
-    check_kept_fraction(path / MODEL_STATES, module, state)
-    return weights_reader(path, _half_to_fp32(module), "deepspeed")
+        return zero_masters_reader(_tag(path), _model_states(path), display_path=path)
+
+    def module_of(state: object) -> dict:
+        module = state.get("module") if isinstance(state, dict) else None
+        if not isinstance(module, dict):
+            raise CheckpointFormatError(f"{path / MODEL_STATES}: no 'module' weights in this DeepSpeed checkpoint")
+        return module
+
+    return torch_weights_reader(path, path / MODEL_STATES, module_of, "deepspeed", half_to_fp32=True)
 
 
 def _refuse_model_parallel(path: Path) -> None:
@@ -107,21 +107,6 @@ def _refuse_model_parallel(path: Path) -> None:
         raise CheckpointFormatError(f"{path}: a tensor- or pipeline-parallel DeepSpeed checkpoint (mp_rank_01 / "
                                     f"layer_* files), which ckptmerge cannot read yet. Fix: consolidate it with "
                                     f"DeepSpeed's ds_to_universal.py first.")
-
-
-def _half_to_fp32(module: dict) -> dict:
-    """bf16 / fp16 tensors as fp32 copies; tensors that share storage (tied weights) keep sharing it."""
-    import torch
-
-    copies: dict[tuple, torch.Tensor] = {}
-    out = {}
-    for name, t in module.items():
-        if not (isinstance(t, torch.Tensor) and t.dtype in (torch.bfloat16, torch.float16)):
-            out[name] = t
-            continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
-        out[name] = copies.setdefault(key, t.float())
-    return out
 
 
 def check_write_back(path: Path) -> None:

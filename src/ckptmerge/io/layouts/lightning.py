@@ -20,7 +20,7 @@ from ckptmerge.io.layouts.base import (
     dcp_reader,
     payload,
     strip_attribute_prefix,
-    weights_reader,
+    torch_weights_reader,
     write_back_torch_file,
 )
 from ckptmerge.io.layouts.parse_name import parse_step
@@ -69,13 +69,9 @@ def read_step(path: Path) -> StepInfo:
 
 
 def open_checkpoint(path: Path):
-    from ckptmerge.io.torch_reader import check_kept_fraction
-
     if _is_sharded(path):
         return dcp_reader(path, names=_sharded_names)
-    state = payload(path)
-    check_kept_fraction(path, state["state_dict"], state)
-    return weights_reader(path, state["state_dict"], "lightning", strip_attribute=True)
+    return torch_weights_reader(path, path, lambda state: state["state_dict"], "lightning", strip_attribute=True)
 
 
 def write_back(path: Path, merged: dict, dest: Path) -> None:

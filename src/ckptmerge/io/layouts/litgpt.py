@@ -15,7 +15,7 @@ from ckptmerge.io.layouts.base import (
     copy_folder_state,
     payload,
     step_from_name,
-    weights_reader,
+    torch_weights_reader,
     write_back_torch_file,
 )
 
@@ -39,7 +39,7 @@ def read_step(path: Path) -> StepInfo:
 def open_checkpoint(path: Path):
     from ckptmerge.io.torch_reader import find_weights
 
-    return weights_reader(path, find_weights(path / WEIGHTS, payload(path / WEIGHTS)), "litgpt")
+    return torch_weights_reader(path, path / WEIGHTS, lambda state: find_weights(path / WEIGHTS, state), "litgpt")
 
 
 def write_back(path: Path, merged: dict, dest: Path) -> None:

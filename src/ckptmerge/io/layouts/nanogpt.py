@@ -13,7 +13,7 @@ from ckptmerge.io.layouts.base import (
     StepInfo,
     as_int,
     payload,
-    weights_reader,
+    torch_weights_reader,
     write_back_torch_file,
 )
 from ckptmerge.io.layouts.parse_name import SUFFIXES, parse_step
@@ -36,7 +36,7 @@ def read_step(path: Path) -> StepInfo:
 def open_checkpoint(path: Path):
     from ckptmerge.io.torch_reader import find_weights
 
-    return weights_reader(path, find_weights(path, payload(path)), "nanogpt")
+    return torch_weights_reader(path, path, lambda state: find_weights(path, state), "nanogpt")
 
 
 def write_back(path: Path, merged: dict, dest: Path) -> None:
