@@ -301,3 +301,49 @@ def test_eval_of_an_s3_pytorch_model_bin_equals_the_local_eval(tmp_path, s3, mon
         (results[where],) = by_data.values()
         results[where].pop("data")
     assert results["s3"] == results["local"] and results["s3"]["tokens"] > 0
+
+
+def test_a_payloads_small_tensors_are_read_alone_when_asked(tmp_path, s3, proxy):
+    """``remote_payload_object`` (what the trainer layouts' ``detect`` / ``read_step`` see): meta tensors, the zip
+    directory and data.pkl only; a step kept as a tensor is read by one range request of a few KiB when
+    ``layouts.base.as_int`` asks for it, a weight has no such read. bf16 weights opened with ``half_to_fp32`` equal the
+    local ``half_to_fp32_copies`` (exactly, tied names kept tied)."""
+    from ckptmerge.io.layouts.base import as_int, half_to_fp32_copies, weights_reader
+    from ckptmerge.io.remote import Url
+    from ckptmerge.io.remote_tree import RemoteTree
+    from ckptmerge.io.remote_torch import open_remote_torch, remote_payload_object
+
+    big = torch.randn(512, 512, generator=torch.Generator().manual_seed(3))  # 1 MiB in front of the counter
+    module = {"embed.weight": big.bfloat16(), "bias": torch.randn(7).bfloat16()}
+    module["head.weight"] = module["embed.weight"]  # tied
+    torch.save({"module": module, "global_steps": torch.tensor(1234)}, tmp_path / "states.pt")
+    s3.mkdir("runs") if not s3.exists("runs") else None
+    s3.put_file(str(tmp_path / "states.pt"), "runs/small/states.pt")
+    tree = RemoteTree.list(Url("s3", "runs/small"))
+    obj = tree.object("states.pt")
+    proxy.requests.clear()
+    payload = remote_payload_object(tree.fs, obj)
+    directory_bytes = sum(_range_size(h) for m, p, h in proxy.requests if m == "GET" and h)
+    assert directory_bytes < 16 * 1024 < obj.size, directory_bytes  # not the 1 MiB of weights
+    assert payload["global_steps"].device.type == "meta" and not hasattr(payload["module"]["embed.weight"], "stored_value")
+    proxy.requests.clear()
+    assert as_int(payload["global_steps"]) == 1234
+    ranged = [h for m, p, h in proxy.requests if m == "GET" and h]
+    assert len(ranged) == 1 and _range_size(ranged[0]) <= 8192 and not [r for r in proxy.requests if r[0] == "HEAD"]
+    proxy.requests.clear()
+    assert as_int(payload["global_steps"]) == 1234 and not proxy.requests  # read once
+
+    local = weights_reader(tmp_path, half_to_fp32_copies(torch.load(tmp_path / "states.pt")["module"]), "deepspeed")
+    with open_remote_torch(tree, [obj], Url("s3", "runs/small"), weights_of=lambda s: s["module"],
+                           framework="deepspeed", half_to_fp32=True) as remote:
+        assert remote.keys() == local.keys() and remote.aliases() == local.aliases() == {"head.weight": "embed.weight"}
+        assert remote.metadata() == local.metadata()
+        for name in local.keys():
+            assert remote.info(name) == local.info(name) and remote.info(name).dtype == torch.float32
+            assert torch.equal(remote.get(name), local.get(name)) and torch.equal(remote.get_rows(name, 2, 5),
+                                                                                  local.get_rows(name, 2, 5))
+
+
+def _range_size(header: str) -> int:
+    start, stop = re.fullmatch(r"bytes=(\d+)-(\d+)", header).groups()
+    return int(stop) - int(start) + 1
