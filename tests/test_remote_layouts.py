@@ -491,6 +491,26 @@ def test_named_trainer_checkpoints_at_urls_merge_like_the_local_ones(tmp_path, s
     assert [(i["path"], i["step"]) for i in manifest["inputs"]] == [(f"s3://runs/named-olmo/step{s}", s) for s in STEPS[1:]]
 
 
+@pytest.mark.parametrize("kind", ["nanogpt", "lightning-files"])
+def test_named_pickle_checkpoints_at_urls_merge_like_the_local_ones(tmp_path, s3, capsys, kind):
+    """Single-file checkpoints named one by one: each URL is one object, its layout told from its data.pkl, its step
+    read from it (nanoGPT's iter_num tensor: one small range read), ordered by step, merged as the local files."""
+    run = tmp_path / "run"
+    run.mkdir()
+    READABLE[kind](run, _states())
+    upload(s3, run, f"runs/named-{kind}")
+    names = sorted(p.name for p in run.iterdir() if p.name != "last.ckpt")[1:][::-1]  # the newest two, newest first
+    assert main(["merge", *[str(run / n) for n in names], "-o", str(tmp_path / "local-out"), "--quiet"]) == 0
+    assert main(["merge", *[f"s3://runs/named-{kind}/{n}" for n in names], "-o", str(tmp_path / "remote-out"),
+                 "--quiet"]) == 0
+    local_t, remote_t = merged_tensors(tmp_path / "local-out"), merged_tensors(tmp_path / "remote-out")
+    assert local_t.keys() == remote_t.keys() and all(torch.equal(local_t[k], remote_t[k]) for k in local_t)
+    local_m = json.loads((tmp_path / "local-out" / "merge.json").read_text())
+    manifest = json.loads((tmp_path / "remote-out" / "merge.json").read_text())
+    assert [i["step"] for i in manifest["inputs"]] == [i["step"] for i in local_m["inputs"]] == list(STEPS[1:])
+    assert [i["path"] for i in manifest["inputs"]] == [f"s3://runs/named-{kind}/{n}" for n in names[::-1]]
+
+
 def test_the_remote_list_of_state_pickles_is_discoverys():
     """io may not import merging, so remote_layout keeps its own copy of discovery's list of non-weight files."""
     from ckptmerge.io.remote_layout import STATE_PICKLES

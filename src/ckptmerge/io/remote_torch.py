@@ -511,11 +511,12 @@ def _located(payload: RemoteTorchPayload, name: str, tensor: Any) -> TensorRef:
 
 
 def _refuse_trainer_payload(url: Url, obj: Any) -> None:
-    """A Lightning ``.ckpt`` is read locally by its layout (the ``model.`` attribute stripped): the plain rule would
-    name its tensors differently, so at a URL it is refused rather than merged under other names."""
+    """A Lightning ``.ckpt`` is read by its layout (``open_remote_checkpoint`` and discovery match layouts first; the
+    ``model.`` attribute stripped): the plain rule would name its tensors differently, so it refuses rather than
+    merging under other names."""
     from ckptmerge.io.layouts.lightning import _is_lightning
 
     if url.name.endswith(".ckpt") and _is_lightning(obj):
-        raise CheckpointFormatError(f"{url}: a PyTorch Lightning checkpoint; ckptmerge reads Lightning's own layout "
-                                    f"locally only so far. Copy it to a local folder first, or export the model's "
-                                    f"weights as safetensors.")
+        raise CheckpointFormatError(f"{url}: a PyTorch Lightning checkpoint, which the lightning layout reads (its "
+                                    f"module attribute stripped), not the plain torch-file rule. Give its URL, or its "
+                                    f"run's, to inspect / merge, or export the model's weights as safetensors.")
