@@ -446,6 +446,23 @@ def test_what_stays_refused_at_a_url_is_refused_in_one_line(tmp_path, s3, capsys
     assert not (tmp_path / "out").exists()
 
 
+def test_a_layouts_own_refusal_is_the_same_at_a_url(tmp_path, s3, capsys):
+    """A tensor-parallel DeepSpeed run (mp_rank_01 files) is refused by the layout's own rule at the URL as locally:
+    the same line but for the location, exit 2, nothing written."""
+    run = tmp_path / "run"
+    run.mkdir()
+    _deepspeed(run, _states())
+    for step in STEPS:
+        torch.save({"module": {}, "global_steps": step}, run / f"global_step{step}" / "mp_rank_01_model_states.pt")
+    upload(s3, run, "runs/ds-tensor-parallel")
+    lines = []
+    for where in (str(run), "s3://runs/ds-tensor-parallel"):
+        assert main(["merge", where, "--last", "2", "-o", str(tmp_path / "out")]) == 2
+        lines.append(_error_line(capsys).replace(where, "RUN"))
+    assert lines[0] == lines[1] and "tensor- or pipeline-parallel DeepSpeed" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_deepspeed_run_saved_by_deepspeed_at_a_url_merges_like_the_local_copy(tmp_path, s3, proxy, capsys):
     """ZeRO 2, bf16, written by ``engine.save_checkpoint``: the same table (steps from ``global_steps`` in the
     model-states pickle, read from its data.pkl by range), the same fp32 merge bit for bit, equal to DeepSpeed's own
