@@ -60,6 +60,22 @@ def upload(fs, local, url_path: str) -> None:
     os.sync()
 
 
+def replace_on_first_read(monkeypatch, reader_cls, fs, local, url_path: str) -> list:
+    """Make the first tensor read of any ``reader_cls`` first replace the object ``url_path`` with the local file
+    ``local``: the object changes after the merge listed and pinned it. Returns the list that records the
+    replacement (clear it to arm the trap again)."""
+    original, replaced = reader_cls.get_rows, []
+
+    def replace_once(self, name, start, stop):
+        if not replaced:  # the merge has planned and starts reading tensor data
+            replaced.append(1)
+            fs.put_file(str(local), url_path)
+        return original(self, name, start, stop)
+
+    monkeypatch.setattr(reader_cls, "get_rows", replace_once)
+    return replaced
+
+
 class FaultProxy:
     """An HTTP proxy in front of the S3 server that misbehaves on request: ``deny`` (a predicate on method and
     path) answers 403 AccessDenied, ``fail_every`` answers every k-th request with a 500 (or drops the

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from ckptmerge.cli.main import main
 from conftest import make_state, reference_merge, to_f64, write_checkpoint
-from s3_server import SECRET, proxy, s3, s3_server, upload  # noqa: F401 - fixtures
+from s3_server import SECRET, proxy, replace_on_first_read, s3, s3_server, upload  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -120,15 +120,8 @@ def test_an_object_replaced_during_the_merge_fails_and_publishes_nothing(tmp_pat
     save_file({k: v.contiguous() for k, v in make_state(99, dtype=torch.bfloat16).items()}, tmp_path / "other.safetensors")
     from ckptmerge.io.remote_safetensors import RemoteSafetensorsReader
 
-    original, replaced = RemoteSafetensorsReader.get_rows, []
-
-    def replace_once(self, name, start, stop):
-        if not replaced:  # the merge has planned and starts reading tensor data
-            replaced.append(1)
-            s3.put_file(str(tmp_path / "other.safetensors"), "runs/changed/checkpoint-400/model.safetensors")
-        return original(self, name, start, stop)
-
-    monkeypatch.setattr(RemoteSafetensorsReader, "get_rows", replace_once)
+    replaced = replace_on_first_read(monkeypatch, RemoteSafetensorsReader, s3, tmp_path / "other.safetensors",
+                                     "runs/changed/checkpoint-400/model.safetensors")
     for out in (str(tmp_path / "out"), "s3://runs/changed-out"):
         replaced.clear()
         s3.put_file(str(run / "checkpoint-400" / "model.safetensors"), "runs/changed/checkpoint-400/model.safetensors")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from ckptmerge.cli.main import main
 from conftest import make_state, reference_merge, to_f64, write_checkpoint
-from s3_server import SECRET, proxy, s3, s3_server, upload  # noqa: F401 - fixtures
+from s3_server import SECRET, proxy, replace_on_first_read, s3, s3_server, upload  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -211,15 +211,8 @@ def test_an_object_replaced_during_the_merge_fails_and_publishes_nothing(tmp_pat
     run, _ = _hf_bin_run(tmp_path)
     upload(s3, run, "runs/changed-bin")
     torch.save(make_state(99, dtype=torch.bfloat16), tmp_path / "other.bin")
-    original, replaced = RemoteTorchReader.get_rows, []
-
-    def replace_once(self, name, start, stop):
-        if not replaced:  # the merge has planned and starts reading tensor data
-            replaced.append(1)
-            s3.put_file(str(tmp_path / "other.bin"), "runs/changed-bin/checkpoint-400/pytorch_model.bin")
-        return original(self, name, start, stop)
-
-    monkeypatch.setattr(RemoteTorchReader, "get_rows", replace_once)
+    replace_on_first_read(monkeypatch, RemoteTorchReader, s3, tmp_path / "other.bin",
+                          "runs/changed-bin/checkpoint-400/pytorch_model.bin")
     assert main(["merge", "s3://runs/changed-bin", "--last", "3", "-o", str(tmp_path / "out"), "--quiet"]) == 2
     line = _error_line(capsys)
     assert "checkpoint-400" in line and "changed while it was being merged" in line, line
