@@ -18,7 +18,8 @@ URL = "s3://bucket/run"
 
 # (argv, the flag or argument named in the line); RUN and OUT are local paths under the test's folder
 CASES = [
-    (["watch", URL, "-o", "OUT", "--once"], "run dir"),
+    # watch follows a run at a URL (tests/test_watch_remote.py); its OUT (state, outputs) stays local
+    (["watch", URL, "-o", "s3://bucket/watched", "--once"], "-o"),
     (["watch", "RUN", "-o", "s3://bucket/watched", "--once"], "-o"),
     (["watch", "RUN", "-o", "s3://bucket/watched", "--report"], "-o"),
     (["search", URL, "--trials", "1"], "checkpoint"),
@@ -80,9 +81,9 @@ def test_python_entry_points_refuse_a_url(unreachable):
 
     with pytest.raises(RemoteStorageError, match=r"^discover run dir s3://bucket/run: .*discover_remote\(url\)"):
         discover(URL)  # cm.discover
-    with pytest.raises(RemoteStorageError, match=r"^watch run dir s3://bucket/run: .*ckptmerge merge s3://"):
-        Watcher(watch_config(URL, str(unreachable / "OUT"), [parse_method("sma:n=2")]))
-    assert not (unreachable / "OUT").exists()
+    with pytest.raises(RemoteStorageError, match=r"^watch output s3://bucket/watched: .*local -o folder"):
+        Watcher(watch_config(URL, "s3://bucket/watched", [parse_method("sma:n=2")]))
+    assert not (unreachable / "s3:").exists()
 
 
 def test_torchrun_merge_of_a_url_is_refused_once(unreachable):

@@ -24,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Follow a run: after each new checkpoint, every --method's OUT/<method>/ is "
                                    "rewritten (equal to the offline merge of its window), the raw checkpoint and "
                                    "every merge are evaluated on --data, and the numbers go to --log trackers.")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="the run's folder, or its URL (s3://bucket/run: listed once per poll, read by "
+                                   "range requests)")
     p.add_argument("-o", "--output", required=True,
                    help="folder for OUT/<method>/, watch.jsonl, report.html and the watch state")
     p.add_argument("--method", action="append", default=[], metavar="SPEC",
@@ -45,7 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wandb-run-id", help="attach W&B logging to this run (default: $WANDB_RUN_ID, else a new run)")
     p.add_argument("--poll-s", type=float, default=30.0, help="seconds between scans (default 30)")
     p.add_argument("--settle-s", type=float, default=10.0, help="read a checkpoint only after its files are unchanged "
-                                                                "this long (default 10)")
+                                                                "this long (at a URL: their ETags and sizes; "
+                                                                "default 10)")
     p.add_argument("--tokens-per-step", type=int)
     p.add_argument("--once", action="store_true", help="process what is there now, then exit (cron)")
     p.add_argument("--report", action="store_true",
@@ -57,9 +59,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    refuse_urls("watch", "for a run in an object store, run `ckptmerge merge s3://bucket/run --last N -o OUT` after "
-                "each save (cron), or sync the run to a local folder and watch that", run_dir=args.run_dir,
-                **{"-o": args.output})
+    refuse_urls("watch", "watch a run at a URL with a local -o folder (ckptmerge watch s3://bucket/run -o OUT), and "
+                "copy OUT/<method>/ to the bucket if it is needed there", **{"-o": args.output})
     if args.report:
         from ckptmerge.online.watch_report import write_report
 

@@ -30,10 +30,12 @@ from ckptmerge.merging.discover import (
 )
 
 
-def discover_remote(run: Url, *, tokens_per_step: int | None = None, skip_unparsable: bool = False) -> Discovery:
-    """The checkpoints under ``run``, ordered by step (see ``merging.discover.discover`` for the rules)."""
+def discover_remote(run: Url, *, tokens_per_step: int | None = None, skip_unparsable: bool = False,
+                    tree: RemoteTree | None = None) -> Discovery:
+    """The checkpoints under ``run``, ordered by step (see ``merging.discover.discover`` for the rules); from
+    ``tree`` when the caller already listed ``run`` (watch: one listing per poll)."""
     run = as_location(run)
-    tree = RemoteTree.list(run)
+    tree = tree if tree is not None else RemoteTree.list(run)
     if not tree.exists() or tree.is_file(""):
         raise DiscoveryError(f"{run}: no objects under this prefix (check the URL; a run is a folder of checkpoints)")
     root = CheckpointPath(tree)
@@ -70,6 +72,18 @@ def is_remote_run(url: Url) -> tuple[bool, RemoteTree]:
         return True, tree
     return any(c.is_dir() and parse_step(c.name) is not None and (match_remote_layout(c) or c.plain_layout())
                for c in root.iterdir()), tree
+
+
+def open_listed(tree: RemoteTree, url: Url):
+    """A reader for the checkpoint at ``url`` inside the listed ``tree`` (``io.remote_layout.open_remote_checkpoint``
+    without listing it again): its headers and index are read, so an incomplete upload fails here."""
+    path = CheckpointPath(tree)
+    rel = url.relative_to(tree.root)
+    path = path / rel if rel else path
+    layout = match_remote_layout(path)
+    if layout is not None:
+        return framework_call(layout, layout.open, path)
+    return path.open_plain()
 
 
 def describe_remote(url: Url, *, tokens_per_step: int | None = None) -> CheckpointRef:

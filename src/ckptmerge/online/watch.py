@@ -19,6 +19,11 @@ For every new checkpoint on the ``--every`` grid (step % V == 0) whose files hav
 moment and restarted redoes only what was not recorded, and sends no tracker a step twice. A method that fails,
 a tracker that fails, a run directory that disappears or a checkpoint that never settles is reported and the
 rest goes on.
+
+A run at a URL (``s3://bucket/run``; ``OUT`` stays local) is listed once per poll (one recursive listing,
+``io/remote_tree.py``): a checkpoint is settled when its objects' versions (ETag, size) are unchanged across
+``--settle-s``, and read by range requests, never copied. Nothing is retained (an object store has no hard links):
+a window method whose checkpoint the trainer deleted fails in one line naming it, and the other methods go on.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from ckptmerge.errors import CkptMergeError, ConfigError
 from ckptmerge.io.dispatch import open_checkpoint
 from ckptmerge.io.fingerprint import checkpoint_files
 from ckptmerge.io.publish import atomic_file
-from ckptmerge.io.remote import refuse_urls
+from ckptmerge.io.remote import Url, as_location, is_url, refuse_urls
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import discover
 from ckptmerge.merging.method_spec import MethodSpec, parse_method
@@ -65,13 +70,14 @@ class WatchConfig:
 
     def settings(self) -> dict:
         """What a restarted watch must be given again (compared with the saved state)."""
-        return {"run_dir": str(Path(self.run_dir).resolve()), "methods": list(self.methods), "every": self.every,
+        run = str(as_location(self.run_dir)) if is_url(self.run_dir) else str(Path(self.run_dir).resolve())
+        return {"run_dir": run, "methods": list(self.methods), "every": self.every,
                 "data": list(self.data), "tokens": self.tokens}
 
 
-# what works today for a run at a URL (watch follows local folders: its state, retention and polling are local)
-WATCH_URLS = ("for a run in an object store, run `ckptmerge merge s3://bucket/run --last N -o OUT` after "
-              "each save (cron), or sync the run to a local folder and watch that")
+# what works today for an OUT at a URL (the watch's state, outputs and trackers' files are local)
+WATCH_URLS = ("watch a run at a URL with a local -o folder (ckptmerge watch s3://bucket/run -o OUT), and copy "
+              "OUT/<method>/ to the bucket if it is needed there")
 
 
 def watch_config(run_dir: str, output: str, methods: list[MethodSpec], **options) -> WatchConfig:
@@ -84,8 +90,12 @@ def watch_config(run_dir: str, output: str, methods: list[MethodSpec], **options
 
 class Watcher:
     def __init__(self, cfg: WatchConfig):
-        refuse_urls("watch", WATCH_URLS, run_dir=cfg.run_dir, output=cfg.output)
-        self.cfg, self.out, self.run_dir = cfg, Path(cfg.output), Path(cfg.run_dir)
+        refuse_urls("watch", WATCH_URLS, output=cfg.output)
+        self.cfg, self.out, self.run_dir = cfg, Path(cfg.output), as_location(cfg.run_dir)
+        self.remote = isinstance(self.run_dir, Url)
+        self._tree = None                                          # a URL run: this poll's listing
+        self._observed: dict[str, tuple[tuple, float]] = {}        # a URL checkpoint: its versions, first seen
+        self._unsettled = False                                    # a URL checkpoint waits for --settle-s
         self.methods = [WatchMethod(parse_method(m)) for m in cfg.methods]
         self.out.mkdir(parents=True, exist_ok=True)
         self.state = load_state(self.out, cfg.settings())
@@ -101,9 +111,10 @@ class Watcher:
         self.log = log
         try:
             while True:
-                for step in self.poll():
-                    done = [m.label for m in self.methods if self.state.methods[m.label].done_through >= step]
-                    log(f"watch: step {step} -> {', '.join(done) or 'no method'} in {self.out}")
+                self._poll_and_log()
+                if once and self._unsettled:  # a URL run: versions must be seen unchanged across --settle-s
+                    time.sleep(self.cfg.settle_s)
+                    self._poll_and_log()
                 if once:
                     self._raise_if_failed()
                     return
@@ -111,8 +122,17 @@ class Watcher:
         finally:
             self.close()
 
+    def _poll_and_log(self) -> None:
+        for step in self.poll():
+            done = [m.label for m in self.methods if self.state.methods[m.label].done_through >= step]
+            self.log(f"watch: step {step} -> {', '.join(done) or 'no method'} in {self.out}")
+
     def poll(self) -> list[int]:
         """Take in every new, settled checkpoint; returns the steps taken in."""
+        if self.remote:
+            self._tree = self._list_remote()  # the one listing of this poll (None: reported, looked again later)
+            if self._tree is None:
+                return []
         if self.state.seen:
             self._complete()  # what a killed watch left undone for its newest checkpoint; failed methods again
         taken = []
@@ -138,7 +158,9 @@ class Watcher:
 
     # --- one checkpoint ---------------------------------------------------------------------------
     def _take(self, ref: CheckpointRef) -> None:
-        retain(ref.path, self.run_dir, self.out)
+        if not self.remote:
+            retain(ref.path, self.run_dir, self.out)
+        self._observed.pop(str(ref.path), None)
         self.state.seen.append({"step": ref.step, "tokens_seen": ref.tokens_seen, "path": str(ref.path)})
         self._save()
         self._complete()
@@ -169,7 +191,7 @@ class Watcher:
         self._point_current()
 
     def _publish_window(self, method: WatchMethod, progress: MethodProgress) -> None:
-        window = [self._readable(r) for r in method.select(self.state.history())]
+        window = [self._readable(r, method) for r in method.select(self.state.history())]
         if not window or window[-1].step <= progress.done_through:
             return  # no new checkpoint on this method's grid
         publish_window(method, window, self.out / method.label, self.cfg.options,
@@ -181,7 +203,7 @@ class Watcher:
         for ref in method.series(self.state.history()):
             if ref.step <= progress.done_through:
                 continue
-            new = self._readable(ref)
+            new = self._readable(ref, method)
             state = update_running(method, progress.state_ref(), new, self.out, self.cfg.options,
                                    recipe=self._recipe(method, [new]))
             progress.done_through = ref.step
@@ -192,7 +214,15 @@ class Watcher:
     def _recipe(self, method: WatchMethod, window: list[CheckpointRef]) -> dict:
         return {"watch": {"method": str(method.spec), "run_dir": str(self.run_dir), "window_steps": [r.step for r in window]}}
 
-    def _readable(self, ref: CheckpointRef) -> CheckpointRef:
+    def _readable(self, ref: CheckpointRef, method: WatchMethod | None = None) -> CheckpointRef:
+        if self.remote:  # read from the bucket, as listed by this poll; nothing retained on an object store
+            if self._tree is not None and not self._tree.under(ref.path.relative_to(self.run_dir)):
+                label = method.label if method is not None else "the evaluation"
+                n = method.window if method is not None else 1
+                raise CkptMergeError(f"{ref.path}: deleted from the run before {label} merged it, so {label} is not "
+                                     f"updated (no shorter window is published); keep at least {n} checkpoints in "
+                                     f"the run (save_total_limit), or sync the run to a local folder and watch that")
+            return ref
         return dataclasses.replace(ref, path=readable_path(ref.path, self.run_dir, self.out))
 
     # --- evaluation, trackers ---------------------------------------------------------------------
@@ -236,13 +266,28 @@ class Watcher:
                 self._report(f"{spec}: logging failed ({type(exc).__name__}: {exc}); retried at the next update")
 
     # --- finding checkpoints ----------------------------------------------------------------------
+    def _list_remote(self):
+        from ckptmerge.io.remote_tree import RemoteTree
+
+        try:
+            return RemoteTree.list(self.run_dir)
+        except (CkptMergeError, OSError) as exc:
+            self._report(f"{self.run_dir}: cannot list the run ({exc}); looking again in {self.cfg.poll_s:g} s")
+            return None
+
     def _ready(self) -> list[CheckpointRef]:
         try:
-            found = discover(self.run_dir, tokens_per_step=self.cfg.tokens_per_step, skip_unparsable=True)
+            if self.remote:
+                from ckptmerge.merging.remote_discover import discover_remote
+
+                found = discover_remote(self.run_dir, tokens_per_step=self.cfg.tokens_per_step, skip_unparsable=True,
+                                        tree=self._tree)
+            else:
+                found = discover(self.run_dir, tokens_per_step=self.cfg.tokens_per_step, skip_unparsable=True)
         except (CkptMergeError, OSError) as exc:
             self._report(f"{self.run_dir}: cannot list the run ({exc}); looking again in {self.cfg.poll_s:g} s")
             return []
-        ready = []
+        ready, self._unsettled = [], False
         for ref in found.checkpoints:
             if ref.step <= self.state.last_step or not _on_grid(ref.step, self.cfg.every):
                 continue
@@ -265,7 +310,9 @@ class Watcher:
                      f"skipped")
         return True
 
-    def _settled(self, path: Path) -> bool:
+    def _settled(self, path: Path | Url) -> bool:
+        if self.remote:
+            return self._settled_remote(path)
         try:
             newest = max((f.stat().st_mtime for f in checkpoint_files(path)), default=time.time())
         except (CkptMergeError, OSError):
@@ -278,9 +325,30 @@ class Watcher:
             return False
         return True
 
+    def _settled_remote(self, url: Url) -> bool:
+        """The checkpoint's objects listed with the same versions (ETag, size) for ``--settle-s``; then its
+        headers and index read once from this listing (an incomplete upload is not settled)."""
+        from ckptmerge.merging.remote_discover import open_listed
+
+        objects = self._tree.under(url.relative_to(self.run_dir))
+        versions = tuple(sorted((key, obj.size, obj.version) for key, obj in objects.items()))
+        seen = self._observed.get(str(url))
+        if seen is None or seen[0] != versions:
+            seen = self._observed[str(url)] = (versions, time.monotonic())
+        if time.monotonic() - seen[1] < self.cfg.settle_s:
+            self._unsettled = True
+            return False
+        try:
+            open_listed(self._tree, url).close()
+        except (CkptMergeError, OSError):
+            return False
+        return True
+
     # --- bookkeeping ------------------------------------------------------------------------------
     def _prune(self) -> None:
         """Release retained checkpoints no window and no lagging running EMA can reach again."""
+        if self.remote:
+            return  # nothing is retained from an object store
         history = self.state.history()
         keep = {r.path for m in self.methods if not m.running for r in m.select(history)}
         for method in self.methods:

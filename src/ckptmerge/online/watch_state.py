@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ckptmerge.errors import CkptMergeError
 from ckptmerge.io.publish import atomic_file
+from ckptmerge.io.remote import as_location
 from ckptmerge.merging.checkpoint import CheckpointRef
 
 STATE_FILE = ".watch-state.json"
@@ -38,7 +39,7 @@ class MethodProgress:
 @dataclass
 class WatchState:
     settings: dict = field(default_factory=dict)
-    seen: list[dict] = field(default_factory=list)          # {"step", "tokens_seen", "path"}, oldest first
+    seen: list[dict] = field(default_factory=list)          # {"step", "tokens_seen", "path" (or URL)}, oldest first
     methods: dict[str, MethodProgress] = field(default_factory=dict)
     evals: dict[str, dict] = field(default_factory=dict)    # str(step) -> {metric name: value}
     logged: dict[str, list[int]] = field(default_factory=dict)  # tracker -> steps sent
@@ -48,7 +49,8 @@ class WatchState:
         return self.seen[-1]["step"] if self.seen else -1
 
     def history(self) -> list[CheckpointRef]:
-        return [CheckpointRef(Path(s["path"]), step=s["step"], tokens_seen=s["tokens_seen"]) for s in self.seen]
+        # a local path, or the URL of a checkpoint of a run in an object store (never made a Path: s3:/...)
+        return [CheckpointRef(as_location(s["path"]), step=s["step"], tokens_seen=s["tokens_seen"]) for s in self.seen]
 
 
 def load_state(out: Path, settings: dict) -> WatchState:
