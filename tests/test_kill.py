@@ -153,8 +153,11 @@ def test_killed_training_resumes_bit_identical_without_debris(tmp_path, corpus_a
 
 
 SLOW_WRITES = r'''
-import os, sys, time
+import os, signal, sys, time
 from pathlib import Path
+# Ctrl-C as a terminal delivers it: a job started in the background (nohup, `cmd &` in a script) inherits SIGINT
+# ignored, and Python then installs no KeyboardInterrupt handler; the merge would rightly run on
+signal.signal(signal.SIGINT, signal.default_int_handler)
 ready, argv = sys.argv[1], sys.argv[2:]
 import ckptmerge.io.safetensors_writer as writer_mod
 real = writer_mod.StreamingSafetensorsWriter.write_rows
