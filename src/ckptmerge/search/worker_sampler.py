@@ -7,8 +7,9 @@ evaluate its first session's points again. The sampler is therefore seeded at th
 number no other trial of the study has, while a queued trial (a baseline) is popped by whichever worker asks
 first, and on SQLite two workers can pop the same one, so seeding from it once gave two workers one seed
 and one stream of points. Queued trials have fixed parameters and draw nothing from the sampler; until
-this worker creates a trial they are served by a provisional sampler seeded with ``--seed``. A fresh
-single-worker search stays reproducible: its first created trial always has the same number.
+this worker creates a trial they are served by a provisional sampler seeded with ``--seed``. The worker that
+created the study's first non-queued trial keeps ``--seed`` itself, so a fresh single-worker search draws what
+Optuna's sampler with that seed draws; only one worker can be that one, since trial numbers are unique.
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ import numpy as np
 import optuna
 
 
-def worker_seed(seed: int, first_created_trial: int) -> int:
-    """The seed of a worker whose first created (not queued) trial is number ``first_created_trial``."""
+def worker_seed(seed: int, first_created_trial: int, created_before: bool) -> int:
+    """The seed of a worker whose first created (not queued) trial is number ``first_created_trial``;
+    ``created_before``: another trial below that number was created, not queued (another worker's, an earlier
+    session's)."""
+    if not created_before:
+        return seed
     return int(np.random.SeedSequence([seed, first_created_trial]).generate_state(1)[0])
 
 
@@ -39,7 +44,8 @@ class WorkerSeededSampler(optuna.samplers.BaseSampler):
 
     def before_trial(self, study, trial) -> None:
         if not self._seeded and not _was_queued(trial):
-            self._inner = self._make(worker_seed(self._seed, trial.number))
+            created_before = any(not _was_queued(t) for t in study.get_trials(deepcopy=False) if t.number < trial.number)
+            self._inner = self._make(worker_seed(self._seed, trial.number, created_before))
             self._seeded = True
         elif self._inner is None:
             self._inner = self._make(self._seed)
