@@ -22,16 +22,16 @@ from s3_server import SECRET, proxy, s3, s3_server, upload  # noqa: F401 - fixtu
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-URL = "s3://runs/{}"
+URL = "s3://watched-runs/{}"  # a bucket of its own: test_remote.py also uploads runs/changed
 
 
 def _add(s3, run, name: str, step: int, seed: int) -> dict[str, torch.Tensor]:
-    """A checkpoint written locally (the reference's copy) and uploaded to runs/<name>/checkpoint-<step>."""
+    """A checkpoint written locally (the reference's copy) and uploaded to watched-runs/<name>/checkpoint-<step>."""
     state = make_state(seed, step=step)
     folder = run / f"checkpoint-{step}"
     folder.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors", metadata={"format": "pt"})
-    upload(s3, folder, f"runs/{name}/checkpoint-{step}")
+    upload(s3, folder, f"watched-runs/{name}/checkpoint-{step}")
     return state
 
 
@@ -95,10 +95,11 @@ def test_watch_of_a_bucket_equals_the_offline_merge_step_by_step(tmp_path, s3, c
             np.testing.assert_allclose(to_f64(ema[name]), to_f64(offline[name]), rtol=1e-5, atol=1e-6, err_msg=name)
 
     manifest = json.loads((out / "sma-n3" / "merge.json").read_text())
-    assert [i["path"] for i in manifest["inputs"]] == [f"s3://runs/steps/checkpoint-{s}" for s in (300, 400, 500)]
+    run_url = URL.format("steps")
+    assert [i["path"] for i in manifest["inputs"]] == [f"{run_url}/checkpoint-{s}" for s in (300, 400, 500)]
     state = json.loads((out / ".watch-state.json").read_text())
-    assert state["settings"]["run_dir"] == "s3://runs/steps"  # the URL as given, not resolved as a path
-    assert [s["path"] for s in state["seen"]] == [f"s3://runs/steps/checkpoint-{100 * (i + 1)}" for i in range(5)]
+    assert state["settings"]["run_dir"] == "s3://watched-runs/steps"  # the URL as given, not resolved as a path
+    assert [s["path"] for s in state["seen"]] == [f"{run_url}/checkpoint-{100 * (i + 1)}" for i in range(5)]
     assert not (out / ".retained").exists() and not (tmp_path / "s3:").exists()
     assert SECRET not in json.dumps(state)
 
@@ -140,7 +141,8 @@ def test_a_checkpoint_is_taken_once_its_versions_settle(tmp_path, s3):
     assert watcher.poll() == []  # first seen: its versions must stay unchanged for 0.6 s
     time.sleep(0.3)
     save_file({k: v.contiguous() for k, v in make_state(7, step=100).items()}, tmp_path / "other.safetensors")
-    s3.put_file(str(tmp_path / "other.safetensors"), "runs/settle/checkpoint-100/model.safetensors")  # rewritten
+    # rewritten:
+    s3.put_file(str(tmp_path / "other.safetensors"), "watched-runs/settle/checkpoint-100/model.safetensors")
     time.sleep(0.4)
     assert watcher.poll() == []  # another ETag: the clock starts again
     time.sleep(0.7)
@@ -163,13 +165,13 @@ def test_a_checkpoint_deleted_before_the_window_needs_it_fails_that_method_only(
         assert main(argv) == 0
     before = _tensors(out / "sma-n3")
     _add(s3, run, "deleted", 300, seed=2)
-    s3.rm("runs/deleted/checkpoint-100", recursive=True)  # the trainer's save_total_limit=2
+    s3.rm("watched-runs/deleted/checkpoint-100", recursive=True)  # the trainer's save_total_limit=2
     capsys.readouterr()
     assert main(argv) == 2
     captured = capsys.readouterr()
     err = [line for line in captured.err.splitlines() if line.strip() and " warning: " not in line]
     assert len(err) == 1, err
-    assert "s3://runs/deleted/checkpoint-100: deleted from the run before sma-n3 merged it" in err[0], err[0]
+    assert "s3://watched-runs/deleted/checkpoint-100: deleted from the run before sma-n3 merged it" in err[0], err[0]
     assert "keep at least 3 checkpoints" in err[0] and "watch that" in err[0], err[0]
     assert "ema" not in err[0]
     _assert_bitwise(_tensors(out / "sma-n3"), before)  # the window of 100, 200: never a shorter window
@@ -190,12 +192,12 @@ def test_a_checkpoint_deleted_before_the_window_needs_it_fails_that_method_only(
 
 def test_an_out_url_is_refused_in_one_line(tmp_path, s3, capsys):
     _add(s3, tmp_path / "run", "refused", 100, seed=0)
-    assert main(["watch", URL.format("refused"), "-o", "s3://runs/watched", "--once"]) == 2
+    assert main(["watch", URL.format("refused"), "-o", "s3://watched-runs/watched", "--once"]) == 2
     captured = capsys.readouterr()
     err = [line for line in captured.err.splitlines() if line.strip() and " warning: " not in line]
-    assert len(err) == 1 and err[0].startswith("ckptmerge watch: error: watch -o s3://runs/watched:"), err
+    assert len(err) == 1 and err[0].startswith("ckptmerge watch: error: watch -o s3://watched-runs/watched:"), err
     assert "local -o folder" in err[0] and captured.out == ""
-    assert not s3.find("runs/watched")
+    assert not s3.find("watched-runs/watched")
 
 
 def test_an_input_replaced_during_a_watch_merge_fails_that_update(tmp_path, s3, monkeypatch):
@@ -210,7 +212,7 @@ def test_an_input_replaced_during_a_watch_merge_fails_that_update(tmp_path, s3, 
     def replace_once(self, name, start, stop):
         if not replaced and "checkpoint-200" in str(self.path):  # pinned, and reading tensor data
             replaced.append(1)
-            s3.put_file(str(tmp_path / "other.safetensors"), "runs/changed/checkpoint-200/model.safetensors")
+            s3.put_file(str(tmp_path / "other.safetensors"), "watched-runs/changed/checkpoint-200/model.safetensors")
         return original(self, name, start, stop)
 
     monkeypatch.setattr(RemoteSafetensorsReader, "get_rows", replace_once)
