@@ -1,4 +1,4 @@
-"""``ckptmerge watch s3://bucket/run -o OUT`` (OUT local) follows a run that lives in an object store, served by a
+"""``ckptmerge watch s3://bucket/run -o OUT`` (OUT local; an OUT at a URL: tests/test_watch_remote_out.py) follows a run that lives in an object store, served by a
 real S3 API server on this machine (moto, ``tests/s3_server.py``): the run is uploaded checkpoint by checkpoint
 with a watch after each, and every ``OUT/<method>/`` is read back and compared with the local offline merge of
 the same files (bit for bit) and with an fp64 NumPy reference."""
@@ -188,16 +188,6 @@ def test_a_checkpoint_deleted_before_the_window_needs_it_fails_that_method_only(
     refs = discover(run).checkpoints[-3:]
     merge(refs, compute_coeffs("sma", refs), tmp_path / "offline", progress=False, force=True)
     _assert_bitwise(_tensors(out / "sma-n3"), _tensors(tmp_path / "offline"))
-
-
-def test_an_out_url_is_refused_in_one_line(tmp_path, s3, capsys):
-    _add(s3, tmp_path / "run", "refused", 100, seed=0)
-    assert main(["watch", URL.format("refused"), "-o", "s3://watched-runs/watched", "--once"]) == 2
-    captured = capsys.readouterr()
-    err = [line for line in captured.err.splitlines() if line.strip() and " warning: " not in line]
-    assert len(err) == 1 and err[0].startswith("ckptmerge watch: error: watch -o s3://watched-runs/watched:"), err
-    assert "local -o folder" in err[0] and captured.out == ""
-    assert not s3.find("watched-runs/watched")
 
 
 def test_an_input_replaced_during_a_watch_merge_fails_that_update(tmp_path, s3, monkeypatch):

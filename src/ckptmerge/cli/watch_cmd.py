@@ -1,17 +1,19 @@
-"""``ckptmerge watch RUN_DIR -o OUT``: a rolling merged model of a run, updated as checkpoints appear."""
+"""``ckptmerge watch RUN_DIR -o OUT``: a rolling merged model of a run, updated as checkpoints appear.
+
+``OUT`` may be a URL (``-o s3://bucket/out``): the watch works in ``--work-dir`` and publishes each rewritten
+``<method>/`` there by the commit protocol (online/watch_publish.py)."""
 
 from __future__ import annotations
 
 import argparse
 
 from dataclasses import replace
-from pathlib import Path
 
 from ckptmerge.cli.deprecated import add_deprecated, add_renamed
 from ckptmerge.cli.eval_flags import add_eval_flags, settings_from_args
 from ckptmerge.cli.merge_flags import add_output_flags, options_from_args
+from ckptmerge.cli.storage_flags import add_storage_flags
 from ckptmerge.errors import ConfigError
-from ckptmerge.io.remote import refuse_urls
 
 # The MergeOptions flags of watch (its --device is the evaluation's and the merges'; it always replaces its own
 # folders, so --force is not one of them).
@@ -27,7 +29,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", help="the run's folder, or its URL (s3://bucket/run: listed once per poll, read by "
                                    "range requests)")
     p.add_argument("-o", "--output", required=True,
-                   help="folder for OUT/<method>/, watch.jsonl, report.html and the watch state")
+                   help="folder for OUT/<method>/, watch.jsonl, report.html and the watch state; or a URL "
+                        "(s3://bucket/out: OUT/<method>/ published by the commit protocol, the state in --work-dir)")
+    p.add_argument("--work-dir", metavar="DIR",
+                   help="with an -o URL: the local folder of the watch state, running EMA states, retained checkpoints "
+                        "and trackers' files (default $CKPTMERGE_CACHE/watch/<hash of the URL>, printed at start); "
+                        "give the same one to resume")
     p.add_argument("--method", action="append", default=[], metavar="SPEC",
                    help="a merge method in the method language, repeatable: sma:n=5, ema:alpha=0.2, "
                         "ema:half_life=2000, minus_sqrt:n=8, ... (default sma:n=5; docs/online.md)")
@@ -51,21 +58,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens-per-step", type=int)
     p.add_argument("--once", action="store_true", help="process what is there now, then exit (cron)")
     p.add_argument("--report", action="store_true",
-                   help="draw OUT/report.png and OUT/report.html (loss vs step, raw and every method) and exit")
+                   help="draw OUT/report.png and OUT/report.html (loss vs step, raw and every method) and exit; "
+                        "for an -o URL, drawn in --work-dir and uploaded")
     add_output_flags(p.add_argument_group("output of OUT/<method>/ (as in merge)"), WATCH_OUTPUT_FLAGS,
                      old_spellings=False)
     add_eval_flags(p)
+    add_storage_flags(p)  # for a run and an -o at URLs
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    refuse_urls("watch", "watch a run at a URL with a local -o folder (ckptmerge watch s3://bucket/run -o OUT), and "
-                "copy OUT/<method>/ to the bucket if it is needed there", **{"-o": args.output})
     if args.report:
-        from ckptmerge.online.watch_report import write_report
+        from ckptmerge.online.watch_report import report
 
-        for path in write_report(Path(args.output)):
-            print(f"wrote {path}")
+        for line in report(args.output, args.work_dir):
+            print(line)
         return 0
     from ckptmerge.online.watch import Watcher, watch_config  # torch: only this command's start-up
 
@@ -75,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     config = watch_config(args.run_dir, args.output, methods_from_args(args), every=args.every, data=args.data,
                           tokens=args.tokens, poll_s=args.poll_s, settle_s=args.settle_s,
                           tokens_per_step=args.tokens_per_step, options=options, log=args.log,
-                          wandb_run_id=args.wandb_run_id, eval_settings=settings_from_args(args, progress=False))
+                          wandb_run_id=args.wandb_run_id, eval_settings=settings_from_args(args, progress=False),
+                          work_dir=args.work_dir)
     Watcher(config).run(once=args.once)
     return 0
 

@@ -20,10 +20,16 @@ moment and restarted redoes only what was not recorded, and sends no tracker a s
 a tracker that fails, a run directory that disappears or a checkpoint that never settles is reported and the
 rest goes on.
 
-A run at a URL (``s3://bucket/run``; ``OUT`` stays local) is listed once per poll (one recursive listing,
+A run at a URL (``s3://bucket/run``) is listed once per poll (one recursive listing,
 ``io/remote_tree.py``): a checkpoint is settled when its objects' versions (ETag, size) are unchanged across
 ``--settle-s``, and read by range requests, never copied. Nothing is retained (an object store has no hard links):
 a window method whose checkpoint the trainer deleted fails in one line naming it, and the other methods go on.
+
+An ``OUT`` at a URL (``-o s3://bucket/out``, online/watch_publish.py): the watch works in a local folder
+(``--work-dir``; state, running EMA states, retained links, trackers' files) exactly as in a local ``OUT``, and
+after each rewrite publishes ``<method>/`` by the commit protocol of ``io/remote_publish.py`` and ``watch.jsonl``
+by one PUT. The state records what was published; what a failed or killed upload left behind is published at the
+next poll or restart.
 """
 
 from __future__ import annotations
@@ -39,13 +45,14 @@ from ckptmerge.errors import CkptMergeError, ConfigError
 from ckptmerge.io.dispatch import open_checkpoint
 from ckptmerge.io.fingerprint import checkpoint_files
 from ckptmerge.io.publish import atomic_file
-from ckptmerge.io.remote import Url, as_location, is_url, refuse_urls
+from ckptmerge.io.remote import Url, as_location, is_url, redact
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import discover
 from ckptmerge.merging.method_spec import MethodSpec, parse_method
 from ckptmerge.merging.options import MergeOptions
 from ckptmerge.online.retain import readable_path, release, retain
 from ckptmerge.online.watch_methods import WatchMethod, drop_states, publish_window, update_running
+from ckptmerge.online.watch_publish import Publication, check_output, publish, stale, work_dir_for
 from ckptmerge.online.watch_state import MethodProgress, load_state, save_state
 
 LOG_FILE = "watch.jsonl"
@@ -67,17 +74,16 @@ class WatchConfig:
     eval_settings: object | None = None            # evaluation.settings.EvalSettings (default: its defaults)
     log: list[str] = field(default_factory=list)   # trackers: tensorboard:DIR, mlflow[:URI], wandb[:PROJECT]
     wandb_run_id: str | None = None
+    work_dir: str | None = None                    # an -o URL: the local working folder (default: per URL)
 
     def settings(self) -> dict:
         """What a restarted watch must be given again (compared with the saved state)."""
         run = str(as_location(self.run_dir)) if is_url(self.run_dir) else str(Path(self.run_dir).resolve())
-        return {"run_dir": run, "methods": list(self.methods), "every": self.every,
-                "data": list(self.data), "tokens": self.tokens}
-
-
-# what works today for an OUT at a URL (the watch's state, outputs and trackers' files are local)
-WATCH_URLS = ("watch a run at a URL with a local -o folder (ckptmerge watch s3://bucket/run -o OUT), and copy "
-              "OUT/<method>/ to the bucket if it is needed there")
+        settings = {"run_dir": run, "methods": list(self.methods), "every": self.every,
+                    "data": list(self.data), "tokens": self.tokens}
+        if is_url(self.output):  # a working folder belongs to one output URL
+            settings["output"] = redact(str(as_location(self.output)))
+        return settings
 
 
 def watch_config(run_dir: str, output: str, methods: list[MethodSpec], **options) -> WatchConfig:
@@ -90,8 +96,10 @@ def watch_config(run_dir: str, output: str, methods: list[MethodSpec], **options
 
 class Watcher:
     def __init__(self, cfg: WatchConfig):
-        refuse_urls("watch", WATCH_URLS, output=cfg.output)
-        self.cfg, self.out, self.run_dir = cfg, Path(cfg.output), as_location(cfg.run_dir)
+        target = as_location(cfg.output)
+        self.cfg, self.out, self.run_dir = cfg, work_dir_for(target, cfg.work_dir), as_location(cfg.run_dir)
+        self.target = target if isinstance(target, Url) else None  # an -o URL: published to after each rewrite
+        cleaned = check_output(self.target, self.out) if self.target else []  # before any work
         self.remote = isinstance(self.run_dir, Url)
         self._tree = None                                          # a URL run: this poll's listing
         self._observed: dict[str, tuple[tuple, float]] = {}        # a URL checkpoint: its versions, first seen
@@ -103,12 +111,16 @@ class Watcher:
             self.state.methods.setdefault(method.label, MethodProgress())
         self._trackers: dict[str, object] = {}
         self._pending_since: dict[int, float] = {}
-        self._reported: set[str] = set()
         self.log = print
+        for line in cleaned:
+            self._report(line)
 
     # --- the loop ---------------------------------------------------------------------------------
     def run(self, *, once: bool = False, log=print) -> None:
         self.log = log
+        if self.target is not None:
+            self._report(f"publishing to {redact(str(self.target))}; working folder {self.out} (state, EMA states, "
+                         f"trackers' files: restart with the same --work-dir to resume)")
         try:
             while True:
                 self._poll_and_log()
@@ -125,13 +137,15 @@ class Watcher:
     def _poll_and_log(self) -> None:
         for step in self.poll():
             done = [m.label for m in self.methods if self.state.methods[m.label].done_through >= step]
-            self.log(f"watch: step {step} -> {', '.join(done) or 'no method'} in {self.out}")
+            where = redact(str(self.target)) if self.target is not None else self.out
+            self.log(f"watch: step {step} -> {', '.join(done) or 'no method'} in {where}")
 
     def poll(self) -> list[int]:
         """Take in every new, settled checkpoint; returns the steps taken in."""
         if self.remote:
             self._tree = self._list_remote()  # the one listing of this poll (None: reported, looked again later)
             if self._tree is None:
+                self._publish()  # the bucket catches up with the working folder all the same
                 return []
         if self.state.seen:
             self._complete()  # what a killed watch left undone for its newest checkpoint; failed methods again
@@ -145,6 +159,10 @@ class Watcher:
     def _raise_if_failed(self) -> None:
         """``--once``: a method left behind by an error makes the command fail (exit 2), naming each."""
         failed = {label: p.error for label, p in self.state.methods.items() if p.error}
+        unpublished = [item.name for item in self._unpublished()]
+        if unpublished:
+            failed["publish"] = (f"{', '.join(unpublished)} not published to {redact(str(self.target))} (reported "
+                                 f"above); the next watch publishes them")
         if failed:
             raise CkptMergeError("; ".join(f"{label}: {error}" for label, error in failed.items()))
 
@@ -169,8 +187,10 @@ class Watcher:
         """Bring every method up to the newest checkpoint taken in, then evaluate it (each step once)."""
         newest = self.state.history()[-1]
         self._update_methods()
+        self._publish(files=False)  # the folders just rewritten, before the evaluation
         if self.cfg.data and str(newest.step) not in self.state.evals:
             self._evaluate(newest)
+        self._publish(folders=False)  # watch.jsonl
         self._prune()
 
     def _update_methods(self) -> None:
@@ -224,6 +244,28 @@ class Watcher:
                                      f"the run (save_total_limit), or sync the run to a local folder and watch that")
             return ref
         return dataclasses.replace(ref, path=readable_path(ref.path, self.run_dir, self.out))
+
+    # --- publishing to an -o URL ------------------------------------------------------------------
+    def _publish(self, *, folders: bool = True, files: bool = True) -> None:
+        """Bring the -o URL level with the working folder (nothing for a local OUT); a failure is reported and
+        retried at the next poll, the merges go on."""
+        for item in self._unpublished(folders=folders, files=files):
+            try:
+                publish(self.target, self.out, item)
+            except (CkptMergeError, OSError) as exc:
+                self._report(f"{item.name} not published ({redact(str(exc))}); retried at the next poll")
+                continue
+            self.state.published[item.name] = item.version
+            self._save()
+
+    def _unpublished(self, *, folders: bool = True, files: bool = True) -> list[Publication]:
+        if self.target is None:
+            return []
+        wanted = [Publication(m.label, self.state.methods[m.label].done_through) for m in self.methods
+                  if folders and self.state.methods[m.label].done_through >= 0]
+        if files and self.state.evals:
+            wanted.append(Publication.file(LOG_FILE, self._log_text().encode()))
+        return stale(self.state, wanted)
 
     # --- evaluation, trackers ---------------------------------------------------------------------
     def _evaluate(self, ref: CheckpointRef) -> None:
@@ -361,7 +403,7 @@ class Watcher:
 
     def _point_current(self) -> None:
         """With one method, ``OUT/current`` points at its folder (what watch wrote before it kept several)."""
-        if len(self.methods) != 1 or not (self.out / self.methods[0].label).exists():
+        if self.target is not None or len(self.methods) != 1 or not (self.out / self.methods[0].label).exists():
             return
         link = self.out / "current"
         if link.is_symlink() and os.readlink(link) == self.methods[0].label:
@@ -372,10 +414,13 @@ class Watcher:
         os.replace(partial, link)
 
     def _write_log(self) -> None:
+        with atomic_file(self.out / LOG_FILE) as tmp:
+            Path(tmp).write_text(self._log_text())
+
+    def _log_text(self) -> str:
         lines = [json.dumps({"step": int(step), **metrics}) for step, metrics in
                  sorted(self.state.evals.items(), key=lambda item: int(item[0]))]
-        with atomic_file(self.out / LOG_FILE) as tmp:
-            Path(tmp).write_text("".join(line + "\n" for line in lines))
+        return "".join(line + "\n" for line in lines)
 
     def _save(self) -> None:
         save_state(self.out, self.state)

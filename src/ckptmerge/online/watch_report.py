@@ -2,6 +2,7 @@
 
 Writes ``OUT/report.png`` (one panel per data set; needs matplotlib, the ``plots`` extra) and ``OUT/report.html``
 (the same picture inlined, and the table of numbers: a self-contained page for a user without a tracker).
+For an ``-o`` URL both are drawn in the watch's working folder and uploaded beside its outputs, one PUT each.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import re
 from pathlib import Path
 
 from ckptmerge.errors import CkptMergeError, import_optional
+from ckptmerge.io.remote import Url, as_location, redact
+from ckptmerge.online.watch_publish import Publication, publish, work_dir_for
 from ckptmerge.online.watch_state import STATE_FILE, load_recorded
 
 _LOSS = re.compile(r"^eval/(?:raw|merged/(?P<method>[^/]+))/(?P<data>.+)/loss$")
@@ -29,6 +32,18 @@ def curves(evals: dict[str, dict]) -> dict[str, dict[str, tuple[list[int], list[
                 steps.append(int(step))
                 losses.append(value)
     return out
+
+
+def report(output: str, work_dir: str | None = None) -> list[str]:
+    """``watch --report``: draw the report of the watch publishing to ``output`` (a folder or a URL); for a URL,
+    draw it in the working folder and upload both files. Returns a line per file."""
+    target = as_location(output)
+    written = write_report(work_dir_for(target, work_dir))
+    if not isinstance(target, Url):
+        return [f"wrote {path}" for path in written]
+    for path in written:
+        publish(target, path.parent, Publication.file(path.name, path.read_bytes()))
+    return [f"wrote {path}, uploaded to {redact(str(target / path.name))}" for path in written]
 
 
 def write_report(out: Path) -> list[Path]:

@@ -1,8 +1,8 @@
 """What a watch has done, in ``OUT/.watch-state.json``: rewritten atomically after every step of work.
 
 Plain JSON (no pickle): the settings it was started with, the checkpoints it has taken in (oldest first), each
-method's progress (and a running EMA's state folder), the evaluations recorded per step, and the steps each
-tracker has been sent. A watch killed at any moment restarts from the last write: work after it is redone
+method's progress (and a running EMA's state folder), the evaluations recorded per step, the steps each
+tracker has been sent, and, for an ``-o`` URL, what was published there (online/watch_publish.py). A watch killed at any moment restarts from the last write: work after it is redone
 (deterministically: the same bytes), and a tracker is never sent a step twice.
 """
 
@@ -43,6 +43,7 @@ class WatchState:
     methods: dict[str, MethodProgress] = field(default_factory=dict)
     evals: dict[str, dict] = field(default_factory=dict)    # str(step) -> {metric name: value}
     logged: dict[str, list[int]] = field(default_factory=dict)  # tracker -> steps sent
+    published: dict[str, int | str] = field(default_factory=dict)  # -o URL: method -> step, file -> "sha256:..."
 
     @property
     def last_step(self) -> int:
@@ -65,7 +66,8 @@ def load_state(out: Path, settings: dict) -> WatchState:
     if state.settings != settings:
         changed = sorted(k for k in set(state.settings) | set(settings) if state.settings.get(k) != settings.get(k))
         was = ", ".join(f"{k}={state.settings.get(k)!r}" for k in changed)
-        raise CkptMergeError(f"{path}: this watch was started with {was}; use the same settings or a new -o folder")
+        raise CkptMergeError(f"{path}: this watch was started with {was}; use the same settings, or a new -o folder "
+                             f"(for an -o URL, a new --work-dir)")
     return state
 
 
@@ -83,7 +85,8 @@ def _parse(path: Path) -> WatchState:
             raise ValueError(f"version {data.get('version')!r}")
         return WatchState(settings=data["settings"], seen=list(data["seen"]),
                           methods={k: MethodProgress(**v) for k, v in data["methods"].items()},
-                          evals=dict(data["evals"]), logged={k: list(v) for k, v in data["logged"].items()})
+                          evals=dict(data["evals"]), logged={k: list(v) for k, v in data["logged"].items()},
+                          published=dict(data.get("published", {})))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CkptMergeError(f"{path}: unreadable watch state ({exc}); {fix}") from exc
 
@@ -92,5 +95,5 @@ def load_recorded(out: Path) -> dict[str, dict]:
     """The evaluations a watch at ``out`` recorded (``{str(step): metrics}``), whatever its settings."""
     path = out / STATE_FILE
     if not path.exists():
-        raise CkptMergeError(f"{out}: no watch state here ({STATE_FILE}); give the -o folder of a watch")
+        raise CkptMergeError(f"{out}: no watch state here ({STATE_FILE}); give the -o folder of a watch (for an -o URL, its --work-dir)")
     return _parse(path).evals
