@@ -18,10 +18,7 @@ URL = "s3://bucket/run"
 
 # (argv, the flag or argument named in the line); RUN and OUT are local paths under the test's folder
 CASES = [
-    # watch follows a run at a URL (tests/test_watch_remote.py); its OUT (state, outputs) stays local
-    (["watch", URL, "-o", "s3://bucket/watched", "--once"], "-o"),
-    (["watch", "RUN", "-o", "s3://bucket/watched", "--once"], "-o"),
-    (["watch", "RUN", "-o", "s3://bucket/watched", "--report"], "-o"),
+    # watch takes a run and an -o at URLs (tests/test_watch_remote.py, tests/test_watch_remote_out.py)
     (["search", URL, "--trials", "1"], "checkpoint"),
     (["search", "RUN", "-o", "s3://bucket/best"], "-o"),
     (["sweep", URL], "run dir"),
@@ -76,13 +73,9 @@ def test_a_url_is_refused_in_one_line_naming_the_command(unreachable, capsys, ar
 def test_python_entry_points_refuse_a_url(unreachable):
     from ckptmerge.io.remote import RemoteStorageError
     from ckptmerge.merging.discover import discover
-    from ckptmerge.merging.method_spec import parse_method
-    from ckptmerge.online.watch import Watcher, watch_config
 
     with pytest.raises(RemoteStorageError, match=r"^discover run dir s3://bucket/run: .*discover_remote\(url\)"):
         discover(URL)  # cm.discover
-    with pytest.raises(RemoteStorageError, match=r"^watch output s3://bucket/watched: .*local -o folder"):
-        Watcher(watch_config(URL, "s3://bucket/watched", [parse_method("sma:n=2")]))
     assert not (unreachable / "s3:").exists()
 
 

@@ -108,7 +108,7 @@ def test_a_watch_publishing_to_a_bucket_equals_the_local_watch_and_the_reference
         states.append(_add(s3, run, step, seed=i, url_run=run_url))
         assert main(["watch", watched, "-o", f"s3://{out_prefix}", *METHODS, "--once", "--settle-s", "0"]) == 0
         printed = capsys.readouterr().out
-        assert f"step {step} -> sma-n2, ema-alpha0.3 in s3://{out_prefix}" in printed, printed
+        assert f"step {step} -> sma-n2, ema-alpha0.3 in s3://{out_prefix}" in printed and SECRET not in printed, printed
         assert f"working folder {cache / 'watch'}" in printed, printed
         assert main(["watch", watched, "-o", str(local_out), *METHODS, "--once", "--settle-s", "0"]) == 0
         fetched = _assert_published_like_local(s3, out_prefix, local_out, tmp_path)
@@ -131,7 +131,9 @@ def test_a_watch_publishing_to_a_bucket_equals_the_local_watch_and_the_reference
     assert (work / ".state" / "ema-alpha0.3").is_dir()
     s3.invalidate_cache()
     assert sorted(k.rsplit("/", 1)[-1] for k in s3.ls(out_prefix)) == sorted(LABELS)
-    assert SECRET not in json.dumps(state)
+    secret = SECRET.encode()  # in no object published, no file of the working folder
+    assert not [k for k in s3.find(out_prefix) if secret in s3.cat_file(k)]
+    assert not [p for p in work.rglob("*") if p.is_file() and secret in p.read_bytes()]
 
 
 def test_a_watch_killed_between_its_rewrite_and_its_upload_republishes_on_restart(tmp_path, s3, monkeypatch, capsys):
@@ -300,3 +302,32 @@ def test_watch_jsonl_and_the_report_are_published(tmp_path, s3, capsys):
     assert s3.cat_file(f"{out}/report.html") == (work / "report.html").read_bytes()
     assert s3.cat_file(f"{out}/report.png")[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "s3:").exists() and not Path("s3:").exists()
+
+
+def test_an_idle_poll_sends_no_request_and_a_publish_is_counted(tmp_path, s3, proxy):
+    from ckptmerge.online.watch import WatchConfig, Watcher
+
+    run = tmp_path / "run"
+    _add(s3, run, 100, seed=0)
+    proxy.requests.clear()
+    watcher = Watcher(WatchConfig(str(run), f"s3://{BUCKET}/out-idle", methods=["sma:n=2", "ema:alpha=0.3"],
+                                  settle_s=0))
+    watcher.log = lambda line: None
+    start = list(proxy.requests)  # the checks before any work: list, probe written and deleted
+    assert [m for m, _, _ in start][-2:] == ["PUT", "DELETE"] and len(start) <= 5, start  # s3fs: LIST, HEAD, LIST
+    proxy.requests.clear()
+    assert watcher.poll() == [100]
+    first = len(proxy.requests)
+    for _ in range(2):  # nothing new in a local run: not one request to the store
+        proxy.requests.clear()
+        assert watcher.poll() == []
+        assert proxy.requests == []
+    _add(s3, run, 200, seed=1)
+    proxy.requests.clear()
+    assert watcher.poll() == [200]
+    methods = [m for m, _, _ in proxy.requests]
+    puts = methods.count("PUT")  # per method: its files and the marker under the temporary, the copies in
+    print(f"requests: {len(start)} at start, {first} to publish 2 methods (first), {len(methods)} to replace them "
+          f"({puts} PUT, {methods.count('GET')} GET, {methods.count('HEAD')} HEAD, {methods.count('DELETE')} DELETE, "
+          f"{methods.count('POST')} POST), 0 per idle poll")
+    assert watcher.state.published == {"sma-n2": 200, "ema-alpha0.3": 200}
