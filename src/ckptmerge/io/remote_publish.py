@@ -12,10 +12,23 @@ The commit protocol (docs/storage.md):
    dot-names). Large files go up as multipart uploads (the backend's own ``put_file``).
 2. The destination is checked again (refused without ``--force`` if anything is there), then the marker
    ``<temporary>/.ckptmerge-commit`` is written: from here on the temporary holds a complete, verified output.
-3. The destination's old objects are deleted (``merge.json`` and ``config.json`` first) and the temporary's objects
-   are copied in by the server (no download): weights, then the index and the other sidecars, then
-   ``merge.json``, and ``config.json`` last. A destination without ``config.json`` does not load as a model, and
-   one without ``merge.json`` is not a finished ckptmerge output.
+3. The destination's old objects are deleted (in the reverse of the copy order: ``config.json`` and ``merge.json``
+   first) and the temporary's objects are copied in by the server (no download), each after every object it
+   names or vouches for (``_copy_rank``):
+
+   a. everything else: sidecars, tokenizer, and the hand-back's trainer state (``merge --as-checkpoint``:
+      optimizer, scheduler, RNG files, DCP ``.distcp`` data, DeepSpeed's tag folder);
+   b. the weights (``*.safetensors``): HF Trainer and accelerate fail loudly on a folder without them, where a
+      missing optimizer, scheduler or RNG file is skipped silently (a fresh optimizer, a reseeded loader);
+   c. the pointers a reader or trainer takes as "this checkpoint is complete" (``POINTERS``): a shard index, a
+      DCP folder's ``.metadata`` (torchtitan resumes from the newest ``step-N/`` holding one), HF Trainer's
+      ``trainer_state.json`` (without it the Trainer restarts at step 0), DeepSpeed's ``latest`` (the tag
+      ``load_checkpoint`` opens); a deeper one first, so a folder's ``.metadata`` precedes the ``latest`` above it;
+   d. ``merge.json``, and ``config.json`` last. A destination without ``config.json`` does not load as a model,
+      and one without ``merge.json`` is not a finished ckptmerge output.
+
+   So a destination copied in part lacks its pointers: a trainer pointed at it finds no checkpoint or fails on a
+   missing file, and never resumes from a trainer state older or smaller than the one handed back.
 4. The temporary prefix is deleted.
 
 A run killed in step 1 leaves only its temporary, which ``clean`` deletes once its owner is gone. A run killed in
@@ -37,6 +50,8 @@ from ckptmerge.io.remote import Url, filesystem, remote_errors
 
 MARKER = ".ckptmerge-commit"
 LAST = ("merge.json", "config.json")  # copied in this order, after everything else
+POINTERS = ("model.safetensors.index.json", "pytorch_model.bin.index.json", ".metadata", "trainer_state.json",
+            "latest")  # names of objects that point at or vouch for others: copied after them (step 3c)
 
 
 def check_remote_destination(url: Url, force: bool) -> None:
@@ -79,17 +94,20 @@ def finish_commit(fs, tmp: Url, url: Url) -> None:
     keys = [k for k in _keys(fs, tmp) if k != MARKER]
     with remote_errors(url, "write"):
         old = _keys(fs, url)
-        for key in sorted(old, key=lambda k: (k not in LAST, k)):  # merge.json, config.json first
+        for key in sorted(old, key=_copy_rank, reverse=True):  # config.json, merge.json, the pointers first
             fs.rm_file((url / key).path)
         for key in sorted(keys, key=_copy_rank):
             fs.copy((tmp / key).path, (url / key).path)
     _delete(fs, tmp)
 
 
-def _copy_rank(key: str) -> tuple[int, str]:
+def _copy_rank(key: str) -> tuple[int, int, str]:
+    """Where ``key`` goes in the copy order of step 3: (tier, deeper pointers first, key)."""
     if key in LAST:
-        return 2 + LAST.index(key), key
-    return (0 if key.endswith(".safetensors") else 1), key
+        return 3 + LAST.index(key), 0, key
+    if key.rsplit("/", 1)[-1] in POINTERS:
+        return 2, -key.count("/"), key
+    return (1 if key.endswith(".safetensors") else 0), 0, key
 
 
 def clean_remote(url: Url) -> list[str]:

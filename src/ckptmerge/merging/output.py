@@ -21,7 +21,7 @@ from ckptmerge.io.remote_sidecars import copy_remote_sidecars
 from ckptmerge.io.sidecars import copy_sidecars
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import META_FILE, describe_path
-from ckptmerge.merging.handback import check_write_back, write_back
+from ckptmerge.merging.handback import discard_copy, prepare_write_back, write_back
 from ckptmerge.merging.manifest import build_manifest, write_manifest
 from ckptmerge.merging.options import MergeOptions
 from ckptmerge.merging.plan import MergePlan
@@ -50,11 +50,8 @@ def check_arguments(checkpoints, coeffs, output, options: MergeOptions
         check_remote_destination(output, options.force)
     else:
         check_destination(output, options.force)
-    if options.as_checkpoint and (isinstance(output, Url) or isinstance(refs[-1].path, Url)):
-        raise CkptMergeError(f"{output}: --as-checkpoint works on local checkpoints and outputs only so far; merge "
-                             f"without it, or copy the newest checkpoint to a local folder first")
-    if options.as_checkpoint:
-        check_write_back(refs[-1], options.out_dtype)
+    if options.as_checkpoint:  # refused before any work; a newest checkpoint at a URL is copied here (handback.py)
+        refs[-1] = prepare_write_back(refs[-1], options.out_dtype)
     return refs, coeffs, output
 
 
@@ -64,6 +61,19 @@ def finish_output(tmp: Path, plan: MergePlan, options: MergeOptions, *, pins: li
 
     ``pins`` (io/fingerprint.py) hashed the inputs before they were read; they are verified here, so the
     manifest's hashes describe the bytes that were merged."""
+    newest = plan.refs[-1]
+    try:
+        manifest = _finish(tmp, plan, options, pins=pins, recipe=recipe, differing_buffers=differing_buffers,
+                           stats=stats, started=started, world_size=world_size)
+        if options.as_checkpoint:  # every shard is written (by every rank): the trainer's checkpoint beside them
+            write_back(newest, tmp, pins[-1])  # pins follow plan.refs: the newest's pin is the last
+    finally:
+        discard_copy(newest)  # a newest checkpoint at a URL: its local copy, on failure too
+    return manifest
+
+
+def _finish(tmp: Path, plan: MergePlan, options: MergeOptions, *, pins: list, recipe: dict,
+            differing_buffers: list[str], stats: dict, started: float, world_size: int) -> dict:
     out_dtype, _ = options.torch_dtypes()
     copy = copy_remote_sidecars if isinstance(plan.refs[-1].path, Url) else copy_sidecars
     sidecars = copy(plan.refs[-1].path, tmp, out_dtype)
@@ -80,8 +90,6 @@ def finish_output(tmp: Path, plan: MergePlan, options: MergeOptions, *, pins: li
     manifest["options"] = options.record()
     manifest["tokenizer_from"] = sidecars.tokenizer_from  # the checkpoint, the run directory, or None
     write_manifest(tmp, manifest)
-    if options.as_checkpoint:  # every shard is written (by every rank): the trainer's checkpoint beside them
-        write_back(newest, tmp)
     return manifest
 
 
