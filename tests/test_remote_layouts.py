@@ -3,7 +3,8 @@ run unchanged on a view of one listing. Each run is built here in its trainer's 
 uploaded to the moto S3 server (``tests/s3_server.py``), and checked against the local copy of the same files:
 ``inspect`` prints the same table (steps from the same metadata files, the same framework names), ``merge`` gives
 the same tensors bit for bit and the fp64 NumPy mean, discovery costs one LIST and one GET per small metadata file,
-and weights are read by range requests only. Layouts whose weights are torch pickles are refused in one line."""
+and weights are read by range requests only. DeepSpeed's fp32 masters (ZeRO 3, ``--fp32-masters``) and accelerate's
+``checkpoint_K`` folders are checked in tests/test_remote_zero3.py."""
 
 from __future__ import annotations
 
@@ -379,11 +380,11 @@ def _requested_ranges(proxy, url_path: str) -> list[tuple[int, int]]:
     return ranges
 
 
-# --- what stays refused at a URL: one line naming the checkpoint, the framework and the fix, exit 2, nothing written -
+# --- runs written by DeepSpeed itself; refusals that stay the same at a URL ---------------------------------------
 
-def _deepspeed_script(run, stage: int, dtype: str, port: int) -> None:
-    """A run written by DeepSpeed's own ``engine.save_checkpoint`` (tests/trainer_scripts/deepspeed_run.py, CPU, one
-    rank; steps 2, 4, 6, 8): its ``checkpoints/`` folder in ``run``, DeepSpeed's reference mean in ``run.parent``."""
+def _deepspeed_script(run, stage: int, dtype: str, port: int, world: int = 1) -> None:
+    """A run written by DeepSpeed's own ``engine.save_checkpoint`` (tests/trainer_scripts/deepspeed_run.py, CPU, gloo
+    ranks; steps 2, 4, 6, 8): its ``checkpoints/`` folder in ``run``, DeepSpeed's reference mean in ``run.parent``."""
     import shutil
 
     pytest.importorskip("deepspeed", reason="deepspeed is a test extra")
@@ -391,33 +392,9 @@ def _deepspeed_script(run, stage: int, dtype: str, port: int) -> None:
 
     work = run.parent / f"ds-zero{stage}-{dtype}"
     work.mkdir()
-    run_script("train", work, stage, dtype, port=port)
+    run_script("train", work, stage, dtype, port=port, world=world)
     shutil.copytree(work / "checkpoints", run, dirs_exist_ok=True)
     shutil.copyfile(work / "reference.pt", run.parent / "reference.pt")
-
-
-def _deepspeed_zero3(run, states):
-    """ZeRO 3: ``module`` holds empty placeholders, the fp32 masters are partitioned across every rank's optimizer
-    file (read locally by io/deepspeed_zero.py; not by range at a URL)."""
-    _deepspeed_script(run, 3, "fp32", port=29627)
-    return "deepspeed"
-
-
-def _accelerate_automatic(run, states):
-    """``automatic_checkpoint_naming``: ``checkpoints/checkpoint_K`` counts saves; the step is in ``optimizer.bin``."""
-    for k, (step, state) in enumerate(zip(STEPS, states)):
-        folder = run / f"checkpoint_{k}"
-        folder.mkdir(parents=True)
-        save_file(state, folder / "model.safetensors")
-        torch.save({"state": {i: {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(v)}
-                              for i, v in enumerate(state.values())}, "param_groups": [{"lr": 0.05}]},
-                   folder / "optimizer.bin")
-        torch.save({"random_state": 1}, folder / "random_states_0.pkl")
-    return "accelerate"
-
-
-REFUSED = {"deepspeed-zero3": (_deepspeed_zero3, "zero_pp_rank"),
-           "accelerate-automatic": (_accelerate_automatic, "optimizer.bin")}
 
 
 def _error_line(capsys) -> str:
@@ -427,23 +404,33 @@ def _error_line(capsys) -> str:
     return err[0]
 
 
-@pytest.mark.parametrize("kind", list(REFUSED))
-def test_what_stays_refused_at_a_url_is_refused_in_one_line(tmp_path, s3, capsys, kind):
+def test_a_zero3_run_saved_by_deepspeed_at_a_url_merges_like_the_local_copy(tmp_path, s3, proxy, capsys):
+    """ZeRO 3, bf16, 2 gloo ranks, written by ``engine.save_checkpoint``: the fp32 masters read by ranges of each
+    rank's master records (io/remote_zero.py): the same table, the same merge bit for bit, equal in fp64 to the mean
+    of DeepSpeed's own ``zero_to_fp32`` consolidations; no optimizer or model-states file fetched whole, no HEAD."""
     run = tmp_path / "run"
     run.mkdir()
-    build, why = REFUSED[kind]
-    framework = build(run, _states())
-    upload(s3, run, f"runs/refused-{kind}")
-    assert main(["inspect", str(run)]) == 0  # the local copy is a readable run of this framework
-    assert framework in capsys.readouterr().out
-    for argv in (["inspect", f"s3://runs/refused-{kind}"],
-                 ["merge", f"s3://runs/refused-{kind}", "--last", "2", "-o", str(tmp_path / "out")]):
-        assert main(argv) == 2
-        line = _error_line(capsys)
-        assert f"s3://runs/refused-{kind}/" in line and framework in line and "local folder" in line, line
-        assert why in line, line
-        assert "Traceback" not in line
-    assert not (tmp_path / "out").exists()
+    _deepspeed_script(run, 3, "bf16", port=29627, world=2)
+    upload(s3, run, "runs/ds-zero3")
+    capsys.readouterr()  # DeepSpeed's import-time warning
+    assert main(["inspect", str(run)]) == 0
+    local = capsys.readouterr().out
+    proxy.requests.clear()
+    assert main(["inspect", "s3://runs/ds-zero3"]) == 0
+    assert capsys.readouterr().out.splitlines() == local.splitlines()
+    assert [line.split()[1] for line in local.splitlines()[2:6]] == ["2", "4", "6", "8"], local
+    assert main(["merge", str(run), "--last", "3", "-o", str(tmp_path / "local-out"), "--quiet"]) == 0
+    assert main(["merge", "s3://runs/ds-zero3", "--last", "3", "-o", str(tmp_path / "remote-out"), "--quiet"]) == 0
+    _, whole, ranged, heads = _listing_and_gets(proxy.requests)
+    assert heads == 0 and not any(key.endswith(".pt") for key in whole), whole
+    assert any("optim_states" in key for key in ranged)
+    local_t, remote_t = merged_tensors(tmp_path / "local-out"), merged_tensors(tmp_path / "remote-out")
+    assert local_t.keys() == remote_t.keys() and all(
+        remote_t[k].dtype == local_t[k].dtype == torch.float32 and torch.equal(local_t[k], remote_t[k]) for k in local_t)
+    reference = torch.load(tmp_path / "reference.pt")
+    assert sorted(reference) == sorted(remote_t)
+    for name, want in reference.items():
+        np.testing.assert_allclose(remote_t[name].to(torch.float64).numpy(), want.numpy(), rtol=0, atol=1e-5)
 
 
 def test_a_layouts_own_refusal_is_the_same_at_a_url(tmp_path, s3, capsys):

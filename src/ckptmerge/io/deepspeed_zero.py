@@ -72,9 +72,8 @@ def model_states_files(folder: Path, world: int) -> list[Path]:
     return files
 
 
-def _rank_groups(path: Path, world: int) -> tuple[int, list[torch.Tensor], list | None]:
-    """(stage 2 or 3, this rank's fp32 flat groups, alignment paddings) from one optimizer file."""
-    state = load_torch_payload(path)
+def _rank_groups(path: Path, state: object, world: int) -> tuple[int, list[torch.Tensor], list | None]:
+    """(stage 2 or 3, this rank's fp32 flat groups, alignment paddings) from one optimizer file's ``state``."""
     osd = state.get("optimizer_state_dict") if isinstance(state, dict) else None
     if not isinstance(osd, dict):
         raise CheckpointFormatError(f"{path}: no 'optimizer_state_dict'; not a DeepSpeed ZeRO optimizer file")
@@ -150,9 +149,9 @@ class ZeroMastersReader:
         if not files:
             raise CheckpointFormatError(f"{folder}: no '*zero_pp_rank_*_optim_states.pt' files, so no fp32 "
                                         f"masters; this is not a ZeRO checkpoint (ZeRO 0 keeps the weights in {model_states.name})")
-        ranks = [_rank_groups(f, len(files)) for f in files]
+        ranks = [_rank_groups(f, self._load(f), len(files)) for f in files]
         self.stage, world = ranks[0][0], len(files)
-        state = load_torch_payload(model_states)
+        state = self._load(model_states)
         shapes = _shapes(model_states, state)
         if self.stage == 3:
             self._flats = [groups for _, groups, _ in ranks]
@@ -163,10 +162,21 @@ class ZeroMastersReader:
         self._check_sizes(folder, placements, world)
         self._names = unwrap_names(folder, placements)
         self._placements = placements
-        extras = _buffers_and_frozen(folder, state, self.stage, world)
+        extras = _buffers_and_frozen(folder, state, self.stage, world, self._load, self._value)
         self._extras = StateDictReader(extras, folder, layout="torch")
         self._aliases = _shared(state, placements, extras)
         self._cached: tuple[str, torch.Tensor] | None = None
+
+    # How a file's object and its tensors' data are had: memory-mapped here; by byte ranges at a URL
+    # (io/remote_zero.py overrides these three).
+    def _load(self, path: Path) -> object:
+        return load_torch_payload(path)
+
+    def _value(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def _read_span(self, key: int, start: int, length: int) -> torch.Tensor:
+        return read_span(self._flats[key], start, length)
 
     def _check_sizes(self, folder: Path, placements: dict[str, Placement], world: int) -> None:
         """Every span inside its flat vector, and (ZeRO 3) the vectors used up, as ``zero_to_fp32`` checks."""
@@ -198,7 +208,7 @@ class ZeroMastersReader:
         return self._cached[1]
 
     def _assemble(self, placement: Placement) -> torch.Tensor:
-        parts = [read_span(self._flats[s.key], s.start, s.length) for s in placement.spans]
+        parts = [self._read_span(s.key, s.start, s.length) for s in placement.spans]
         flat = torch.cat(parts) if len(parts) > 1 else parts[0]
         return flat[:math.prod(placement.shape)].float().reshape(placement.shape).clone()
 
@@ -232,18 +242,21 @@ class ZeroMastersReader:
                  for g, pieces in enumerate(self._flats)] for rank in range(len(self._flats[0]))]
 
 
-def _buffers_and_frozen(folder: Path, state: dict, stage: int, world: int) -> dict[str, torch.Tensor]:
+def _buffers_and_frozen(folder: Path, state: dict, stage: int, world: int, load=load_torch_payload,
+                        value=lambda t: t) -> dict[str, torch.Tensor]:
+    """Buffers and frozen parameters, their data had by ``value(tensor)`` from the objects ``load(path)`` gives."""
     module = state.get("module") if isinstance(state.get("module"), dict) else {}
     names = state.get("buffer_names") if isinstance(state.get("buffer_names"), list) else []
-    out = {k: (t.float() if t.dtype.is_floating_point else t) for k, t in module.items()
+    out = {k: (value(t).float() if t.dtype.is_floating_point else value(t)) for k, t in module.items()
            if k in names and isinstance(t, torch.Tensor)}
     frozen = state.get("frozen_param_shapes") or {}
     if frozen and stage == 3:
-        fragments = [load_torch_payload(f).get("frozen_param_fragments", {}) for f in model_states_files(folder, world)]
+        fragments = [load(f).get("frozen_param_fragments", {}) for f in model_states_files(folder, world)]
         for name, shape in frozen.items():
-            out[name] = torch.cat([f[name].reshape(-1) for f in fragments])[:math.prod(shape)].float().reshape(tuple(shape))
+            whole = torch.cat([value(f[name]).reshape(-1) for f in fragments])
+            out[name] = whole[:math.prod(shape)].float().reshape(tuple(shape))
     elif frozen:
-        out.update({name: t.float() for name, t in (state.get("frozen_param_fragments") or {}).items()})
+        out.update({name: value(t).float() for name, t in (state.get("frozen_param_fragments") or {}).items()})
     return {clean: out[name] for clean, name in unwrap_names(folder, out).items()}
 
 

@@ -14,10 +14,12 @@ DCP ``.metadata``, and the small torch pickles ``SMALL_PICKLES``: Megatron's ``c
 (DeepSpeed's ``mp_rank_00_model_states.pt``, litgpt's ``lit_model.pth``, Composer's and nanoGPT's ``.pt``,
 Lightning's ``.ckpt``, ``pytorch_model.bin``) is never fetched whole: its layout's ``detect`` / ``read_step`` see
 its payload with meta tensors (the zip directory and ``data.pkl`` only; a step kept as a tensor costs one small
-range read), and its ``open`` reads the chosen sub-dict by byte ranges (``io/remote_torch.py``). Refused in one line
-naming the checkpoint, the framework and the fix (``NotRemoteYet``): DeepSpeed ZeRO-3 (and ``--fp32-masters``)
-checkpoints, whose weights are partitioned across every rank's optimizer file, and accelerate's automatic
-``checkpoint_K`` folders, whose step is in ``optimizer.bin`` (a state pickle, not read from a URL).
+range read), and its ``open`` reads the chosen sub-dict by byte ranges (``io/remote_torch.py``). DeepSpeed's fp32
+masters (ZeRO 3, ``--fp32-masters``) are read from every rank's optimizer file by ranges of the master records only
+(``io/remote_zero.py``); accelerate's ``checkpoint_K`` folders take their step from ``optimizer.bin``'s data.pkl
+and one small range per parameter's ``step`` record (``remote_torch.fetch_stored_values``), never the moments.
+Other trainer or optimizer state pickles are refused in one line naming the checkpoint, the framework and the fix
+(``NotRemoteYet``).
 """
 
 from __future__ import annotations
@@ -101,14 +103,28 @@ def located(url: Url) -> tuple[str, list[RemoteObject], RemoteTree]:
 def open_remote_checkpoint(url: Url):
     """A reader for the checkpoint at ``url`` (safetensors or DCP, by range reads): a trainer's layout first, as
     ``io/dispatch.py`` does locally, then the plain formats; what cannot be read from a URL is refused in one line."""
-    tree = RemoteTree.list(url)
-    if not tree.exists():
-        raise CheckpointFormatError(f"{url}: no such object or folder (moved or deleted?); check the URL")
-    path = CheckpointPath(tree)
+    path = _listed_entry(url)
     layout = match_remote_layout(path)
     if layout is not None:
         return framework_call(layout, layout.open, path)
     return path.open_plain()
+
+
+def _listed_entry(url: Url) -> CheckpointPath:
+    """``url`` as a ``CheckpointPath`` of its listing; DeepSpeed rank 0's optimizer file (the entry that
+    ``--fp32-masters`` names: ``layouts.deepspeed.masters_entry``) inside the listing of its tag folder, whose other
+    ranks' files and model states it reads."""
+    masters_file = deepspeed.is_masters_name(url.name)
+    tree = RemoteTree.list(url.parent if masters_file else url)
+    path = CheckpointPath(tree) / url.name if masters_file else CheckpointPath(tree)
+    if not path.exists():
+        raise CheckpointFormatError(f"{url}: no such object or folder (moved or deleted?); check the URL")
+    return path
+
+
+def remote_masters_entry(url: Url) -> Url:
+    """``layouts.deepspeed.masters_entry`` of a checkpoint at a URL (one listing): rank 0's optimizer file's URL."""
+    return deepspeed.masters_entry(_listed_entry(url)).url
 
 
 class NotRemoteYet(CheckpointFormatError):
@@ -125,19 +141,11 @@ class NotRemoteYet(CheckpointFormatError):
 SYNC_FIX = ("Copy the run to a local folder (e.g. `aws s3 sync URL DIR`, `gcloud storage rsync`, fsspec's `get`) "
             "and give that folder.")
 SMALL_PICKLES = (megatron.COMMON, olmo_core.TRAIN_STATE.as_posix(), lightning.SHARDED_META, "scheduler.bin")
+STEP_PICKLES = frozenset({"optimizer.bin"})  # accelerate's step: data.pkl and the step records, by range
 MAX_SMALL_PICKLE_BYTES = 16 * 1024 * 1024
 # trainers' state files, never weights (merging/discover.NOT_WEIGHTS; io may not import merging)
 STATE_PICKLES = frozenset({"training_args.bin", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scheduler.bin",
                            "rng_state.pth", "common.pt"})
-ZERO_PARTITIONED = ("its weights are partitioned across every rank's ZeRO optimizer files (zero_pp_rank_*_optim_states"
-                    ".pt), which are not read by range")
-
-
-def _remote_refusal(layout: Layout, path: RemotePath) -> str | None:
-    """Why an entry a layout claims cannot be read from a URL (said at discovery, before any output), else None."""
-    if layout.name == "deepspeed" and (deepspeed._is_zero3(path) or deepspeed._is_masters_file(path)):
-        return ZERO_PARTITIONED
-    return None
 
 
 class CheckpointPath(RemotePath):
@@ -194,7 +202,7 @@ class CheckpointPath(RemotePath):
         if small and self.is_file() and self.stat().st_size <= MAX_SMALL_PICKLE_BYTES:
             return _load_pickle(self, cached_read(self.tree, rel))
         weights = self.name not in STATE_PICKLES and not self.name.startswith("rng_state")
-        if self.is_file() and weights:
+        if self.is_file() and (weights or self.name in STEP_PICKLES):
             from ckptmerge.io.remote_torch import remote_payload_object  # data.pkl only; tensors are meta tensors
 
             return remote_payload_object(self.tree.fs, self.tree.object(rel))
@@ -210,8 +218,11 @@ class CheckpointPath(RemotePath):
                                  framework=framework, strip_attribute=strip_attribute, half_to_fp32=half_to_fp32)
 
     def open_zero_masters(self):
-        """DeepSpeed's fp32 masters (ZeRO-3, ``--fp32-masters``): refused at a URL in one line."""
-        raise NotRemoteYet(self, ZERO_PARTITIONED, "deepspeed")
+        """``layouts.base.zero_masters_reader`` at a URL: DeepSpeed's fp32 masters (ZeRO 3, ``--fp32-masters``) of
+        this entry's tag folder, by ranges of every rank's master records (``io/remote_zero.py``)."""
+        from ckptmerge.io.remote_zero import RemoteZeroMastersReader
+
+        return RemoteZeroMastersReader(deepspeed._tag(self), deepspeed._model_states(self), display_path=self.url)
 
 
 def _layout_dcp_reader(tree: RemoteTree, url: Url, options: dict):
@@ -249,8 +260,7 @@ def _load_pickle(path: RemotePath, data: bytes) -> object:
 
 def match_remote_layout(path: CheckpointPath) -> Layout | None:
     """``io.layouts.match_layout`` on a remote entry: the first layout whose rule claims it. A rule that would have
-    to read a trainer-state pickle to decide refuses the entry in one line, naming the layouts that could claim it;
-    so does a claimed entry that is not read from a URL yet (``_remote_refusal``: DeepSpeed ZeRO-3)."""
+    to read a trainer-state pickle to decide refuses the entry in one line, naming the layouts that could claim it."""
     for i, layout in enumerate(LAYOUTS):
         try:
             claimed = layout.detect(path)
@@ -259,9 +269,6 @@ def match_remote_layout(path: CheckpointPath) -> Layout | None:
             raise NotRemoteYet(path, f"{path.name} is a torch pickle, which the {' / '.join(maybe)} layout"
                                      f"{'s' if len(maybe) > 1 else ''} read to tell a checkpoint") from None
         if claimed:
-            why = _remote_refusal(layout, path)
-            if why is not None:
-                raise NotRemoteYet(path, why, layout.name)
             return layout
     return None
 
@@ -319,7 +326,10 @@ def _versions(files: list[RemoteObject]) -> dict[str, str]:
 
 def _pinned_objects(url: Url) -> list[RemoteObject]:
     """The objects a merge pins: a plain checkpoint's weight objects; a trainer's folder that no plain rule reads
-    (OLMo-core's ``stepN/``), every object in it (as ``fingerprint.weight_files`` does locally)."""
+    (OLMo-core's ``stepN/``), every object in it (as ``fingerprint.weight_files`` does locally); DeepSpeed rank 0's
+    optimizer file (``--fp32-masters``), every object of its tag folder (each rank's masters and the model states)."""
+    if deepspeed.is_masters_name(url.name):
+        return list(RemoteTree.list(url.parent).objects.values())
     tree = RemoteTree.list(url)
     found = detect_remote_layout(tree, "") if tree.exists() else None
     if found is not None:

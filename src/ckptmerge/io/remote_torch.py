@@ -68,7 +68,7 @@ class _MetaTensorUnpickler(_LocatingUnpickler):
         return tensor
 
 
-_DIRECTORIES: OrderedDict[tuple[str, str], tuple[dict, bytes]] = OrderedDict()
+_DIRECTORIES: OrderedDict[tuple[str, str], tuple[dict, bytes, tuple]] = OrderedDict()
 _DIRECTORIES_LOCK = threading.Lock()
 
 
@@ -79,11 +79,12 @@ class _Record:
     header_offset: int
     size_bytes: int
     data_offset: int | None = None
+    name_bytes: int = 0  # of its name in the central directory (the local header repeats it)
 
 
 def _fresh(records: dict[str, _Record]) -> dict[str, _Record]:
     """Copies of cached records, their data offsets still to be read (each open finds its own)."""
-    return {key: _Record(r.header_offset, r.size_bytes) for key, r in records.items()}
+    return {key: _Record(r.header_offset, r.size_bytes, name_bytes=r.name_bytes) for key, r in records.items()}
 
 
 class RemoteTorchFile:
@@ -93,6 +94,7 @@ class RemoteTorchFile:
         self.obj, self.url = obj, obj.url
         self._lock = threading.Lock()
         self.bytes_requested = 0
+        self.kept: tuple[tuple[int, bytes], ...] = ()  # the bytes the directory's reading fetched: (start, bytes)
         with remote_errors(obj.url, "read"):
             self._file = fs.open(obj.url.path, "rb", block_size=read_ahead, cache_type="readahead")
         try:
@@ -109,14 +111,19 @@ class RemoteTorchFile:
         with _DIRECTORIES_LOCK:
             if key in _DIRECTORIES:
                 _DIRECTORIES.move_to_end(key)
-                records, data = _DIRECTORIES[key]
+                records, data, self.kept = _DIRECTORIES[key]
                 return _fresh(records), data
         records, data = self._read_directory()
         with _DIRECTORIES_LOCK:
-            _DIRECTORIES[key] = (records, data)
-            while sum(len(d) for _, d in _DIRECTORIES.values()) > DIRECTORY_CACHE_BYTES and len(_DIRECTORIES) > 1:
+            _DIRECTORIES[key] = (records, data, self.kept)
+            while sum(len(d) for _, d, _ in _DIRECTORIES.values()) > DIRECTORY_CACHE_BYTES and len(_DIRECTORIES) > 1:
                 _DIRECTORIES.popitem(last=False)
         return _fresh(records), data
+
+    @property
+    def records(self) -> dict[str, _Record]:
+        """The storage records by key (``<archive>/data/<key>``): where each local header is, and its size."""
+        return self._records
 
     def _check_version(self) -> None:
         """The object the file opened is the version the listing saw (an ETag / generation, where there is one)."""
@@ -141,12 +148,17 @@ class RemoteTorchFile:
         """The storage records by key and the bytes of ``data.pkl`` (zipfile checks their CRC). The directory is read
         from the end of the object, so a legacy (non-zip) file costs only those bytes before it is refused."""
         with self._lock, remote_errors(self.url, "read"):
+            view = _FetchedOnce(self._file, self.obj.size)
             try:
-                archive = zipfile.ZipFile(self._file)
-            except zipfile.BadZipFile:
-                archive = None
-            if archive is not None:
-                return self._records_and_pickle(archive)
+                try:
+                    archive = zipfile.ZipFile(view)
+                except zipfile.BadZipFile:
+                    archive = None
+                if archive is not None:
+                    return self._records_and_pickle(archive)
+            finally:
+                self.bytes_requested += view.bytes_requested
+                self.kept = tuple(view.kept)
         self._check_zip_magic()
         raise CheckpointFormatError(f"{self.url}: a zip file without a readable directory; the file is corrupt or "
                                     f"truncated. Re-upload or re-save it.")
@@ -235,6 +247,65 @@ class RemoteTorchFile:
         self._file.close()
 
 
+class _FetchedOnce(io.RawIOBase):
+    """A seekable view of an fsspec file for ``zipfile``'s reading of the directory and data.pkl that asks for each
+    byte once: the bytes fetched are kept, and a read fetches only what is missing (its end plus ``AHEAD`` bytes,
+    cut where kept bytes begin). The first read at the end fetches the end records whole (``END_RECORDS`` bytes:
+    zip64 end record, locator, end record; central directory bytes in a file without zip64), so zipfile's backward
+    steps through them cost one request, not three. Kept only while the directory is read."""
+
+    AHEAD = 128  # a local header's name and alignment padding, read with its 30 bytes
+    END_RECORDS = 56 + 20 + 22
+
+    def __init__(self, file: Any, size: int):
+        super().__init__()
+        self._file, self._size, self._pos = file, size, 0
+        self.kept: list[tuple[int, bytes]] = []  # (start, bytes), sorted, never overlapping
+        self.bytes_requested = 0
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = offset if whence == 0 else self._pos + offset if whence == 1 else self._size + offset
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = self._size if n is None or n < 0 else min(self._size, self._pos + n)
+        out = bytearray()
+        while self._pos < end:
+            kept = next(((a, b) for a, b in self.kept if a <= self._pos < a + len(b)), None)
+            if kept is None:
+                kept = self._fetch(self._pos, end)
+            a, data = kept
+            take = data[self._pos - a:min(len(data), end - a)]
+            out += take
+            self._pos += len(take)
+        return bytes(out)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def _fetch(self, start: int, end: int) -> tuple[int, bytes]:
+        if end == self._size and not self.kept:
+            start = min(start, max(0, self._size - self.END_RECORDS))
+        stop = min([self._size, end + self.AHEAD] + [a for a, _ in self.kept if a > start])
+        data = self._file._fetch_range(start, stop)  # the fsspec file's own fetcher (s3fs: pinned by If-Match)
+        if len(data) != stop - start:
+            raise EOFError(f"asked for {stop - start} bytes at {start}, got {len(data)}")
+        self.bytes_requested += len(data)
+        self.kept = sorted(self.kept + [(start, data)])
+        return start, data
+
+
 def _changed(url: Url) -> CheckpointFormatError:
     return CheckpointFormatError(f"{url}: changed while it was being merged (another ETag than the one listed, or "
                                  f"cut short); nothing was published. Rerun the merge once the checkpoint is no "
@@ -263,7 +334,8 @@ def _storage_records(url: Url, prefix: str, infos: list[zipfile.ZipInfo]) -> dic
         if info.compress_type != zipfile.ZIP_STORED:
             raise CheckpointFormatError(f"{url}: storage record {info.filename} is compressed; torch.save writes "
                                         f"them uncompressed. Re-save it with torch.save (or as safetensors).")
-        records[info.filename[len(prefix) + len("/data/"):]] = _Record(info.header_offset, info.file_size)
+        records[info.filename[len(prefix) + len("/data/"):]] = _Record(info.header_offset, info.file_size,
+                                                                            name_bytes=len(info.orig_filename.encode()))
     return records
 
 
@@ -348,6 +420,98 @@ class _StoredValue:
             finally:
                 file.close()
         return self._value
+
+
+STORAGE_ALIGNMENT = 64  # torch.save pads each record's local header so that its data starts at a multiple of this
+
+
+def fetch_stored_values(values: list) -> None:
+    """Read the data of many small payload tensors at a URL (``stored_value``: a step per parameter in an optimizer
+    state) side by side: one range request each, sent together (``fs.cat_ranges``), from the record's local header
+    to its last byte (torch aligns the data to ``STORAGE_ALIGNMENT``); nothing around them (the moments) is asked
+    for. Values not at a URL, or already read, are left alone."""
+    pending = [v.stored_value for v in values if isinstance(getattr(v, "stored_value", None), _StoredValue)]
+    pending = [p for p in pending if p._value is None]
+    by_object: dict[tuple[str, str], list[_StoredValue]] = {}
+    for p in pending:
+        by_object.setdefault((str(p._obj.url), p._obj.version), []).append(p)
+    for group in by_object.values():
+        _fetch_group(group)
+
+
+def _fetch_group(group: list[_StoredValue]) -> None:
+    fs, obj = group[0]._fs, group[0]._obj
+    file = RemoteTorchFile(fs, obj, read_ahead=STORED_VALUE_READ_AHEAD)  # its directory is cached: no request
+    try:
+        records = [file.records.get(p._ref.key) for p in group]
+        if any(r is None for r in records):
+            raise CheckpointFormatError(f"{obj.url}: data.pkl names a storage the archive does not hold; the file is "
+                                        f"corrupt or truncated. Re-save it.")
+        spans = [_value_bytes(p._ref) for p in group]
+        ends = [_aligned(r.header_offset + LOCAL_HEADER_BYTES + r.name_bytes + 4) + begin + n
+                for r, (begin, n) in zip(records, spans)]
+        answers, _, _ = fetch_ranges(fs, [(obj, file.kept, r.header_offset, end) for r, end in zip(records, ends)])
+        for p, record, (begin, nbytes), data in zip(group, records, spans, answers):
+            if data[:4] != ZIP_MAGIC:
+                raise _changed(obj.url)
+            name_bytes, extra_bytes = struct.unpack("<HH", data[26:30])
+            start = LOCAL_HEADER_BYTES + name_bytes + extra_bytes + begin
+            got = data[start:start + nbytes]
+            if len(got) < nbytes:  # another writer's padding: the rest of the value by one more request
+                got += file._read_at(record.header_offset + start + len(got), nbytes - len(got))
+            p._value = _from_bytes(got, p._ref)
+    finally:
+        file.close()
+
+
+def fetch_ranges(fs, wanted: list[tuple[RemoteObject, tuple, int, int]]) -> tuple[list[bytes], int, int]:
+    """Bytes ``[start, end)`` of each ``(object, kept, start, end)``: what ``kept`` (a ``RemoteTorchFile.kept``: the
+    bytes its directory's reading fetched) holds is taken from it, the rest asked for, one request per gap, all sent
+    together (``fs.cat_ranges``), so no byte is requested twice. Returns the bytes, the requests and bytes asked."""
+    plans, gaps = [], []
+    for obj, kept, start, end in wanted:
+        pieces, pos = [], start
+        for a, data in sorted(kept):
+            if a + len(data) <= pos or a >= end:
+                continue
+            if a > pos:
+                pieces.append(len(gaps))
+                gaps.append((obj, pos, a))
+            stop = min(end, a + len(data))
+            pieces.append(data[pos - a:stop - a])
+            pos = stop
+        if pos < end:
+            pieces.append(len(gaps))
+            gaps.append((obj, pos, end))
+        plans.append(pieces)
+    answers = []
+    if gaps:
+        with remote_errors(gaps[0][0].url, "read"):
+            answers = fs.cat_ranges([o.url.path for o, _, _ in gaps], [a for _, a, _ in gaps],
+                                    [b for _, _, b in gaps], on_error="return")
+    for (obj, a, b), data in zip(gaps, answers):
+        if isinstance(data, BaseException):
+            with remote_errors(obj.url, "read"):
+                raise data
+        if len(data) != b - a:
+            raise _changed(obj.url)
+    out = [b"".join(p if isinstance(p, bytes) else answers[p] for p in pieces) for pieces in plans]
+    return out, len(gaps), sum(b - a for _, a, b in gaps)
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // STORAGE_ALIGNMENT) * STORAGE_ALIGNMENT
+
+
+def _value_bytes(ref: TensorRef) -> tuple[int, int]:
+    """(first byte in its storage, bytes) of a whole tensor."""
+    span = 1 + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride))
+    return ref.offset * ref.dtype.itemsize, span * ref.dtype.itemsize
+
+
+def _from_bytes(data: bytes, ref: TensorRef) -> torch.Tensor:
+    flat = torch.frombuffer(bytearray(data), dtype=ref.dtype)
+    return flat.as_strided(ref.shape, ref.stride, 0).contiguous()
 
 
 def read_rows(file: RemoteTorchFile, ref: TensorRef, start: int, stop: int) -> torch.Tensor:

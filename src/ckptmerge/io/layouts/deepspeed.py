@@ -21,6 +21,7 @@ import math
 from pathlib import Path
 
 from ckptmerge.errors import CheckpointFormatError
+from ckptmerge.io.remote import Url
 from ckptmerge.io.layouts.base import (
     Layout,
     StepInfo,
@@ -52,8 +53,13 @@ def _model_states(path: Path) -> Path:
     return _tag(path) / (ZERO3_MODEL_STATES if _is_zero3(path) else MODEL_STATES)
 
 
+def is_masters_name(name: str) -> bool:
+    """Whether ``name`` is rank 0's ZeRO optimizer file (``[bf16_]zero_pp_rank_0_mp_rank_00_optim_states.pt``)."""
+    return name.endswith(RANK0_OPTIM) and name.removesuffix(RANK0_OPTIM) in ("", "bf16_")
+
+
 def _is_masters_file(path: Path) -> bool:
-    return path.is_file() and path.name.endswith(RANK0_OPTIM) and path.name.removesuffix(RANK0_OPTIM) in ("", "bf16_")
+    return path.is_file() and is_masters_name(path.name)
 
 
 def detect(path: Path) -> bool:
@@ -63,7 +69,12 @@ def detect(path: Path) -> bool:
 
 
 def masters_entry(path: Path) -> Path:
-    """Rank 0's optimizer file of a DeepSpeed tag folder: the entry that opens its fp32 masters."""
+    """Rank 0's optimizer file of a DeepSpeed tag folder: the entry that opens its fp32 masters (a URL's, for a
+    checkpoint at a URL: one listing of it, ``io/remote_layout.py``)."""
+    if isinstance(path, Url):
+        from ckptmerge.io.remote_layout import remote_masters_entry
+
+        return remote_masters_entry(path)
     found = [_tag(path) / (p + RANK0_OPTIM) for p in ("", "bf16_") if (_tag(path) / (p + RANK0_OPTIM)).is_file()]
     if not detect(path) or not found:
         raise CheckpointFormatError(f"{path}: --fp32-masters reads the fp32 masters of DeepSpeed ZeRO checkpoints "
