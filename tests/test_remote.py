@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from ckptmerge.cli.main import main
-from conftest import make_state, reference_merge, to_f64, write_checkpoint
+from conftest import make_state, reference_merge, to_f64, tree_digest, write_checkpoint
 from s3_server import SECRET, proxy, replace_on_first_read, s3, s3_server, upload  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -281,12 +281,16 @@ def test_eval_of_an_s3_checkpoint_on_s3_data_equals_the_local_eval(tmp_path, s3,
     assert {k: v for k, v in result.to_dict().items() if k != "data"} == results["local"]
 
 
-def test_as_checkpoint_with_a_url_is_refused_in_one_line(tmp_path, s3, capsys):
+def test_as_checkpoint_from_a_url_equals_the_local_hand_back(tmp_path, s3):
+    """The hand-back of a run at a URL (the newest folder's trainer state beside the merged weights) holds the same
+    files, byte for byte, as the hand-back of the same run on local disk (merge.json aside: it names the inputs)."""
     run, _ = _run(tmp_path)
     upload(s3, run, "runs/handback")
-    assert main(["merge", "s3://runs/handback", "--last", "2", "-o", str(tmp_path / "out"), "--as-checkpoint"]) == 2
-    assert "--as-checkpoint works on local checkpoints" in _error_line(capsys)
-    assert not (tmp_path / "out").exists()
+    assert main(["merge", "s3://runs/handback", "--last", "2", "-o", str(tmp_path / "out"), "--as-checkpoint"]) == 0
+    assert main(["merge", str(run), "--last", "2", "-o", str(tmp_path / "local"), "--as-checkpoint"]) == 0
+    remote, local = tree_digest(tmp_path / "out"), tree_digest(tmp_path / "local")
+    assert "trainer_state.json" in local and set(remote) == set(local)
+    assert {k: v for k, v in remote.items() if k != "merge.json"} == {k: v for k, v in local.items() if k != "merge.json"}
 
 
 def _tokenizer_run(tmp_path, s3, prefix: str):
