@@ -293,7 +293,8 @@ def test_a_trainer_run_at_a_url_inspects_and_merges_like_the_local_copy(tmp_path
     assert main(["merge", url, "--last", "2", "-o", str(tmp_path / "remote-out"), "--quiet"]) == 0
     _, whole, ranged, _ = _listing_and_gets(proxy.requests)
     assert not any(_is_weights(key, kind) for key in whole), whole  # no weight object fetched whole
-    assert any(_is_weights(key, kind) for key in ranged)
+    if kind not in PICKLE_KINDS and kind != "hf-trainer-bin":  # a 5 KB pickle came with inspect's directory read
+        assert any(_is_weights(key, kind) for key in ranged)
     assert not any(key.endswith(STATE_FILES) for key in whole + ranged)  # optimizer / scheduler state never read
     local_t, remote_t = merged_tensors(tmp_path / "local-out"), merged_tensors(tmp_path / "remote-out")
     assert sorted(remote_t) == sorted(states[0]) and local_t.keys() == remote_t.keys()  # the model's own names

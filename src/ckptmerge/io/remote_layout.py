@@ -122,11 +122,6 @@ def _listed_entry(url: Url) -> CheckpointPath:
     return path
 
 
-def remote_masters_entry(url: Url) -> Url:
-    """``layouts.deepspeed.masters_entry`` of a checkpoint at a URL (one listing): rank 0's optimizer file's URL."""
-    return deepspeed.masters_entry(_listed_entry(url)).url
-
-
 class NotRemoteYet(CheckpointFormatError):
     """What a layout needs is not read from a URL yet (a state pickle, ZeRO-3's partitioned optimizer files): one
     line naming the checkpoint, the framework (when known) and the fix."""
@@ -203,9 +198,10 @@ class CheckpointPath(RemotePath):
             return _load_pickle(self, cached_read(self.tree, rel))
         weights = self.name not in STATE_PICKLES and not self.name.startswith("rng_state")
         if self.is_file() and (weights or self.name in STEP_PICKLES):
-            from ckptmerge.io.remote_torch import remote_payload_object  # data.pkl only; tensors are meta tensors
+            from ckptmerge.io.remote_torch import DIRECTORY_READ_AHEAD, STATE_READ_AHEAD, remote_payload_object
 
-            return remote_payload_object(self.tree.fs, self.tree.object(rel))
+            ahead = STATE_READ_AHEAD if self.name in STEP_PICKLES else DIRECTORY_READ_AHEAD  # not into the moments
+            return remote_payload_object(self.tree.fs, self.tree.object(rel), read_ahead=ahead)  # meta tensors
         raise NotRemoteYet(self, f"{self.name} is a torch pickle of trainer or optimizer state")
 
     def open_torch_weights(self, file: RemotePath, weights_of, framework: str, *, strip_attribute: bool = False,

@@ -38,6 +38,7 @@ from ckptmerge.io.torch_file_rewrite import TensorRef, _LocatingUnpickler, _tens
 
 READ_AHEAD_BYTES = 256 << 10
 DIRECTORY_READ_AHEAD = 4096  # a layout's look at a payload reads the zip directory and data.pkl, not the tensors
+STATE_READ_AHEAD = 128  # an optimizer file's: a local header's name and padding, not the moments after data.pkl
 STORED_VALUE_ELEMENTS = 16  # a payload's tensors this small can be read alone (stored_value: a step counter)
 STORED_VALUE_READ_AHEAD = 4096
 ZIP_MAGIC = b"PK\x03\x04"
@@ -116,7 +117,8 @@ class RemoteTorchFile:
         records, data = self._read_directory()
         with _DIRECTORIES_LOCK:
             _DIRECTORIES[key] = (records, data, self.kept)
-            while sum(len(d) for _, d, _ in _DIRECTORIES.values()) > DIRECTORY_CACHE_BYTES and len(_DIRECTORIES) > 1:
+            while sum(len(d) + sum(len(b) for _, b in k) for _, d, k in _DIRECTORIES.values()) > DIRECTORY_CACHE_BYTES \
+                    and len(_DIRECTORIES) > 1:
                 _DIRECTORIES.popitem(last=False)
         return _fresh(records), data
 
@@ -148,7 +150,7 @@ class RemoteTorchFile:
         """The storage records by key and the bytes of ``data.pkl`` (zipfile checks their CRC). The directory is read
         from the end of the object, so a legacy (non-zip) file costs only those bytes before it is refused."""
         with self._lock, remote_errors(self.url, "read"):
-            view = _FetchedOnce(self._file, self.obj.size)
+            view = _FetchedOnce(self._file, self.obj.size, ahead=self._file.blocksize)
             try:
                 try:
                     archive = zipfile.ZipFile(view)
@@ -229,6 +231,10 @@ class RemoteTorchFile:
         """``nbytes`` at ``offset`` through the read-ahead file; a short answer is an error."""
         if nbytes <= 0:
             return b""
+        head = self._kept_at(offset, nbytes)  # fetched already, with the directory
+        if len(head) == nbytes:
+            return head
+        offset, nbytes = offset + len(head), nbytes - len(head)
         with self._lock, remote_errors(self.url, "read"):
             before = _cache_bytes(self._file)
             try:
@@ -241,7 +247,14 @@ class RemoteTorchFile:
             self.bytes_requested += _cache_bytes(self._file) - before
         if len(data) != nbytes:
             raise _changed(self.url)
-        return data
+        return head + data if head else data
+
+    def _kept_at(self, offset: int, nbytes: int) -> bytes:
+        """The leading bytes of ``[offset, offset + nbytes)`` that the directory's reading fetched (``kept``)."""
+        for start, data in self.kept:
+            if start <= offset < start + len(data):
+                return data[offset - start:offset - start + nbytes]
+        return b""
 
     def close(self) -> None:
         self._file.close()
@@ -249,17 +262,17 @@ class RemoteTorchFile:
 
 class _FetchedOnce(io.RawIOBase):
     """A seekable view of an fsspec file for ``zipfile``'s reading of the directory and data.pkl that asks for each
-    byte once: the bytes fetched are kept, and a read fetches only what is missing (its end plus ``AHEAD`` bytes,
+    byte once: the bytes fetched are kept, and a read fetches only what is missing (its end plus ``ahead`` bytes,
     cut where kept bytes begin). The first read at the end fetches the end records whole (``END_RECORDS`` bytes:
     zip64 end record, locator, end record; central directory bytes in a file without zip64), so zipfile's backward
-    steps through them cost one request, not three. Kept only while the directory is read."""
+    steps through them cost one request, not three. The kept bytes go on serving ``RemoteTorchFile._read_at`` and
+    ``fetch_ranges``."""
 
-    AHEAD = 128  # a local header's name and alignment padding, read with its 30 bytes
     END_RECORDS = 56 + 20 + 22
 
-    def __init__(self, file: Any, size: int):
+    def __init__(self, file: Any, size: int, ahead: int):
         super().__init__()
-        self._file, self._size, self._pos = file, size, 0
+        self._file, self._size, self._pos, self._ahead = file, size, 0, ahead
         self.kept: list[tuple[int, bytes]] = []  # (start, bytes), sorted, never overlapping
         self.bytes_requested = 0
 
@@ -297,7 +310,7 @@ class _FetchedOnce(io.RawIOBase):
     def _fetch(self, start: int, end: int) -> tuple[int, bytes]:
         if end == self._size and not self.kept:
             start = min(start, max(0, self._size - self.END_RECORDS))
-        stop = min([self._size, end + self.AHEAD] + [a for a, _ in self.kept if a > start])
+        stop = min([self._size, end + self._ahead] + [a for a, _ in self.kept if a > start])
         data = self._file._fetch_range(start, stop)  # the fsspec file's own fetcher (s3fs: pinned by If-Match)
         if len(data) != stop - start:
             raise EOFError(f"asked for {stop - start} bytes at {start}, got {len(data)}")
@@ -378,7 +391,7 @@ _PAYLOADS_KEPT = 4
 _PAYLOADS_LOCK = threading.Lock()
 
 
-def remote_payload_object(fs, obj: RemoteObject) -> Any:
+def remote_payload_object(fs, obj: RemoteObject, *, read_ahead: int = DIRECTORY_READ_AHEAD) -> Any:
     """``payload.obj`` of ``load_remote_torch_payload``, the file closed, kept for the last few (URL, version)s as
     ``layouts.base.payload`` keeps local ones: what a layout's ``detect`` / ``read_step`` look at. Its tensors are
     meta tensors (no data); each small one (``STORED_VALUE_ELEMENTS`` elements at most: a step counter, a loss) has
@@ -389,7 +402,7 @@ def remote_payload_object(fs, obj: RemoteObject) -> Any:
         if key in _PAYLOADS:
             _PAYLOADS.move_to_end(key)
             return _PAYLOADS[key]
-    payload = load_remote_torch_payload(fs, obj, read_ahead=DIRECTORY_READ_AHEAD)  # no tensor data read ahead
+    payload = load_remote_torch_payload(fs, obj, read_ahead=read_ahead)  # (almost) no tensor data read ahead
     payload.file.close()
     for tensor in payload.tensors:
         ref = payload.refs.get(id(tensor))

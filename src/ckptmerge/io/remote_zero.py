@@ -6,7 +6,7 @@ ranges: ``io/deepspeed_zero.py``'s ``ZeroMastersReader`` with its three reading 
     reader.get_rows("0.weight", 0, 8)            # fp32 rows, gathered from every rank's partition
 
 Each rank's ``[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt`` and the model-states file are opened as in
-``io/remote_torch.py``: the zip directory and ``data.pkl`` by range (a 4 KiB read-ahead), unpickled by the
+``io/remote_torch.py``: the zip directory and ``data.pkl`` by range (each byte once, 128 bytes read ahead), unpickled by the
 restricted unpickler with meta tensors, nothing executed. The optimizer file also holds Adam's two moments; only
 the fp32 master records are read: at opening, each master record's 30-byte zip local header (one batch of
 requests side by side, ``fs.cat_ranges``), then, as the engine asks for rows, exactly the bytes of those rows'
@@ -30,8 +30,8 @@ import torch
 from ckptmerge.errors import CheckpointFormatError
 from ckptmerge.io.deepspeed_zero import ZeroMastersReader
 from ckptmerge.io.remote_torch import (
-    DIRECTORY_READ_AHEAD,
     LOCAL_HEADER_BYTES,
+    STATE_READ_AHEAD,
     ZIP_MAGIC,
     fetch_ranges,
     load_remote_torch_payload,
@@ -94,7 +94,7 @@ class RemoteZeroMastersReader(ZeroMastersReader):
     # --- the hooks of ZeroMastersReader -------------------------------------------------------------------
     def _load(self, path) -> object:
         obj = self._tree.object(path._inside())
-        payload = load_remote_torch_payload(self._fs, obj, read_ahead=DIRECTORY_READ_AHEAD)
+        payload = load_remote_torch_payload(self._fs, obj, read_ahead=STATE_READ_AHEAD)  # not into the moments
         payload.file.close()  # its directory and data.pkl are read; the records are read below, by exact ranges
         index = len(self._objects)
         self._objects.append(obj)

@@ -72,9 +72,10 @@ def masters_entry(path: Path) -> Path:
     """Rank 0's optimizer file of a DeepSpeed tag folder: the entry that opens its fp32 masters (a URL's, for a
     checkpoint at a URL: one listing of it, ``io/remote_layout.py``)."""
     if isinstance(path, Url):
-        from ckptmerge.io.remote_layout import remote_masters_entry
+        from ckptmerge.io.remote_path import RemotePath
+        from ckptmerge.io.remote_tree import RemoteTree
 
-        return remote_masters_entry(path)
+        return masters_entry(RemotePath(RemoteTree.list(path))).url
     found = [_tag(path) / (p + RANK0_OPTIM) for p in ("", "bf16_") if (_tag(path) / (p + RANK0_OPTIM)).is_file()]
     if not detect(path) or not found:
         raise CheckpointFormatError(f"{path}: --fp32-masters reads the fp32 masters of DeepSpeed ZeRO checkpoints "
