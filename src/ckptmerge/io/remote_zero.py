@@ -36,22 +36,14 @@ from ckptmerge.io.remote_torch import (
     fetch_ranges,
     load_remote_torch_payload,
 )
+from ckptmerge.io.remote_safetensors import REQUEST_BYTES, RequestStats
 from ckptmerge.io.remote_tree import RemoteObject
 from ckptmerge.io.torch_file_rewrite import TensorRef
 
-REQUEST_BYTES = 8 << 20
 GAP_BYTES = 4096  # bridged between two shares of one request (ZeRO 3 pads each parameter's last share)
 
 RowKey = tuple[str, int, int]
 Slice = tuple[int, int, int, torch.dtype, str]  # (file, byte offset, bytes, dtype, storage record)
-
-
-@dataclass
-class RequestStats:
-    """Range requests sent and the bytes they asked for (zip headers included; directories not)."""
-
-    requests: int = 0
-    bytes_requested: int = 0
 
 
 @dataclass(eq=False)
