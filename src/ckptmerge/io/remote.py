@@ -181,22 +181,72 @@ def _option_values(options: object) -> list[str]:
 @contextmanager
 def remote_errors(url: Url, operation: str) -> Iterator[None]:
     """Turn a backend's exception during ``operation`` (``list``, ``read``, ``write``, ``delete``) on ``url`` into
-    one ``RemoteStorageError`` line that names the URL, the bucket, the operation and the fix."""
+    one ``RemoteStorageError`` line that names the URL, the bucket, the operation and the fix.
+
+    The backends say the same things differently: a missing bucket is s3fs' ``FileNotFoundError`` naming the
+    bucket, gcsfs' ``FileNotFoundError("b/NAME/o")`` and adlfs' ``"No such container"`` (or an empty listing,
+    ``RemoteTree.list``); denied access is ``PermissionError`` (s3fs), ``OSError("Forbidden: ...")`` (gcsfs) and
+    azure-core's ``ClientAuthenticationError`` / an ``HttpResponseError`` with status 403 (adlfs)."""
     try:
         yield
     except CkptMergeError:
         raise
     except FileNotFoundError as exc:
-        if "bucket" in str(exc).lower():
-            raise RemoteStorageError(f"{url}: bucket {url.bucket!r} does not exist ({operation}); check the URL "
-                                     f"and the endpoint") from None
+        if _bucket_missing(url, exc):
+            raise RemoteStorageError(missing_bucket_message(url, operation)) from None
         raise RemoteStorageError(f"{url}: not found ({operation}); check the URL") from None
-    except PermissionError:
-        raise RemoteStorageError(f"{url}: access denied to {operation} in bucket {url.bucket!r}; check the "
-                                 f"credentials (AWS_PROFILE, ~/.aws, --storage-options) and the bucket's policy") from None
     except Exception as exc:  # connection refused, DNS, timeouts, missing credentials: one line, no secrets
+        if _is_denied(exc):
+            raise RemoteStorageError(f"{url}: access denied to {operation} in {_bucket_word(url)} {url.bucket!r}; "
+                                     f"check the credentials ({CREDENTIALS.get(_extra(url.protocol), 'the backend')}, "
+                                     f"--storage-options) and the {_bucket_word(url)}'s policy") from None
         raise RemoteStorageError(f"{url}: cannot {operation} ({_reason(exc)}); check the endpoint "
                                  f"(--storage-options endpoint_url), the network and the credentials") from None
+
+
+CREDENTIALS = {"s3": "AWS_PROFILE, ~/.aws", "gcs": "GOOGLE_APPLICATION_CREDENTIALS, gcloud auth application-default",
+               "azure": "AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_ACCOUNT_KEY, az login"}
+_DENIED_CODES = frozenset({"AccessDenied", "AuthorizationFailure", "AuthenticationFailed",
+                           "AuthorizationPermissionMismatch", "InsufficientAccountPermissions"})
+
+
+def missing_bucket_message(url: Url, operation: str) -> str:
+    return (f"{url}: {_bucket_word(url)} {url.bucket!r} does not exist ({operation}); check the URL and the endpoint")
+
+
+def _bucket_word(url: Url) -> str:
+    return "container" if _extra(url.protocol) == "azure" else "bucket"
+
+
+def _is_denied(exc: BaseException) -> bool:
+    """403 in any backend's words (401 too: credentials refused)."""
+    if isinstance(exc, PermissionError):
+        return True
+    if isinstance(exc, OSError) and str(exc).startswith("Forbidden"):  # gcsfs' 403
+        return True
+    if type(exc).__name__ == "ClientAuthenticationError":  # azure-core's 401 / 403
+        return True
+    status = getattr(exc, "status_code", None) or getattr(exc, "status", None) or getattr(exc, "code", None)
+    return status in (401, 403) or getattr(exc, "error_code", None) in _DENIED_CODES
+
+
+def _bucket_missing(url: Url, exc: FileNotFoundError) -> bool:
+    """Whether a FileNotFoundError means the bucket (container) is missing rather than the object: the backend's
+    words where it says so, else one existence check of the bucket (an error path only)."""
+    text = str(exc).lower()
+    if ("bucket" in text and "does not exist" in text) or "no such container" in text or "nosuchbucket" in text:
+        return True
+    return bucket_exists(url) is False
+
+
+def bucket_exists(url: Url) -> bool | None:
+    """True or False when the store says whether ``url``'s bucket exists; None when it cannot tell (denied, down)."""
+    try:
+        fs = filesystem(url)
+        fs.invalidate_cache(url.bucket)
+        return bool(fs.exists(url.bucket))
+    except Exception:  # noqa: BLE001 - an answer of "cannot tell": the caller keeps its own message
+        return None
 
 
 def _reason(exc: BaseException) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ckptmerge.io.remote import Url, filesystem, remote_errors
+from ckptmerge.io.remote import RemoteStorageError, Url, bucket_exists, filesystem, missing_bucket_message, remote_errors
 
 MAX_SMALL_FILE_BYTES = 64 * 1024 * 1024
 
@@ -41,6 +41,8 @@ class RemoteTree:
         with remote_errors(root, "list"):
             fs.invalidate_cache(root.path)  # a fresh listing: versions are compared against earlier ones
             found = fs.find(root.path, detail=True)
+        if not found and bucket_exists(root) is False:  # adlfs lists a missing container as empty
+            raise RemoteStorageError(missing_bucket_message(root, "list"))
         objects = {}
         for key, info in found.items():
             if info.get("type", "file") != "file":
@@ -89,8 +91,10 @@ class RemoteTree:
 
 
 def _version(info: dict) -> str:
-    """What identifies this version of an object: its ETag (S3, Azure), its generation (GCS), else size and time."""
-    for key in ("ETag", "etag", "generation", "version_id", "VersionId"):
+    """What identifies this version of an object: its generation on GCS (gcsfs lists an ``etag`` too, but GCS
+    changes it on metadata updates, and an emulator makes it the MD5), else its ETag (S3, Azure), else size and
+    time."""
+    for key in ("generation", "ETag", "etag", "version_id", "VersionId"):
         if info.get(key):
             return f"{key.lower()}:{str(info[key]).strip(chr(34))}"
     when = info.get("LastModified") or info.get("mtime") or info.get("last_modified") or info.get("updated") or ""
