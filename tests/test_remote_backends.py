@@ -285,3 +285,91 @@ def test_the_other_url_forms_of_a_store_read_the_same_run(tmp_path, alias, capsy
     assert main(["inspect", f"{alias}://{store.bucket}/alias-{alias}"]) == 0
     assert capsys.readouterr().out.replace(f"{alias}://", f"{protocol}://") == canonical
 
+
+
+def test_redact_blanks_a_connection_strings_key_alone(monkeypatch):
+    """An Azure connection string is one option value; an error that quotes only its AccountKey must not show it."""
+    from azure_server import KEY, storage_options
+    from ckptmerge.io.remote import redact
+
+    monkeypatch.setenv("CKPTMERGE_STORAGE_OPTIONS", json.dumps(storage_options("http://127.0.0.1:10000/devstoreaccount1")))
+    assert redact(f"signature did not match; key {KEY} for devstoreaccount1") == (
+        "signature did not match; key *** for devstoreaccount1")
+
+
+@pytest.mark.parametrize("protocol, extra", [("gs", "gcs"), ("gcs", "gcs"), ("az", "azure"), ("abfs", "azure")])
+def test_a_missing_backend_is_one_line_naming_the_extra(protocol, extra, monkeypatch, capsys):
+    import sys
+
+    import fsspec.registry  # noqa: F401 - its module (``fsspec.registry`` the attribute is a read-only view)
+
+    registry = sys.modules["fsspec.registry"]._registry
+    monkeypatch.delitem(registry, protocol, raising=False)
+    for module in ("gcsfs", "adlfs"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import gcsfs` raises ImportError
+    monkeypatch.delenv("CKPTMERGE_STORAGE_OPTIONS", raising=False)
+    assert main(["inspect", f"{protocol}://bucket/run"]) == 2
+    line = _error_line(capsys, "no secret here")
+    assert line.endswith(f"the {protocol}:// backend is not installed: pip install 'ckptmerge[{extra}]'"), line
+
+
+def test_a_wrong_azure_key_is_access_denied_in_one_line(tmp_path, request, monkeypatch, capsys):
+    """Azurite checks the shared-key signature as Azure does: another key is refused (403), one line, key not shown."""
+    import base64
+
+    from azure_server import KEY
+
+    store = _store_for(request, "az")
+    run, _ = _hf_run(tmp_path)
+    store.upload(run, "wrong-key")
+    wrong = base64.b64encode(b"not the account key, 64 bytes long......................").decode()
+    monkeypatch.setenv("CKPTMERGE_STORAGE_OPTIONS", json.dumps(store.options(store.server)).replace(KEY, wrong))
+    assert main(["inspect", store.url("wrong-key")]) == 2
+    line = _error_line(capsys, wrong)
+    assert "access denied to list in container 'ckptmerge-az'" in line and KEY not in line, line
+
+
+@pytest.mark.parametrize("protocol", ["gs", "az"])
+def test_a_refusing_server_is_one_line_on_stderr_in_a_fresh_process(tmp_path, protocol):
+    """gcsfs logs a traceback before it raises a non-retriable error (``logger.exception``); in a process whose
+    logging nobody configured, Python prints it: the CLI's stderr must still be the one error line. A server that
+    answers every request 401 (JSON, as GCS does) stands in for a store that refuses the credentials."""
+    import http.server
+    import os
+    import sys
+    import threading
+    from pathlib import Path
+
+    import azure_server as az
+    import gcs_server as gs
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _refuse(self):
+            body = json.dumps({"error": {"code": 401, "message": "Login Required"}}).encode()
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body if self.command != "HEAD" else b"")
+
+        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _refuse
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    options = gs.storage_options(endpoint) if protocol == "gs" else az.storage_options(f"{endpoint}/{az.ACCOUNT}")
+    env = {**os.environ, "CKPTMERGE_STORAGE_OPTIONS": json.dumps(options), gs.ZB_HNS_ENV: "false",
+           "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    try:
+        done = subprocess.run([sys.executable, "-m", "ckptmerge", "inspect", f"{protocol}://refused/run"], env=env,
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert "access denied to list in" in lines[0] and gs.SECRET not in done.stderr and az.KEY not in done.stderr

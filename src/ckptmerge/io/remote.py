@@ -15,6 +15,7 @@ appear in an error: ``redact`` blanks them out.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -29,8 +30,14 @@ CONCURRENCY_ENV = "CKPTMERGE_IO_CONCURRENCY"
 DEFAULT_IO_CONCURRENCY = 8
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure",
           "adl": "azure"}
-SHOWN_OPTIONS = frozenset({"endpoint_url", "region_name", "profile", "anon", "use_ssl", "version_aware"})  # not secrets
+SHOWN_OPTIONS = frozenset({"endpoint_url", "region_name", "profile", "anon", "use_ssl", "version_aware",
+                           "account_name", "project"})  # not secrets
+_SECRET_FIELDS = frozenset({"AccountKey", "SharedAccessSignature", "SharedAccessKey"})
+_BACKEND_LOGGERS = ("gcsfs", "adlfs", "azure", "s3fs")  # they log a traceback before raising (gcsfs' retries)
 _URL_RE = re.compile(r"^(?P<protocol>[a-z][a-z0-9+.-]*)://(?P<path>.*)$")
+
+
+_NULL_HANDLER = logging.NullHandler()  # (added once: a logger's handlers are a list, the same handler is not re-added)
 
 
 class RemoteStorageError(CkptMergeError):
@@ -138,6 +145,8 @@ def filesystem(url: Url):
     except ImportError:
         raise MissingExtraError(f"{url}: remote storage needs fsspec: pip install 'ckptmerge[{_extra(url.protocol)}]'") from None
     options = storage_options()
+    for name in _BACKEND_LOGGERS:  # a failure is our one line; their records reach the application's handlers only
+        logging.getLogger(name).addHandler(_NULL_HANDLER)
     try:
         return fsspec.filesystem(url.protocol, **options)
     except ImportError:
@@ -175,7 +184,10 @@ def _option_values(options: object) -> list[str]:
     if isinstance(options, (list, tuple)):
         return [v for item in options for v in _option_values(item)]
     text = str(options)
-    return [text] if len(text) >= 4 and not isinstance(options, bool) else []
+    if len(text) < 4 or isinstance(options, bool):
+        return []
+    fields = dict(field.split("=", 1) for field in text.split(";") if "=" in field)  # an Azure connection string's
+    return [text, *(v for k, v in fields.items() if k.strip() in _SECRET_FIELDS and len(v) >= 4)]  # key alone too
 
 
 @contextmanager
