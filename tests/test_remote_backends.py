@@ -95,7 +95,8 @@ def _hf_run(tmp_path):
         step = 100 * (i + 1)
         folder = write_checkpoint(run / f"checkpoint-{step}", state, layout)
         (folder / "trainer_state.json").write_text(json.dumps(
-            {"global_step": step, "num_input_tokens_seen": step * 64, "log_history": [{"learning_rate": 1e-3 / (i + 1)}]}))
+            {"global_step": step, "num_input_tokens_seen": step * 64,
+             "log_history": [{"learning_rate": 1e-3 / (i + 1)}]}))
         (folder / "config.json").write_text(json.dumps({"model_type": "test", "torch_dtype": "bfloat16"}))
     return run, states
 
@@ -268,7 +269,8 @@ def test_clean_removes_a_killed_uploads_temporary_and_finishes_a_marked_commit(t
     assert main(["clean", store.url("clean/finished-out")]) == 0
     assert f"finished the commit of {store.url('clean/finished-out')}" in capsys.readouterr().out
     store.download("clean/finished-out", tmp_path / "fetched")
-    assert sorted(p.name for p in (tmp_path / "fetched").iterdir()) == sorted(p.name for p in (tmp_path / "merged").iterdir())
+    names = [sorted(p.name for p in (tmp_path / folder).iterdir()) for folder in ("fetched", "merged")]
+    assert names[0] == names[1]
     merged, fetched = _tensors(tmp_path / "merged"), _tensors(tmp_path / "fetched")
     assert merged.keys() == fetched.keys() and all(torch.equal(merged[k], fetched[k]) for k in merged)
     assert not [k for k in store.objects("clean") if ".tmp-" in k]
@@ -292,7 +294,8 @@ def test_redact_blanks_a_connection_strings_key_alone(monkeypatch):
     from azure_server import KEY, storage_options
     from ckptmerge.io.remote import redact
 
-    monkeypatch.setenv("CKPTMERGE_STORAGE_OPTIONS", json.dumps(storage_options("http://127.0.0.1:10000/devstoreaccount1")))
+    options = storage_options("http://127.0.0.1:10000/devstoreaccount1")
+    monkeypatch.setenv("CKPTMERGE_STORAGE_OPTIONS", json.dumps(options))
     assert redact(f"signature did not match; key {KEY} for devstoreaccount1") == (
         "signature did not match; key *** for devstoreaccount1")
 

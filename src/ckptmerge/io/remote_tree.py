@@ -14,7 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ckptmerge.io.remote import RemoteStorageError, Url, bucket_exists, filesystem, missing_bucket_message, remote_errors
+from ckptmerge.io.remote import (
+    RemoteStorageError,
+    Url,
+    bucket_exists,
+    filesystem,
+    missing_bucket_message,
+    remote_errors,
+)
 
 MAX_SMALL_FILE_BYTES = 64 * 1024 * 1024
 
