@@ -1,10 +1,12 @@
 """How the remote safetensors reader plans its range requests (``io/remote_safetensors.py``), on a local file
-served through a stand-in filesystem that records every ``cat_file``: no server needed."""
+served through a stand-in filesystem that records every ``cat_file``: no server needed; and every request a whole
+``merge s3://run --last 4`` sends, through the test server's proxy (``tests/s3_server.py``)."""
 
 from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -12,6 +14,7 @@ from ckptmerge.io.remote import Url
 from ckptmerge.io import remote_safetensors
 from ckptmerge.io.remote_safetensors import RemoteSafetensorsReader
 from ckptmerge.io.remote_tree import RemoteObject
+from s3_server import proxy, s3, s3_server  # noqa: F401 - fixtures
 
 
 class RecordingFs:
@@ -85,3 +88,54 @@ def test_an_empty_row_range_and_a_scalar(tmp_path):
     assert reader.get_rows("scalar", 0, 1).item() == 3.5
     assert torch.equal(reader.get_rows("w", 0, 4), state["w"])
     reader.close()
+
+
+# --- a whole `merge s3://run --last 4`, request by request, through the test server's proxy -----------------------
+
+def _kind(method: str, path: str, rng) -> str:
+    import urllib.parse
+
+    parsed = urllib.parse.urlparse(path)
+    if method == "GET" and "list-type" in parsed.query:
+        return "LIST"
+    return f"{method}{' range' if rng else ''}" if method in ("GET", "HEAD") else method
+
+
+def _write_run(tmp_path, layout: str):
+    import json
+
+    from conftest import make_state, write_checkpoint
+
+    run = tmp_path / "run"
+    for i in range(5):
+        step = 100 * (i + 1)
+        folder = write_checkpoint(run / f"checkpoint-{step}", make_state(i, dtype=torch.bfloat16, step=step), layout)
+        if layout != "dcp":
+            (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+            (folder / "config.json").write_text(json.dumps({"model_type": "test", "torch_dtype": "bfloat16"}))
+    (run / "tokenizer.json").write_text("{}")
+    return run
+
+
+def _merge_requests(tmp_path, s3, proxy, layout: str, prefix: str) -> list[tuple[str, str]]:
+    from ckptmerge.cli.main import main
+    from s3_server import upload
+
+    upload(s3, _write_run(tmp_path, layout), prefix)
+    proxy.requests.clear()
+    assert main(["merge", f"s3://{prefix}", "--last", "4", "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    return [(_kind(m, p, r), p) for m, p, r in proxy.requests]
+
+
+@pytest.mark.parametrize("layout", ["hf-safetensors", "dcp"])
+def test_a_remote_merge_lists_the_run_once_and_verifies_with_one_more_listing(tmp_path, s3, proxy, layout):
+    """Discovery's one listing serves pinning, opening and the sidecars; the inputs are listed again once, after
+    reading (was: 14-15 LISTs, one after another). No HEAD; each small file and header is asked for once."""
+    asked = _merge_requests(tmp_path, s3, proxy, layout, f"runs/requests-{layout}")
+    kinds = [k for k, _ in asked]
+    assert kinds.count("LIST") == 2 and kinds[0] == "LIST" and kinds[-1] == "LIST", asked
+    assert "HEAD" not in kinds, asked
+    whole = [p for k, p in asked if k == "GET"]
+    assert len(whole) == len(set(whole)), whole  # trainer_state.json / .metadata and sidecars: one GET each
+    if layout == "hf-safetensors":  # 5 trainer states, 4 headers (the whole of these small files), 2 sidecars
+        assert len(whole) == 5 + 2 and kinds.count("GET range") == 4, asked

@@ -33,7 +33,7 @@ from ckptmerge.io.layout import SAFETENSORS_INDEX, TORCH_INDEX, TORCH_SUFFIXES
 from ckptmerge.io.layouts import LAYOUTS, Layout, deepspeed, lightning, megatron, olmo_core
 from ckptmerge.io.remote import Url, io_concurrency
 from ckptmerge.io.remote_path import RemotePath, cached_read, subtree
-from ckptmerge.io.remote_tree import RemoteObject, RemoteTree
+from ckptmerge.io.remote_tree import RemoteObject, RemoteTree, remember_pin
 from ckptmerge.io.shard_index import MAX_INDEX_BYTES, parse_weight_map
 
 REMOTE_FORMATS = ("safetensors", "dcp", "torch")
@@ -87,9 +87,10 @@ def _shards(tree: RemoteTree, rel: str, index_name: str) -> list[RemoteObject]:
     return [tree.object(k) for k in keys]
 
 
-def located(url: Url) -> tuple[str, list[RemoteObject], RemoteTree]:
-    """List ``url`` once and tell its layout; CheckpointFormatError when it is no checkpoint."""
-    tree = RemoteTree.list(url)
+def located(url: Url, lister=RemoteTree.shared) -> tuple[str, list[RemoteObject], RemoteTree]:
+    """List ``url`` once (``lister``: from a merge's shared listing, or a fresh one) and tell its layout;
+    CheckpointFormatError when it is no checkpoint."""
+    tree = lister(url)
     if not tree.exists():
         raise CheckpointFormatError(f"{url}: no such object or folder (moved or deleted?); check the URL")
     found = detect_remote_layout(tree, "")
@@ -110,12 +111,31 @@ def open_remote_checkpoint(url: Url):
     return path.open_plain()
 
 
+def open_remote_checkpoints(urls: list[Url]) -> list:
+    """``open_remote_checkpoint`` of each URL, side by side (their headers, indexes and DCP metadata are independent
+    requests); the readers in the order of ``urls``. On a failure the readers already opened are closed and the
+    first failing URL's error (in that order) is raised, as opening one after another would."""
+    if len(urls) <= 1:
+        return [open_remote_checkpoint(u) for u in urls]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(len(urls), 16), thread_name_prefix="ckptmerge-open") as pool:
+        futures = [pool.submit(open_remote_checkpoint, u) for u in urls]
+    failed = next((f.exception() for f in futures if f.exception() is not None), None)
+    if failed is None:
+        return [f.result() for f in futures]
+    for future in futures:
+        if future.exception() is None:
+            future.result().close()
+    raise failed
+
+
 def _listed_entry(url: Url) -> CheckpointPath:
     """``url`` as a ``CheckpointPath`` of its listing; DeepSpeed rank 0's optimizer file (the entry that
     ``--fp32-masters`` names: ``layouts.deepspeed.masters_entry``) inside the listing of its tag folder, whose other
     ranks' files and model states it reads."""
     masters_file = deepspeed.is_masters_name(url.name)
-    tree = RemoteTree.list(url.parent if masters_file else url)
+    tree = RemoteTree.shared(url.parent if masters_file else url)
     path = CheckpointPath(tree) / url.name if masters_file else CheckpointPath(tree)
     if not path.exists():
         raise CheckpointFormatError(f"{url}: no such object or folder (moved or deleted?); check the URL")
@@ -298,7 +318,7 @@ class PinnedRemoteCheckpoint:
     def verify(self) -> None:
         """Raise CheckpointFormatError if any object changed, appeared or disappeared since it was pinned."""
         try:
-            now = _versions(_pinned_objects(self.path))
+            now = _versions(_pinned_objects(self.path, RemoteTree.relisted))
         except CheckpointFormatError:
             now = {}
         if now != self.versions:
@@ -311,7 +331,8 @@ class PinnedRemoteCheckpoint:
 def pin_remote_checkpoint(url: Url, mode: str = "sampled") -> PinnedRemoteCheckpoint:
     """The versions (ETags) of ``url``'s weight objects, and a fingerprint over them (``etag-sha256:...``):
     the store's own content tags stand in for a hash of the bytes, which would cost a second read."""
-    versions = _versions(_pinned_objects(url))
+    versions = _versions(_pinned_objects(url, RemoteTree.shared))
+    remember_pin(url.parent if deepspeed.is_masters_name(url.name) else url)
     digest = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(versions.items())).encode())
     return PinnedRemoteCheckpoint(url, versions, None if mode == "none" else f"etag-sha256:{digest.hexdigest()}")
 
@@ -320,16 +341,17 @@ def _versions(files: list[RemoteObject]) -> dict[str, str]:
     return {str(obj.url): f"{obj.size}:{obj.version}" for obj in files}
 
 
-def _pinned_objects(url: Url) -> list[RemoteObject]:
+def _pinned_objects(url: Url, lister) -> list[RemoteObject]:
     """The objects a merge pins: a plain checkpoint's weight objects; a trainer's folder that no plain rule reads
     (OLMo-core's ``stepN/``), every object in it (as ``fingerprint.weight_files`` does locally); DeepSpeed rank 0's
-    optimizer file (``--fp32-masters``), every object of its tag folder (each rank's masters and the model states)."""
+    optimizer file (``--fp32-masters``), every object of its tag folder (each rank's masters and the model states).
+    ``lister``: ``RemoteTree.shared`` to pin (the merge's listing), ``RemoteTree.relisted`` to verify (fresh)."""
     if deepspeed.is_masters_name(url.name):
-        return list(RemoteTree.list(url.parent).objects.values())
-    tree = RemoteTree.list(url)
+        return list(lister(url.parent).objects.values())
+    tree = lister(url)
     found = detect_remote_layout(tree, "") if tree.exists() else None
     if found is not None:
         return found[1]
     if tree.exists() and match_remote_layout(CheckpointPath(tree)) is not None:
         return list(tree.objects.values())
-    return located(url)[1]  # the one-line error
+    return located(url, lister)[1]  # the one-line error

@@ -13,6 +13,7 @@ from ckptmerge.io.dispatch import open_checkpoint
 from ckptmerge.io.publish import atomic_folder
 from ckptmerge.io.remote import Url
 from ckptmerge.io.remote_publish import remote_folder
+from ckptmerge.io.remote_tree import shared_listings
 from ckptmerge.io.safetensors_writer import StreamingSafetensorsWriter
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.device import resolve_device
@@ -56,10 +57,19 @@ def merge(checkpoints: Sequence[CheckpointRef | str | Path], coeffs: Sequence[fl
     started = time.monotonic()
     device = resolve_device(options.device)
     refs, coeffs, output = check_arguments(checkpoints, coeffs, output, options)
+    with shared_listings():  # at URLs: one listing serves pinning, opening and the sidecars
+        return _merge(refs, coeffs, output, options, device=device, recipe=recipe, started=started)
+
+
+def _merge(refs, coeffs, output, options: MergeOptions, *, device, recipe, started) -> MergeResult:
     pins = [pin_checkpoint(r.path, options.hash) for r in refs]  # hashed before the readers open the same files
     out_dtype, accum_dtype = options.torch_dtypes()
     with ExitStack() as stack:
-        readers = [open_checkpoint(r.path) for r in refs]
+        from ckptmerge.io.remote_layout import open_remote_checkpoints
+
+        urls = [r.path for r in refs if isinstance(r.path, Url)]
+        readers = (open_remote_checkpoints(urls) if len(urls) == len(refs)  # headers fetched side by side
+                   else [open_checkpoint(r.path) for r in refs])
         for reader in readers:
             stack.callback(reader.close)
         plan = build_plan(readers, refs, coeffs, out_dtype=out_dtype, accum_dtype=accum_dtype)

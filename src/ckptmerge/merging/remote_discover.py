@@ -1,7 +1,8 @@
 """Discovery of a run that lives at a URL (``s3://bucket/run``): the rules of ``merging/discover.py`` applied
 to one recursive listing of the run (``io/remote_tree.py``), so a run of any size costs a few LIST calls and
-one small read per metadata file (``trainer_state.json``, ``ckptmerge.json``, a trainer's step file), never a
-HEAD per object.
+one small read per metadata file (``trainer_state.json``, ``ckptmerge.json``, a trainer's step file; the entries
+are told side by side on ``DISCOVERY_THREADS`` threads), never a HEAD per object. Inside a merge
+(``remote_tree.shared_listings``) the same listing then serves pinning, opening and the sidecars.
 
 Each entry is a ``CheckpointPath`` (``io/remote_layout.py``): a pathlib-like view of the listing on which the
 trainers' layouts (``io/layouts/``) and the local discovery's own helpers run unchanged, so the same checkpoints,
@@ -11,6 +12,7 @@ from a URL yet (torch pickles) is refused in one line naming the checkpoint and 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from ckptmerge.errors import DiscoveryError
@@ -30,41 +32,51 @@ from ckptmerge.merging.discover import (
 )
 
 
+DISCOVERY_THREADS = 8
+
+
 def discover_remote(run: Url, *, tokens_per_step: int | None = None, skip_unparsable: bool = False,
                     tree: RemoteTree | None = None) -> Discovery:
     """The checkpoints under ``run``, ordered by step (see ``merging.discover.discover`` for the rules); from
     ``tree`` when the caller already listed ``run`` (watch: one listing per poll)."""
     run = as_location(run)
-    tree = tree if tree is not None else RemoteTree.list(run)
+    tree = tree if tree is not None else RemoteTree.shared(run)
     if not tree.exists() or tree.is_file(""):
         raise DiscoveryError(f"{run}: no objects under this prefix (check the URL; a run is a folder of checkpoints)")
     root = CheckpointPath(tree)
     root_files = _root_model_files(root)
     refs, skipped = [], []
-    for child in root.iterdir():
-        if child.name.startswith("."):
-            continue
-        why = _skip_reason(child, root_files)
-        if why:
-            skipped.append((child.url, why))
-            continue
-        layout, found = match_remote_layout(child), child.plain_layout()
-        if layout is None and found is None:
-            continue  # logs, configs, temp folders: not checkpoints
-        if (child / "merge.json").is_file():
-            skipped.append((child.url, "a merged output (has merge.json), not a training checkpoint"))
-            continue
-        ref = _remote_ref(child, found[0] if found else "", tokens_per_step, layout)
-        (refs.append(ref) if ref.step is not None else skipped.append((ref.path, "no step number in its name or "
-                                                                                  "metadata")))
+    children = [c for c in root.iterdir() if not c.name.startswith(".")]
+    with ThreadPoolExecutor(DISCOVERY_THREADS, thread_name_prefix="ckptmerge-discover") as pool:
+        # each entry's small reads (trainer_state.json, a layout's step file) are independent: sent side by side;
+        # the results (and the first error, in listing order) come back in listing order
+        for child, found in zip(children, pool.map(lambda c: _entry(c, root_files, tokens_per_step), children)):
+            if isinstance(found, str):
+                skipped.append((child.url, found))
+            elif found is not None:
+                (refs.append(found) if found.step is not None else
+                 skipped.append((found.path, "no step number in its name or metadata")))
     _check(run, root, refs, skipped, skip_unparsable)
     return Discovery(sorted(refs, key=lambda r: r.step), skipped)
+
+
+def _entry(child: CheckpointPath, root_files: set, tokens_per_step: int | None) -> CheckpointRef | str | None:
+    """One entry of the run: its CheckpointRef, why it is skipped, or None when it is no checkpoint."""
+    why = _skip_reason(child, root_files)
+    if why:
+        return why
+    layout, found = match_remote_layout(child), child.plain_layout()
+    if layout is None and found is None:
+        return None  # logs, configs, temp folders: not checkpoints
+    if (child / "merge.json").is_file():
+        return "a merged output (has merge.json), not a training checkpoint"
+    return _remote_ref(child, found[0] if found else "", tokens_per_step, layout)
 
 
 def is_remote_run(url: Url) -> tuple[bool, RemoteTree]:
     """Whether ``url`` holds checkpoints (a run) rather than being one checkpoint; and its listing
     (``merging.discover.is_run_dir``'s rule)."""
-    tree = RemoteTree.list(url)
+    tree = RemoteTree.shared(url)
     root = CheckpointPath(tree)
     if not root.is_dir() or match_remote_layout(root) is not None:
         return False, tree
@@ -89,7 +101,7 @@ def open_listed(tree: RemoteTree, url: Url):
 def describe_remote(url: Url, *, tokens_per_step: int | None = None) -> CheckpointRef:
     """A CheckpointRef for one explicitly named remote checkpoint (its step may be None)."""
     url = as_location(url)
-    path = CheckpointPath(RemoteTree.list(url))
+    path = CheckpointPath(RemoteTree.shared(url))
     found = path.plain_layout() if path.exists() else None
     layout = match_remote_layout(path) if path.exists() else None
     return _remote_ref(path, found[0] if found else "", tokens_per_step, layout)
@@ -132,9 +144,12 @@ def remote_candidates(inputs: list, *, tokens_per_step: int | None = None, skip_
     """The checkpoints of ``merge URL ...``: a run's discovered checkpoints, or the named ones (oldest first, or as
     given with ``keep_order``)."""
     locations = [as_location(p) for p in inputs]
-    if len(locations) == 1 and isinstance(locations[0], Url) and not keep_order and is_remote_run(locations[0])[0]:
-        found = discover_remote(locations[0], tokens_per_step=tokens_per_step, skip_unparsable=skip_unparsable)
-        return found.checkpoints, found.skipped
+    if len(locations) == 1 and isinstance(locations[0], Url) and not keep_order:
+        run, tree = is_remote_run(locations[0])
+        if run:  # discovery works from the same listing
+            found = discover_remote(locations[0], tokens_per_step=tokens_per_step, skip_unparsable=skip_unparsable,
+                                    tree=tree)
+            return found.checkpoints, found.skipped
     local = [str(p) for p in locations if not isinstance(p, Url)]
     if local:
         raise DiscoveryError(f"{local[0]}: local paths and URLs cannot be mixed in one merge; copy one side over")
@@ -146,4 +161,4 @@ def remote_candidates(inputs: list, *, tokens_per_step: int | None = None, skip_
 
 def checkpoint_bytes(url: Url) -> int:
     """Bytes of every object of the checkpoint at ``url`` (one listing)."""
-    return sum(obj.size for obj in RemoteTree.list(url).objects.values())
+    return sum(obj.size for obj in RemoteTree.shared(url).objects.values())

@@ -9,6 +9,7 @@ from pathlib import Path
 from ckptmerge.errors import ConfigError
 from ckptmerge.io.layouts.deepspeed import masters_entry
 from ckptmerge.io.remote import is_url
+from ckptmerge.io.remote_tree import shared_listings
 from ckptmerge.merging.checkpoint import CheckpointRef
 from ckptmerge.merging.discover import describe_path, discover, is_run_dir
 from ckptmerge.merging.distributed import refuse_url_ranks
@@ -107,6 +108,11 @@ def run_recipe(recipe: MergeRecipe, *, progress: bool = True) -> MergeResult:
         raise ConfigError("output: give -o OUT (the merged folder to write)")
     if is_distributed():  # before discovery lists a bucket on every rank
         refuse_url_ranks(recipe.inputs, recipe.output)
+    with shared_listings():  # at URLs: discovery's one listing serves the merge too
+        return _run_window(recipe, progress)
+
+
+def _run_window(recipe: MergeRecipe, progress: bool) -> MergeResult:
     window = None
     with phase():  # on many ranks: a bad window is reported once, by rank 0, and stops every rank
         window = resolve_window(recipe)
