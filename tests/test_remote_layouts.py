@@ -414,15 +414,7 @@ def test_a_zero3_run_saved_by_deepspeed_at_a_url_merges_like_the_local_copy(tmp_
     _deepspeed_script(run, 3, "bf16", port=29627, world=2)
     upload(s3, run, "runs/ds-zero3")
     capsys.readouterr()  # DeepSpeed's import-time warning
-    assert main(["inspect", str(run)]) == 0
-    local = capsys.readouterr().out
-    proxy.requests.clear()
-    assert main(["inspect", "s3://runs/ds-zero3"]) == 0
-    assert capsys.readouterr().out.splitlines() == local.splitlines()
-    assert [line.split()[1] for line in local.splitlines()[2:6]] == ["2", "4", "6", "8"], local
-    assert main(["merge", str(run), "--last", "3", "-o", str(tmp_path / "local-out"), "--quiet"]) == 0
-    assert main(["merge", "s3://runs/ds-zero3", "--last", "3", "-o", str(tmp_path / "remote-out"), "--quiet"]) == 0
-    _, whole, ranged, heads = _listing_and_gets(proxy.requests)
+    whole, ranged, heads = _same_table_then_merge(run, "s3://runs/ds-zero3", tmp_path, proxy, capsys)
     assert heads == 0 and not any(key.endswith(".pt") for key in whole), whole
     assert any("optim_states" in key for key in ranged)
     local_t, remote_t = merged_tensors(tmp_path / "local-out"), merged_tensors(tmp_path / "remote-out")
@@ -451,6 +443,21 @@ def test_a_layouts_own_refusal_is_the_same_at_a_url(tmp_path, s3, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def _same_table_then_merge(run, url: str, tmp_path, proxy, capsys) -> tuple[list, list, int]:
+    """``inspect`` of the URL prints the local table (steps 2, 4, 6, 8), then both copies are merged (``--last 3``
+    into local-out and remote-out); returns the whole GETs, ranged GETs and HEADs of the URL's inspect and merge."""
+    assert main(["inspect", str(run)]) == 0
+    local = capsys.readouterr().out
+    proxy.requests.clear()
+    assert main(["inspect", url]) == 0
+    assert capsys.readouterr().out.splitlines() == local.splitlines()
+    assert [line.split()[1] for line in local.splitlines()[2:6]] == ["2", "4", "6", "8"], local
+    assert main(["merge", str(run), "--last", "3", "-o", str(tmp_path / "local-out"), "--quiet"]) == 0
+    assert main(["merge", url, "--last", "3", "-o", str(tmp_path / "remote-out"), "--quiet"]) == 0
+    _, whole, ranged, heads = _listing_and_gets(proxy.requests)
+    return whole, ranged, heads
+
+
 def test_a_deepspeed_run_saved_by_deepspeed_at_a_url_merges_like_the_local_copy(tmp_path, s3, proxy, capsys):
     """ZeRO 2, bf16, written by ``engine.save_checkpoint``: the same table (steps from ``global_steps`` in the
     model-states pickle, read from its data.pkl by range), the same fp32 merge bit for bit, equal to DeepSpeed's own
@@ -459,15 +466,7 @@ def test_a_deepspeed_run_saved_by_deepspeed_at_a_url_merges_like_the_local_copy(
     run.mkdir()
     _deepspeed_script(run, 2, "bf16", port=29629)
     upload(s3, run, "runs/ds-engine")
-    assert main(["inspect", str(run)]) == 0
-    local = capsys.readouterr().out
-    proxy.requests.clear()
-    assert main(["inspect", "s3://runs/ds-engine"]) == 0
-    assert capsys.readouterr().out.splitlines() == local.splitlines()
-    assert [line.split()[1] for line in local.splitlines()[2:6]] == ["2", "4", "6", "8"], local
-    assert main(["merge", str(run), "--last", "3", "-o", str(tmp_path / "local-out"), "--quiet"]) == 0
-    assert main(["merge", "s3://runs/ds-engine", "--last", "3", "-o", str(tmp_path / "remote-out"), "--quiet"]) == 0
-    _, whole, ranged, heads = _listing_and_gets(proxy.requests)
+    whole, ranged, heads = _same_table_then_merge(run, "s3://runs/ds-engine", tmp_path, proxy, capsys)
     assert heads == 0 and not any(key.endswith("model_states.pt") for key in whole), whole
     assert not any("optim_states" in key for key in whole + ranged)
     local_t, remote_t = merged_tensors(tmp_path / "local-out"), merged_tensors(tmp_path / "remote-out")
