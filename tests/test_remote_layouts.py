@@ -417,13 +417,7 @@ def test_a_zero3_run_saved_by_deepspeed_at_a_url_merges_like_the_local_copy(tmp_
     whole, ranged, heads = _same_table_then_merge(run, "s3://runs/ds-zero3", tmp_path, proxy, capsys)
     assert heads == 0 and not any(key.endswith(".pt") for key in whole), whole
     assert any("optim_states" in key for key in ranged)
-    local_t, remote_t = merged_tensors(tmp_path / "local-out"), merged_tensors(tmp_path / "remote-out")
-    assert local_t.keys() == remote_t.keys() and all(
-        remote_t[k].dtype == local_t[k].dtype == torch.float32 and torch.equal(local_t[k], remote_t[k]) for k in local_t)
-    reference = torch.load(tmp_path / "reference.pt")
-    assert sorted(reference) == sorted(remote_t)
-    for name, want in reference.items():
-        np.testing.assert_allclose(remote_t[name].to(torch.float64).numpy(), want.numpy(), rtol=0, atol=1e-5)
+    _merges_equal_each_other_and_the_reference(tmp_path)
 
 
 def test_a_layouts_own_refusal_is_the_same_at_a_url(tmp_path, s3, capsys):
@@ -441,6 +435,17 @@ def test_a_layouts_own_refusal_is_the_same_at_a_url(tmp_path, s3, capsys):
         lines.append(_error_line(capsys).replace(where, "RUN"))
     assert lines[0] == lines[1] and "tensor- or pipeline-parallel DeepSpeed" in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+def _merges_equal_each_other_and_the_reference(tmp_path) -> None:
+    """remote-out equals local-out bit for bit (fp32) and DeepSpeed's own consolidation (reference.pt) in fp64."""
+    local_t, remote_t = merged_tensors(tmp_path / "local-out"), merged_tensors(tmp_path / "remote-out")
+    assert local_t.keys() == remote_t.keys() and all(
+        remote_t[k].dtype == local_t[k].dtype == torch.float32 and torch.equal(local_t[k], remote_t[k]) for k in local_t)
+    reference = torch.load(tmp_path / "reference.pt")
+    assert sorted(reference) == sorted(remote_t)
+    for name, want in reference.items():
+        np.testing.assert_allclose(remote_t[name].to(torch.float64).numpy(), want.numpy(), rtol=0, atol=1e-5)
 
 
 def _same_table_then_merge(run, url: str, tmp_path, proxy, capsys) -> tuple[list, list, int]:
@@ -469,13 +474,7 @@ def test_a_deepspeed_run_saved_by_deepspeed_at_a_url_merges_like_the_local_copy(
     whole, ranged, heads = _same_table_then_merge(run, "s3://runs/ds-engine", tmp_path, proxy, capsys)
     assert heads == 0 and not any(key.endswith("model_states.pt") for key in whole), whole
     assert not any("optim_states" in key for key in whole + ranged)
-    local_t, remote_t = merged_tensors(tmp_path / "local-out"), merged_tensors(tmp_path / "remote-out")
-    assert local_t.keys() == remote_t.keys() and all(
-        remote_t[k].dtype == local_t[k].dtype == torch.float32 and torch.equal(local_t[k], remote_t[k]) for k in local_t)
-    reference = torch.load(tmp_path / "reference.pt")
-    assert sorted(reference) == sorted(remote_t)
-    for name, want in reference.items():
-        np.testing.assert_allclose(remote_t[name].to(torch.float64).numpy(), want.numpy(), rtol=0, atol=1e-5)
+    _merges_equal_each_other_and_the_reference(tmp_path)
 
 
 def test_named_trainer_checkpoints_at_urls_merge_like_the_local_ones(tmp_path, s3, capsys):
