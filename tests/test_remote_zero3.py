@@ -178,6 +178,18 @@ def _check_merge(tmp_path, local_run, url: str, states, *flags: str) -> dict[str
     return remote_t
 
 
+def _same_table(run, url: str, proxy, capsys) -> None:
+    """``inspect`` of the URL prints the local copy's table line for line, with the run's steps; the proxy then
+    holds the URL's requests alone."""
+    assert main(["inspect", str(run)]) == 0
+    local = capsys.readouterr().out
+    proxy.requests.clear()
+    assert main(["inspect", url]) == 0
+    remote = capsys.readouterr().out
+    assert remote.splitlines() == local.splitlines()
+    assert [line.split()[1] for line in remote.splitlines()[2:5]] == [str(s) for s in STEPS], remote
+
+
 @pytest.mark.parametrize("kind", ["zero3", "zero2-fp32-masters"])
 def test_deepspeed_masters_at_a_url_inspect_and_merge_like_the_local_copy(tmp_path, s3, proxy, capsys, kind):
     run = tmp_path / "run"
@@ -188,13 +200,7 @@ def test_deepspeed_masters_at_a_url_inspect_and_merge_like_the_local_copy(tmp_pa
     upload(s3, run, f"runs/{kind}")
     url = f"s3://runs/{kind}"
 
-    assert main(["inspect", str(run)]) == 0
-    local = capsys.readouterr().out
-    proxy.requests.clear()
-    assert main(["inspect", url]) == 0
-    remote = capsys.readouterr().out
-    assert remote.splitlines() == local.splitlines()
-    assert [line.split()[1] for line in remote.splitlines()[2:5]] == [str(s) for s in STEPS], remote
+    _same_table(run, url, proxy, capsys)
     lists, whole, _, heads = _requests(proxy)
     assert heads == 0 and not any(k.endswith((".pt",)) for k in whole), whole  # pickles: ranges only
 
@@ -300,13 +306,7 @@ def test_accelerate_checkpoint_k_at_a_url_reads_the_step_records_only(tmp_path, 
     _accelerate_automatic(run, states)
     upload(s3, run, "runs/accelerate-k")
     url = "s3://runs/accelerate-k"
-    assert main(["inspect", str(run)]) == 0
-    local = capsys.readouterr().out
-    proxy.requests.clear()
-    assert main(["inspect", url]) == 0
-    remote = capsys.readouterr().out
-    assert remote.splitlines() == local.splitlines()
-    assert [line.split()[1] for line in remote.splitlines()[2:5]] == [str(s) for s in STEPS], remote
+    _same_table(run, url, proxy, capsys)
     _, whole, ranges, heads = _requests(proxy)
     assert heads == 0 and not any(k.endswith("optimizer.bin") for k in whole), whole
     for file in sorted(run.rglob("optimizer.bin")):
